@@ -1,0 +1,24 @@
+"""The root of cotrain's error tree.
+
+Every package keeps its own ``errors.py`` whose classes derive from these::
+
+    CotrainError                      anything cotrain raises on purpose
+    ├── ConfigError (ValueError)      a config file or override is wrong; the message says how to fix it
+    ├── TimeoutExpired (TimeoutError) a blocking wait ran past its deadline
+    └── (per package) CommError, ShardcastError, ToplocError, ...
+
+Users' mistakes raise ``ValueError`` subclasses with a message that says what to do; internal
+invariants use ``assert``.
+"""
+
+
+class CotrainError(Exception):
+    """Base class of every error cotrain raises on purpose."""
+
+
+class ConfigError(CotrainError, ValueError):
+    """A configuration file or override is invalid."""
+
+
+class TimeoutExpired(CotrainError, TimeoutError):
+    """A blocking wait ran past its deadline."""
