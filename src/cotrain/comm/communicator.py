@@ -1,0 +1,723 @@
+"""``Communicator``: one peer's handle on the run (membership, collectives, shared state).
+
+Every collective follows the same two phases: agree (each peer sends its descriptor to the master;
+the master answers ``go`` once all members sent the same one, or a typed error to all), then
+move bytes peer to peer around the ring (``ring.py``). The caller's tensor is written only after
+the transfer succeeded, so any failure leaves it exactly as it was (commit or roll back).
+Collectives are serialised per communicator; ``all_reduce_async`` runs them on a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cotrain.comm import messages as m
+from cotrain.comm import ring
+from cotrain.comm.auth import resolve_secret
+from cotrain.comm.config import CommConfig, Quantization, ReduceOp
+from cotrain.comm.control import MasterLink
+from cotrain.comm.errors import (
+    CollectiveError,
+    CommError,
+    KickedError,
+    MismatchError,
+    PeerFailedError,
+    RevisionError,
+    StateSyncError,
+    TopologyChangedError,
+)
+from cotrain.comm.faults import FaultInjector, FaultPlan
+from cotrain.comm.frames import recv_exact
+from cotrain.comm.quant import codec_for
+from cotrain.comm.state import digest, fetch_state, serve_state, views
+from cotrain.comm.tensors import flat_view
+from cotrain.comm.transport import DataServer, close_quietly, dial
+from cotrain.core.clock import Deadline
+from cotrain.core.errors import TimeoutExpired
+
+log = logging.getLogger("cotrain.comm")
+
+OPS = ("sum", "avg", "min", "max")
+QUANTS = ("none", "fp16", "bf16", "int8", "int8_minmax", "int4")
+
+
+@dataclass(frozen=True)
+class CollectiveResult:
+    seconds: float
+    bytes_sent: int
+    bytes_received: int
+    world_size: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    revision: int
+    fetched: bool
+    bytes_received: int
+    source: str | None
+
+
+class Handle:
+    """An all-reduce in flight; ``wait()`` returns its result or raises its error."""
+
+    def __init__(self, future: Future[CollectiveResult]) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout_s: float | None = None) -> CollectiveResult:
+        try:
+            return self._future.result(timeout=timeout_s)
+        except TimeoutError:
+            raise TimeoutExpired(f"all-reduce still running after {timeout_s}s") from None
+
+
+class Communicator:
+    """A peer of the run. ``connect()``, then ``update_topology()`` to join the ring."""
+
+    def __init__(
+        self, config: CommConfig, *, peer_id: str | None = None, faults: FaultPlan | None = None
+    ) -> None:
+        self.config = config
+        self.peer_id = peer_id or uuid.uuid4().hex[:12]
+        self._secret = resolve_secret(config.secret)
+        self._max_frame = config.max_frame_kb * 1024
+        self._faults = FaultInjector(faults)
+        self._op_lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._epoch = 0
+        self._ring: list[m.PeerAddr] = []
+        self._rank = -1
+        self._seq = 0
+        self._broken: str | None = None
+        self._links: ring.Links | None = None
+        self._incoming: dict[tuple[int, int], tuple[str, socket.socket]] = {}
+        self._serving: tuple[int, int, Any] | None = None
+        self._revision: int | None = None
+        self._collectives = 0
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="cotrain-async")
+        self._server: DataServer | None = None
+        self._master: MasterLink | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # ---- properties --------------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        """Position in the ring (-1 until admitted)."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return len(self._ring)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def ring(self) -> list[str]:
+        return [p.peer_id for p in self._ring]
+
+    @property
+    def revision(self) -> int | None:
+        """Revision of the last shared state this peer synced."""
+        return self._revision
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def connect(self, timeout_s: float | None = None) -> None:
+        """Start the data server and reach the master (retrying until ``timeout_s``)."""
+        cfg = self.config
+        self._server = DataServer(
+            cfg.listen_host,
+            cfg.listen_port,
+            self._secret,
+            {"ring": self._on_ring, "state": self._on_state, "probe": self._on_probe},
+            handshake_timeout_s=cfg.connect_timeout_s,
+            max_frame=self._max_frame,
+            tls=cfg.tls,
+        )
+        self._master = MasterLink(
+            cfg,
+            self._secret,
+            self._hello,
+            self._on_abort,
+            self._on_kicked,
+            self._on_reconnect,
+            self._faults.cut,
+        )
+        self._master.connect(timeout_s or cfg.connect_timeout_s)
+        threading.Thread(
+            target=self._master.heartbeat_loop,
+            args=(cfg.heartbeat_interval_s,),
+            name="cotrain-heartbeat",
+            daemon=True,
+        ).start()
+
+    def close(self) -> None:
+        """Leave the run cleanly: the master drops us at once, without waiting for heartbeats."""
+        if self._master is not None:
+            self._master.close()
+        if self._links is not None:
+            self._links.close()
+        if self._server is not None:
+            self._server.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> Communicator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _hello(self) -> m.Hello:
+        assert self._server is not None
+        resume = None
+        if self._rank >= 0:
+            resume = m.Resume(epoch=self._epoch, ring=self.ring, revision=self._revision)
+        return m.Hello(
+            peer_id=self.peer_id,
+            host=self.config.advertise_host or self.config.listen_host,
+            port=self.config.advertise_port or self._server.port,
+            resume=resume,
+        )
+
+    def _link(self) -> MasterLink:
+        if self._master is None:
+            raise CommError("call connect() first")
+        return self._master
+
+    # ---- events from the master link ---------------------------------------------------------
+
+    def _on_abort(self, msg: m.Abort) -> None:
+        with self._lock:
+            if msg.epoch != self._epoch:
+                return
+            self._broken = f"collective aborted: {msg.reason}"
+            links = self._links
+        if links is not None:
+            links.close()
+
+    def _on_kicked(self, reason: str) -> None:
+        with self._lock:
+            self._broken = f"removed by the master: {reason}"
+            links = self._links
+        if links is not None:
+            links.close()
+
+    def _on_reconnect(self, resumed: bool) -> None:
+        if not resumed:
+            with self._lock:
+                self._broken = "the restarted master did not know our ring"
+
+    def _abort_reason(self) -> str | None:
+        return self._broken
+
+    # ---- membership --------------------------------------------------------------------------
+
+    def update_topology(self, timeout_s: float | None = None) -> None:
+        """Vote (or ask to join); returns with the new ring connected. All members must call it."""
+        link = self._link()
+        deadline = Deadline.after(timeout_s or self.config.request_timeout_s)
+        with self._op_lock:
+            gen = link.send(m.Vote())
+            topo = link.wait_for(
+                lambda x: isinstance(x, m.Topology),
+                deadline,
+                generation=gen,
+                what="the new topology",
+            )
+            self._apply_topology(topo)
+
+    def wait_for_world(self, n: int, timeout_s: float = 120.0) -> None:
+        """Call ``update_topology`` until at least ``n`` peers are in the ring."""
+        deadline = Deadline.after(timeout_s)
+        while self.world_size < n:
+            self.update_topology(timeout_s=deadline.check(f"{n} peers"))
+
+    def _apply_topology(self, topo: m.Topology) -> None:
+        ids = [p.peer_id for p in topo.ring]
+        if self.peer_id not in ids:
+            raise KickedError("the new topology does not include this peer")
+        old = self._links
+        with self._lock:
+            self._links = None
+            self._epoch, self._ring, self._rank = (
+                topo.epoch,
+                list(topo.ring),
+                ids.index(self.peer_id),
+            )
+            self._seq = 0
+            self._broken = None
+            stale = [k for k in self._incoming if k[0] < topo.epoch]
+            stale_socks = [self._incoming.pop(k)[1] for k in stale]
+        for s in stale_socks:
+            close_quietly(s)
+        if old is not None:
+            old.close()
+        self._link().purge(lambda x: getattr(x, "epoch", topo.epoch) >= topo.epoch)
+        n = len(ids)
+        if n == 1:
+            self._links = ring.Links([], [])
+            return
+        nxt = topo.ring[(self._rank + 1) % n]
+        prev = topo.ring[(self._rank - 1) % n]
+        deadline = Deadline.after(self.config.connect_timeout_s)
+        try:
+            to_next = self._dial_streams(nxt)
+            with self._lock:
+                ok = self._lock.wait_for(
+                    lambda: all(
+                        (topo.epoch, j) in self._incoming for j in range(self.config.streams)
+                    ),
+                    timeout=deadline.remaining(),
+                )
+                got = [
+                    self._incoming.pop((topo.epoch, j), None) for j in range(self.config.streams)
+                ]
+            if not ok:
+                for s in to_next:
+                    close_quietly(s)
+                raise PeerFailedError(f"ring neighbour {prev.peer_id} did not connect in time")
+            from_prev = []
+            for item in got:
+                assert item is not None
+                if item[0] != prev.peer_id:
+                    raise PeerFailedError(
+                        f"ring connection from {item[0]}, expected {prev.peer_id}"
+                    )
+                from_prev.append(item[1])
+            self._links = ring.Links(to_next, from_prev)
+        except (OSError, CommError) as e:
+            self._fail(0, f"could not connect the ring: {e}")
+            raise PeerFailedError(f"could not connect the ring: {e}") from e
+
+    def _dial_streams(self, nxt: m.PeerAddr) -> list[socket.socket]:
+        socks: list[socket.socket | None] = [None] * self.config.streams
+        errors: list[BaseException] = []
+
+        def one(j: int) -> None:
+            try:
+                socks[j] = dial(
+                    nxt.host,
+                    nxt.port,
+                    self._secret,
+                    timeout_s=self.config.connect_timeout_s,
+                    tls=self.config.tls,
+                    hello={
+                        "type": "ring",
+                        "peer_id": self.peer_id,
+                        "epoch": self._epoch,
+                        "stream": j,
+                    },
+                )
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(j,)) for j in range(self.config.streams)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            for s in socks:
+                close_quietly(s)
+            raise PeerFailedError(f"cannot reach ring neighbour {nxt.peer_id}: {errors[0]}")
+        return [s for s in socks if s is not None]
+
+    def _on_ring(self, sock: socket.socket, hello: dict[str, Any]) -> None:
+        epoch, stream, pid = hello.get("epoch"), hello.get("stream"), hello.get("peer_id")
+        if not (isinstance(epoch, int) and isinstance(stream, int) and isinstance(pid, str)):
+            raise CommError("malformed ring hello")
+        if not 0 <= stream < self.config.streams or epoch < self._epoch:
+            raise CommError("ring hello for a stream or epoch we do not expect")
+        with self._lock:
+            old = self._incoming.get((epoch, stream))
+            self._incoming[(epoch, stream)] = (pid, sock)
+            self._lock.notify_all()
+        if old is not None:
+            close_quietly(old[1])
+
+    def _fail(self, seq: int, reason: str) -> None:
+        with self._lock:
+            if self._broken is None:
+                self._broken = reason
+            links = self._links
+        if links is not None:
+            links.close()
+        try:
+            self._link().send(m.Failed(epoch=self._epoch, seq=seq, reason=reason[:2000]))
+        except CommError:
+            pass
+
+    # ---- collectives -------------------------------------------------------------------------
+
+    def _begin(self, desc: m.Descriptor, deadline: Deadline) -> int:
+        """Phase one: agree with every member on this collective; returns its sequence number."""
+        link = self._link()
+        if self._rank < 0:
+            raise TopologyChangedError("not in the ring yet: call update_topology()")
+        if self._broken is not None:
+            raise TopologyChangedError(f"{self._broken}; call update_topology()")
+        seq = self._seq
+        self._seq += 1
+        epoch = self._epoch
+        gen = link.send(m.Collective(epoch=epoch, seq=seq, desc=desc))
+        reply = link.wait_for(
+            lambda x: isinstance(x, m.Go | m.Error) and x.epoch == epoch and x.seq == seq,
+            deadline,
+            generation=gen,
+            what=f"agreement on {desc.kind}",
+            abort_check=self._abort_reason,
+        )
+        if isinstance(reply, m.Error):
+            raise _error_for(reply)
+        return seq
+
+    def all_reduce(
+        self,
+        tensor: Any,
+        *,
+        op: ReduceOp = "avg",
+        quantization: Quantization = "none",
+        timeout_s: float | None = None,
+    ) -> CollectiveResult:
+        """Reduce ``tensor`` in place across the ring. On error it is left as it was."""
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; choose one of {', '.join(OPS)}")
+        if quantization not in QUANTS:
+            raise ValueError(
+                f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTS)}"
+            )
+        view = flat_view(tensor)
+        codec = codec_for(quantization, view.dtype)
+        deadline = Deadline.after(timeout_s or self.config.request_timeout_s)
+        with self._op_lock:
+            index = self._collectives
+            self._collectives += 1
+            self._faults.check(index, 0)
+            t0 = time.perf_counter()
+            desc = m.Descriptor(
+                kind="all_reduce", count=view.count, dtype=view.dtype, op=op, quant=quantization
+            )
+            seq = self._begin(desc, deadline)
+            work = view.to_fp32()
+            links = self._links
+            assert links is not None
+
+            def on_chunk(k: int) -> None:
+                self._faults.check(index, k)
+                if self._faults.cut.is_set():  # emulate a dead link: go silent, then give up
+                    self._faults.cut.wait(0)
+                    threading.Event().wait(self.config.stall_timeout_s)
+                    raise PeerFailedError("link cut (fault injection)")
+
+            try:
+                stats = ring.all_reduce(
+                    work,
+                    op=op,
+                    codec=codec,
+                    rank=self._rank,
+                    world=self.world_size,
+                    links=links,
+                    epoch=self._epoch,
+                    seq=seq,
+                    chunk=max(1, self.config.chunk_kb * 256),
+                    stall_timeout_s=self.config.stall_timeout_s,
+                    on_chunk_sent=on_chunk,
+                )
+            except CollectiveError as e:
+                reason = self._broken or str(e)
+                self._fail(seq, reason)
+                raise PeerFailedError(f"all-reduce failed: {reason}") from None
+            view.assign_fp32(work)
+            return self._account(stats, t0)
+
+    def all_reduce_async(self, tensor: Any, **kwargs: Any) -> Handle:
+        """Start an all-reduce on a worker thread; do not touch ``tensor`` until ``wait()``."""
+        return Handle(self._executor.submit(self.all_reduce, tensor, **kwargs))
+
+    def broadcast(
+        self, tensor: Any, *, root: int = 0, timeout_s: float | None = None
+    ) -> CollectiveResult:
+        """Copy rank ``root``'s tensor into every peer's (bytes as they are, no quantization)."""
+        view = flat_view(tensor)
+        deadline = Deadline.after(timeout_s or self.config.request_timeout_s)
+        with self._op_lock:
+            self._collectives += 1
+            t0 = time.perf_counter()
+            if not 0 <= root < max(self.world_size, 1):
+                raise ValueError(f"root {root} is not a rank of this {self.world_size}-peer ring")
+            desc = m.Descriptor(kind="broadcast", count=view.count, dtype=view.dtype, root=root)
+            seq = self._begin(desc, deadline)
+            n = self.world_size
+            is_root = self._rank == root
+            src = view.array.view(np.uint8)
+            data = src if is_root else np.empty_like(src)
+            links = self._links
+            assert links is not None
+            if n == 1:
+                return self._account(ring.TransferStats(), t0)
+            try:
+                stats = ring.broadcast(
+                    data,
+                    is_root=is_root,
+                    next_is_root=(self._rank + 1) % n == root,
+                    links=links,
+                    epoch=self._epoch,
+                    seq=seq,
+                    chunk_bytes=self.config.chunk_kb * 1024,
+                    stall_timeout_s=self.config.stall_timeout_s,
+                )
+            except CollectiveError as e:
+                reason = self._broken or str(e)
+                self._fail(seq, reason)
+                raise PeerFailedError(f"broadcast failed: {reason}") from None
+            if not is_root:
+                src[...] = data
+                view.commit()
+            return self._account(stats, t0)
+
+    def _account(self, stats: ring.TransferStats, t0: float) -> CollectiveResult:
+        self.bytes_sent += stats.bytes_sent
+        self.bytes_received += stats.bytes_received
+        return CollectiveResult(
+            time.perf_counter() - t0,
+            stats.bytes_sent,
+            stats.bytes_received,
+            self.world_size,
+            self._epoch,
+        )
+
+    # ---- shared state ------------------------------------------------------------------------
+
+    def sync_shared_state(
+        self, state: Mapping[str, Any], *, revision: int, timeout_s: float | None = None
+    ) -> SyncResult:
+        """Make ``state`` equal the majority's (hash-checked); revisions go up by one per sync."""
+        link = self._link()
+        flat = views(state)
+        mine = digest(flat, revision)
+        deadline = Deadline.after(timeout_s or self.config.request_timeout_s)
+        with self._op_lock:
+            self._collectives += 1
+            if self._rank < 0:
+                raise TopologyChangedError("not in the ring yet: call update_topology()")
+            if self._broken is not None:
+                raise TopologyChangedError(f"{self._broken}; call update_topology()")
+            epoch, seq = self._epoch, self._seq
+            self._seq += 1
+            with self._lock:
+                self._serving = (epoch, seq, flat)
+            try:
+                gen = link.send(
+                    m.Sync(
+                        epoch=epoch,
+                        seq=seq,
+                        revision=revision,
+                        digest=mine.digest,
+                        hashes=mine.hashes,
+                    )
+                )
+
+                def match(kind: type) -> Any:
+                    return lambda x: (
+                        isinstance(x, kind | m.Error) and x.epoch == epoch and x.seq == seq
+                    )
+
+                plan = link.wait_for(
+                    match(m.SyncPlan),
+                    deadline,
+                    generation=gen,
+                    what="the shared-state plan",
+                    abort_check=self._abort_reason,
+                )
+                if isinstance(plan, m.Error):
+                    raise _error_for(plan)
+                source, received, failure = None, 0, ""
+                if plan.action == "fetch":
+                    source, received, failure = self._fetch(flat, plan)
+                    link.send(
+                        m.SyncResult(epoch=epoch, seq=seq, ok=source is not None, reason=failure)
+                    )
+                done = link.wait_for(
+                    match(m.SyncDone),
+                    deadline,
+                    generation=gen,
+                    what="the end of the shared-state sync",
+                    abort_check=self._abort_reason,
+                )
+                if isinstance(done, m.Error):
+                    raise _error_for(done)
+                if plan.action == "fetch" and source is None:
+                    raise StateSyncError(f"could not fetch the majority's state: {failure}")
+                self._revision = plan.revision
+                self.bytes_received += received
+                return SyncResult(plan.revision, plan.action == "fetch", received, source)
+            finally:
+                with self._lock:
+                    self._serving = None
+
+    def _fetch(self, flat: Any, plan: m.SyncPlan) -> tuple[str | None, int, str]:
+        failures = []
+        for src in plan.sources:
+            try:
+                sock = dial(
+                    src.host,
+                    src.port,
+                    self._secret,
+                    timeout_s=self.config.connect_timeout_s,
+                    tls=self.config.tls,
+                    hello={
+                        "type": "state",
+                        "epoch": plan.epoch,
+                        "seq": plan.seq,
+                        "peer_id": self.peer_id,
+                    },
+                )
+                sock.settimeout(self.config.stall_timeout_s)
+                try:
+                    received = fetch_state(sock, flat, plan.names, plan.hashes, self._max_frame)
+                finally:
+                    close_quietly(sock)
+                again = digest(flat, plan.revision)
+                if again.hashes != plan.hashes:
+                    raise StateSyncError("state still differs from the majority after the fetch")
+                return src.peer_id, received, ""
+            except (OSError, CommError, ConnectionError) as e:
+                log.warning("fetching shared state from %s failed: %s", src.peer_id, e)
+                failures.append(f"{src.peer_id}: {e}")
+        return None, 0, "; ".join(failures) or "no source"
+
+    def _on_state(self, sock: socket.socket, hello: dict[str, Any]) -> None:
+        with self._lock:
+            serving = self._serving
+        sock.settimeout(self.config.stall_timeout_s)
+        try:
+            if serving is None or (hello.get("epoch"), hello.get("seq")) != serving[:2]:
+                from cotrain.comm.frames import send_json
+
+                send_json(sock, {"type": "missing", "name": "(not serving this sync)"})
+                return
+            serve_state(sock, serving[2], self._max_frame)
+        finally:
+            close_quietly(sock)
+
+    # ---- ring optimisation -------------------------------------------------------------------
+
+    def optimize_topology(
+        self, *, probe_mb: float = 1.0, timeout_s: float | None = None
+    ) -> list[str]:
+        """Measure peer-to-peer bandwidth and reorder the ring to maximise its slowest link."""
+        link = self._link()
+        deadline = Deadline.after(timeout_s or self.config.request_timeout_s)
+        with self._op_lock:
+            self._collectives += 1
+            nbytes = max(1, int(probe_mb * (1 << 20)))
+            self._begin(m.Descriptor(kind="optimize", count=nbytes), deadline)
+            epoch = self._epoch
+            gen = link.generation
+            while True:
+                msg = link.wait_for(
+                    lambda x: (
+                        (isinstance(x, m.Probe) and x.epoch == epoch)
+                        or (isinstance(x, m.Topology) and x.epoch > epoch)
+                    ),
+                    deadline,
+                    generation=gen,
+                    what="probe orders",
+                    abort_check=self._abort_reason,
+                )
+                if isinstance(msg, m.Topology):
+                    self._apply_topology(msg)
+                    return self.ring
+                mbps = self._probe(msg.target, msg.nbytes)
+                link.send(m.ProbeResult(epoch=epoch, target=msg.target.peer_id, mbps=mbps))
+
+    def _probe(self, target: m.PeerAddr, nbytes: int) -> float:
+        try:
+            sock = dial(
+                target.host,
+                target.port,
+                self._secret,
+                timeout_s=self.config.connect_timeout_s,
+                tls=self.config.tls,
+                hello={"type": "probe", "nbytes": nbytes},
+            )
+        except (OSError, CommError) as e:
+            log.warning("probe to %s failed: %s", target.peer_id, e)
+            return 0.0
+        try:
+            sock.settimeout(self.config.stall_timeout_s)
+            payload = memoryview(bytes(min(nbytes, 1 << 20)))
+            t0 = time.perf_counter()
+            left = nbytes
+            while left > 0:
+                k = min(left, len(payload))
+                sock.sendall(payload[:k])
+                left -= k
+            recv_exact(sock, 1)
+            return nbytes * 8 / max(time.perf_counter() - t0, 1e-9) / 1e6
+        except OSError:
+            return 0.0
+        finally:
+            close_quietly(sock)
+
+    def _on_probe(self, sock: socket.socket, hello: dict[str, Any]) -> None:
+        nbytes = hello.get("nbytes")
+        if not isinstance(nbytes, int) or not 0 < nbytes <= 1 << 30:
+            raise CommError("malformed probe")
+        sock.settimeout(self.config.stall_timeout_s)
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        try:
+            left = nbytes
+            while left > 0:
+                k = sock.recv_into(view, min(left, len(buf)))
+                if k == 0:
+                    return
+                left -= k
+            sock.sendall(b"k")
+        finally:
+            close_quietly(sock)
+
+
+def _error_for(reply: m.Error) -> CommError:
+    text = reply.message
+    if reply.kind == "mismatch":
+        return MismatchError(text)
+    if reply.kind == "revision":
+        return RevisionError(text)
+    if reply.kind == "peer_failed":
+        return PeerFailedError(text)
+    return TopologyChangedError(text)
+
+
+def all_reduce_with_retry(
+    comm: Communicator, tensor: Any, *, attempts: int = 5, **kwargs: Any
+) -> CollectiveResult:
+    """All-reduce; on a peer failure, update the topology and retry with the survivors."""
+    last: CollectiveError | None = None
+    for _ in range(attempts):
+        try:
+            return comm.all_reduce(tensor, **kwargs)
+        except (PeerFailedError, TopologyChangedError) as e:
+            last = e
+            log.info("all-reduce failed (%s); updating the topology and retrying", e)
+            comm.update_topology()
+    assert last is not None
+    raise last

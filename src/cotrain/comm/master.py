@@ -1,0 +1,473 @@
+"""The master: membership, a small state machine, no tensor data.
+
+Phases, all agreed by every accepted peer of the current *epoch* (one ring order per epoch):
+
+* **vote** (``update_topology``): when every live member has voted, joiners are admitted, the dead
+  are dropped, the epoch goes up and every member gets the new ring.
+* **collective**: every member sends the same ``(epoch, seq, descriptor)``; the master answers
+  ``go`` (or ``mismatch`` to all). Tensor bytes then flow peer to peer around the ring.
+* **sync_state**: members send tensor hashes and a revision; the master elects the majority and
+  tells the others whom to fetch from; ``sync_done`` once every fetcher has reported.
+* **optimize**: the master has each peer probe every other, then reorders the ring.
+
+Failure: a peer whose connection closes or that misses heartbeats for ``heartbeat_timeout_s`` is
+dropped; the epoch is marked broken and every member is sent ``abort`` so collectives in flight fail
+on all survivors at once (a peer stopped with SIGSTOP still holds its sockets open: only the
+master's heartbeat clock can tell). A restarted master rebuilds its state from the peers'
+``resume`` data (epoch, ring, revision) and the run goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+from cotrain.comm import messages as m
+from cotrain.comm.auth import async_server_handshake, resolve_secret
+from cotrain.comm.config import MasterConfig
+from cotrain.comm.errors import AuthError, ProtocolError
+from cotrain.comm.frames import async_recv_json, async_send_json
+from cotrain.comm.tls import server_context
+from cotrain.comm.topology import best_ring
+
+log = logging.getLogger("cotrain.master")
+
+
+@dataclass
+class _Peer:
+    peer_id: str
+    addr: m.PeerAddr | None
+    writer: asyncio.StreamWriter | None
+    last_seen: float
+    accepted: bool = False
+
+
+@dataclass
+class _SyncRound:
+    plans: dict[str, m.SyncPlan]
+    waiting: set[str] = field(default_factory=set)
+
+
+class Master:
+    """Runs inside an asyncio loop; ``cotrain master`` and the tests drive it through ``serve``."""
+
+    def __init__(self, config: MasterConfig) -> None:
+        self.config = config
+        self._secret = resolve_secret(config.secret)
+        self._max_frame = config.max_frame_kb * 1024
+        self.peers: dict[str, _Peer] = {}
+        self.ring: list[str] = []
+        self.epoch = 0
+        self.broken = False
+        self.state_revision: int | None = None
+        self._votes: set[str] = set()
+        self._joiners: list[str] = []
+        self._vote_deadline: asyncio.TimerHandle | None = None
+        self._colls: dict[int, dict[str, m.Descriptor]] = {}
+        self._syncs: dict[int, dict[str, m.Sync]] = {}
+        self._sync_round: dict[int, _SyncRound] = {}
+        self._probe_waiters: dict[tuple[str, str], asyncio.Future[float]] = {}
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.port = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        ctx: ssl.SSLContext | None = server_context(self.config.tls) if self.config.tls else None
+        self._server = await asyncio.start_server(
+            self._handle, self.config.host, self.config.port, ssl=ctx, limit=1 << 20
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._spawn(self._monitor())
+        return self.port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for p in list(self.peers.values()):
+            if p.writer is not None:
+                p.writer.close()
+        for t in list(self._tasks):
+            t.cancel()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- connections -------------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer_id: str | None = None
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                import socket as _s
+
+                sock.setsockopt(_s.IPPROTO_TCP, _s.TCP_NODELAY, 1)
+            async with asyncio.timeout(self.config.handshake_timeout_s):
+                await async_server_handshake(reader, writer, self._secret)
+                hello = m.parse_to_master(await async_recv_json(reader, self._max_frame))
+            if not isinstance(hello, m.Hello):
+                raise ProtocolError("first message must be hello")
+            peer_id = hello.peer_id
+            if not self._admit_connection(hello, writer):
+                peer_id = None
+                return
+            while True:
+                msg = m.parse_to_master(await async_recv_json(reader, self._max_frame))
+                p = self.peers.get(hello.peer_id)
+                if p is None or p.writer is not writer:
+                    return  # replaced or dropped meanwhile
+                p.last_seen = self._now()
+                if isinstance(msg, m.Bye):
+                    self._drop(hello.peer_id, "left")
+                    peer_id = None
+                    return
+                self._dispatch(hello.peer_id, msg)
+        except (
+            TimeoutError,
+            AuthError,
+            ProtocolError,
+            ConnectionError,
+            OSError,
+            ssl.SSLError,
+        ) as e:
+            log.info("connection %s closed: %s", peer_id or "(unauthenticated)", e)
+        finally:
+            if peer_id is not None:
+                p = self.peers.get(peer_id)
+                if p is not None and p.writer is writer:
+                    self._drop(peer_id, "connection lost")
+            writer.close()
+
+    def _admit_connection(self, hello: m.Hello, writer: asyncio.StreamWriter) -> bool:
+        addr = m.PeerAddr(peer_id=hello.peer_id, host=hello.host, port=hello.port)
+        old = self.peers.get(hello.peer_id)
+        resumed = False
+        if hello.resume is not None:
+            r = hello.resume
+            if not self.ring and self.epoch == 0 and hello.peer_id in r.ring:
+                # A fresh (restarted) master adopts the ring the peers report.
+                self.epoch, self.ring = r.epoch, list(r.ring)
+                now = self._now()
+                for pid in self.ring:
+                    self.peers.setdefault(pid, _Peer(pid, None, None, now, accepted=True))
+                log.info(
+                    "recovered epoch %d with ring of %d from %s",
+                    r.epoch,
+                    len(r.ring),
+                    hello.peer_id,
+                )
+            if r.epoch == self.epoch and hello.peer_id in self.ring:
+                resumed = True
+                if r.revision is not None:
+                    self.state_revision = max(self.state_revision or r.revision, r.revision)
+        if old is not None and old.writer is not None and not resumed:
+            async_send_json(writer, m.Kicked(reason="duplicate peer id").dump())
+            return False
+        if old is not None and old.writer is not None:
+            old.writer.close()
+        self.peers[hello.peer_id] = _Peer(
+            hello.peer_id, addr, writer, self._now(), accepted=resumed
+        )
+        async_send_json(
+            writer, m.Welcome(peer_id=hello.peer_id, epoch=self.epoch, resumed=resumed).dump()
+        )
+        log.info("peer %s connected (%s)", hello.peer_id, "resumed" if resumed else "pending")
+        return True
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _send(self, peer_id: str, msg: m._Msg) -> None:
+        p = self.peers.get(peer_id)
+        if p is not None and p.writer is not None and not p.writer.is_closing():
+            async_send_json(p.writer, msg.dump())
+
+    def _members(self) -> list[str]:
+        return [pid for pid in self.ring if pid in self.peers]
+
+    async def _monitor(self) -> None:
+        period = self.config.heartbeat_timeout_s / 5
+        while True:
+            await asyncio.sleep(period)
+            now = self._now()
+            for pid, p in list(self.peers.items()):
+                if now - p.last_seen > self.config.heartbeat_timeout_s:
+                    self._send(pid, m.Kicked(reason="missed heartbeats"))
+                    self._drop(pid, f"silent for {now - p.last_seen:.1f}s")
+
+    def _drop(self, peer_id: str, reason: str) -> None:
+        p = self.peers.pop(peer_id, None)
+        if p is None:
+            return
+        (log.info if reason == "left" else log.warning)("dropping peer %s: %s", peer_id, reason)
+        if p.writer is not None:
+            p.writer.close()
+        if peer_id in self._joiners:
+            self._joiners.remove(peer_id)
+        self._votes.discard(peer_id)
+        if peer_id in self.ring:
+            self._break_epoch(f"peer {peer_id} failed ({reason})")
+        self._check_votes()
+
+    def _break_epoch(self, reason: str) -> None:
+        """A member is gone: every collective of this epoch fails on every survivor."""
+        self.broken = True
+        for pid in self._members():
+            self._send(pid, m.Abort(epoch=self.epoch, reason=reason))
+        for seq, got in list(self._colls.items()) + list(self._syncs.items()):
+            for pid in got:
+                self._send(
+                    pid, m.Error(epoch=self.epoch, seq=seq, kind="peer_failed", message=reason)
+                )
+        self._colls.clear()
+        self._syncs.clear()
+        self._sync_round.clear()
+        for fut in self._probe_waiters.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(reason))
+
+    # ---- dispatch ----------------------------------------------------------------------------
+
+    def _dispatch(self, pid: str, msg: Any) -> None:
+        if isinstance(msg, m.Heartbeat):
+            return
+        if isinstance(msg, m.Vote):
+            self._on_vote(pid)
+        elif isinstance(msg, m.Collective):
+            self._on_collective(pid, msg)
+        elif isinstance(msg, m.Sync):
+            self._on_sync(pid, msg)
+        elif isinstance(msg, m.SyncResult):
+            self._on_sync_result(pid, msg)
+        elif isinstance(msg, m.Failed):
+            if msg.epoch == self.epoch and pid in self.ring and not self.broken:
+                self._break_epoch(f"peer {pid} reported: {msg.reason}")
+        elif isinstance(msg, m.ProbeResult):
+            fut = self._probe_waiters.get((pid, msg.target))
+            if fut is not None and not fut.done():
+                fut.set_result(msg.mbps)
+        else:
+            raise ProtocolError(f"unexpected {msg.type} from a peer")
+
+    def _on_vote(self, pid: str) -> None:
+        if pid in self.ring:
+            self._votes.add(pid)
+        elif pid not in self._joiners:
+            self._joiners.append(pid)
+        if self._vote_deadline is None:
+            loop = asyncio.get_running_loop()
+            self._vote_deadline = loop.call_later(self.config.vote_timeout_s, self._vote_timeout)
+        self._check_votes()
+
+    def _vote_timeout(self) -> None:
+        self._vote_deadline = None
+        for pid in self._members():
+            if pid not in self._votes:
+                self._send(pid, m.Kicked(reason="did not vote in time"))
+                self._drop(pid, "did not vote in time")
+
+    def _check_votes(self) -> None:
+        members = self._members()
+        if not (self._votes or self._joiners):
+            return
+        if any(pid not in self._votes for pid in members):
+            return
+        new_ring = members + [pid for pid in self._joiners if pid in self.peers]
+        self._joiners.clear()
+        self._votes.clear()
+        if self._vote_deadline is not None:
+            self._vote_deadline.cancel()
+            self._vote_deadline = None
+        self._set_ring(new_ring)
+
+    def _set_ring(self, ring: list[str]) -> None:
+        self.ring = ring
+        self.epoch += 1
+        self.broken = False
+        self._colls.clear()
+        self._syncs.clear()
+        self._sync_round.clear()
+        addrs = []
+        for pid in ring:
+            p = self.peers[pid]
+            p.accepted = True
+            assert p.addr is not None
+            addrs.append(p.addr)
+        log.info("epoch %d: ring of %d peers", self.epoch, len(ring))
+        topo = m.Topology(epoch=self.epoch, ring=addrs)
+        for pid in ring:
+            self._send(pid, topo)
+
+    def _check_member(self, pid: str, epoch: int, seq: int) -> bool:
+        if pid not in self.ring:
+            self._send(
+                pid,
+                m.Error(
+                    epoch=epoch,
+                    seq=seq,
+                    kind="not_member",
+                    message="not a member: call update_topology() to join",
+                ),
+            )
+            return False
+        if epoch != self.epoch or self.broken:
+            self._send(
+                pid,
+                m.Error(
+                    epoch=epoch,
+                    seq=seq,
+                    kind="topology_changed",
+                    message="membership changed: call update_topology()",
+                ),
+            )
+            return False
+        return True
+
+    def _on_collective(self, pid: str, msg: m.Collective) -> None:
+        if not self._check_member(pid, msg.epoch, msg.seq):
+            return
+        got = self._colls.setdefault(msg.seq, {})
+        got[pid] = msg.desc
+        members = self._members()
+        if any(p not in got for p in members):
+            return
+        del self._colls[msg.seq]
+        descs = {pid: got[pid] for pid in members}
+        if len({d.model_dump_json() for d in descs.values()}) > 1:
+            detail = "; ".join(f"{p}: {d.model_dump()}" for p, d in descs.items())
+            for p in members:
+                self._send(
+                    p,
+                    m.Error(
+                        epoch=self.epoch,
+                        seq=msg.seq,
+                        kind="mismatch",
+                        message=f"peers disagree on the collective: {detail}",
+                    ),
+                )
+            return
+        for p in members:
+            self._send(p, m.Go(epoch=self.epoch, seq=msg.seq))
+        if msg.desc.kind == "optimize":
+            self._spawn(self._optimize(self.epoch, msg.desc.count))
+
+    # ---- shared state ------------------------------------------------------------------------
+
+    def _on_sync(self, pid: str, msg: m.Sync) -> None:
+        if not self._check_member(pid, msg.epoch, msg.seq):
+            return
+        got = self._syncs.setdefault(msg.seq, {})
+        got[pid] = msg
+        members = self._members()
+        if any(p not in got for p in members):
+            return
+        del self._syncs[msg.seq]
+        groups: dict[tuple[int, str], list[str]] = {}
+        for p in members:
+            groups.setdefault((got[p].revision, got[p].digest), []).append(p)
+        # Majority; ties go to the higher revision, then the smaller digest (deterministic).
+        (revision, _digest), holders = max(
+            groups.items(), key=lambda kv: (len(kv[1]), kv[0][0], [-ord(c) for c in kv[0][1]])
+        )
+        if self.state_revision is not None and revision != self.state_revision + 1:
+            text = (
+                f"shared state revision {revision} does not follow {self.state_revision} "
+                "(it must go up by exactly one per sync)"
+            )
+            for p in members:
+                self._send(p, m.Error(epoch=self.epoch, seq=msg.seq, kind="revision", message=text))
+            return
+        self.state_revision = revision
+        target = got[holders[0]].hashes
+        rnd = _SyncRound(plans={})
+        for i, p in enumerate(members):
+            if p in holders:
+                plan = m.SyncPlan(epoch=self.epoch, seq=msg.seq, revision=revision, action="ok")
+            else:
+                mine = got[p].hashes
+                names = [n for n, h in target.items() if mine.get(n) != h]
+                # rotate sources so several fetchers spread over the holders
+                k = i % len(holders)
+                srcs = [self.peers[h].addr for h in holders[k:] + holders[:k]]
+                plan = m.SyncPlan(
+                    epoch=self.epoch,
+                    seq=msg.seq,
+                    revision=revision,
+                    action="fetch",
+                    sources=[a for a in srcs if a is not None],
+                    names=names,
+                    hashes=target,
+                )
+                rnd.waiting.add(p)
+            rnd.plans[p] = plan
+            self._send(p, plan)
+        if rnd.waiting:
+            self._sync_round[msg.seq] = rnd
+        else:
+            for p in members:
+                self._send(p, m.SyncDone(epoch=self.epoch, seq=msg.seq))
+
+    def _on_sync_result(self, pid: str, msg: m.SyncResult) -> None:
+        rnd = self._sync_round.get(msg.seq)
+        if msg.epoch != self.epoch or rnd is None or pid not in rnd.waiting:
+            return
+        if not msg.ok:
+            log.warning("peer %s could not fetch the shared state: %s", pid, msg.reason)
+        rnd.waiting.discard(pid)
+        if not rnd.waiting:
+            del self._sync_round[msg.seq]
+            for p in rnd.plans:
+                self._send(p, m.SyncDone(epoch=self.epoch, seq=msg.seq))
+
+    # ---- ring optimisation -------------------------------------------------------------------
+
+    async def _optimize(self, epoch: int, probe_bytes: int) -> None:
+        members = self._members()
+        bw: dict[tuple[str, str], float] = {}
+        try:
+            for src in members:
+                for dst in members:
+                    if src == dst:
+                        continue
+                    target = self.peers[dst].addr
+                    assert target is not None
+                    fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+                    self._probe_waiters[(src, dst)] = fut
+                    self._send(src, m.Probe(epoch=epoch, target=target, nbytes=max(probe_bytes, 1)))
+                    async with asyncio.timeout(self.config.vote_timeout_s):
+                        bw[(src, dst)] = await fut
+        except (ConnectionError, TimeoutError) as e:
+            log.warning("bandwidth probing failed: %s", e)
+            if epoch == self.epoch and not self.broken:
+                self._break_epoch(f"bandwidth probing failed: {e}")
+            return
+        finally:
+            self._probe_waiters.clear()
+        if epoch != self.epoch or self.broken:
+            return
+        order = best_ring(members, bw)
+        log.info("optimised ring: %s", " -> ".join(order))
+        self._set_ring(order)
+
+
+async def serve(config: MasterConfig, ready: asyncio.Event | None = None) -> None:
+    """Run a master until cancelled; prints the bound port so scripts can find it."""
+    master = Master(config)
+    port = await master.start()
+    print(f"cotrain master listening on {config.host}:{port}", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await master.close()
+        with contextlib.suppress(Exception):
+            await asyncio.sleep(0)

@@ -1,0 +1,112 @@
+"""Shared state: hashing named tensors, serving them to peers, fetching and verifying them.
+
+A fetch is all-or-nothing: every tensor is received into a scratch buffer and checked against the
+majority's hash before any of the caller's tensors is touched, so a lying source loses nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cotrain.comm.errors import ProtocolError, StateSyncError
+from cotrain.comm.frames import recv_into_exact, recv_json, send_json
+from cotrain.comm.tensors import FlatView, flat_view
+
+
+@dataclass(frozen=True)
+class StateDigest:
+    hashes: dict[str, str]
+    digest: str
+
+
+def views(state: Mapping[str, Any]) -> dict[str, FlatView]:
+    if not state:
+        raise ValueError("shared state must contain at least one named tensor")
+    return {name: flat_view(state[name]) for name in sorted(state)}
+
+
+def hash_array(arr: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast("B")).hexdigest()
+
+
+def digest(flat: Mapping[str, FlatView], revision: int) -> StateDigest:
+    hashes = {name: f"{v.dtype}:{list(v.shape)}:{hash_array(v.array)}" for name, v in flat.items()}
+    h = hashlib.sha256(str(revision).encode())
+    for name in sorted(hashes):
+        h.update(f"\n{name}={hashes[name]}".encode())
+    return StateDigest(hashes, h.hexdigest())
+
+
+def serve_state(sock: socket.socket, flat: Mapping[str, FlatView], max_frame: int) -> int:
+    """Answer one fetch request on ``sock``; returns bytes sent."""
+    req = recv_json(sock, max_frame)
+    names = req.get("names")
+    if req.get("type") != "get" or not isinstance(names, list):
+        raise ProtocolError("state request must be {'type': 'get', 'names': [...]}")
+    sent = 0
+    for name in names:
+        v = flat.get(name) if isinstance(name, str) else None
+        if v is None:
+            send_json(sock, {"type": "missing", "name": str(name)})
+            return sent
+        data = memoryview(np.ascontiguousarray(v.array)).cast("B")
+        send_json(
+            sock,
+            {
+                "type": "tensor",
+                "name": name,
+                "dtype": v.dtype,
+                "shape": list(v.shape),
+                "nbytes": data.nbytes,
+            },
+        )
+        sock.sendall(data)
+        sent += data.nbytes
+    return sent
+
+
+def fetch_state(
+    sock: socket.socket,
+    flat: Mapping[str, FlatView],
+    names: list[str],
+    expected: Mapping[str, str],
+    max_frame: int,
+) -> int:
+    """Fetch ``names`` into scratch buffers, verify each against ``expected``, then install all."""
+    send_json(sock, {"type": "get", "names": names})
+    scratch: dict[str, np.ndarray] = {}
+    received = 0
+    for name in names:
+        mine = flat.get(name)
+        if mine is None:
+            raise StateSyncError(f"the majority's state has a tensor {name!r} this peer lacks")
+        head = recv_json(sock, max_frame)
+        if head.get("type") != "tensor" or head.get("name") != name:
+            raise StateSyncError(f"source answered {head.get('type')} for {name!r}")
+        if head.get("dtype") != mine.dtype or tuple(head.get("shape", ())) != mine.shape:
+            raise StateSyncError(
+                f"{name}: source has {head.get('dtype')}{head.get('shape')}, "
+                f"this peer {mine.dtype}{list(mine.shape)}"
+            )
+        nbytes = int(head.get("nbytes", -1))
+        if nbytes != mine.array.nbytes:
+            raise StateSyncError(
+                f"{name}: source announced {nbytes} bytes, expected {mine.array.nbytes}"
+            )
+        buf = np.empty_like(mine.array)
+        recv_into_exact(sock, memoryview(buf).cast("B"))
+        received += nbytes
+        got = f"{mine.dtype}:{list(mine.shape)}:{hash_array(buf)}"
+        if got != expected.get(name):
+            raise StateSyncError(f"{name}: bytes from the source do not match the majority's hash")
+        scratch[name] = buf
+    for name, buf in scratch.items():
+        flat[name].array[...] = buf
+        flat[name].commit()
+    return received

@@ -1,0 +1,78 @@
+"""Views of torch tensors and numpy arrays as flat numpy buffers, without copies where possible."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cotrain.comm.quant import bf16_bits_to_fp32, fp32_to_bf16_bits
+
+SUPPORTED = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class FlatView:
+    """``array`` is a flat, writable numpy view of the tensor's storage (bf16 as uint16 bits)."""
+
+    array: np.ndarray
+    dtype: str
+    shape: tuple[int, ...]
+    source: Any
+    staging: Any = None  # CPU copy of a GPU tensor, written back by ``commit``
+
+    @property
+    def count(self) -> int:
+        return int(self.array.size)
+
+    def to_fp32(self) -> np.ndarray:
+        """A new fp32 copy of the values (the collective's work buffer)."""
+        if self.dtype == "bf16":
+            return bf16_bits_to_fp32(self.array)
+        return self.array.astype(np.float32, copy=True)
+
+    def assign_fp32(self, values: np.ndarray) -> None:
+        """Write fp32 ``values`` into the tensor, rounding to its dtype."""
+        if self.dtype == "bf16":
+            self.array[...] = fp32_to_bf16_bits(values)
+        else:
+            np.copyto(self.array, values, casting="same_kind")
+        self.commit()
+
+    def commit(self) -> None:
+        if self.staging is not None:
+            self.source.copy_(self.staging)
+
+
+def flat_view(tensor: Any) -> FlatView:
+    """Accept torch tensors (fp32, fp16, bf16; any device) and numpy arrays (fp32, fp16)."""
+    if isinstance(tensor, np.ndarray):
+        names = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16"}
+        if tensor.dtype not in names:
+            raise TypeError(f"numpy arrays must be float32 or float16, not {tensor.dtype}")
+        if not tensor.flags.c_contiguous or not tensor.flags.writeable:
+            raise ValueError(
+                "numpy arrays must be C-contiguous and writable (use np.ascontiguousarray)"
+            )
+        return FlatView(tensor.reshape(-1), names[tensor.dtype], tuple(tensor.shape), tensor)
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor or numpy.ndarray, not {type(tensor).__name__}")
+    names_t = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    if tensor.dtype not in names_t:
+        raise TypeError(f"tensors must be float32, float16 or bfloat16, not {tensor.dtype}")
+    if not tensor.is_contiguous():
+        raise ValueError("tensors must be contiguous (call .contiguous() first)")
+    staging = None
+    cpu = tensor.detach()
+    if cpu.device.type != "cpu":
+        staging = cpu.to("cpu")
+        cpu = staging
+    dtype = names_t[tensor.dtype]
+    if dtype == "bf16":
+        arr = cpu.view(torch.int16).numpy().view(np.uint16)
+    else:
+        arr = cpu.numpy()
+    return FlatView(arr.reshape(-1), dtype, tuple(tensor.shape), tensor, staging)
