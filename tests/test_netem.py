@@ -1,0 +1,292 @@
+"""cotrain.netem: emulated WAN links (namespaces, tbf rate, nftables loss, delay proxy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import cotrain.netem as netem
+from cotrain.netem import DelayProxy, Host, ProxyError, WanNetwork, netns_unavailable_reason
+from cotrain.netem.announce import read_json_line
+from cotrain.netem.delay_proxy import child_env
+from cotrain.netem.netns import list_netns
+
+PROBE = [sys.executable, "-m", "cotrain.netem.probe"]
+
+
+def _wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``predicate`` (for events we cannot be told about, e.g. a non-child's death)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _server(host: Host | None, *args: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a probe server inside ``host`` (or here, on loopback); return it and its port."""
+    argv = [*PROBE, *args]
+    if host is None:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=child_env())
+    else:
+        proc = host.popen(argv, stdout=subprocess.PIPE)
+    return proc, int(read_json_line(proc, 10.0, f"probe {args[0]}")["port"])
+
+
+def _send_to_sink(
+    sender: Host | None, sink: subprocess.Popen[bytes], address: str, n_bytes: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Send ``n_bytes`` to ``address`` (a sink, maybe behind a proxy); return both reports."""
+    argv = [*PROBE, "send", "--to", address, "--bytes", str(n_bytes)]
+    if sender is None:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=child_env())
+    else:
+        done = sender.run(argv, timeout_s=60)
+    assert done.returncode == 0, done.stderr
+    assert sink.stdout is not None
+    received = json.loads(sink.stdout.readline())
+    sink.wait(timeout=10)
+    return json.loads(done.stdout), received
+
+
+def _transfer_mbit(net: WanNetwork, src: int, dst: int, n_bytes: int) -> float:
+    sink, port = _server(net.hosts[dst], "sink")
+    sent, received = _send_to_sink(net.hosts[src], sink, f"{net.hosts[dst].ip}:{port}", n_bytes)
+    assert (
+        received["bytes"] == n_bytes
+        and received["flows"][0]["sha256"] == sent["flows"][0]["sha256"]
+    )
+    return float(received["mbit_s"])
+
+
+def _rtt_ms(client: Host | None, address: str, count: int = 15) -> float:
+    argv = [*PROBE, "rtt", "--to", address, "--count", str(count)]
+    if client is None:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=child_env())
+    else:
+        done = client.run(argv, timeout_s=30)
+    assert done.returncode == 0, done.stderr
+    return float(json.loads(done.stdout)["median_ms"])
+
+
+# ---- without namespaces -------------------------------------------------------------------
+
+
+def test_public_names_are_pinned() -> None:
+    assert set(netem.__all__) == {
+        "DelayProxy", "DropCounts", "Host", "LinkSettings", "NetemCommandError", "NetemError",
+        "NetnsUnavailable", "ProxyError", "WanConfig", "WanNetwork", "cleanup_leftovers",
+        "netns_unavailable_reason",
+    }  # fmt: skip
+
+
+def test_unavailable_reason_names_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    reason = netns_unavailable_reason()
+    assert reason is not None and "root" in reason
+    with pytest.raises(netem.NetnsUnavailable, match="root"):
+        WanNetwork(n_hosts=2)
+
+
+def test_bad_network_arguments_are_rejected() -> None:
+    with pytest.raises(ValueError, match="n_hosts"):
+        WanNetwork(n_hosts=0)
+    with pytest.raises(ValueError, match="loss_pct"):
+        WanNetwork(n_hosts=2, loss_pct=120.0)
+    with pytest.raises(ValueError, match="rate_mbit"):
+        WanNetwork(n_hosts=2, rate_mbit=-5.0)
+
+
+@pytest.mark.timeout(30)
+def test_proxy_on_loopback_delays_and_carries_bytes_intact() -> None:
+    echo, echo_port = _server(None, "echo")
+    sink, sink_port = _server(None, "sink")
+    try:
+        with DelayProxy.start(None, ("127.0.0.1", echo_port), delay_ms=15) as proxy:
+            assert 30.0 <= _rtt_ms(None, f"127.0.0.1:{proxy.port}") <= 30.0 + 8.0
+        with DelayProxy.start(None, ("127.0.0.1", sink_port), delay_ms=5) as proxy:
+            sent, received = _send_to_sink(None, sink, f"127.0.0.1:{proxy.port}", 30_000_000)
+            assert received["bytes"] == 30_000_000
+            assert received["flows"][0]["sha256"] == sent["flows"][0]["sha256"]
+        assert not proxy.running
+    finally:
+        echo.kill()
+        sink.kill()
+        echo.wait(5)
+        sink.wait(5)
+
+
+@pytest.mark.timeout(30)
+def test_proxy_errors_are_clear() -> None:
+    with pytest.raises(ValueError, match="delay_ms"):
+        DelayProxy.start(None, ("127.0.0.1", 9), delay_ms=-1)
+    with DelayProxy.start(None, ("127.0.0.1", 9), delay_ms=1) as first:
+        with pytest.raises(ProxyError, match="in use"):
+            DelayProxy.start(None, ("127.0.0.1", 9), delay_ms=1, listen_port=first.port)
+        # A dead target: the proxy accepts, fails upstream and closes the client connection.
+        with socket.create_connection(("127.0.0.1", first.port), timeout=10) as conn:
+            conn.settimeout(10)
+            assert conn.recv(1) == b""
+        assert first.running
+
+
+# ---- inside namespaces ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def net() -> Any:
+    with WanNetwork(n_hosts=2, rate_mbit=100.0) as network:
+        yield network
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(30)
+def test_hosts_see_each_other_and_their_own_loopback(net: WanNetwork) -> None:
+    h0, h1 = net.hosts
+    assert (h0.ip, h1.ip) == ("10.213.0.2", "10.213.0.3")
+    assert len({h0.name, h1.name, net.switch}) == 3
+    listener = h0.listen()
+    port = listener.getsockname()[1]
+    with listener, h1.connect((h0.ip, port), timeout_s=5) as c1, h0.connect(("127.0.0.1", port)):
+        accepted, peer = listener.accept()
+        with accepted:
+            assert peer[0] == h1.ip
+            c1.sendall(b"ping")
+            assert accepted.recv(4) == b"ping"
+    # The root namespace cannot reach the hosts: nothing leaks out of the emulated WAN.
+    with pytest.raises(OSError):
+        socket.create_connection((h0.ip, port), timeout=0.3)
+    # Another network gets fresh names: parallel runs cannot collide.
+    with WanNetwork(n_hosts=1, rate_mbit=None) as other:
+        assert other.hosts[0].name not in {h0.name, h1.name}
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(30)
+def test_rtt_through_proxy_is_twice_the_delay(net: WanNetwork) -> None:
+    h0, h1 = net.hosts
+    _, echo_port = _server(h0, "echo")
+    assert _rtt_ms(h1, f"{h0.ip}:{echo_port}") < 5.0
+    proxy = h0.start_delay_proxy(target=("127.0.0.1", echo_port), delay_ms=25)
+    assert 50.0 <= _rtt_ms(h1, f"{h0.ip}:{proxy.port}") <= 50.0 + 10.0
+    proxy.stop()
+    assert not proxy.running
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(40)
+def test_throughput_matches_the_rate(net: WanNetwork) -> None:
+    # 20 MB at 100 Mbit/s: ~1.7 s. Goodput is ~95% of the line rate (Ethernet/IP/TCP headers).
+    mbit = _transfer_mbit(net, src=1, dst=0, n_bytes=20_000_000)
+    assert 90.0 <= mbit <= 102.0, mbit
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(40)
+def test_rate_limits_both_directions_and_changes_at_run_time(net: WanNetwork) -> None:
+    net.set_rate(0, 30.0)
+    assert net.link(0).rate_mbit == 30.0
+    download = _transfer_mbit(net, src=1, dst=0, n_bytes=6_000_000)
+    upload = _transfer_mbit(net, src=0, dst=1, n_bytes=6_000_000)
+    assert 27.0 <= download <= 30.6, download
+    assert 27.0 <= upload <= 30.6, upload
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(40)
+def test_loss_drops_packets_but_tcp_completes(net: WanNetwork) -> None:
+    net.set_loss(1, 2.0)
+    assert net.drop_counts(1).total == 0
+    _transfer_mbit(net, src=1, dst=0, n_bytes=8_000_000)  # checks size and hash
+    drops = net.drop_counts(1)
+    # ~5,500 data packets out and ~2,700 ACKs in, 2% of each dropped.
+    assert drops.egress_packets > 20 and drops.ingress_packets > 5, drops
+    net.set_loss(1, 0.0)
+    _transfer_mbit(net, src=1, dst=0, n_bytes=2_000_000)
+    assert net.drop_counts(1) == drops
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(30)
+def test_full_loss_cuts_the_link_until_restored(net: WanNetwork) -> None:
+    h0, h1 = net.hosts
+    with h0.listen() as listener:
+        port = listener.getsockname()[1]
+        net.set_loss(0, 100.0)
+        with pytest.raises(OSError):  # TimeoutError: the SYNs vanish
+            h1.connect((h0.ip, port), timeout_s=0.5)
+        assert net.drop_counts(0).ingress_packets >= 1
+        net.set_loss(0, 0.0)
+        with h1.connect((h0.ip, port), timeout_s=5):
+            listener.accept()[0].close()
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(30)
+def test_close_removes_namespaces_and_processes() -> None:
+    with pytest.raises(RuntimeError, match="boom"), WanNetwork(n_hosts=3) as network:
+        names = {h.name for h in network.hosts} | {network.switch}
+        assert names <= set(list_netns())
+        sleeper = network.hosts[2].popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        proxy = network.hosts[1].start_delay_proxy(target=("127.0.0.1", 9), delay_ms=1)
+        raise RuntimeError("boom")
+    assert not names & set(list_netns())
+    assert sleeper.poll() is not None and not proxy.running
+    network.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        network.set_loss(0, 1.0)
+
+
+_ORPHAN = """
+import json, sys
+from cotrain.netem import WanNetwork
+net = WanNetwork(n_hosts=2)
+proxy = net.hosts[0].start_delay_proxy(target=("127.0.0.1", 9), delay_ms=1)
+names = [h.name for h in net.hosts] + [net.switch]
+print(json.dumps({"names": names, "proxy_pid": proxy.process.pid}), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(30)
+def test_killed_parent_leaves_leftovers_that_cleanup_removes() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
+    try:
+        info = read_json_line(parent, 15.0, "the orphaning parent")
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+    names = set(info["names"])
+    assert names <= set(list_netns())
+    # The proxy notices its parent is gone and exits on its own.
+    _wait_until(lambda: not _pid_alive(info["proxy_pid"]), 5.0, "the orphaned proxy to exit")
+    done = subprocess.run(
+        [sys.executable, "-m", "cotrain.netem", "cleanup"],
+        capture_output=True, text=True, timeout=30, env=child_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert all(f"removed {name}" in done.stdout for name in names), done.stdout
+    assert not names & set(list_netns())
