@@ -1,0 +1,296 @@
+"""Clients: fetch the latest (or a given) version, or watch and fetch each new one; load it.
+
+::
+
+    result = fetch(["http://relay-a:8470", "http://relay-b:8470"], publisher_key=KEY,
+                   out="policy.safetensors")
+    load_into(model, result.path)
+
+    for result in watch(servers, publisher_key=KEY, out="policy.safetensors"):
+        load_into(model, result.path)       # each new version, as soon as it is published
+
+A fetch asks every server which versions it has (long-polling when told to wait), takes the
+newest one, gets its manifest from a server that offers it and accepts it only if the
+publisher signed it for that version and channel (``TrustPolicy``). Servers that offer forged
+or replayed manifests, or corrupt bytes, are skipped, listed in ``FetchResult.bad_servers``
+and reported to the others (``POST /v1/reports``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+
+from cotrain.core.errors import ConfigError
+from cotrain.shardcast.config import ClientConfig
+from cotrain.shardcast.errors import (
+    FetchTimeout,
+    ManifestError,
+    UpstreamUnavailable,
+    VersionNotFound,
+)
+from cotrain.shardcast.manifest import Manifest, SignedManifest, TrustPolicy
+from cotrain.shardcast.output import OutputFile
+from cotrain.shardcast.progress import ByteProgress
+from cotrain.shardcast.selection import ServerSelector
+from cotrain.shardcast.transfer import ShardPuller
+
+log = logging.getLogger("cotrain.shardcast.client")
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """A version now on disk, verified."""
+
+    version: int
+    path: Path
+    manifest: Manifest
+    bytes_downloaded: int
+    resumed_shards: int
+    seconds: float
+    bytes_by_server: dict[str, int]
+    bad_servers: dict[str, str]
+
+
+def make_session(config: ClientConfig) -> aiohttp.ClientSession:
+    """One pooled HTTP session; large read buffers so chunks are big and Python work is small."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=False),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.transfer.connect_timeout_s),
+        auto_decompress=False,
+        read_bufsize=1 << 20,
+    )
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str, timeout_s: float) -> Any:
+    async with asyncio.timeout(timeout_s), session.get(url) as resp:
+        resp.raise_for_status()
+        return await resp.json()
+
+
+async def _offers(
+    session: aiohttp.ClientSession, config: ClientConfig, *, after: int, wait_s: float
+) -> dict[str, list[int]]:
+    """Ask every server (concurrently) for its versions; long-poll for one newer than ``after``."""
+    budget = config.transfer.connect_timeout_s + wait_s + 5.0
+
+    async def ask(server: str) -> list[int] | None:
+        try:
+            body = await _get_json(
+                session, f"{server}/v1/versions?after={after}&wait_s={wait_s:g}", budget
+            )
+            return [int(v) for v in body["versions"]]
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
+            log.info("cannot list versions at %s: %s", server, e)
+            return None
+
+    answers = await asyncio.gather(*(ask(s) for s in config.servers))
+    return {s: a for s, a in zip(config.servers, answers, strict=True) if a is not None}
+
+
+async def _trusted_manifest(
+    session: aiohttp.ClientSession,
+    config: ClientConfig,
+    selector: ServerSelector,
+    offers: dict[str, list[int]],
+    policy: TrustPolicy,
+    version: int | None,
+) -> SignedManifest:
+    """The newest acceptable manifest (or ``version``'s), banning servers that lie about it."""
+    wanted = sorted({v for vs in offers.values() for v in vs if v >= policy.min_version})
+    if version is not None:
+        wanted = [v for v in wanted if v == version]
+    if not wanted:
+        have = sorted({v for vs in offers.values() for v in vs})
+        want = f"v{version}" if version is not None else f"a version >= {policy.min_version}"
+        raise VersionNotFound(f"no server offers {want}; offered: {have or 'nothing'}")
+    for v in reversed(wanted):
+        for server in [s for s, vs in offers.items() if v in vs and s not in selector.report()]:
+            try:
+                async with asyncio.timeout(config.transfer.connect_timeout_s + 10.0):
+                    url = f"{server}/v1/versions/{v}/manifest"
+                    async with session.get(url) as resp:
+                        resp.raise_for_status()
+                        raw = await resp.read()
+                signed = SignedManifest.parse(raw)
+                policy.check(signed, expected_version=v)
+                return signed
+            except ManifestError as e:
+                log.warning("%s served a bad manifest for v%d: %s", server, v, e)
+                selector.ban(server, f"bad manifest for v{v}: {e}")
+            except (aiohttp.ClientError, TimeoutError) as e:
+                selector.record_failure(server, f"manifest v{v}: {e}")
+    bad = selector.report()
+    if bad:
+        raise UpstreamUnavailable(f"no server served a trustworthy manifest; bad servers: {bad}")
+    raise UpstreamUnavailable(f"no server delivered the manifest of v{wanted[-1]}")
+
+
+async def _report_bad(
+    session: aiohttp.ClientSession, servers: list[str], bad: dict[str, str]
+) -> None:
+    """Tell the honest servers about the dishonest ones (best effort, bounded)."""
+
+    async def post(server: str, url: str, reason: str) -> None:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                body = {"server": url, "reason": reason}
+                async with session.post(f"{server}/v1/reports", json=body) as resp:
+                    await resp.read()
+
+    honest = [s for s in servers if s not in bad]
+    await asyncio.gather(*(post(s, u, r) for s in honest for u, r in bad.items()))
+
+
+async def fetch_async(
+    config: ClientConfig,
+    *,
+    out: str | os.PathLike[str],
+    version: int | Literal["latest"] = "latest",
+    min_version: int = 1,
+    wait_s: float = 0.0,
+    session: aiohttp.ClientSession | None = None,
+) -> FetchResult:
+    """Fetch a version into ``out``; with ``wait_s`` > 0, wait that long for it to appear."""
+    if not config.servers:
+        raise ConfigError("no servers to fetch from: pass --servers URL[,URL...]")
+    if not config.publisher_key:
+        raise ConfigError("publisher_key is required: only manifests it signed are accepted")
+    own = session is None
+    session = session or make_session(config)
+    try:
+        async with asyncio.timeout(config.timeout_s):
+            return await _fetch(config, session, out, version, min_version, wait_s)
+    except TimeoutError:
+        raise FetchTimeout(f"fetch did not finish within timeout_s={config.timeout_s:g}") from None
+    finally:
+        if own:
+            await session.close()
+
+
+async def _fetch(
+    config: ClientConfig,
+    session: aiohttp.ClientSession,
+    out: str | os.PathLike[str],
+    version: int | Literal["latest"],
+    min_version: int,
+    wait_s: float,
+) -> FetchResult:
+    t0 = time.monotonic()
+    exact = None if version == "latest" else int(version)
+    floor = max(min_version, exact or 1)
+    policy = TrustPolicy(config.publisher_key, config.channel, floor, config.max_manifest_age_s)
+    offers = await _offers(session, config, after=floor - 1, wait_s=wait_s)
+    if not offers:
+        raise UpstreamUnavailable(f"none of the servers answered: {config.servers}")
+    selector = ServerSelector(
+        list(offers), exploration=config.transfer.exploration, seed=config.transfer.seed
+    )
+    signed = await _trusted_manifest(session, config, selector, offers, policy, exact)
+    manifest = signed.manifest
+    output = OutputFile(out, signed)
+    resumed = await asyncio.to_thread(output.open)
+    todo = [i for i in range(len(manifest.shards)) if i not in resumed]
+    progress = ByteProgress(
+        f"v{manifest.version}", manifest.file_size, enabled=config.progress == "bar"
+    )
+    progress.advance(sum(manifest.shards[i].size for i in resumed))
+    puller = ShardPuller(
+        session, manifest, selector, output, config.transfer, on_bytes=progress.advance
+    )
+    try:
+        with progress:
+            report = await puller.run(todo) if todo else None
+            path = await asyncio.to_thread(output.commit)
+    finally:
+        output.close()
+        if selector.report():
+            await _report_bad(session, config.servers, selector.report())
+    return FetchResult(
+        version=manifest.version,
+        path=path,
+        manifest=manifest,
+        bytes_downloaded=report.bytes if report else 0,
+        resumed_shards=len(resumed),
+        seconds=time.monotonic() - t0,
+        bytes_by_server=report.bytes_by_server if report else {},
+        bad_servers=selector.report(),
+    )
+
+
+def fetch(
+    servers: list[str],
+    *,
+    publisher_key: str,
+    out: str | os.PathLike[str],
+    version: int | Literal["latest"] = "latest",
+    wait_s: float = 0.0,
+    config: ClientConfig | None = None,
+) -> FetchResult:
+    """Blocking ``fetch_async``; ``config`` supplies everything but servers and key."""
+    base = config or ClientConfig()
+    cfg = base.model_copy(update={"servers": servers, "publisher_key": publisher_key})
+    cfg = ClientConfig.model_validate(cfg.model_dump())
+    return asyncio.run(fetch_async(cfg, out=out, version=version, wait_s=wait_s))
+
+
+async def watch_async(
+    config: ClientConfig, *, out: str | os.PathLike[str], after: int = 0, poll_wait_s: float = 30.0
+) -> AsyncGenerator[FetchResult, None]:
+    """Yield each version newer than ``after`` once it is at ``out`` (replaced atomically)."""
+    last = after
+    async with make_session(config) as session:
+        while True:
+            try:
+                result = await fetch_async(
+                    config, out=out, min_version=last + 1, wait_s=poll_wait_s, session=session
+                )
+            except VersionNotFound:
+                continue  # nothing newer within the long-poll window: ask again
+            last = result.version
+            yield result
+
+
+def watch(
+    servers: list[str],
+    *,
+    publisher_key: str,
+    out: str | os.PathLike[str],
+    after: int = 0,
+    config: ClientConfig | None = None,
+) -> Iterator[FetchResult]:
+    """Blocking ``watch_async``: an endless iterator of new versions."""
+    base = config or ClientConfig()
+    cfg = ClientConfig.model_validate(
+        {**base.model_dump(), "servers": servers, "publisher_key": publisher_key}
+    )
+    loop = asyncio.new_event_loop()
+    agen = watch_async(cfg, out=out, after=after)
+    try:
+        while True:
+            yield loop.run_until_complete(agen.__anext__())
+    finally:
+        loop.run_until_complete(agen.aclose())
+        loop.close()
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Tensors of a fetched safetensors checkpoint (CPU)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def load_into(model: Any, path: str | os.PathLike[str], *, strict: bool = True) -> Any:
+    """Load a fetched checkpoint into a torch module (in place); returns the module."""
+    model.load_state_dict(load_state_dict(path), strict=strict)
+    return model

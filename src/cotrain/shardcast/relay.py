@@ -1,0 +1,233 @@
+"""Relays: learn of new versions from upstream at once, mirror them shard by shard, serve them.
+
+For every upstream (the origin or another relay) a task long-polls ``/v1/versions``; the
+answer comes the moment a newer version exists. The relay then fetches the manifest, accepts
+it only if the publisher signed it, writes it, and starts serving the version right away:
+each shard is pulled (``ShardPuller``, the same engine the clients use, over all upstreams),
+verified, renamed into place, and every client request waiting for it is woken. Versions
+beyond ``keep_versions`` are retired, and their unfinished mirrors cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any
+
+import aiohttp
+
+from cotrain.shardcast.config import ClientConfig, RelayConfig
+from cotrain.shardcast.errors import ManifestError, ShardcastError
+from cotrain.shardcast.manifest import Manifest, SignedManifest, TrustPolicy
+from cotrain.shardcast.selection import ServerSelector
+from cotrain.shardcast.server import RunningServer, ServerState, start_server
+from cotrain.shardcast.store import ChangeFeed, VersionStore
+from cotrain.shardcast.transfer import ShardPuller
+
+log = logging.getLogger("cotrain.shardcast.relay")
+
+
+class _ShardFiles:
+    """A ``ShardSink`` writing each shard to ``shard_i.bin.part``, renamed once verified."""
+
+    def __init__(self, store: VersionStore, version: int, feed: ChangeFeed) -> None:
+        self.store, self.version, self.feed = store, version, feed
+        self._fds: dict[int, int] = {}
+
+    def _part(self, index: int) -> str:
+        return str(self.store.shard_path(self.version, index)) + ".part"
+
+    def write(self, index: int, pos: int, data: bytes) -> None:
+        fd = self._fds.get(index)
+        if fd is None:
+            fd = self._fds[index] = os.open(self._part(index), os.O_WRONLY | os.O_CREAT, 0o644)
+        os.pwrite(fd, data, pos)
+
+    def complete(self, index: int) -> None:
+        fd = self._fds.pop(index, None)
+        if fd is not None:
+            os.close(fd)
+        os.replace(self._part(index), self.store.shard_path(self.version, index))
+        self.feed.notify()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class Relay:
+    """A relay over ``config.dir``; ``await start()``, then ``await close()``."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        if not config.upstreams:
+            raise ValueError("a relay needs at least one upstream: pass --upstream URL[,URL...]")
+        if not config.publisher_key:
+            raise ValueError("a relay needs the publisher's key (--publisher-key HEX)")
+        self.config = config
+        self.store = VersionStore(config.dir)
+        self.state = ServerState("relay", self.store, config.serve, config.fault)
+        self.state.status = self._status
+        self.policy = TrustPolicy(config.publisher_key, config.channel)
+        self._upstream_status: dict[str, str] = {u: "not contacted yet" for u in config.upstreams}
+        self._bad_upstreams: dict[str, str] = {}
+        self._mirrors: dict[int, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: RunningServer | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def _status(self) -> dict[str, Any]:
+        return {
+            "upstreams": dict(self._upstream_status),
+            "bad_upstreams": dict(self._bad_upstreams),
+            "mirroring": sorted(v for v, t in self._mirrors.items() if not t.done()),
+        }
+
+    async def start(self) -> str:
+        from cotrain.shardcast.client import make_session
+
+        self._session = make_session(ClientConfig(transfer=self.config.transfer))
+        self._server = await start_server(self.state)
+        for v in self.store.versions():  # finish what a previous run left unfinished
+            self._begin(v, self.config.upstreams[0])
+        for up in self.config.upstreams:
+            self._tasks.append(asyncio.create_task(self._watch(up)))
+        return self._server.url
+
+    async def close(self) -> None:
+        for t in [*self._tasks, *self._mirrors.values()]:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._mirrors.values(), return_exceptions=True)
+        if self._server is not None:
+            await self._server.close()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _watch(self, upstream: str) -> None:
+        """Long-poll one upstream forever; start a mirror for every new version it has."""
+        assert self._session is not None
+        cfg = self.config
+        while True:
+            after = max([0, *self.store.versions(), *self._mirrors])
+            url = f"{upstream}/v1/versions?after={after}&wait_s={cfg.poll_wait_s:g}"
+            try:
+                async with asyncio.timeout(cfg.poll_wait_s + cfg.transfer.connect_timeout_s + 5):
+                    async with self._session.get(url) as resp:
+                        resp.raise_for_status()
+                        body = await resp.json()
+                offered = sorted(int(v) for v in body["versions"])
+                self._upstream_status[upstream] = "ok"
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
+                self._upstream_status[upstream] = f"unreachable: {type(e).__name__}: {e}"[:200]
+                log.info("upstream %s: %s", upstream, self._upstream_status[upstream])
+                await asyncio.sleep(cfg.retry_interval_s)
+                continue
+            for v in offered[-cfg.keep_versions :]:
+                if v > after:
+                    self._begin(v, upstream)
+
+    def _begin(self, version: int, upstream: str) -> None:
+        task = self._mirrors.get(version)
+        if task is not None and not task.done():
+            return
+        if task is not None and self._complete(version):
+            return
+        self._mirrors[version] = asyncio.create_task(self._mirror(version, upstream))
+
+    def _complete(self, version: int) -> bool:
+        raw = self.store.read_manifest(version)
+        if raw is None:
+            return False
+        m = SignedManifest.parse(raw).manifest
+        return all(self.store.has_shard(version, i) for i in range(len(m.shards)))
+
+    async def _mirror(self, version: int, announced_by: str) -> None:
+        try:
+            manifest = await self._manifest(version, announced_by)
+            while True:
+                missing = [
+                    i for i in range(len(manifest.shards)) if not self.store.has_shard(version, i)
+                ]
+                if not missing:
+                    log.info("v%d mirrored", version)
+                    return
+                try:
+                    await self._pull(manifest, missing)
+                except ShardcastError as e:
+                    log.warning("mirroring v%d: %s; trying again", version, e)
+                    await asyncio.sleep(self.config.retry_interval_s)
+        except ShardcastError as e:
+            log.warning("not mirroring v%d: %s", version, e)
+
+    async def _manifest(self, version: int, announced_by: str) -> Manifest:
+        """The verified manifest of ``version``: from disk, else from the upstreams."""
+        assert self._session is not None
+        raw = self.store.read_manifest(version)
+        if raw is not None:
+            return SignedManifest.parse(raw).manifest
+        order = [announced_by] + [u for u in self.config.upstreams if u != announced_by]
+        while True:
+            for up in order:
+                if up in self._bad_upstreams:
+                    continue
+                try:
+                    async with asyncio.timeout(self.config.transfer.connect_timeout_s + 10):
+                        url = f"{up}/v1/versions/{version}/manifest"
+                        async with self._session.get(url) as resp:
+                            resp.raise_for_status()
+                            raw = await resp.read()
+                    signed = SignedManifest.parse(raw)
+                    self.policy.check(signed, expected_version=version)
+                except ManifestError as e:
+                    log.warning("upstream %s served a bad manifest for v%d: %s", up, version, e)
+                    self._bad_upstreams[up] = f"bad manifest for v{version}: {e}"
+                    continue
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    log.info("manifest v%d from %s: %s", version, up, e)
+                    continue
+                self._publish_manifest(version, raw)
+                return signed.manifest
+            if all(u in self._bad_upstreams for u in self.config.upstreams):
+                raise ManifestError(f"every upstream served a bad manifest: {self._bad_upstreams}")
+            await asyncio.sleep(self.config.retry_interval_s)
+
+    def _publish_manifest(self, version: int, raw: bytes) -> None:
+        """Make the version visible, then retire what falls out of the window."""
+        self.store.write_manifest(version, raw)
+        keep = self.store.versions()[-self.config.keep_versions :]
+        for v, task in list(self._mirrors.items()):
+            if v not in keep and v != version:
+                task.cancel()
+                del self._mirrors[v]
+        for v in self.store.retire(self.config.keep_versions):
+            self.state._manifests.pop(v, None)
+        self.state.feed.notify()
+
+    async def _pull(self, manifest: Manifest, missing: list[int]) -> None:
+        assert self._session is not None
+        ups = [u for u in self.config.upstreams if u not in self._bad_upstreams]
+        selector = ServerSelector(
+            ups or self.config.upstreams,
+            exploration=self.config.transfer.exploration,
+            seed=self.config.transfer.seed,
+        )
+        sink = _ShardFiles(self.store, manifest.version, self.state.feed)
+        try:
+            puller = ShardPuller(self._session, manifest, selector, sink, self.config.transfer)
+            report = await puller.run(missing)
+        finally:
+            sink.close()
+            for url, why in selector.report().items():
+                self._bad_upstreams[url] = why
+        log.info("v%d: %d shards in %.2f s", manifest.version, report.shards, report.seconds)
+
+
+async def serve_forever(server: Any, stop: asyncio.Event) -> None:
+    """Run until ``stop`` is set, then close ``server`` (an Origin or a Relay)."""
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await server.close()

@@ -1,0 +1,238 @@
+"""The HTTP face of origin and relays (aiohttp): versions, manifests, shards with ranges.
+
+::
+
+    GET  /v1/health                            role, versions held, upstream status
+    GET  /v1/versions?after=N&wait_s=T         long-poll: answers as soon as a version > N exists
+    GET  /v1/versions/{v}/manifest             the signed envelope
+    GET  /v1/versions/{v}/shards/{i}?wait_s=T  shard bytes (Range supported); a relay still
+                                               mirroring the shard holds the request up to T s,
+                                               then answers 503 so the client can go elsewhere
+    POST /v1/reports                           a client reports a misbehaving server
+    GET  /v1/reports                           reports received
+
+Healthy shards go out with ``sendfile`` (no Python per byte). The fault-injection path
+(``FaultConfig``) streams through Python so it can flip bytes, stall, or die mid-transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from cotrain.shardcast.config import FaultConfig, ServeConfig
+from cotrain.shardcast.manifest import Manifest, ManifestError, SignedManifest
+from cotrain.shardcast.store import ChangeFeed, VersionStore
+
+log = logging.getLogger("cotrain.shardcast.server")
+
+_FAULT_CHUNK = 256 * 1024
+
+
+@dataclass
+class ServerState:
+    """Everything the handlers need; owned by the origin or relay that runs the server."""
+
+    role: str
+    store: VersionStore
+    serve: ServeConfig
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    feed: ChangeFeed = field(default_factory=ChangeFeed)
+    status: Callable[[], dict[str, Any]] | None = None
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    shard_bytes_sent: int = 0
+    _manifests: dict[int, Manifest] = field(default_factory=dict)
+
+    def manifest(self, version: int) -> Manifest | None:
+        m = self._manifests.get(version)
+        if m is None:
+            raw = self.store.read_manifest(version)
+            if raw is None:
+                return None
+            try:
+                m = SignedManifest.parse(raw).manifest
+            except ManifestError:
+                return None
+            self._manifests[version] = m
+        return m
+
+
+def _wait_s(request: web.Request, state: ServerState) -> float:
+    try:
+        asked = float(request.query.get("wait_s", "0"))
+    except ValueError:
+        raise web.HTTPBadRequest(text="wait_s must be a number") from None
+    return max(0.0, min(asked, state.serve.max_wait_s))
+
+
+def _int_param(request: web.Request, name: str) -> int:
+    try:
+        return int(request.match_info[name])
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{name} must be an integer") from None
+
+
+def _versions_body(state: ServerState) -> dict[str, Any]:
+    versions = state.store.versions()
+    return {"role": state.role, "latest": versions[-1] if versions else None, "versions": versions}
+
+
+async def _health(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    body = _versions_body(state)
+    if state.status is not None:
+        body.update(state.status())
+    return web.json_response(body)
+
+
+async def _versions(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    try:
+        after = int(request.query.get("after", "0"))
+    except ValueError:
+        raise web.HTTPBadRequest(text="after must be an integer") from None
+    wait_s = _wait_s(request, state)
+    await state.feed.wait_until(lambda: (state.store.latest() or 0) > after, wait_s)
+    return web.json_response(_versions_body(state))
+
+
+async def _manifest(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    version = _int_param(request, "version")
+    raw = state.store.read_manifest(version)
+    if raw is None:
+        raise web.HTTPNotFound(text=f"version {version} is not here (never seen, or retired)")
+    if state.fault.manifest == "forged":
+        raw = _forge(raw)
+    elif state.fault.manifest == "replayed":
+        oldest = state.store.versions()[0]
+        raw = state.store.read_manifest(oldest) or raw
+    return web.Response(body=raw, content_type="application/json")
+
+
+def _forge(raw: bytes) -> bytes:
+    """Keep the signature, change what it signed: point shard 0 at other bytes."""
+    env = json.loads(raw)
+    body = json.loads(env["manifest"])
+    body["shards"][0]["sha256"] = "0" * 64
+    env["manifest"] = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return json.dumps(env).encode()
+
+
+async def _shard(request: web.Request) -> web.StreamResponse:
+    state: ServerState = request.app["state"]
+    version, index = _int_param(request, "version"), _int_param(request, "index")
+    manifest = state.manifest(version)
+    if manifest is None:
+        raise web.HTTPNotFound(text=f"version {version} is not here (never seen, or retired)")
+    if not 0 <= index < len(manifest.shards):
+        raise web.HTTPNotFound(text=f"version {version} has no shard {index}")
+
+    def ready() -> bool:
+        return state.store.has_shard(version, index) or state.manifest(version) is None
+
+    if not ready():
+        await state.feed.wait_until(ready, _wait_s(request, state))
+    if not state.store.has_shard(version, index):
+        if state.store.read_manifest(version) is None:
+            state._manifests.pop(version, None)
+            raise web.HTTPNotFound(text=f"version {version} was retired")
+        raise web.HTTPServiceUnavailable(
+            text=f"shard {index} of v{version} is still on its way", headers={"Retry-After": "1"}
+        )
+    path = state.store.shard_path(version, index)
+    f = state.fault
+    if index in f.corrupt_shards or index in f.stall_shards or f.exit_after_bytes is not None:
+        return await _faulty_shard(request, state, path, index)
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+async def _faulty_shard(
+    request: web.Request, state: ServerState, path: os.PathLike[str], index: int
+) -> web.StreamResponse:
+    data = await asyncio.to_thread(lambda: open(path, "rb").read())  # noqa: SIM115
+    size = len(data)
+    start, stop = 0, size
+    rng = request.http_range
+    if rng.start is not None or rng.stop is not None:
+        start = rng.start or 0
+        stop = min(rng.stop if rng.stop is not None else size, size)
+    if index in state.fault.corrupt_shards:
+        mid = size // 2
+        data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :]
+    body = data[start:stop]
+    resp = web.StreamResponse(status=206 if start or stop < size else 200)
+    resp.content_length = len(body)
+    resp.content_type = "application/octet-stream"
+    if resp.status == 206:
+        resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    await resp.prepare(request)
+    for pos in range(0, len(body), _FAULT_CHUNK):
+        if index in state.fault.stall_shards and pos >= len(body) // 2:
+            await asyncio.Event().wait()  # hang on purpose; the client's stall timeout fires
+        chunk = body[pos : pos + _FAULT_CHUNK]
+        await resp.write(chunk)
+        state.shard_bytes_sent += len(chunk)
+        limit = state.fault.exit_after_bytes
+        if limit is not None and state.shard_bytes_sent >= limit:
+            log.warning("fault injection: dying after %d shard bytes", state.shard_bytes_sent)
+            os._exit(9)
+    await resp.write_eof()
+    return resp
+
+
+async def _report(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    try:
+        body = await request.json()
+        entry = {"server": str(body["server"]), "reason": str(body["reason"])[:500]}
+    except (ValueError, KeyError, TypeError):
+        raise web.HTTPBadRequest(text='expected JSON {"server": ..., "reason": ...}') from None
+    entry["from"] = request.remote or "?"
+    log.warning("report: %s misbehaved: %s", entry["server"], entry["reason"])
+    state.reports.append(entry)
+    del state.reports[:-1000]
+    return web.json_response({"ok": True})
+
+
+async def _reports(request: web.Request) -> web.Response:
+    return web.json_response(request.app["state"].reports)
+
+
+def make_app(state: ServerState) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024)
+    app["state"] = state
+    app.router.add_get("/v1/health", _health)
+    app.router.add_get("/v1/versions", _versions)
+    app.router.add_get("/v1/versions/{version}/manifest", _manifest)
+    app.router.add_get("/v1/versions/{version}/shards/{index}", _shard)
+    app.router.add_post("/v1/reports", _report)
+    app.router.add_get("/v1/reports", _reports)
+    return app
+
+
+@dataclass
+class RunningServer:
+    """A started server: its base URL, and ``close()`` to stop it."""
+
+    url: str
+    runner: web.AppRunner
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_server(state: ServerState) -> RunningServer:
+    runner = web.AppRunner(make_app(state), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, state.serve.host, state.serve.port, backlog=1024)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return RunningServer(url=f"http://{host}:{port}", runner=runner)

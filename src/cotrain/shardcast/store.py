@@ -1,0 +1,126 @@
+"""On-disk layout of versions, shared by origin and relays, and a feed of changes to it.
+
+::
+
+    DIR/v00000007/shard_00000.bin     shards appear atomically (written as .part, then renamed)
+    DIR/v00000007/shard_00001.bin
+    DIR/v00000007/manifest.json       the signed envelope
+
+At the origin the manifest is written last, so a version is visible only once it is complete.
+At a relay it is written first: the relay serves each shard as soon as it is mirrored and
+verified, and holds requests for shards still on their way (see ``server.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+_VERSION_DIR = re.compile(r"^v(\d{8})$")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class VersionStore:
+    """Versions under one directory; methods are cheap enough to call per request."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def version_dir(self, version: int) -> Path:
+        return self.root / f"v{version:08d}"
+
+    def manifest_path(self, version: int) -> Path:
+        return self.version_dir(version) / "manifest.json"
+
+    def shard_path(self, version: int, index: int) -> Path:
+        return self.version_dir(version) / f"shard_{index:05d}.bin"
+
+    def _dirs(self) -> list[int]:
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.root):
+                m = _VERSION_DIR.match(entry.name)
+                if m and entry.is_dir():
+                    out.append(int(m.group(1)))
+        return sorted(out)
+
+    def versions(self) -> list[int]:
+        """Versions whose manifest is present, oldest first."""
+        return [v for v in self._dirs() if self.manifest_path(v).exists()]
+
+    def latest(self) -> int | None:
+        vs = self.versions()
+        return vs[-1] if vs else None
+
+    def next_version(self) -> int:
+        dirs = self._dirs()
+        return dirs[-1] + 1 if dirs else 1
+
+    def read_manifest(self, version: int) -> bytes | None:
+        try:
+            return self.manifest_path(version).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_manifest(self, version: int, raw: bytes) -> None:
+        self.version_dir(version).mkdir(parents=True, exist_ok=True)
+        write_atomic(self.manifest_path(version), raw)
+
+    def has_shard(self, version: int, index: int) -> bool:
+        return self.shard_path(version, index).exists()
+
+    def retire(self, keep: int) -> list[int]:
+        """Delete all but the newest ``keep`` complete versions (and stale partial ones)."""
+        complete = self.versions()
+        if len(complete) <= keep:
+            return []
+        cutoff = complete[-keep]
+        gone = [v for v in self._dirs() if v < cutoff]
+        for v in gone:
+            # A reader that still has a shard open keeps its bytes (POSIX unlink semantics).
+            shutil.rmtree(self.version_dir(v), ignore_errors=True)
+        return gone
+
+
+class ChangeFeed:
+    """Wakes every waiter whenever the store changes; waiters re-check their own condition.
+
+    One event per generation: ``notify`` sets the current event and installs a fresh one, so a
+    waiter never misses a change that happens between its check and its wait.
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not predicate():
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            event = self._event
+            try:
+                await asyncio.wait_for(event.wait(), left)
+            except TimeoutError:
+                return predicate()
+        return True

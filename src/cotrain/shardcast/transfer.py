@@ -1,0 +1,254 @@
+"""Pulling the shards of one version from a set of servers, in parallel, verifying each.
+
+Used by clients (shards land at their offsets in one output file) and by relays (each shard
+lands in its own file, served as soon as it is verified). ``parallel_downloads`` workers take
+shards from a queue; for each attempt a worker asks the ``ServerSelector`` for a server and
+streams the shard, hashing every chunk as it arrives (hashlib, whole chunks: no per-byte
+Python). What can happen to an attempt:
+
+- the bytes arrive and hash right: the shard is done and the server's rate is measured;
+- the connection fails or stalls (no byte for ``stall_timeout_s``): the bytes so far are kept
+  and the next attempt asks another server for the rest (HTTP Range);
+- the hash is wrong: the bytes are dropped and the server that sent them is banned (if several
+  servers contributed, each gets a strike and is banned at the second);
+- the server does not have the shard yet (503, a relay still mirroring) or not the version
+  (404, a relay that has not heard of it): another server is asked, and once every server has
+  said so the best one is asked to hold the request until the shard arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+
+from cotrain.shardcast.config import TransferConfig
+from cotrain.shardcast.errors import IntegrityError, UpstreamUnavailable, VersionNotFound
+from cotrain.shardcast.manifest import Manifest
+from cotrain.shardcast.selection import ServerSelector
+
+log = logging.getLogger("cotrain.shardcast.transfer")
+
+# A version every server has answered 404 for this many rounds in a row is gone (retired).
+_NOT_FOUND_ROUNDS = 3
+
+
+class ShardSink(Protocol):
+    """Where verified bytes go."""
+
+    def write(self, index: int, pos: int, data: bytes) -> None:
+        """Write ``data`` at byte ``pos`` of shard ``index`` (not yet verified)."""
+
+    def complete(self, index: int) -> None:
+        """Shard ``index`` is whole and its hash matched."""
+
+
+@dataclass
+class TransferReport:
+    """What a transfer did."""
+
+    shards: int
+    bytes: int
+    seconds: float
+    bytes_by_server: dict[str, int]
+    bad_servers: dict[str, str]
+    failed_attempts: int
+
+
+@dataclass
+class _Partial:
+    """Bytes of one shard received so far (possibly from several servers)."""
+
+    have: int = 0
+    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    contributors: set[str] = field(default_factory=set)
+
+    def reset(self) -> None:
+        self.have, self.hasher, self.contributors = 0, hashlib.sha256(), set()
+
+
+class _Retry(Exception):
+    """One attempt ended without the shard.
+
+    ``status`` 404/503 means the server does not have it (yet): not a failure. ``None`` means a
+    real failure (error, stall, truncation, corruption) that counts toward the attempt limit.
+    """
+
+    def __init__(self, reason: str, *, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class ShardPuller:
+    """Pulls the listed shards of ``manifest`` into ``sink``."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        manifest: Manifest,
+        selector: ServerSelector,
+        sink: ShardSink,
+        config: TransferConfig,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self.session = session
+        self.manifest = manifest
+        self.selector = selector
+        self.sink = sink
+        self.config = config
+        self.on_bytes = on_bytes
+        self._strikes: dict[str, int] = {}
+        self._failed = 0
+        self._bytes = 0
+
+    async def run(self, indices: list[int]) -> TransferReport:
+        t0 = time.monotonic()
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in indices:
+            queue.put_nowait(i)
+        workers = min(self.config.parallel_downloads, len(indices))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(workers):
+                    tg.create_task(self._worker(queue))
+        except BaseExceptionGroup as group:
+            # Surface the first real error, not the group (siblings were cancelled by it).
+            first = group.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+        return TransferReport(
+            shards=len(indices),
+            bytes=self._bytes,
+            seconds=time.monotonic() - t0,
+            bytes_by_server={u: s.bytes_ok for u, s in self.selector.stats.items()},
+            bad_servers=self.selector.report(),
+            failed_attempts=self._failed,
+        )
+
+    async def _worker(self, queue: asyncio.Queue[int]) -> None:
+        while True:
+            try:
+                index = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            await self._pull(index)
+
+    async def _pull(self, index: int) -> None:
+        part = _Partial()
+        failures = 0
+        not_here: set[str] = set()  # servers that answered 503/404 in this round
+        gone_rounds = 0
+        while True:
+            server = self.selector.choose(avoid=not_here)
+            wait_s = 0.0
+            if server is None:
+                if not self.selector.healthy():
+                    raise UpstreamUnavailable(f"every server misbehaved: {self.selector.report()}")
+                # Everyone said "not here": ask the best one to hold the request until it has it.
+                not_here.clear()
+                server = self.selector.choose()
+                assert server is not None
+                wait_s = self.config.shard_wait_s
+            try:
+                await self._attempt(server, index, part, wait_s)
+                return
+            except _Retry as r:
+                if r.status is None:
+                    failures += 1
+                    self._failed += 1
+                    log.info("shard %d from %s: %s (failure %d)", index, server, r, failures)
+                    if failures >= self.config.max_attempts_per_shard:
+                        raise UpstreamUnavailable(
+                            f"shard {index} of v{self.manifest.version} failed "
+                            f"{failures} times; last from {server}: {r}"
+                        ) from None
+                    continue
+                not_here.add(server)
+                if wait_s > 0 and r.status == 404:
+                    # Even the server we asked to wait does not know the version: it was
+                    # retired, or the server that announced it is gone. Give relays a moment.
+                    gone_rounds += 1
+                    if gone_rounds >= _NOT_FOUND_ROUNDS:
+                        raise VersionNotFound(
+                            f"v{self.manifest.version} is no longer offered by any server"
+                        ) from None
+                    await asyncio.sleep(0.5)
+                elif wait_s > 0:
+                    gone_rounds = 0
+
+    async def _attempt(self, server: str, index: int, part: _Partial, wait_s: float) -> None:
+        shard = self.manifest.shards[index]
+        cfg = self.config
+        url = f"{server}/v1/versions/{self.manifest.version}/shards/{index}"
+        headers = {"Range": f"bytes={part.have}-"} if part.have else {}
+        self.selector.started(server)
+        t0 = time.monotonic()
+        got = 0
+        try:
+            async with asyncio.timeout(cfg.connect_timeout_s + wait_s + cfg.stall_timeout_s):
+                resp = await self.session.get(
+                    url, params={"wait_s": f"{wait_s:g}"}, headers=headers
+                )
+            async with resp:
+                if resp.status in (404, 503):
+                    raise _Retry(f"HTTP {resp.status}", status=resp.status)
+                if resp.status not in (200, 206):
+                    raise _Retry(f"HTTP {resp.status}")
+                if resp.status == 200 and part.have:
+                    part.reset()  # the server ignored our Range: start over
+                part.contributors.add(server)
+                t0 = time.monotonic()  # measure the transfer, not the wait for the shard
+                while True:
+                    async with asyncio.timeout(cfg.stall_timeout_s):
+                        chunk = await resp.content.read(cfg.read_chunk_kb * 1024)
+                    if not chunk:
+                        break
+                    if part.have + len(chunk) > shard.size:
+                        self._corrupt(index, part, f"sent more than the {shard.size} bytes")
+                    part.hasher.update(chunk)
+                    self.sink.write(index, part.have, chunk)
+                    part.have += len(chunk)
+                    got += len(chunk)
+                    if self.on_bytes is not None:
+                        self.on_bytes(len(chunk))
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+            self.selector.record_failure(server, f"{type(e).__name__}: {e}"[:200])
+            raise _Retry(f"{type(e).__name__}: {e}") from None
+        finally:
+            self.selector.finished(server)
+        if part.have < shard.size:
+            self.selector.record_failure(server, "truncated")
+            raise _Retry(f"truncated at {part.have}/{shard.size} bytes")
+        if part.hasher.hexdigest() != shard.sha256:
+            self._corrupt(index, part, "hash mismatch")
+        self.selector.record_success(server, got, time.monotonic() - t0)
+        self._bytes += got
+        self.sink.complete(index)
+
+    def _corrupt(self, index: int, part: _Partial, what: str) -> None:
+        """Blame whoever sent these bytes, drop them, and make the caller retry elsewhere."""
+        reason = f"corrupt shard {index} of v{self.manifest.version} ({what})"
+        for server in part.contributors:
+            self._strikes[server] = self._strikes.get(server, 0) + 1
+            if len(part.contributors) == 1 or self._strikes[server] >= 2:
+                log.warning("banning %s: %s", server, reason)
+                self.selector.ban(server, reason)
+            else:
+                self.selector.record_failure(server, reason)
+        if self.on_bytes is not None:
+            self.on_bytes(-part.have)
+        part.reset()
+        raise _Retry(reason)
+
+
+def check_complete(manifest: Manifest, done: set[int]) -> None:
+    missing = [i for i in range(len(manifest.shards)) if i not in done]
+    if missing:
+        raise IntegrityError(f"v{manifest.version}: shards {missing[:8]} never verified")
