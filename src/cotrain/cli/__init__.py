@@ -21,6 +21,7 @@ app = typer.Typer(
 # module name -> how it attaches: "commands" adds its top-level commands to `cotrain`,
 # a group name adds its Typer as `cotrain <group>`.
 _GROUPS: dict[str, str] = {
+    "comm": "commands",
     "shardcast": "shardcast",
 }
 

@@ -106,7 +106,7 @@ class Communicator:
         self._incoming: dict[tuple[int, int], tuple[str, socket.socket]] = {}
         self._serving: tuple[int, int, Any] | None = None
         self._revision: int | None = None
-        self._collectives = 0
+        self._allreduces = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="cotrain-async")
         self._server: DataServer | None = None
         self._master: MasterLink | None = None
@@ -253,6 +253,8 @@ class Communicator:
         ids = [p.peer_id for p in topo.ring]
         if self.peer_id not in ids:
             raise KickedError("the new topology does not include this peer")
+        if topo.epoch == self._epoch and self._links is not None and self._broken is None:
+            return  # membership unchanged: keep the ring connections
         old = self._links
         with self._lock:
             self._links = None
@@ -407,8 +409,8 @@ class Communicator:
         codec = codec_for(quantization, view.dtype)
         deadline = Deadline.after(timeout_s or self.config.request_timeout_s)
         with self._op_lock:
-            index = self._collectives
-            self._collectives += 1
+            index = self._allreduces
+            self._allreduces += 1
             self._faults.check(index, 0)
             t0 = time.perf_counter()
             desc = m.Descriptor(
@@ -458,7 +460,6 @@ class Communicator:
         view = flat_view(tensor)
         deadline = Deadline.after(timeout_s or self.config.request_timeout_s)
         with self._op_lock:
-            self._collectives += 1
             t0 = time.perf_counter()
             if not 0 <= root < max(self.world_size, 1):
                 raise ValueError(f"root {root} is not a rank of this {self.world_size}-peer ring")
@@ -514,7 +515,6 @@ class Communicator:
         mine = digest(flat, revision)
         deadline = Deadline.after(timeout_s or self.config.request_timeout_s)
         with self._op_lock:
-            self._collectives += 1
             if self._rank < 0:
                 raise TopologyChangedError("not in the ring yet: call update_topology()")
             if self._broken is not None:
@@ -626,7 +626,6 @@ class Communicator:
         link = self._link()
         deadline = Deadline.after(timeout_s or self.config.request_timeout_s)
         with self._op_lock:
-            self._collectives += 1
             nbytes = max(1, int(probe_mb * (1 << 20)))
             self._begin(m.Descriptor(kind="optimize", count=nbytes), deadline)
             epoch = self._epoch

@@ -1,7 +1,7 @@
 """Fault injection shipped with the library: kill, stall or cut this peer at a given collective.
 
 Used by cotrain's own tests and demo; available to anyone who wants to see their training loop
-survive. ``at_collective`` counts this communicator's collectives from 0; ``after_chunks`` fires
+survive. ``at_collective`` counts this communicator's all-reduces from 0; ``after_chunks`` fires
 mid-transfer once that many chunks have left on the first stream (0 = before the transfer).
 
 * ``kill``  — SIGKILL ourselves: sockets close, neighbours see it at once.
@@ -26,13 +26,13 @@ class Fault(ConfigModel):
     kind: Literal["kill", "stall", "cut"]
     """What happens to this peer."""
     at_collective: int = Field(ge=0)
-    """Index of the collective (0-based, counted by this communicator) where it happens."""
+    """Index of the all-reduce (0-based, counted by this communicator) where it happens."""
     after_chunks: int = Field(default=1, ge=0)
     """Chunks sent on stream 0 before it happens (0 = as the collective starts)."""
 
 
 class FaultPlan(ConfigModel):
-    faults: list[Fault] = []
+    faults: list[Fault] = Field(default_factory=list)
     """Faults to inject, in any order."""
 
 

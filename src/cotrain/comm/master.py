@@ -286,6 +286,12 @@ class Master:
         if self._vote_deadline is not None:
             self._vote_deadline.cancel()
             self._vote_deadline = None
+        if new_ring == self.ring and not self.broken:
+            # Nothing changed: confirm the current epoch so peers keep their ring connections.
+            topo = m.Topology(epoch=self.epoch, ring=[self.peers[p].addr for p in new_ring])
+            for pid in new_ring:
+                self._send(pid, topo)
+            return
         self._set_ring(new_ring)
 
     def _set_ring(self, ring: list[str]) -> None:

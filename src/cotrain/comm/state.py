@@ -16,7 +16,7 @@ import numpy as np
 
 from cotrain.comm.errors import ProtocolError, StateSyncError
 from cotrain.comm.frames import recv_into_exact, recv_json, send_json
-from cotrain.comm.tensors import FlatView, flat_view
+from cotrain.comm.tensors import FlatView, state_view
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class StateDigest:
 def views(state: Mapping[str, Any]) -> dict[str, FlatView]:
     if not state:
         raise ValueError("shared state must contain at least one named tensor")
-    return {name: flat_view(state[name]) for name in sorted(state)}
+    return {name: state_view(state[name]) for name in sorted(state)}
 
 
 def hash_array(arr: np.ndarray) -> str:

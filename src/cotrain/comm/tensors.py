@@ -45,6 +45,33 @@ class FlatView:
             self.source.copy_(self.staging)
 
 
+_STATE_NP = {
+    np.dtype(np.int64): "int64",
+    np.dtype(np.int32): "int32",
+    np.dtype(np.uint8): "uint8",
+    np.dtype(np.float64): "fp64",
+}
+
+
+def state_view(tensor: Any) -> FlatView:
+    """Like ``flat_view`` but also accepts integer and fp64 arrays (shared state is only hashed
+    and copied, never reduced)."""
+    if isinstance(tensor, np.ndarray) and tensor.dtype in _STATE_NP:
+        if not tensor.flags.c_contiguous or not tensor.flags.writeable:
+            raise ValueError("numpy arrays must be C-contiguous and writable")
+        return FlatView(tensor.reshape(-1), _STATE_NP[tensor.dtype], tuple(tensor.shape), tensor)
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(tensor, torch.Tensor) and not tensor.is_floating_point():
+        if not tensor.is_contiguous():
+            raise ValueError("tensors must be contiguous (call .contiguous() first)")
+        staging = tensor.detach().to("cpu") if tensor.device.type != "cpu" else None
+        arr = (staging if staging is not None else tensor.detach()).numpy()
+        return FlatView(arr.reshape(-1), str(arr.dtype), tuple(tensor.shape), tensor, staging)
+    return flat_view(tensor)
+
+
 def flat_view(tensor: Any) -> FlatView:
     """Accept torch tensors (fp32, fp16, bf16; any device) and numpy arrays (fp32, fp16)."""
     if isinstance(tensor, np.ndarray):

@@ -1,0 +1,78 @@
+"""`cotrain master`, `cotrain peer` and `cotrain demo`: the communication layer's process roles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def master(
+        ctx: typer.Context,
+        config: Annotated[Path | None, typer.Option(help="TOML file with master settings")] = None,
+        host: Annotated[str | None, typer.Option(help="address to listen on")] = None,
+        port: Annotated[int | None, typer.Option(help="TCP port (0 = any free port)")] = None,
+        verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    ) -> None:
+        """Run the membership master (moves no tensor data). Secret: COTRAIN_SECRET or --secret=."""
+        import asyncio
+        import logging
+
+        from cotrain.comm.config import MasterConfig
+        from cotrain.comm.master import serve
+        from cotrain.core.config import load_config
+
+        overrides = list(ctx.args)
+        if host is not None:
+            overrides.append(f"host={host}")
+        if port is not None:
+            overrides.append(f"port={port}")
+        cfg = load_config(MasterConfig, config, [_quote(o) for o in overrides])
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        try:
+            asyncio.run(serve(cfg))
+        except KeyboardInterrupt:
+            pass
+
+    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def peer(
+        ctx: typer.Context,
+        config: Annotated[Path | None, typer.Option(help="TOML file (PeerProgramConfig)")] = None,
+        config_json: Annotated[str | None, typer.Option(help="the whole config as JSON")] = None,
+    ) -> None:
+        """Run a scripted peer: rounds of all-reduce with JSON events on stdout."""
+        import logging
+
+        from cotrain.comm.program import PeerProgramConfig, run
+        from cotrain.core.config import load_config
+
+        logging.basicConfig(level=logging.WARNING)
+        if config_json is not None:
+            cfg = PeerProgramConfig.model_validate_json(config_json)
+        else:
+            cfg = load_config(PeerProgramConfig, config, [_quote(o) for o in ctx.args])
+        raise typer.Exit(run(cfg))
+
+    @app.command()
+    def demo(
+        peers: Annotated[int, typer.Option(help="peers at the start")] = 4,
+        numel: Annotated[int, typer.Option(help="values per all-reduce (fp32)")] = 8 << 20,
+        rounds: Annotated[int, typer.Option(help="all-reduce rounds")] = 24,
+        quantization: Annotated[str, typer.Option(help="none, fp16, bf16, int8, int4")] = "none",
+        kill_round: Annotated[int, typer.Option(help="round in which one peer is killed")] = 8,
+        join_round: Annotated[int, typer.Option(help="round after which a new peer starts")] = 14,
+    ) -> None:
+        """A master and N peers all-reducing a model-sized tensor; one is killed, one joins."""
+        from cotrain.demo.collective import run_demo
+
+        run_demo(peers=peers, numel=numel, rounds=rounds, quantization=quantization,
+                 kill_round=kill_round, join_round=join_round)
+
+
+def _quote(override: Any) -> str:
+    """Dotted overrides from the command line; bare words are taken as strings."""
+    return str(override)

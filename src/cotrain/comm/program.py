@@ -1,0 +1,133 @@
+"""A scripted peer: the process that tests, the demo and the benchmark start (`cotrain peer`).
+
+Each round it (1) calls ``update_topology()`` so joiners get in, (2) syncs a tiny shared state
+(the round counter, revision = round + 1) so a joiner learns where the run is, and (3) all-reduces
+a deterministic tensor (seeded by run seed, peer index and round), retrying with the survivors
+when a peer fails. It prints one JSON object per line (``event`` = joined, round, failed, done)
+for whoever drives it, and can save each result to ``out_dir`` for exact checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from cotrain.comm.communicator import Communicator
+from cotrain.comm.config import CommConfig, Quantization, ReduceOp
+from cotrain.comm.errors import PeerFailedError, TopologyChangedError
+from cotrain.comm.faults import FaultPlan
+from cotrain.core.config import ConfigModel
+
+
+class PeerProgramConfig(ConfigModel):
+    comm: CommConfig = Field(default_factory=CommConfig)
+    """How to reach the master and the ring."""
+    faults: FaultPlan = Field(default_factory=FaultPlan)
+    """Faults to inject into this peer."""
+    index: int = Field(default=0, ge=0)
+    """Stable index of this peer; seeds its input tensors."""
+    seed: int = 0
+    """Run seed."""
+    numel: int = Field(default=1 << 20, ge=1)
+    """Values per all-reduce."""
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Tensor dtype (bf16 and fp16 use torch tensors)."""
+    op: ReduceOp = "sum"
+    """Reduction."""
+    quantization: Quantization = "none"
+    """Wire quantization."""
+    rounds: int = Field(default=10, ge=1)
+    """All-reduces to run."""
+    world: int = Field(default=1, ge=1)
+    """Wait for this many peers before the first round (ignored by joiners)."""
+    join: bool = False
+    """Join a running ring (learn the round from the shared state) instead of starting it."""
+    out_dir: str | None = None
+    """Save each round's result as out_dir/r{round}_p{index}.npy."""
+    retries: int = Field(default=5, ge=0)
+    """Retries of a failed round with the survivors."""
+
+
+def make_input(seed: int, index: int, rnd: int, numel: int) -> np.ndarray:
+    """The tensor peer ``index`` contributes in round ``rnd``: fp32, seeded, reproducible."""
+    return np.random.default_rng([seed, index, rnd]).standard_normal(numel, dtype=np.float32)
+
+
+def _tensor(values: np.ndarray, dtype: str) -> Any:
+    if dtype == "fp32":
+        return values.copy()
+    import torch
+
+    return torch.from_numpy(values.copy()).to(torch.float16 if dtype == "fp16" else torch.bfloat16)
+
+
+def _as_fp32(t: Any) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return t
+    import torch
+
+    return t.to(torch.float32).numpy()
+
+
+def emit(**event: Any) -> None:
+    event["t"] = time.time()
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def run(cfg: PeerProgramConfig) -> int:
+    comm = Communicator(cfg.comm, peer_id=f"p{cfg.index}", faults=cfg.faults)
+    comm.connect()
+    counter = np.zeros(1, dtype=np.int64)
+    if cfg.join:
+        comm.update_topology()
+    else:
+        comm.wait_for_world(cfg.world)
+    emit(event="joined", index=cfg.index, rank=comm.rank, world=comm.world_size, epoch=comm.epoch)
+    rnd = 0
+    first = True
+    while rnd < cfg.rounds:
+        attempt = 0
+        failed_at: float | None = None
+        while True:
+            started = time.perf_counter()
+            try:
+                if not first:
+                    comm.update_topology()
+                rev = comm.revision
+                counter[0] = rnd
+                comm.sync_shared_state({"round": counter}, revision=(rev + 1) if rev is not None else 0)
+                if first and cfg.join:
+                    rnd = int(counter[0])
+                first = False
+                tensor = _tensor(make_input(cfg.seed, cfg.index, rnd, cfg.numel), cfg.dtype)
+                started = time.perf_counter()
+                res = comm.all_reduce(tensor, op=cfg.op, quantization=cfg.quantization)
+                break
+            except (PeerFailedError, TopologyChangedError) as e:
+                failed_at = failed_at or time.time()
+                emit(event="failed", index=cfg.index, round=rnd, error=type(e).__name__,
+                     message=str(e)[:300], seconds=time.perf_counter() - started)
+                attempt += 1
+                first = False
+                if attempt > cfg.retries:
+                    raise
+        out = _as_fp32(tensor)
+        if cfg.out_dir:
+            np.save(Path(cfg.out_dir) / f"r{rnd}_p{cfg.index}.npy", out)
+        emit(event="round", index=cfg.index, round=rnd, world=res.world_size, epoch=res.epoch,
+             ring=comm.ring, seconds=res.seconds, bytes_sent=res.bytes_sent,
+             bytes_received=res.bytes_received,
+             recovery_s=(time.time() - failed_at) if failed_at else None,
+             digest=hashlib.sha256(out.tobytes()).hexdigest()[:16])
+        rnd += 1
+    emit(event="done", index=cfg.index, bytes_sent=comm.bytes_sent)
+    comm.close()
+    return 0
