@@ -56,7 +56,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(model: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:
+def load_config(
+    model: type[M], path: str | Path | None = None, overrides: list[str] | None = None
+) -> M:
     """Load ``model`` from a TOML file (optional) plus dotted overrides; errors say what to fix."""
     data: dict[str, Any] = {}
     if path is not None:
