@@ -133,6 +133,32 @@ def test_proxy_on_loopback_delays_and_carries_bytes_intact() -> None:
         sink.wait(5)
 
 
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.timeout(30)
+def test_proxy_pushes_back_instead_of_buffering_without_bound() -> None:
+    # The target accepts but never reads: a proxy without backpressure would swallow all 200 MB.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        target = ("127.0.0.1", server.getsockname()[1])
+        with DelayProxy.start(None, target, delay_ms=2, max_buffer_kb=1024) as proxy:
+            rss_before = _rss_kb(proxy.process.pid)
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as conn:
+                stalled, _ = server.accept()
+                conn.settimeout(1.0)
+                block = b"\0" * (1 << 20)
+                sent = 0
+                with stalled, pytest.raises(TimeoutError):
+                    while sent < 200 << 20:
+                        sent += conn.send(block)
+            growth_kb = _rss_kb(proxy.process.pid) - rss_before
+    # What got in sits in socket buffers (a few MB each) plus the proxy's bounded queue.
+    assert sent < 40 << 20, sent
+    assert growth_kb < 16 * 1024, growth_kb
+
+
 @pytest.mark.timeout(30)
 def test_proxy_errors_are_clear() -> None:
     with pytest.raises(ValueError, match="delay_ms"):

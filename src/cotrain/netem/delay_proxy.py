@@ -54,8 +54,11 @@ class DelayProxy:
         listen_port: int = 0,
         listen_host: str = "0.0.0.0",
         max_buffer_kb: int = 4096,
+        coalesce_ms: float | None = None,
         timeout_s: float = START_TIMEOUT_S,
     ) -> DelayProxy:
+        """Start ``python -m cotrain.netem.proxy`` (in ``namespace``; None: here) and wait for its
+        port. ``coalesce_ms`` None picks delay/20 capped at 2 ms (see the proxy module)."""
         if delay_ms < 0:
             raise ValueError(f"delay_ms must be >= 0, got {delay_ms}")
         if not 0 <= listen_port < 65536:
@@ -66,6 +69,8 @@ class DelayProxy:
             "--listen-host", listen_host, "--listen-port", str(listen_port),
             "--max-buffer-kb", str(max_buffer_kb), "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
+        if coalesce_ms is not None:
+            argv += ["--coalesce-ms", str(coalesce_ms)]
         if namespace is not None:
             argv = in_ns(namespace, argv)
         # stderr goes to a file: nobody has to drain it, and it explains a failed start.

@@ -73,6 +73,7 @@ class Host:
         target: tuple[str, int],
         delay_ms: float,
         max_buffer_kb: int = 4096,
+        coalesce_ms: float | None = None,
         timeout_s: float = START_TIMEOUT_S,
     ) -> DelayProxy:
         """A delay proxy in this host, listening on ``ip`` and 127.0.0.1, forwarding to ``target``.
@@ -86,6 +87,7 @@ class Host:
             delay_ms,
             listen_port=listen_port,
             max_buffer_kb=max_buffer_kb,
+            coalesce_ms=coalesce_ms,
             timeout_s=timeout_s,
         )
         self._proxies.append(proxy)

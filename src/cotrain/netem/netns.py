@@ -11,6 +11,7 @@ deleting the namespaces deletes the links too and parallel runs cannot collide.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import shutil
@@ -35,14 +36,42 @@ _counter = 0
 
 
 def netns_unavailable_reason() -> str | None:
-    """Why we cannot build namespaces here (not root, a tool missing), or None when we can."""
+    """Why we cannot build namespaces here (not root, a tool missing), or None when we can.
+
+    Beyond the cheap checks it builds one throwaway namespace with a ``tbf`` qdisc and an
+    nftables table (once per process, ~50 ms), so a root without the capabilities or kernel
+    modules we need gets a reason too instead of a failure half-way through a test.
+    """
     if os.geteuid() != 0:
         return "network namespaces need root (euid is not 0)"
     for tool, package in (("ip", "iproute2"), ("tc", "iproute2"), ("nft", "nftables")):
         if shutil.which(tool) is None:
             return f"`{tool}` not found on PATH; install the Debian package {package}"
-    if not os.path.isdir("/proc/self/ns") or not os.path.exists("/proc/self/ns/net"):
+    if not os.path.exists("/proc/self/ns/net"):
         return "/proc/self/ns/net is missing: this kernel has no network namespaces"
+    return _probe_once()
+
+
+@functools.cache
+def _probe_once() -> str | None:
+    ns = f"{new_network_tag()}-probe"
+    steps = [
+        ["ip", "netns", "add", ns],
+        ["ip", "-n", ns, "link", "set", "lo", "up"],
+        in_ns(ns, ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1mbit",
+                   "burst", "16384", "limit", "65536"]),
+        in_ns(ns, ["nft", "add", "table", "inet", "cotrain_probe"]),
+    ]  # fmt: skip
+    try:
+        for argv in steps:
+            run_cmd(argv)
+    except (NetemCommandError, TimeoutExpired) as exc:
+        return f"cannot build a test namespace: {exc}"
+    finally:
+        try:
+            delete_netns(ns)
+        except (NetemCommandError, TimeoutExpired):
+            pass
     return None
 
 

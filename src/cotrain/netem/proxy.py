@@ -1,7 +1,7 @@
 """The delay proxy program: a TCP forwarder that adds a fixed one-way latency in each direction.
 
     python -m cotrain.netem.proxy --target HOST:PORT --delay-ms 20 [--listen-port 0]
-        [--listen-host 0.0.0.0] [--max-buffer-kb 4096] [--parent-pid PID]
+        [--listen-host 0.0.0.0] [--max-buffer-kb 4096] [--coalesce-ms MS] [--parent-pid PID]
 
 It prints one JSON line ``{"port": N}`` on stdout once it listens, then accepts connections,
 connects each to the target (after ``delay_ms``, as a SYN would travel) and forwards bytes both
@@ -23,14 +23,46 @@ import asyncio
 import contextlib
 import json
 import os
+import selectors
 import signal
 import socket
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 
 CONNECT_TIMEOUT_S = 10.0
 PARENT_POLL_S = 0.2
+# Coalescing window: 1/20 of the delay, at most 2 ms (see _CoalescingSelector).
+COALESCE_FRACTION = 0.05
+MAX_COALESCE_S = 0.002
+
+
+class _CoalescingSelector(selectors.EpollSelector):
+    """An epoll selector that lets events pile up for ``coalesce_s`` while the proxy is busy.
+
+    A shaped link delivers one MTU packet at a time (8,000/s at 100 Mbit/s); waking the event
+    loop for each cost 85% of a core per 100 Mbit/s flow (measured), mostly kernel receive work
+    done one packet per ``recv``. After a wake-up that found events we sleep up to
+    ``coalesce_s`` (never past the loop's next timer) before polling again, so one ``recv``
+    takes many packets: 27% of a core at 0.5 ms, 9% at 2 ms. The price: a block may be seen up
+    to ``coalesce_s`` late, which only ever adds to its delay. An idle proxy (the first packet
+    after a pause, a ping) waits in epoll as usual and is seen at once.
+    """
+
+    def __init__(self, coalesce_s: float) -> None:
+        super().__init__()
+        self.coalesce_s = coalesce_s
+        self.busy = False
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if self.busy and self.coalesce_s > 0 and (timeout is None or timeout > 0):
+            pause = self.coalesce_s if timeout is None else min(self.coalesce_s, timeout)
+            time.sleep(pause)
+            timeout = None if timeout is None else timeout - pause
+        ready = super().select(timeout)
+        self.busy = bool(ready)
+        return ready
 
 
 class _Pipe:
@@ -268,21 +300,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-buffer-kb", type=int, default=4096, help="delay queue bound per direction"
     )
     parser.add_argument("--parent-pid", type=int, default=0, help="exit when this pid is gone")
+    parser.add_argument(
+        "--coalesce-ms",
+        type=float,
+        default=None,
+        help="while busy, let packets pile up this long between reads (default: delay/20, "
+        "at most 2 ms; 0 reads every packet at once, costing much more CPU)",
+    )
     args = parser.parse_args(argv)
     if args.delay_ms < 0:
         parser.error("--delay-ms must be >= 0")
     if args.max_buffer_kb < 64:
         parser.error("--max-buffer-kb must be >= 64")
+    if args.coalesce_ms is not None and args.coalesce_ms < 0:
+        parser.error("--coalesce-ms must be >= 0")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.coalesce_ms is None:
+        coalesce_s = min(MAX_COALESCE_S, args.delay_ms / 1000.0 * COALESCE_FRACTION)
+    else:
+        coalesce_s = args.coalesce_ms / 1000.0
+    loop = asyncio.SelectorEventLoop(_CoalescingSelector(coalesce_s))
     try:
-        asyncio.run(_serve(args))
+        loop.run_until_complete(_serve(args))
     except OSError as exc:  # e.g. the listen port is taken
         print(f"delay proxy: {exc}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        loop.close()
 
 
 if __name__ == "__main__":
