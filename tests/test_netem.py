@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 
 import cotrain.netem as netem
-from cotrain.netem import DelayProxy, Host, ProxyError, WanNetwork, netns_unavailable_reason
+from cotrain.core.config import load_config
+from cotrain.core.errors import ConfigError
+from cotrain.netem import (
+    DelayProxy,
+    Host,
+    ProxyError,
+    WanConfig,
+    WanNetwork,
+    netns_unavailable_reason,
+)
 from cotrain.netem.announce import read_json_line
 from cotrain.netem.delay_proxy import child_env
 from cotrain.netem.netns import list_netns
@@ -112,6 +121,16 @@ def test_bad_network_arguments_are_rejected() -> None:
         WanNetwork(n_hosts=2, loss_pct=120.0)
     with pytest.raises(ValueError, match="rate_mbit"):
         WanNetwork(n_hosts=2, rate_mbit=-5.0)
+    with pytest.raises(ValueError, match="segmentation='mtu'"):
+        WanNetwork(n_hosts=2, loss_pct=1.0, segmentation="gso")
+
+
+def test_wan_config_loads_from_overrides() -> None:
+    config = load_config(WanConfig, None, ["--n_hosts=3", "--rate_mbit=50", "--loss_pct=0.5"])
+    assert (config.n_hosts, config.rate_mbit, config.loss_pct) == (3, 50.0, 0.5)
+    assert config.segmentation == "mtu"
+    with pytest.raises(ConfigError, match="n_hosts"):
+        load_config(WanConfig, None, ["--n_hosts=0"])
 
 
 @pytest.mark.timeout(30)
@@ -200,8 +219,12 @@ def test_hosts_see_each_other_and_their_own_loopback(net: WanNetwork) -> None:
     with pytest.raises(OSError):
         socket.create_connection((h0.ip, port), timeout=0.3)
     # Another network gets fresh names: parallel runs cannot collide.
-    with WanNetwork(n_hosts=1, rate_mbit=None) as other:
+    with WanNetwork(n_hosts=1, rate_mbit=None, segmentation="gso") as other:
         assert other.hosts[0].name not in {h0.name, h1.name}
+        with pytest.raises(ValueError, match="segmentation='mtu'"):
+            other.set_loss(0, 1.0)
+    with pytest.raises(ValueError, match="host_index"):
+        net.set_rate(2, 10.0)
 
 
 @pytest.mark.netns
@@ -222,6 +245,30 @@ def test_throughput_matches_the_rate(net: WanNetwork) -> None:
     # 20 MB at 100 Mbit/s: ~1.7 s. Goodput is ~95% of the line rate (Ethernet/IP/TCP headers).
     mbit = _transfer_mbit(net, src=1, dst=0, n_bytes=20_000_000)
     assert 90.0 <= mbit <= 102.0, mbit
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(40)
+def test_proxies_carry_concurrent_flows_at_the_link_rate() -> None:
+    # Two 100 Mbit/s flows, each through its own 20 ms proxy, at once on this 2-core machine.
+    with WanNetwork(n_hosts=4, rate_mbit=100.0) as network:
+        runs = []
+        for dst, src in (
+            (network.hosts[0], network.hosts[1]),
+            (network.hosts[2], network.hosts[3]),
+        ):
+            sink, port = _server(dst, "sink")
+            proxy = dst.start_delay_proxy(target=("127.0.0.1", port), delay_ms=20)
+            address = f"{dst.ip}:{proxy.port}"
+            argv = [*PROBE, "send", "--to", address, "--bytes", "12000000"]
+            sender = src.popen(argv, stdout=subprocess.DEVNULL)
+            runs.append((sink, sender))
+        for sink, sender in runs:
+            assert sender.wait(timeout=30) == 0
+            assert sink.stdout is not None
+            report = json.loads(sink.stdout.readline())
+            assert report["bytes"] == 12_000_000
+            assert 85.0 <= report["mbit_s"] <= 102.0, report["mbit_s"]
 
 
 @pytest.mark.netns

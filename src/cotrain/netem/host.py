@@ -96,7 +96,10 @@ class Host:
     def connect(
         self, address: tuple[str, int], *, timeout_s: float = RUN_TIMEOUT_S
     ) -> socket.socket:
-        """A TCP socket of *this* process, opened from inside this host to ``address``."""
+        """A TCP socket of *this* process, opened from inside this host to ``address``.
+
+        Like ``socket.create_connection``, the socket keeps ``timeout_s`` as its timeout.
+        """
         return call_in_netns(self.name, lambda: socket.create_connection(address, timeout_s))
 
     def listen(self, port: int = 0, *, backlog: int = 128) -> socket.socket:
