@@ -23,6 +23,7 @@ app = typer.Typer(
 _GROUPS: dict[str, str] = {
     "comm": "commands",
     "shardcast": "shardcast",
+    "toploc": "toploc",
 }
 
 

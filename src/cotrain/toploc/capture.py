@@ -1,0 +1,146 @@
+"""Proofs captured during generation: a forward hook on the final norm records the last
+hidden state of every position the model computes (no second forward pass), and the proofs of
+all chunks of all rollouts in a batch are built together once the batch is done.
+
+The hook sees one (B, L_max, H) output for the prefill, then one (B, 1, H) per decode step; the
+decode step that consumes output token j produces the hidden state that samples token j + 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cotrain.models.lm import CausalLM
+from cotrain.toploc.config import ProofConfig
+from cotrain.toploc.proof import chunk_bytes, encode_chunks, rollout_chunks
+from cotrain.toploc.record import Rollout
+
+
+class HiddenCapture:
+    """Context manager: keeps the output of every forward call of ``module``."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.outputs: list[torch.Tensor] = []
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def _hook(self, _mod: torch.nn.Module, _inp: object, out: torch.Tensor) -> None:
+        self.outputs.append(out.detach())  # a reference, no copy: the step made a new tensor
+
+    def __enter__(self) -> HiddenCapture:
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+
+@dataclass
+class GenerationResult:
+    """Rollouts with proofs and where the time went."""
+
+    rollouts: list[Rollout]
+    generate_s: float = 0.0
+    """Wall time inside the model's generate calls (hooks included)."""
+    build_s: float = 0.0
+    """Wall time assembling hidden states and encoding proofs (the overhead of proving)."""
+    tokens: int = 0
+    """Output tokens generated."""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _cut_at_eos(row: list[int], eos: int | None) -> list[int]:
+    if eos is not None and eos in row:
+        return row[: row.index(eos) + 1]
+    return row
+
+
+def generate_with_proofs(
+    lm: CausalLM,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    config: ProofConfig | None = None,
+    id_prefix: str = "r",
+) -> GenerationResult:
+    """Sample an output for every prompt and prove it; rollouts come back in prompt order.
+
+    Prompts are generated ``batch_size`` at a time (for models without left padding, in groups
+    of one prompt length). Each batch uses seed ``seed + first prompt index``.
+    """
+    config = config or ProofConfig()
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    if any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    order = list(range(len(prompts)))
+    if not lm.left_padding:  # group equal lengths; stable so seeds do not depend on the rest
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i in order:
+            groups[len(prompts[i])].append(i)
+        batches = [g[j : j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
+    else:
+        batches = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
+    result = GenerationResult(rollouts=[])
+    by_index: dict[int, Rollout] = {}
+    for batch in batches:
+        rows = [list(prompts[i]) for i in batch]
+        t0 = time.perf_counter()
+        with HiddenCapture(lm.final_norm) as cap:
+            new = lm.generate(rows, max_new_tokens, temperature=temperature, seed=seed + batch[0])
+        t1 = time.perf_counter()
+        outputs = [_cut_at_eos(r, lm.eos_token_id) for r in new.tolist()]
+        proofs = _prove_batch(cap.outputs, rows, outputs, config)
+        result.build_s += time.perf_counter() - t1
+        result.generate_s += t1 - t0
+        for i, p, o, proof in zip(batch, rows, outputs, proofs, strict=True):
+            by_index[i] = Rollout(
+                id=f"{id_prefix}{i}",
+                model=lm.model_id,
+                prompt_tokens=p,
+                output_tokens=o,
+                proof=proof,
+                chunk_tokens=config.chunk_tokens,
+                topk=config.topk,
+            )
+            result.tokens += len(o)
+    result.rollouts = [by_index[i] for i in order]
+    return result
+
+
+def _prove_batch(
+    steps: list[torch.Tensor],
+    prompts: list[list[int]],
+    outputs: list[list[int]],
+    config: ProofConfig,
+) -> list[bytes]:
+    """Per-step hook outputs of one generate call -> one proof per row."""
+    prefill = steps[0]  # (B, L_max, H), prompts left-padded to L_max
+    width = prefill.size(1)
+    decode = torch.cat([s[:, -1:] for s in steps[1:]], dim=1) if len(steps) > 1 else None
+    chunks: list[torch.Tensor] = []
+    counts = []
+    for b, (p, o) in enumerate(zip(prompts, outputs, strict=True)):
+        parts = [prefill[b, width - len(p) :]]  # (L, H)
+        if decode is not None:
+            parts.append(decode[b])  # (steps - 1, H)
+        hidden = torch.cat(parts)[: len(p) + len(o) - 1]  # (L + n - 1, H)
+        row_chunks = rollout_chunks(hidden, len(p), config.chunk_tokens)
+        chunks += row_chunks
+        counts.append(len(row_chunks))
+    blob = encode_chunks(chunks, config.topk)
+    size = chunk_bytes(config.topk)
+    proofs, start = [], 0
+    for c in counts:
+        proofs.append(blob[start * size : (start + c) * size])
+        start += c
+    return proofs

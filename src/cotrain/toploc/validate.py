@@ -1,0 +1,142 @@
+"""Check rollouts: recompute every rollout's hidden states in one batched prefill, compare.
+
+Rollouts are sorted by length so a batch pads little, right-padded (causal attention keeps the
+padding out of the real positions), and recomputed ``batch_size`` at a time. A rollout passes
+when every chunk passes; a rollout whose claims do not even parse (wrong model, malformed
+proof) fails with the reason, and the others are still checked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cotrain.models.lm import CausalLM
+from cotrain.toploc.config import ValidatorConfig
+from cotrain.toploc.errors import ProofFormatError
+from cotrain.toploc.proof import ProofVerdict, check_chunks, n_rollout_chunks, rollout_chunks
+from cotrain.toploc.record import Rollout
+
+
+@dataclass
+class RolloutVerdict:
+    """The validator's decision on one rollout."""
+
+    id: str
+    passed: bool
+    reason: str
+    """"ok", or why it failed (first failing chunk and its figures, or a format problem)."""
+    proof: ProofVerdict | None = None
+    """Per-chunk results when the proof could be checked."""
+
+
+@dataclass
+class ValidationReport:
+    """Verdicts in input order, plus time spent."""
+
+    verdicts: list[RolloutVerdict]
+    prefill_s: float
+    """Wall time of the recomputation (the batched prefills)."""
+    check_s: float
+    """Wall time comparing with proofs."""
+
+    @property
+    def n_passed(self) -> int:
+        return sum(v.passed for v in self.verdicts)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class Validator:
+    """Checks rollouts against one model. Casts ``lm`` to ``config.dtype`` in place."""
+
+    def __init__(self, lm: CausalLM, config: ValidatorConfig | None = None):
+        self.config = config or ValidatorConfig()
+        self.lm = lm.to_dtype(_DTYPES[self.config.dtype])
+
+    def _precheck(self, r: Rollout) -> str | None:
+        """Why a rollout cannot pass before any compute, or None."""
+        proof_cfg = self.config.proof
+        if r.model != self.lm.model_id:
+            return f"claims model {r.model!r}, validator runs {self.lm.model_id!r}"
+        if r.topk != proof_cfg.topk or r.chunk_tokens != proof_cfg.chunk_tokens:
+            return (
+                f"proof uses chunk_tokens={r.chunk_tokens} topk={r.topk}; validator expects "
+                f"{proof_cfg.chunk_tokens}/{proof_cfg.topk}"
+            )
+        if not r.output_tokens:
+            return "no output tokens"
+        if max(r.prompt_tokens + r.output_tokens) >= self.lm.vocab_size:
+            return f"token ids outside the model's vocabulary of {self.lm.vocab_size}"
+        if len(r.prompt_tokens) + len(r.output_tokens) > self.lm.max_seq_len:
+            return f"sequence longer than the model's {self.lm.max_seq_len} tokens"
+        want = n_rollout_chunks(len(r.prompt_tokens), len(r.output_tokens), r.chunk_tokens)
+        if len(r.proof) != want * (2 + 2 * r.topk):
+            return f"malformed proof: {len(r.proof)} bytes, expected {want * (2 + 2 * r.topk)}"
+        return None
+
+    def validate(self, rollouts: Sequence[Rollout]) -> ValidationReport:
+        """Verdicts for ``rollouts`` (in their order)."""
+        verdicts: dict[int, RolloutVerdict] = {}
+        todo = []
+        for i, r in enumerate(rollouts):
+            why = self._precheck(r)
+            if why is None:
+                todo.append(i)
+            else:
+                verdicts[i] = RolloutVerdict(r.id, False, why)
+        todo.sort(key=lambda i: len(rollouts[i].prompt_tokens) + len(rollouts[i].output_tokens))
+        prefill_s = check_s = 0.0
+        threads = torch.get_num_threads()
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        try:
+            bs = self.config.batch_size
+            for j in range(0, len(todo), bs):
+                batch = [rollouts[i] for i in todo[j : j + bs]]
+                t0 = time.perf_counter()
+                hidden = self._prefill(batch)  # (B, T_max, H)
+                t1 = time.perf_counter()
+                for i, r, h in zip(todo[j : j + bs], batch, hidden, strict=True):
+                    verdicts[i] = self._check(r, h)
+                prefill_s += t1 - t0
+                check_s += time.perf_counter() - t1
+        finally:
+            torch.set_num_threads(threads)
+        return ValidationReport([verdicts[i] for i in range(len(rollouts))], prefill_s, check_s)
+
+    def _prefill(self, batch: list[Rollout]) -> torch.Tensor:
+        # Every position but the last output token: those are the ones the worker computed.
+        seqs = [r.prompt_tokens + r.output_tokens[:-1] for r in batch]
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.tensor(s)
+            mask[b, : len(s)] = 1
+        with torch.no_grad():
+            return self.lm.hidden_states(ids, mask)
+
+    def _check(self, r: Rollout, hidden: torch.Tensor) -> RolloutVerdict:
+        n = len(r.prompt_tokens) + len(r.output_tokens) - 1
+        chunks = rollout_chunks(hidden[:n], len(r.prompt_tokens), r.chunk_tokens)
+        try:
+            verdict = check_chunks(r.proof, chunks, self.config.proof)
+        except ProofFormatError as e:
+            return RolloutVerdict(r.id, False, f"malformed proof: {e}")
+        if verdict.passed:
+            return RolloutVerdict(r.id, True, "ok", verdict)
+        i = verdict.failed_chunks[0]
+        c = verdict.chunks[i]
+        what = "prompt" if i == 0 and len(r.prompt_tokens) > 1 else "output"
+        return RolloutVerdict(
+            r.id,
+            False,
+            f"chunk {i} ({what}) differs: {c.exp_matches}/{r.topk} exponents match, "
+            f"mantissa error mean {c.mant_err_mean:.2f} median {c.mant_err_median:.1f}",
+            verdict,
+        )
