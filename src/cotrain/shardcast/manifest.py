@@ -57,7 +57,7 @@ class Manifest:
         try:
             body = json.loads(text)
             if body.pop("format", None) != FORMAT:
-                raise ManifestError(f"not a {FORMAT} manifest")
+                raise ManifestError(f"malformed manifest: not a {FORMAT} manifest")
             shards = tuple(ShardInfo(**s) for s in body.pop("shards"))
             m = cls(shards=shards, **body)
         except (ValueError, TypeError, KeyError, AttributeError) as e:

@@ -196,13 +196,13 @@ class Relay:
     def _publish_manifest(self, version: int, raw: bytes) -> None:
         """Make the version visible, then retire what falls out of the window."""
         self.store.write_manifest(version, raw)
-        keep = self.store.versions()[-self.config.keep_versions :]
-        for v, task in list(self._mirrors.items()):
-            if v not in keep and v != version:
-                task.cancel()
-                del self._mirrors[v]
-        for v in self.store.retire(self.config.keep_versions):
-            self.state._manifests.pop(v, None)
+        held = self.store.versions()
+        if len(held) > self.config.keep_versions:
+            oldest_kept = held[-self.config.keep_versions]
+            for v in [v for v in self._mirrors if v < oldest_kept]:
+                self._mirrors.pop(v).cancel()
+            for v in self.store.retire(self.config.keep_versions):
+                self.state._manifests.pop(v, None)
         self.state.feed.notify()
 
     async def _pull(self, manifest: Manifest, missing: list[int]) -> None:

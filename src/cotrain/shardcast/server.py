@@ -230,7 +230,10 @@ class RunningServer:
 
 
 async def start_server(state: ServerState) -> RunningServer:
-    runner = web.AppRunner(make_app(state), access_log=None, handle_signals=False)
+    # Long-polls may be open; do not let them hold a shutdown for more than a second.
+    runner = web.AppRunner(
+        make_app(state), access_log=None, handle_signals=False, shutdown_timeout=1.0
+    )
     await runner.setup()
     site = web.TCPSite(runner, state.serve.host, state.serve.port, backlog=1024)
     await site.start()

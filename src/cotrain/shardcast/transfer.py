@@ -143,24 +143,33 @@ class ShardPuller:
     async def _pull(self, index: int) -> None:
         part = _Partial()
         failures = 0
-        not_here: set[str] = set()  # servers that answered 503/404 in this round
+        not_here: set[str] = set()  # servers that answered 503/404 for this shard lately
+        failed: set[str] = set()  # servers that failed this shard lately
         gone_rounds = 0
         while True:
-            server = self.selector.choose(avoid=not_here)
+            server = self.selector.choose(avoid=not_here | failed)
             wait_s = 0.0
             if server is None:
-                if not self.selector.healthy():
+                healthy = set(self.selector.healthy())
+                if not healthy:
                     raise UpstreamUnavailable(f"every server misbehaved: {self.selector.report()}")
-                # Everyone said "not here": ask the best one to hold the request until it has it.
-                not_here.clear()
-                server = self.selector.choose()
+                waiting = not_here & healthy
+                if not waiting:
+                    # Every server failed this shard lately: start a new round after a pause.
+                    failed.clear()
+                    await asyncio.sleep(0.2)
+                    continue
+                # Nobody has it yet: ask the best of those who will to hold the request.
+                server = self.selector.choose(avoid=healthy - waiting)
                 assert server is not None
+                not_here.clear()
                 wait_s = self.config.shard_wait_s
             try:
                 await self._attempt(server, index, part, wait_s)
                 return
             except _Retry as r:
                 if r.status is None:
+                    failed.add(server)
                     failures += 1
                     self._failed += 1
                     log.info("shard %d from %s: %s (failure %d)", index, server, r, failures)
