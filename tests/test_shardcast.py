@@ -34,7 +34,7 @@ class Server:
     def __init__(self, args: list[str], log: Path) -> None:
         self.log = log
         self._err = open(log, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=self._err)
+        self.proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=self._err)
         assert self.proc.stdout is not None
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -206,7 +206,7 @@ def test_relay_serving_corrupt_shards(cluster: Cluster, tmp_path: Path) -> None:
     reports = honest.get("/v1/reports")
     assert [r["server"] for r in reports] == [liar.url]
     # With only the liar to ask, the fetch fails and no file appears.
-    with pytest.raises(UpstreamUnavailable, match="misbehaved|failed"):
+    with pytest.raises(UpstreamUnavailable, match=r"misbehaved|failed"):
         cluster.fetch([liar], tmp_path / "b.bin")
     assert not (tmp_path / "b.bin").exists()
 
@@ -253,9 +253,9 @@ def test_upstream_unreachable(cluster: Cluster, tmp_path: Path) -> None:
     with pytest.raises(UpstreamUnavailable, match="none of the servers answered"):
         cluster.fetch([dead], tmp_path / "x.bin")
     assert time.monotonic() - t0 < 15
-    r = subprocess.run(CLI + ["fetch", "--servers", dead, "--out", str(tmp_path / "x.bin"),
-                              "--publisher-key", cluster.key],  # fmt: skip
-                       capture_output=True, text=True, timeout=60)
+    x = str(tmp_path / "x.bin")
+    cmd = [*CLI, "fetch", "--servers", dead, "--out", x, "--publisher-key", cluster.key]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "none of the servers answered" in r.stderr
     assert leftovers(tmp_path).count("x.bin") == 0
 
@@ -267,12 +267,16 @@ def test_disk_full_leaves_nothing(cluster: Cluster, tmp_path: Path) -> None:
     origin = cluster.origin()
     small = tmp_path / "small"
     small.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True
-    ).returncode == 0
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True
+        ).returncode
+        == 0
+    )
     try:
-        cmd = CLI + ["fetch", "--servers", origin.url, "--out", str(small / "m.bin"),
-                     "--publisher-key", cluster.key]  # fmt: skip
+        out = str(small / "m.bin")
+        cmd = [*CLI, "fetch", "--servers", origin.url, "--out", out, "--publisher-key", cluster.key]
         if mounted:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         else:  # no tmpfs: a file-size limit makes writes fail the same way
@@ -306,16 +310,12 @@ def test_client_started_while_publishing(cluster: Cluster, tmp_path: Path) -> No
     key_file = tmp_path / "key.pem"
     cluster.ident.save(key_file)
     out = tmp_path / "client" / "m.bin"
-    client = subprocess.Popen(
-        CLI + ["fetch", "--servers", relay.url, "--out", str(out), "--publisher-key",
-               cluster.key, "--min-version", "2", "--wait-s", "30"],  # fmt: skip
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    pub = subprocess.run(
-        CLI + ["publish", str(src), "--dir", str(cluster.origin_dir), "--key", str(key_file),
-               "--shard-size-mb", "0.25"],  # fmt: skip
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    fetch_cmd = [*CLI, "fetch", "--servers", relay.url, "--out", str(out)]
+    fetch_cmd += ["--publisher-key", cluster.key, "--min-version", "2", "--wait-s", "30"]
+    client = subprocess.Popen(fetch_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pub_cmd = [*CLI, "publish", str(src), "--dir", str(cluster.origin_dir)]
+    pub_cmd += ["--key", str(key_file), "--shard-size-mb", "0.25"]
+    pub = subprocess.run(pub_cmd, capture_output=True, text=True, timeout=60)
     assert pub.returncode == 0, pub.stderr
     assert json.loads(pub.stdout)["version"] == 2
     stdout, stderr = client.communicate(timeout=60)
@@ -334,7 +334,7 @@ def test_stalled_transfer_retried_and_resumed(cluster: Cluster, tmp_path: Path) 
     staller.wait_version(after=0)
     out = tmp_path / "m.bin"
     quick = {"transfer": {"stall_timeout_s": 1.0, "max_attempts_per_shard": 1}}
-    with pytest.raises(UpstreamUnavailable, match="shard [135]"):
+    with pytest.raises(UpstreamUnavailable, match=r"shard [135]"):
         cluster.fetch([staller], out, config=quick)
     assert not out.exists()
     assert (tmp_path / "m.bin.part").exists() and (tmp_path / "m.bin.part.json").exists()

@@ -142,7 +142,8 @@ class RelayConfig(ConfigModel):
     retry_interval_s: float = Field(default=1.0, gt=0)
     """Pause before asking an unreachable upstream again."""
     serve: ServeConfig = ServeConfig()
-    transfer: TransferConfig = TransferConfig()
+    # Few shards at a time: each one completes (and can be served on) sooner.
+    transfer: TransferConfig = TransferConfig(parallel_downloads=2)
     fault: FaultConfig = FaultConfig()
 
     @field_validator("publisher_key")

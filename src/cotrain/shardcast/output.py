@@ -34,6 +34,10 @@ class OutputFile:
         self.manifest: Manifest = signed.manifest
         self.done: set[int] = set()
         self._fd: int | None = None
+        # The whole-file hash runs over the file as written, shard by shard in file order, as
+        # soon as each prefix is complete: the final check then costs only the last shards.
+        self._whole = hashlib.sha256()
+        self._hashed = 0  # shards [0, _hashed) are in _whole
 
     # -- opening, resuming -------------------------------------------------------------------
     def open(self) -> set[int]:
@@ -49,6 +53,7 @@ class OutputFile:
                 os.posix_fallocate(self._fd, 0, self.manifest.file_size)
             self.done = {i for i in claimed if self._shard_ok(i)}
             self._save_state()
+            self._hash_prefix()
         except OSError as e:
             self.abort()
             raise self._output_error(e) from None
@@ -98,9 +103,23 @@ class OutputFile:
         self.done.add(index)
         try:
             self._save_state()
+            self._hash_prefix()
         except OSError as e:
             self.abort()
             raise self._output_error(e) from None
+
+    def _hash_prefix(self) -> None:
+        assert self._fd is not None
+        while self._hashed in self.done:
+            s = self.manifest.shards[self._hashed]
+            pos = 0
+            while pos < s.size:
+                piece = os.pread(self._fd, min(_HASH_CHUNK, s.size - pos), s.offset + pos)
+                if not piece:
+                    raise OSError(errno.EIO, f"{self.part} is shorter than the manifest says")
+                self._whole.update(piece)
+                pos += len(piece)
+            self._hashed += 1
 
     # -- finishing ---------------------------------------------------------------------------
     def commit(self) -> Path:
@@ -111,18 +130,11 @@ class OutputFile:
             raise IntegrityError(f"{missing} shards of v{self.manifest.version} never verified")
         try:
             os.fsync(self._fd)
-            h = hashlib.sha256()
-            pos = 0
-            while pos < self.manifest.file_size:
-                piece = os.pread(self._fd, _HASH_CHUNK, pos)
-                if not piece:
-                    break
-                h.update(piece)
-                pos += len(piece)
+            self._hash_prefix()
         except OSError as e:
             self.abort()
             raise self._output_error(e) from None
-        if h.hexdigest() != self.manifest.file_sha256:
+        if self._whole.hexdigest() != self.manifest.file_sha256:
             self.abort()
             raise IntegrityError(
                 f"v{self.manifest.version}: assembled file hash does not match the manifest"
