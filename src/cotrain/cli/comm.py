@@ -31,8 +31,10 @@ def register(app: typer.Typer) -> None:
         if port is not None:
             overrides.append(f"port={port}")
         cfg = load_config(MasterConfig, config, [_quote(o) for o in overrides])
-        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if verbose else logging.WARNING,
+            format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        )
         try:
             asyncio.run(serve(cfg))
         except KeyboardInterrupt:
@@ -69,8 +71,14 @@ def register(app: typer.Typer) -> None:
         """A master and N peers all-reducing a model-sized tensor; one is killed, one joins."""
         from cotrain.demo.collective import run_demo
 
-        run_demo(peers=peers, numel=numel, rounds=rounds, quantization=quantization,
-                 kill_round=kill_round, join_round=join_round)
+        run_demo(
+            peers=peers,
+            numel=numel,
+            rounds=rounds,
+            quantization=quantization,
+            kill_round=kill_round,
+            join_round=join_round,
+        )
 
 
 def _quote(override: Any) -> str:

@@ -417,7 +417,7 @@ class Communicator:
                 kind="all_reduce", count=view.count, dtype=view.dtype, op=op, quant=quantization
             )
             seq = self._begin(desc, deadline)
-            work = view.to_fp32()
+            work, backup = view.work_buffer()
             links = self._links
             assert links is not None
 
@@ -443,10 +443,14 @@ class Communicator:
                     on_chunk_sent=on_chunk,
                 )
             except CollectiveError as e:
+                view.finish(work, backup, ok=False)
                 reason = self._broken or str(e)
                 self._fail(seq, reason)
                 raise PeerFailedError(f"all-reduce failed: {reason}") from None
-            view.assign_fp32(work)
+            except BaseException:
+                view.finish(work, backup, ok=False)
+                raise
+            view.finish(work, backup, ok=True)
             return self._account(stats, t0)
 
     def all_reduce_async(self, tensor: Any, **kwargs: Any) -> Handle:

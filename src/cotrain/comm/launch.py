@@ -86,9 +86,21 @@ def start_master(
     timeout_s: float = 30.0,
 ) -> tuple[Proc, int]:
     """Start `cotrain master` and return it with the port it bound."""
-    cmd = [*wrapper, sys.executable, "-m", "cotrain", "master", "--host", host, "--port", str(port), *args]
-    popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=_env(secret))
+    cmd = [
+        *wrapper,
+        sys.executable,
+        "-m",
+        "cotrain",
+        "master",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *args,
+    ]
+    popen = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(secret)
+    )
     proc = Proc(popen, "master")
     assert popen.stdout is not None
     deadline = Deadline.after(timeout_s)
@@ -108,16 +120,27 @@ def start_master(
     t.join(deadline.remaining())
     if not result:
         proc.stop()
-        raise TimeoutExpired(f"master did not start within {timeout_s}s: {' | '.join(proc.lines[-5:])}")
+        raise TimeoutExpired(
+            f"master did not start within {timeout_s}s: {' | '.join(proc.lines[-5:])}"
+        )
     proc.start_reader()
     return proc, result[0]
 
 
 def start_peer(cfg: PeerProgramConfig, secret: str, *, wrapper: Sequence[str] = ()) -> Proc:
     """Start `cotrain peer` with ``cfg``; its events arrive on ``proc.events``."""
-    cmd = [*wrapper, sys.executable, "-m", "cotrain", "peer", "--config-json", cfg.model_dump_json()]
-    popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=_env(secret))
+    cmd = [
+        *wrapper,
+        sys.executable,
+        "-m",
+        "cotrain",
+        "peer",
+        "--config-json",
+        cfg.model_dump_json(),
+    ]
+    popen = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(secret)
+    )
     proc = Proc(popen, f"peer{cfg.index}")
     proc.start_reader()
     return proc

@@ -214,14 +214,18 @@ class Master:
             self._joiners.remove(peer_id)
         self._votes.discard(peer_id)
         if peer_id in self.ring:
-            self._break_epoch(f"peer {peer_id} failed ({reason})")
+            # A clean leave (bye) never interrupts transfers in flight: a peer only says bye
+            # after its last collective finished, and its sockets then close after the data.
+            self._break_epoch(f"peer {peer_id} failed ({reason})", abort=reason != "left")
         self._check_votes()
 
-    def _break_epoch(self, reason: str) -> None:
-        """A member is gone: every collective of this epoch fails on every survivor."""
+    def _break_epoch(self, reason: str, *, abort: bool = True) -> None:
+        """A member is gone: collectives of this epoch fail on every survivor; with ``abort``,
+        those already moving bytes are interrupted too (a dead or stalled peer never finishes)."""
         self.broken = True
         for pid in self._members():
-            self._send(pid, m.Abort(epoch=self.epoch, reason=reason))
+            if abort:
+                self._send(pid, m.Abort(epoch=self.epoch, reason=reason))
         for seq, got in list(self._colls.items()) + list(self._syncs.items()):
             for pid in got:
                 self._send(

@@ -53,11 +53,24 @@ class PeerProgramConfig(ConfigModel):
     """Save each round's result as out_dir/r{round}_p{index}.npy."""
     retries: int = Field(default=5, ge=0)
     """Retries of a failed round with the survivors."""
+    barrier: bool = False
+    """Benchmark mode: a 1-value all-reduce right before the timed one, so the timing starts with
+    every peer ready (as a barrier does for torch.distributed)."""
+    digest: bool = True
+    """Report a SHA-256 prefix of each result (costs a pass over the tensor)."""
 
 
-def make_input(seed: int, index: int, rnd: int, numel: int) -> np.ndarray:
+def base_input(seed: int, index: int, numel: int) -> np.ndarray:
+    return np.random.default_rng([seed, index]).standard_normal(numel, dtype=np.float32)
+
+
+def make_input(
+    seed: int, index: int, rnd: int, numel: int, base: np.ndarray | None = None
+) -> np.ndarray:
     """The tensor peer ``index`` contributes in round ``rnd``: fp32, seeded, reproducible."""
-    return np.random.default_rng([seed, index, rnd]).standard_normal(numel, dtype=np.float32)
+    if base is None:
+        base = base_input(seed, index, numel)
+    return base + np.float32(rnd)
 
 
 def _tensor(values: np.ndarray, dtype: str) -> Any:
@@ -83,6 +96,10 @@ def emit(**event: Any) -> None:
 
 
 def run(cfg: PeerProgramConfig) -> int:
+    import os
+
+    if os.environ.get("SWI"):
+        sys.setswitchinterval(float(os.environ["SWI"]))
     comm = Communicator(cfg.comm, peer_id=f"p{cfg.index}", faults=cfg.faults)
     comm.connect()
     counter = np.zeros(1, dtype=np.int64)
@@ -93,6 +110,8 @@ def run(cfg: PeerProgramConfig) -> int:
     emit(event="joined", index=cfg.index, rank=comm.rank, world=comm.world_size, epoch=comm.epoch)
     rnd = 0
     first = True
+    base = base_input(cfg.seed, cfg.index, cfg.numel)
+    ping = np.zeros(1, dtype=np.float32)
     while rnd < cfg.rounds:
         attempt = 0
         failed_at: float | None = None
@@ -103,18 +122,28 @@ def run(cfg: PeerProgramConfig) -> int:
                     comm.update_topology()
                 rev = comm.revision
                 counter[0] = rnd
-                comm.sync_shared_state({"round": counter}, revision=(rev + 1) if rev is not None else 0)
+                comm.sync_shared_state(
+                    {"round": counter}, revision=(rev + 1) if rev is not None else 0
+                )
                 if first and cfg.join:
                     rnd = int(counter[0])
                 first = False
-                tensor = _tensor(make_input(cfg.seed, cfg.index, rnd, cfg.numel), cfg.dtype)
+                tensor = _tensor(make_input(cfg.seed, cfg.index, rnd, cfg.numel, base), cfg.dtype)
+                if cfg.barrier:
+                    comm.all_reduce(ping, op="sum")
                 started = time.perf_counter()
                 res = comm.all_reduce(tensor, op=cfg.op, quantization=cfg.quantization)
                 break
             except (PeerFailedError, TopologyChangedError) as e:
                 failed_at = failed_at or time.time()
-                emit(event="failed", index=cfg.index, round=rnd, error=type(e).__name__,
-                     message=str(e)[:300], seconds=time.perf_counter() - started)
+                emit(
+                    event="failed",
+                    index=cfg.index,
+                    round=rnd,
+                    error=type(e).__name__,
+                    message=str(e)[:300],
+                    seconds=time.perf_counter() - started,
+                )
                 attempt += 1
                 first = False
                 if attempt > cfg.retries:
@@ -122,12 +151,29 @@ def run(cfg: PeerProgramConfig) -> int:
         out = _as_fp32(tensor)
         if cfg.out_dir:
             np.save(Path(cfg.out_dir) / f"r{rnd}_p{cfg.index}.npy", out)
-        emit(event="round", index=cfg.index, round=rnd, world=res.world_size, epoch=res.epoch,
-             ring=comm.ring, seconds=res.seconds, bytes_sent=res.bytes_sent,
-             bytes_received=res.bytes_received,
-             recovery_s=(time.time() - failed_at) if failed_at else None,
-             digest=hashlib.sha256(out.tobytes()).hexdigest()[:16])
+        emit(
+            event="round",
+            index=cfg.index,
+            round=rnd,
+            world=res.world_size,
+            epoch=res.epoch,
+            ring=comm.ring,
+            seconds=res.seconds,
+            bytes_sent=res.bytes_sent,
+            bytes_received=res.bytes_received,
+            recovery_s=(time.time() - failed_at) if failed_at else None,
+            digest=hashlib.sha256(out.tobytes()).hexdigest()[:16] if cfg.digest else None,
+        )
         rnd += 1
-    emit(event="done", index=cfg.index, bytes_sent=comm.bytes_sent)
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    emit(
+        event="done",
+        index=cfg.index,
+        bytes_sent=comm.bytes_sent,
+        cpu_user_s=ru.ru_utime,
+        cpu_sys_s=ru.ru_stime,
+    )
     comm.close()
     return 0

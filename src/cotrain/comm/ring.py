@@ -182,14 +182,14 @@ def all_reduce(
             sent = 0
             for a, b in plan[rank % n][j]:  # reduce-scatter step 0: our own input
                 buf = codec.encode(work[a:b])
-                sock.sendall(buf)
+                sock.sendall(memoryview(buf).cast("B"))
                 run.count(sent=buf.nbytes)
                 sent += 1
                 if on_chunk_sent is not None and j == 0:
                     on_chunk_sent(sent)
             while (item := run.take(q)) is not None:
                 assert isinstance(item, np.ndarray)
-                sock.sendall(item)
+                sock.sendall(memoryview(item).cast("B"))
                 run.count(sent=item.nbytes)
 
         def receiver(j: int = j, q: queue.Queue[object] = q) -> None:
@@ -206,13 +206,18 @@ def all_reduce(
                         q.put(codec.encode(work[a:b]))  # fp32: a view, no copy
                     else:  # this chunk of our own block is complete
                         q.put(_finalize(work, a, b, op, codec, n))
+            raw = codec.name == "fp32"
             for t in range(n - 1):  # all-gather: store and forward the owners' bytes
                 for a, b in plan[(rank - t) % n][j]:
                     size = codec.wire_nbytes(b - a)
-                    wire = np.empty(size, dtype=np.uint8)
-                    recv_into_exact(sock, memoryview(wire))
+                    if raw:  # the wire bytes are the values: receive straight into place
+                        wire = work[a:b]
+                        recv_into_exact(sock, memoryview(wire).cast("B"))
+                    else:
+                        wire = np.empty(size, dtype=np.uint8)
+                        recv_into_exact(sock, memoryview(wire))
+                        work[a:b] = codec.decode(wire, b - a)
                     run.count(received=size)
-                    work[a:b] = codec.decode(wire, b - a)
                     if t < n - 2:
                         q.put(wire)
             q.put(None)

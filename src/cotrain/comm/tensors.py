@@ -26,6 +26,27 @@ class FlatView:
     def count(self) -> int:
         return int(self.array.size)
 
+    def work_buffer(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(fp32 buffer to reduce in, backup to restore on failure or None).
+
+        fp32 tensors are reduced in place (one backup copy instead of a copy in and a copy out);
+        other dtypes get a separate fp32 buffer and the tensor itself stays untouched until
+        ``assign_fp32``."""
+        if self.dtype == "fp32":
+            return self.array, self.array.copy()
+        return self.to_fp32(), None
+
+    def finish(self, work: np.ndarray, backup: np.ndarray | None, *, ok: bool) -> None:
+        """Install the result (``ok``) or roll back to the input."""
+        if backup is None:
+            if ok:
+                self.assign_fp32(work)
+            return
+        if ok:
+            self.commit()
+        else:
+            np.copyto(self.array, backup)
+
     def to_fp32(self) -> np.ndarray:
         """A new fp32 copy of the values (the collective's work buffer)."""
         if self.dtype == "bf16":

@@ -37,8 +37,16 @@ def _table(views: dict[int, _PeerView], numel: int) -> Table:
         t.add_column(col, justify="right" if col not in ("status", "note") else "left")
     for i, v in sorted(views.items()):
         bw = f"{v.busbw[-1]:.2f}" if v.busbw else "-"
-        t.add_row(f"p{i}", v.status, str(max(v.round, 0)), str(v.world), f"{v.seconds:.3f}", bw,
-                  f"{v.bytes_sent / 2**20:.0f}", v.note)
+        t.add_row(
+            f"p{i}",
+            v.status,
+            str(max(v.round, 0)),
+            str(v.world),
+            f"{v.seconds:.3f}",
+            bw,
+            f"{v.bytes_sent / 2**20:.0f}",
+            v.note,
+        )
     return t
 
 
@@ -53,9 +61,17 @@ def run_demo(
     views: dict[int, _PeerView] = {}
 
     def launch(i: int, *, faults: FaultPlan | None = None, join: bool = False) -> None:
-        cfg = PeerProgramConfig(comm=comm, faults=faults or FaultPlan(), index=i, numel=numel,
-                                rounds=rounds, world=peers, op="avg", join=join,
-                                quantization=quantization)  # type: ignore[arg-type]
+        cfg = PeerProgramConfig(
+            comm=comm,
+            faults=faults or FaultPlan(),
+            index=i,
+            numel=numel,
+            rounds=rounds,
+            world=peers,
+            op="avg",
+            join=join,
+            quantization=quantization,
+        )  # type: ignore[arg-type]
         procs[i] = start_peer(cfg, secret)
         views[i] = _PeerView(status="joining" if join else "starting")
 
@@ -95,7 +111,9 @@ def run_demo(
                         elif kind == "done":
                             v.status = "done"
                     if p.popen.poll() is not None and v.status not in ("done", "killed"):
-                        v.status = "killed" if p.popen.returncode < 0 else f"exit {p.popen.returncode}"
+                        v.status = (
+                            "killed" if p.popen.returncode < 0 else f"exit {p.popen.returncode}"
+                        )
                 if not joined and any(v.round >= join_round for v in views.values()):
                     launch(peers, join=True)
                     joined = True
@@ -124,8 +142,10 @@ def run_demo(
     out.add_column("metric")
     out.add_column("value", justify="right")
     out.add_row("rounds completed", str(summary["rounds"]))
-    out.add_row("peers (start / after kill / end)",
-                f"{peers} / {summary['peers_min']} / {summary['peers_end']}")
+    out.add_row(
+        "peers (start / after kill / end)",
+        f"{peers} / {summary['peers_min']} / {summary['peers_end']}",
+    )
     out.add_row("bytes sent, all peers", f"{summary['bytes_sent_mib']:.0f} MiB")
     out.add_row("median bus bandwidth", f"{summary['median_busbw_gbps']:.2f} GB/s")
     out.add_row("failure detected after", f"{summary['detect_s']:.2f} s")
