@@ -49,9 +49,9 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _server(host: Host | None, *args: str) -> tuple[subprocess.Popen[bytes], int]:
+def _server(host: Host | None, *args: str, nice: int = 0) -> tuple[subprocess.Popen[bytes], int]:
     """Start a probe server inside ``host`` (or here, on loopback); return it and its port."""
-    argv = [*PROBE, *args]
+    argv = [*PROBE, "--nice", str(nice), *args]
     if host is None:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=child_env())
     else:
@@ -85,14 +85,27 @@ def _transfer_mbit(net: WanNetwork, src: int, dst: int, n_bytes: int) -> float:
     return float(received["mbit_s"])
 
 
-def _rtt_ms(client: Host | None, address: str, count: int = 15) -> float:
-    argv = [*PROBE, "rtt", "--to", address, "--count", str(count)]
+def _rtt_ms(client: Host | None, address: str, count: int = 15) -> dict[str, Any]:
+    """Round trips of 64 bytes through an echo server: ``min_ms``, ``median_ms``, ``rtts_ms``.
+
+    Client and echo server run at nice -10 (as does the proxy), so that other work on a shared
+    machine does not read as network latency.
+    """
+    argv = [*PROBE, "--nice", "-10", "rtt", "--to", address, "--count", str(count)]
     if client is None:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=child_env())
     else:
         done = client.run(argv, timeout_s=30)
     assert done.returncode == 0, done.stderr
-    return float(json.loads(done.stdout)["median_ms"])
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def _assert_rtt_near(report: dict[str, Any], expected_ms: float) -> None:
+    # Never below the added delay; the best sample close to it; the median allows for the
+    # scheduling noise of four processes on a shared 2-core machine.
+    assert expected_ms <= report["min_ms"] <= expected_ms + 5.0, report
+    assert report["median_ms"] <= expected_ms + 15.0, report
 
 
 # ---- without namespaces -------------------------------------------------------------------
@@ -135,11 +148,11 @@ def test_wan_config_loads_from_overrides() -> None:
 
 @pytest.mark.timeout(30)
 def test_proxy_on_loopback_delays_and_carries_bytes_intact() -> None:
-    echo, echo_port = _server(None, "echo")
+    echo, echo_port = _server(None, "echo", nice=-10)
     sink, sink_port = _server(None, "sink")
     try:
         with DelayProxy.start(None, ("127.0.0.1", echo_port), delay_ms=15) as proxy:
-            assert 30.0 <= _rtt_ms(None, f"127.0.0.1:{proxy.port}") <= 30.0 + 8.0
+            _assert_rtt_near(_rtt_ms(None, f"127.0.0.1:{proxy.port}"), 30.0)
         with DelayProxy.start(None, ("127.0.0.1", sink_port), delay_ms=5) as proxy:
             sent, received = _send_to_sink(None, sink, f"127.0.0.1:{proxy.port}", 30_000_000)
             assert received["bytes"] == 30_000_000
@@ -231,10 +244,10 @@ def test_hosts_see_each_other_and_their_own_loopback(net: WanNetwork) -> None:
 @pytest.mark.timeout(30)
 def test_rtt_through_proxy_is_twice_the_delay(net: WanNetwork) -> None:
     h0, h1 = net.hosts
-    _, echo_port = _server(h0, "echo")
-    assert _rtt_ms(h1, f"{h0.ip}:{echo_port}") < 5.0
+    _, echo_port = _server(h0, "echo", nice=-10)
+    assert _rtt_ms(h1, f"{h0.ip}:{echo_port}")["min_ms"] < 5.0
     proxy = h0.start_delay_proxy(target=("127.0.0.1", echo_port), delay_ms=25)
-    assert 50.0 <= _rtt_ms(h1, f"{h0.ip}:{proxy.port}") <= 50.0 + 10.0
+    _assert_rtt_near(_rtt_ms(h1, f"{h0.ip}:{proxy.port}"), 50.0)
     proxy.stop()
     assert not proxy.running
 
@@ -257,10 +270,11 @@ def test_proxies_carry_concurrent_flows_at_the_link_rate() -> None:
             (network.hosts[0], network.hosts[1]),
             (network.hosts[2], network.hosts[3]),
         ):
-            sink, port = _server(dst, "sink")
+            # The probes run at the proxies' priority: we measure the proxies, not the scheduler.
+            sink, port = _server(dst, "sink", nice=-10)
             proxy = dst.start_delay_proxy(target=("127.0.0.1", port), delay_ms=20)
             address = f"{dst.ip}:{proxy.port}"
-            argv = [*PROBE, "send", "--to", address, "--bytes", "12000000"]
+            argv = [*PROBE, "--nice", "-10", "send", "--to", address, "--bytes", "12000000"]
             sender = src.popen(argv, stdout=subprocess.DEVNULL)
             runs.append((sink, sender))
         for sink, sender in runs:

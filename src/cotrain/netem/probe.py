@@ -4,6 +4,7 @@
     python -m cotrain.netem.probe sink --port 0 --flows K  # receive K flows, report goodput
     python -m cotrain.netem.probe send --to H:P --bytes N --flows K
     python -m cotrain.netem.probe rtt --to H:P --count 20  # ping-pong through an echo server
+    python -m cotrain.netem.probe --nice -10 ...            # a higher priority (as root)
 
 Servers print ``{"port": N}`` first. Every program prints one JSON result line and exits; the
 sink measures from the first byte it receives to the last EOF (the sender cannot know when
@@ -13,8 +14,10 @@ its bytes really arrived), over all flows together, and hashes what it received.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import os
 import random
 import socket
 import statistics
@@ -187,6 +190,9 @@ def _address(text: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cotrain.netem.probe", description=__doc__)
+    parser.add_argument(
+        "--nice", type=int, default=0, help="scheduling priority (negative needs root)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("echo", help="echo server")
     p.add_argument("--port", type=int, default=0)
@@ -207,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=64)
     p.set_defaults(fn=cmd_rtt)
     args = parser.parse_args(argv)
+    with contextlib.suppress(PermissionError):
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)
     try:
         args.fn(args)
     except (OSError, TimeoutError) as exc:

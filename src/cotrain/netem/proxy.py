@@ -1,7 +1,8 @@
 """The delay proxy program: a TCP forwarder that adds a fixed one-way latency in each direction.
 
     python -m cotrain.netem.proxy --target HOST:PORT --delay-ms 20 [--listen-port 0]
-        [--listen-host 0.0.0.0] [--max-buffer-kb 4096] [--coalesce-ms MS] [--parent-pid PID]
+        [--listen-host 0.0.0.0] [--max-buffer-kb 4096] [--coalesce-ms MS] [--nice -10]
+        [--parent-pid PID]
 
 It prints one JSON line ``{"port": N}`` on stdout once it listens, then accepts connections,
 connects each to the target (after ``delay_ms``, as a SYN would travel) and forwards bytes both
@@ -13,7 +14,8 @@ the delay queue we stop reading from the sender (TCP backpressure reaches it), a
 receiver's socket is full we stop draining the queue. A single connection therefore carries at
 most ``max_buffer_kb / delay`` bytes per second (4 MiB / 20 ms = 1.6 Gbit/s by default).
 
-It exits on SIGTERM/SIGINT, and when its parent process (``--parent-pid``) goes away.
+It runs at nice -10 when allowed, so the added latency stays close to ``delay_ms`` on a busy
+machine. It exits on SIGTERM/SIGINT, and when its parent process (``--parent-pid``) goes away.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import selectors
 import signal
@@ -60,7 +63,18 @@ class _CoalescingSelector(selectors.EpollSelector):
             pause = self.coalesce_s if timeout is None else min(self.coalesce_s, timeout)
             time.sleep(pause)
             timeout = None if timeout is None else timeout - pause
-        ready = super().select(timeout)
+        if timeout is None or timeout <= 0:
+            ready = super().select(timeout)
+        else:
+            # epoll counts whole milliseconds, rounded up: a timer would fire up to 1 ms late
+            # on each hop. Wait the whole milliseconds in epoll, the rest in a precise sleep.
+            deadline = time.monotonic() + timeout
+            ready = super().select(math.floor(timeout * 1000) / 1000)
+            if not ready:
+                left = deadline - time.monotonic()
+                if left > 0:
+                    time.sleep(left)
+                ready = super().select(0)
         self.busy = bool(ready)
         return ready
 
@@ -301,6 +315,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--parent-pid", type=int, default=0, help="exit when this pid is gone")
     parser.add_argument(
+        "--nice",
+        type=int,
+        default=-10,
+        help="scheduling priority to take when allowed (root): the emulated network's delay "
+        "should not grow with the CPU load of the programs it connects",
+    )
+    parser.add_argument(
         "--coalesce-ms",
         type=float,
         default=None,
@@ -319,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    with contextlib.suppress(PermissionError):
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)
     if args.coalesce_ms is None:
         coalesce_s = min(MAX_COALESCE_S, args.delay_ms / 1000.0 * COALESCE_FRACTION)
     else:
