@@ -220,9 +220,10 @@ class Communicator:
             links.close()
 
     def _on_reconnect(self, resumed: bool) -> None:
-        if not resumed:
-            with self._lock:
-                self._broken = "the restarted master did not know our ring"
+        with self._lock:
+            self._broken = (
+                "reconnected to the master" if resumed else "the master did not know our ring"
+            )
 
     def _abort_reason(self) -> str | None:
         return self._broken

@@ -63,7 +63,7 @@ class CommConfig(ConfigModel):
     """Port other peers should dial; default the bound data port."""
     streams: int = Field(default=4, ge=1, le=64)
     """TCP connections to each ring neighbour (one stream cannot fill a long, fat link)."""
-    chunk_kb: int = Field(default=512, ge=4)
+    chunk_kb: int = Field(default=512, ge=1)
     """Pipelining granularity of ring transfers, in KiB of fp32 input."""
     heartbeat_interval_s: float = Field(default=0.5, gt=0)
     """How often this peer tells the master it is alive."""

@@ -181,6 +181,12 @@ class MasterLink:
         if self._silenced.is_set():
             return self.generation
         with self.cond:
+            # While reconnecting, wait for the master to come back (bounded) instead of failing.
+            deadline = Deadline.after(self.config.master_reconnect_timeout_s)
+            while self._sock is None and self.dead is None and self.kicked is None:
+                if self._closing.is_set() or deadline.expired():
+                    break
+                self.cond.wait(min(deadline.remaining(), 0.25))
             sock, gen = self._sock, self.generation
         if sock is None:
             self._raise_state()

@@ -67,6 +67,8 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(timeout_s)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
 
 
 def _env(secret: str) -> dict[str, str]:

@@ -155,6 +155,7 @@ class Master:
             if not self.ring and self.epoch == 0 and hello.peer_id in r.ring:
                 # A fresh (restarted) master adopts the ring the peers report.
                 self.epoch, self.ring = r.epoch, list(r.ring)
+                self.broken = True  # peers reconnect their rings in a fresh epoch
                 now = self._now()
                 for pid in self.ring:
                     self.peers.setdefault(pid, _Peer(pid, None, None, now, accepted=True))
@@ -264,12 +265,23 @@ class Master:
     def _on_vote(self, pid: str) -> None:
         if pid in self.ring:
             self._votes.add(pid)
+            # A member asked for a new topology while others wait for a collective (possible
+            # after a master restart or a peer-side failure): they must vote too.
+            self._reject_pending("a peer called update_topology(); call it too")
         elif pid not in self._joiners:
             self._joiners.append(pid)
         if self._vote_deadline is None:
             loop = asyncio.get_running_loop()
             self._vote_deadline = loop.call_later(self.config.vote_timeout_s, self._vote_timeout)
         self._check_votes()
+
+    def _reject_pending(self, message: str) -> None:
+        for seq, got in list(self._colls.items()) + list(self._syncs.items()):
+            for p in got:
+                self._send(p, m.Error(epoch=self.epoch, seq=seq, kind="topology_changed",
+                                      message=message))
+        self._colls.clear()
+        self._syncs.clear()
 
     def _vote_timeout(self) -> None:
         self._vote_deadline = None
@@ -317,6 +329,10 @@ class Master:
             self._send(pid, topo)
 
     def _check_member(self, pid: str, epoch: int, seq: int) -> bool:
+        if self._votes and pid in self.ring:
+            self._send(pid, m.Error(epoch=epoch, seq=seq, kind="topology_changed",
+                                    message="peers are voting: call update_topology()"))
+            return False
         if pid not in self.ring:
             self._send(
                 pid,

@@ -1,0 +1,80 @@
+"""In-process harness for comm tests: a real master (asyncio, in a thread) and real peers
+(Communicators with their own sockets), all on loopback with port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from cotrain.comm import CommConfig, Communicator, Master, MasterConfig
+
+SECRET = "test-secret"
+T = TypeVar("T")
+
+
+class MasterThread:
+    """A master in its own event loop thread; ``stop()`` closes it (a master crash, as peers see it)."""
+
+    def __init__(self, port: int = 0, **kwargs: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.master = Master(MasterConfig(port=port, secret=SECRET, **kwargs))
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self.master.start(), self.loop).result(10)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        async def run() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.master.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def peer_config(port: int, **kwargs: Any) -> CommConfig:
+    base: dict[str, Any] = dict(master_port=port, secret=SECRET, heartbeat_interval_s=0.2,
+                                connect_timeout_s=5.0, request_timeout_s=30.0, chunk_kb=16)
+    base.update(kwargs)
+    return CommConfig(**base)
+
+
+def parallel(fns: list[Callable[[], T]], timeout_s: float = 60.0) -> list[T]:
+    """Run one callable per peer concurrently; re-raise the first error."""
+    with ThreadPoolExecutor(len(fns)) as ex:
+        futs = [ex.submit(f) for f in fns]
+        return [f.result(timeout=timeout_s) for f in futs]
+
+
+def parallel_outcomes(fns: list[Callable[[], Any]], timeout_s: float = 60.0) -> list[Any]:
+    """Like ``parallel`` but returns exceptions instead of raising them."""
+    with ThreadPoolExecutor(len(fns)) as ex:
+        futs = [ex.submit(f) for f in fns]
+        out = []
+        for f in futs:
+            try:
+                out.append(f.result(timeout=timeout_s))
+            except Exception as e:
+                out.append(e)
+        return out
+
+
+@contextmanager
+def cluster(n: int, **cfg: Any) -> Iterator[tuple[MasterThread, list[Communicator]]]:
+    master = MasterThread(heartbeat_timeout_s=cfg.pop("heartbeat_timeout_s", 2.0))
+    comms = [Communicator(peer_config(master.port, **cfg), peer_id=f"p{i}") for i in range(n)]
+    try:
+        for c in comms:
+            c.connect()
+        parallel([lambda c=c: c.wait_for_world(n, timeout_s=30) for c in comms])
+        yield master, comms
+    finally:
+        for c in comms:
+            c.close()
+        master.stop()
