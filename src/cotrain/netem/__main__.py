@@ -12,7 +12,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cotrain.netem")
     sub = parser.add_subparsers(dest="command", required=True)
     clean = sub.add_parser(
-        "cleanup", help=f"delete {PREFIX}* namespaces (and their processes) of dead runs"
+        "cleanup",
+        help=f"delete {PREFIX}* namespaces, their processes and temp folders of dead runs",
     )
     clean.add_argument(
         "--include-live",
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     removed = cleanup_leftovers(include_live=args.include_live)
     for name in removed:
         print(f"removed {name}")
-    print(f"{len(removed)} namespace(s) removed")
+    print(f"{len(removed)} leftover(s) removed")
     return 0
 
 

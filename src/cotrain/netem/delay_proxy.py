@@ -63,27 +63,14 @@ class DelayProxy:
             raise ValueError(f"delay_ms must be >= 0, got {delay_ms}")
         if not 0 <= listen_port < 65536:
             raise ValueError(f"listen_port must be in [0, 65535], got {listen_port}")
-        argv = [
-            sys.executable, "-m", "cotrain.netem.proxy",
+        args = [
             "--target", f"{target[0]}:{target[1]}", "--delay-ms", str(delay_ms),
             "--listen-host", listen_host, "--listen-port", str(listen_port),
-            "--max-buffer-kb", str(max_buffer_kb), "--parent-pid", str(os.getpid()),
+            "--max-buffer-kb", str(max_buffer_kb),
         ]  # fmt: skip
         if coalesce_ms is not None:
-            argv += ["--coalesce-ms", str(coalesce_ms)]
-        if namespace is not None:
-            argv = in_ns(namespace, argv)
-        # stderr goes to a file: nobody has to drain it, and it explains a failed start.
-        stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the proxy)
-        process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, env=child_env()
-        )
-        try:
-            port = _read_port(process, timeout_s, stderr)
-        except BaseException:
-            _terminate(process)
-            stderr.close()
-            raise
+            args += ["--coalesce-ms", str(coalesce_ms)]
+        process, port, stderr = spawn_proxy(namespace, args, timeout_s)
         return cls(port, (target[0], int(target[1])), delay_ms, namespace, process, stderr)
 
     @property
@@ -92,7 +79,7 @@ class DelayProxy:
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM the proxy (SIGKILL after ``timeout_s``); its connections are cut."""
-        _terminate(self.process, timeout_s)
+        terminate(self.process, timeout_s)
         if self.process.stdout is not None:
             self.process.stdout.close()
         self._stderr.close()
@@ -102,6 +89,39 @@ class DelayProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def spawn_proxy(
+    namespace: str | None, args: list[str], timeout_s: float
+) -> tuple[subprocess.Popen[bytes], int, IO[bytes]]:
+    """Start the proxy program with ``args`` and wait for its port: (process, port, stderr)."""
+    process, stderr = launch_proxy(namespace, args)
+    return process, await_port(process, stderr, timeout_s), stderr
+
+
+def launch_proxy(
+    namespace: str | None, args: list[str]
+) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    """Start the proxy program with ``args``; ``await_port`` then learns its port."""
+    argv = [sys.executable, "-m", "cotrain.netem.proxy", *args, "--parent-pid", str(os.getpid())]
+    if namespace is not None:
+        argv = in_ns(namespace, argv)
+    # stderr goes to a file: nobody has to drain it, and it explains a failed start.
+    stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the proxy)
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, env=child_env()
+    )
+    return process, stderr
+
+
+def await_port(process: subprocess.Popen[bytes], stderr: IO[bytes], timeout_s: float) -> int:
+    """The port the proxy reports; on failure it is stopped and ``ProxyError`` says why."""
+    try:
+        return _read_port(process, timeout_s, stderr)
+    except BaseException:
+        terminate(process)
+        stderr.close()
+        raise
 
 
 def _read_port(process: subprocess.Popen[bytes], timeout_s: float, stderr: IO[bytes]) -> int:
@@ -118,7 +138,7 @@ def _read_port(process: subprocess.Popen[bytes], timeout_s: float, stderr: IO[by
         raise ProxyError(f"delay proxy did not start ({exc}): {message}") from exc
 
 
-def _terminate(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
+def terminate(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
     if process.poll() is not None:
         return
     process.terminate()

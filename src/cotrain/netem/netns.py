@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from cotrain.netem.errors import NetemCommandError, NetnsUnavailable
 
 PREFIX = "ctn-"
 COMMAND_TIMEOUT_S = 10.0
-_NAME_RE = re.compile(r"^ctn-(?P<pid>\d+)-(?P<start>\d+)-(?P<n>\d+)-(?P<role>[a-z0-9]+)$")
+_NAME_RE = re.compile(r"^ctn-(?P<pid>\d+)-(?P<start>\d+)-(?P<n>\d+)-(?P<role>[a-z0-9_]+)$")
 _CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
@@ -180,7 +181,8 @@ def delete_netns(ns: str) -> None:
 
 
 def cleanup_leftovers(*, include_live: bool = False) -> list[str]:
-    """Delete netem namespaces whose owning process is dead (all of them if ``include_live``).
+    """Delete netem namespaces whose owning process is dead (all of them if ``include_live``),
+    with the processes inside them, and the delay agents' control folders in the temp dir.
 
     Returns the names deleted. Safe while other runs are live: their owners are alive.
     """
@@ -191,6 +193,16 @@ def cleanup_leftovers(*, include_live: bool = False) -> list[str]:
             continue
         delete_netns(name)
         removed.append(name)
+    tmp = tempfile.gettempdir()
+    for entry in os.listdir(tmp):
+        # Folders are named "<tag>-<random>"; parse them as if the random part were a role.
+        parsed = parse_name(entry.lower())
+        if parsed is None or (parsed.owner_alive and not include_live):
+            continue
+        path = os.path.join(tmp, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed
 
 

@@ -10,8 +10,9 @@ Topology (one instance; every name below lives inside namespaces of this instanc
 Each host's upload is shaped by ``tbf`` on its ``eth0`` and its download by ``tbf`` on the
 switch end of its veth, so both are ``rate_mbit``. Loss is an nftables rule on the host side,
 applied to packets leaving and to packets arriving through ``eth0``; a packet between two lossy
-hosts crosses two such rules. Latency is not a link property (no netem in this kernel): put a
-``DelayProxy`` in front of a server with ``Host.start_delay_proxy``.
+hosts crosses two such rules. Latency (``delay_ms``, ``set_delay``) is added to TCP in
+userspace by a transparent delay agent per host (this kernel has no netem; see latency.py); an
+explicit ``DelayProxy`` in front of one server (``Host.start_delay_proxy``) works too.
 
 Addresses are 10.213.0.(index + 2)/24. They may repeat across instances: each instance has its
 own switch, so instances (parallel tests, parallel engineers) never see each other.
@@ -20,6 +21,7 @@ own switch, so instances (parallel tests, parallel engineers) never see each oth
 from __future__ import annotations
 
 import atexit
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +31,7 @@ from cotrain.core.config import ConfigModel
 from cotrain.netem import shaping
 from cotrain.netem.delay_proxy import STOP_TIMEOUT_S
 from cotrain.netem.host import Host
+from cotrain.netem.latency import LinkDelays
 from cotrain.netem.netns import delete_netns, new_network_tag, require_netns, run_cmd
 from cotrain.netem.shaping import DropCounts
 
@@ -48,6 +51,9 @@ class WanConfig(ConfigModel):
     """Each host's upload and (separately) download limit in Mbit/s; None for unlimited."""
     loss_pct: float = Field(default=0.0, ge=0.0, le=100.0)
     """Random packet loss in percent on each host's link, in each direction."""
+    delay_ms: float = Field(default=0.0, ge=0.0)
+    """One-way latency of each host's link for TCP: an A-B connection's RTT grows by
+    2 (delay_A + delay_B). Applied by a transparent delay agent per host (see latency.py)."""
     segmentation: Segmentation = "mtu"
     """How TCP hands bytes to a link. "mtu": one segment per packet, so loss drops single
     packets as on a real WAN (costs CPU: about 0.6 Gbit/s per flow on a 2-core machine).
@@ -70,6 +76,7 @@ class LinkSettings:
 
     rate_mbit: float | None
     loss_pct: float
+    delay_ms: float
 
 
 class WanNetwork:
@@ -85,10 +92,15 @@ class WanNetwork:
         rate_mbit: float | None = 100.0,
         loss_pct: float = 0.0,
         *,
+        delay_ms: float = 0.0,
         segmentation: Segmentation = "mtu",
     ) -> None:
         self.config = WanConfig(
-            n_hosts=n_hosts, rate_mbit=rate_mbit, loss_pct=loss_pct, segmentation=segmentation
+            n_hosts=n_hosts,
+            rate_mbit=rate_mbit,
+            loss_pct=loss_pct,
+            delay_ms=delay_ms,
+            segmentation=segmentation,
         )
         require_netns()
         self.tag = new_network_tag()
@@ -96,7 +108,8 @@ class WanNetwork:
         self.hosts: list[Host] = [
             Host(f"{self.tag}-h{i}", f"{SUBNET}.{i + 2}", i) for i in range(n_hosts)
         ]
-        self._links = [LinkSettings(rate_mbit, loss_pct) for _ in self.hosts]
+        self._links = [LinkSettings(rate_mbit, loss_pct, delay_ms) for _ in self.hosts]
+        self._delays = LinkDelays(self.hosts, HOST_DEV, self.tag)
         self._created: list[str] = []
         self._closed = False
         atexit.register(self.close)
@@ -109,7 +122,11 @@ class WanNetwork:
     @classmethod
     def from_config(cls, config: WanConfig) -> WanNetwork:
         return cls(
-            config.n_hosts, config.rate_mbit, config.loss_pct, segmentation=config.segmentation
+            config.n_hosts,
+            config.rate_mbit,
+            config.loss_pct,
+            delay_ms=config.delay_ms,
+            segmentation=config.segmentation,
         )
 
     def _build(self) -> None:
@@ -133,6 +150,7 @@ class WanNetwork:
                 host_cmds.append(f"link set {HOST_DEV} gso_max_segs 1")
             _ip_batch(h.name, [*host_cmds, f"link set {HOST_DEV} up"])
             self._apply(h.index, self._links[h.index])
+        self._delays.update({h.index: self.config.delay_ms for h in self.hosts})
 
     def _apply(self, index: int, link: LinkSettings) -> None:
         host = self.hosts[index]
@@ -158,7 +176,7 @@ class WanNetwork:
         host = self._host(host_index)
         shaping.set_rate(host.name, HOST_DEV, rate_mbit)
         shaping.set_rate(self.switch, f"p{host_index}", rate_mbit)
-        self._links[host_index] = LinkSettings(rate_mbit, self._links[host_index].loss_pct)
+        self._links[host_index] = dataclasses.replace(self._links[host_index], rate_mbit=rate_mbit)
 
     def set_loss(self, host_index: int, loss_pct: float) -> None:
         """Change host ``host_index``'s random loss (each direction) now; 100 cuts the link."""
@@ -166,7 +184,18 @@ class WanNetwork:
         if loss_pct > 0 and self.config.segmentation == "gso":
             raise ValueError("set_loss needs a network built with segmentation='mtu'")
         shaping.set_loss(host.name, HOST_DEV, loss_pct)
-        self._links[host_index] = LinkSettings(self._links[host_index].rate_mbit, loss_pct)
+        self._links[host_index] = dataclasses.replace(self._links[host_index], loss_pct=loss_pct)
+
+    def set_delay(self, host_index: int, delay_ms: float) -> None:
+        """Change host ``host_index``'s one-way link latency for TCP now.
+
+        When this returns, new TCP connections from or to the host see the new delay, and so do
+        connections already going through the delay agents (any opened while some delay was
+        set); connections opened before the network's first delay stay undelayed.
+        """
+        self._host(host_index)
+        self._delays.update({host_index: delay_ms})
+        self._links[host_index] = dataclasses.replace(self._links[host_index], delay_ms=delay_ms)
 
     def drop_counts(self, host_index: int) -> DropCounts:
         """Packets the loss rule of host ``host_index`` dropped so far, per direction."""
@@ -179,6 +208,10 @@ class WanNetwork:
         self._closed = True
         atexit.unregister(self.close)
         errors: list[BaseException] = []
+        try:
+            self._delays.close(timeout_s)
+        except Exception as exc:
+            errors.append(exc)
         for host in self.hosts:
             try:
                 host.stop_processes(timeout_s)

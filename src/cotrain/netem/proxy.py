@@ -3,11 +3,16 @@
     python -m cotrain.netem.proxy --target HOST:PORT --delay-ms 20 [--listen-port 0]
         [--listen-host 0.0.0.0] [--max-buffer-kb 4096] [--coalesce-ms MS] [--nice -10]
         [--parent-pid PID]
+    python -m cotrain.netem.proxy --transparent-for OWN_IP --control SOCKET_PATH   # agent mode
 
 It prints one JSON line ``{"port": N}`` on stdout once it listens, then accepts connections,
 connects each to the target (after ``delay_ms``, as a SYN would travel) and forwards bytes both
 ways. Every block read is held until ``delay_ms`` has passed since it arrived, so the RTT seen
 through the proxy grows by ``2 * delay_ms``. The kernel has no netem, hence this program.
+
+In agent mode (used by ``WanNetwork.set_delay``, see latency.py) it serves the connections an
+nftables rule redirected to it: each goes to its original destination, delayed by the sum of
+the two hosts' link delays, which the parent sets over the ``--control`` unix socket.
 
 Memory is bounded per direction of each connection: when more than ``max_buffer_kb`` waits in
 the delay queue we stop reading from the sender (TCP backpressure reaches it), and while the
@@ -31,10 +36,11 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
-CONNECT_TIMEOUT_S = 10.0
+from cotrain.netem.relay import Relay, Route
+
 PARENT_POLL_S = 0.2
 # Coalescing window: 1/20 of the delay, at most 2 ms (see _CoalescingSelector).
 COALESCE_FRACTION = 0.05
@@ -79,203 +85,86 @@ class _CoalescingSelector(selectors.EpollSelector):
         return ready
 
 
-class _Pipe:
-    """One direction of one connection: bytes from ``source`` to ``dest``, each held ``delay``.
-
-    Invariant: ``queued`` is the byte count in ``queue``; reading from ``source`` is paused
-    while it exceeds ``limit`` and resumes once it falls to half, so memory stays bounded.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, delay_s: float, limit: int) -> None:
-        self.loop = loop
-        self.delay_s = delay_s
-        self.limit = limit
-        self.queue: deque[tuple[float, bytes]] = deque()
-        self.queued = 0
-        self.source: asyncio.Transport | None = None
-        self.dest: asyncio.Transport | None = None
-        self.reading_paused = False
-        self.dest_full = False
-        self.eof = False  # the source finished; forward EOF after the queue drains
-        self.done = False  # EOF forwarded (or the pipe was torn down)
-        self.timer: asyncio.TimerHandle | None = None
-        self.on_done: list[Callable[[], None]] = []
-
-    def feed(self, data: bytes) -> None:
-        self.queue.append((self.loop.time() + self.delay_s, data))
-        self.queued += len(data)
-        if self.queued > self.limit and not self.reading_paused and self.source is not None:
-            self.reading_paused = True
-            self.source.pause_reading()
-        self._schedule()
-
-    def feed_eof(self) -> None:
-        self.eof = True
-        self._schedule()
-
-    def set_dest_full(self, full: bool) -> None:
-        self.dest_full = full
-        if not full:
-            self._schedule()
-
-    def _schedule(self) -> None:
-        if self.timer is not None or self.dest is None or self.dest_full or self.done:
-            return
-        if self.queue:
-            self.timer = self.loop.call_at(self.queue[0][0], self._flush)
-        elif self.eof:
-            self.done = True
-            dest = self.dest
-            if dest.can_write_eof() and not dest.is_closing():
-                dest.write_eof()
-            for callback in self.on_done:
-                callback()
-
-    def _flush(self) -> None:
-        self.timer = None
-        if self.dest is None or self.dest.is_closing():
-            return
-        now = self.loop.time()
-        chunks = []
-        while self.queue and self.queue[0][0] <= now:
-            chunks.append(self.queue.popleft()[1])
-        if chunks:
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            self.queued -= len(data)
-            self.dest.write(data)  # may call pause_writing -> set_dest_full(True)
-        if self.reading_paused and self.queued <= self.limit // 2 and self.source is not None:
-            self.reading_paused = False
-            self.source.resume_reading()
-        self._schedule()
-
-    def cancel(self) -> None:
-        self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.queue.clear()
-        self.queued = 0
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h: where a redirected connection was headed
 
 
-class _Side(asyncio.Protocol):
-    """One socket of a proxied connection: what it reads goes to ``out``, ``into`` feeds it."""
+@dataclass
+class FixedRouter:
+    """Every connection goes to one target with one delay (the explicit proxy)."""
 
-    def __init__(self, conn: _Connection, out: _Pipe, into: _Pipe) -> None:
-        self.conn = conn
-        self.out = out
-        self.into = into
-        self.transport: asyncio.Transport | None = None
+    target: tuple[str, int]
+    delay_s: float
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # Let the write buffer hold a quarter of the delay queue before pushing back on it.
-        transport.set_write_buffer_limits(high=max(self.out.limit // 4, 64 * 1024))
-        self.out.source = transport
-        self.into.dest = transport
-        self.into._schedule()
+    def route(self, client: socket.socket) -> Route:
+        return Route(self.target, self.delay_s)
 
-    def data_received(self, data: bytes) -> None:
-        self.out.feed(data)
-
-    def eof_received(self) -> bool:
-        self.out.feed_eof()
-        return True  # keep the other direction open (half-close)
-
-    def pause_writing(self) -> None:
-        self.into.set_dest_full(True)
-
-    def resume_writing(self) -> None:
-        self.into.set_dest_full(False)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        # Whatever we still owed this side cannot be delivered; what it sent still travels on.
-        self.into.cancel()
-        self.out.source = None
-        self.out.feed_eof()
-        self.conn.side_lost(self)
+    def delay_for(self, target: tuple[str, int]) -> float:
+        return self.delay_s
 
 
-class _Connection:
-    """A client connection and its upstream: two pipes, two sides, closed when both are done."""
+@dataclass
+class TransparentRouter:
+    """Connections redirected here by nftables go where they were headed, delayed by the sum
+    of this host's link delay and the destination host's (``delays_s`` maps IP to seconds)."""
 
-    def __init__(self, proxy: _Proxy) -> None:
-        self.proxy = proxy
-        loop = proxy.loop
-        self.up_pipe = _Pipe(loop, proxy.delay_s, proxy.limit)  # client -> target
-        self.down_pipe = _Pipe(loop, proxy.delay_s, proxy.limit)  # target -> client
-        self.client = _Side(self, out=self.up_pipe, into=self.down_pipe)
-        self.upstream = _Side(self, out=self.down_pipe, into=self.up_pipe)
-        self.lost: set[int] = set()
-        self.opening: asyncio.Task[None] | None = None
-        for pipe in (self.up_pipe, self.down_pipe):
-            pipe.on_done.append(self._maybe_close)
+    own_ip: str
+    delays_s: dict[str, float]
 
-    async def open_upstream(self) -> None:
-        await asyncio.sleep(self.proxy.delay_s)  # the SYN travels one way first
-        try:
-            await asyncio.wait_for(
-                self.proxy.loop.create_connection(lambda: self.upstream, *self.proxy.target),
-                CONNECT_TIMEOUT_S,
-            )
-        except (OSError, TimeoutError) as exc:
-            print(f"delay proxy: cannot reach {self.proxy.target}: {exc}", file=sys.stderr)
-            self.abort()
+    def route(self, client: socket.socket) -> Route:
+        raw = client.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)  # struct sockaddr_in
+        target = (socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big"))
+        return Route(target, self.delay_for(target))
 
-    def side_lost(self, side: _Side) -> None:
-        self.lost.add(id(side))
-        if len(self.lost) == 2:
-            self.proxy.connections.discard(self)
-        else:
-            self._maybe_close()
+    def delay_for(self, target: tuple[str, int]) -> float:
+        return self.delays_s.get(self.own_ip, 0.0) + self.delays_s.get(target[0], 0.0)
 
-    def _maybe_close(self) -> None:
-        # Close a side once nothing more can flow to it: its inbound pipe has finished, and
-        # either its outbound one has too or its peer is gone.
-        for side in (self.client, self.upstream):
-            t = side.transport
-            if t is None or t.is_closing():
-                continue
-            if side.into.done and (side.out.done or side.out.eof):
-                t.close()  # flushes the write buffer first
-
-    def abort(self) -> None:
-        if self.opening is not None and not self.opening.done():
-            self.opening.cancel()
-        for pipe in (self.up_pipe, self.down_pipe):
-            pipe.cancel()
-        for side in (self.client, self.upstream):
-            if side.transport is not None:
-                side.transport.abort()
-        self.proxy.connections.discard(self)
+    def min_delay_s(self) -> float:
+        """The smallest delay any connection from here gets (sizes the coalescing window)."""
+        others = [d for ip, d in self.delays_s.items() if ip != self.own_ip]
+        return self.delays_s.get(self.own_ip, 0.0) + min(others, default=0.0)
 
 
-class _Proxy:
-    def __init__(self, target: tuple[str, int], delay_s: float, limit: int) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.target = target
-        self.delay_s = delay_s
-        self.limit = limit
-        self.connections: set[_Connection] = set()
+async def _control(
+    router: TransparentRouter, on_update: Callable[[], None], path: str
+) -> asyncio.Server:
+    """Serve ``{"delays_ms": {ip: ms}}`` lines on a unix socket; reply once they apply."""
 
-    def accept(self) -> _Side:
-        conn = _Connection(self)
-        self.connections.add(conn)
-        conn.opening = self.loop.create_task(conn.open_upstream())  # keep a reference
-        return conn.client
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.closing(writer):
+            while line := await reader.readline():
+                try:
+                    delays = json.loads(line)["delays_ms"]
+                    router.delays_s = {str(ip): float(ms) / 1000.0 for ip, ms in delays.items()}
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    writer.write(json.dumps({"ok": False, "error": str(exc)}).encode() + b"\n")
+                else:
+                    on_update()
+                    writer.write(b'{"ok": true}\n')
+                await writer.drain()
+
+    return await asyncio.start_unix_server(handle, path)
 
 
-async def _serve(args: argparse.Namespace) -> None:
+async def _serve(args: argparse.Namespace, selector: _CoalescingSelector) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    proxy = _Proxy(args.target, args.delay_ms / 1000.0, args.max_buffer_kb * 1024)
+    limit = args.max_buffer_kb * 1024
+    control = None
+    if args.transparent_for is not None:
+        router = TransparentRouter(args.transparent_for, {})
+        relay = Relay(router, limit, mark=args.mark)
+
+        def on_update() -> None:
+            relay.reroute()
+            selector.coalesce_s = _coalesce_s(args, router.min_delay_s())
+
+        control = await _control(router, on_update, args.control)
+    else:
+        relay = Relay(FixedRouter(args.target, args.delay_ms / 1000.0), limit)
     server = await loop.create_server(
-        proxy.accept, args.listen_host, args.listen_port, reuse_address=True, backlog=1024
+        relay.accept, args.listen_host, args.listen_port, reuse_address=True, backlog=1024
     )
     port = server.sockets[0].getsockname()[1]
     sys.stdout.write(json.dumps({"port": port}) + "\n")
@@ -289,8 +178,9 @@ async def _serve(args: argparse.Namespace) -> None:
     watcher = loop.create_task(watch_parent()) if args.parent_pid else None
     await stop.wait()
     server.close()
-    for conn in list(proxy.connections):
-        conn.abort()
+    if control is not None:
+        control.close()
+    relay.abort_all()
     if watcher is not None:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -306,8 +196,18 @@ def _address(text: str) -> tuple[str, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cotrain.netem.proxy", description=__doc__)
-    parser.add_argument("--target", type=_address, required=True, help="HOST:PORT to forward to")
-    parser.add_argument("--delay-ms", type=float, required=True, help="one-way added latency")
+    parser.add_argument("--target", type=_address, help="HOST:PORT to forward to")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way added latency")
+    parser.add_argument(
+        "--transparent-for",
+        metavar="OWN_IP",
+        help="agent mode: forward nftables-redirected connections to their original "
+        "destination, with delays set through --control (instead of --target/--delay-ms)",
+    )
+    parser.add_argument("--control", help="agent mode: unix socket for delay updates")
+    parser.add_argument(
+        "--mark", type=lambda v: int(v, 0), default=0x213, help="agent mode: SO_MARK of upstreams"
+    )
     parser.add_argument("--listen-host", default="0.0.0.0", help="address to listen on")
     parser.add_argument("--listen-port", type=int, default=0, help="port to listen on, 0: any")
     parser.add_argument(
@@ -331,6 +231,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.delay_ms < 0:
         parser.error("--delay-ms must be >= 0")
+    if args.transparent_for is None and args.target is None:
+        parser.error("give --target HOST:PORT (or --transparent-for OWN_IP for agent mode)")
+    if args.transparent_for is not None and args.control is None:
+        parser.error("--transparent-for needs --control PATH")
     if args.max_buffer_kb < 64:
         parser.error("--max-buffer-kb must be >= 64")
     if args.coalesce_ms is not None and args.coalesce_ms < 0:
@@ -338,17 +242,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _coalesce_s(args: argparse.Namespace, delay_s: float) -> float:
+    if args.coalesce_ms is not None:
+        return float(args.coalesce_ms) / 1000.0
+    return min(MAX_COALESCE_S, delay_s * COALESCE_FRACTION)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with contextlib.suppress(PermissionError):
         os.setpriority(os.PRIO_PROCESS, 0, args.nice)
-    if args.coalesce_ms is None:
-        coalesce_s = min(MAX_COALESCE_S, args.delay_ms / 1000.0 * COALESCE_FRACTION)
-    else:
-        coalesce_s = args.coalesce_ms / 1000.0
-    loop = asyncio.SelectorEventLoop(_CoalescingSelector(coalesce_s))
+    selector = _CoalescingSelector(_coalesce_s(args, args.delay_ms / 1000.0))
+    loop = asyncio.SelectorEventLoop(selector)
     try:
-        loop.run_until_complete(_serve(args))
+        loop.run_until_complete(_serve(args, selector))
     except OSError as exc:  # e.g. the listen port is taken
         print(f"delay proxy: {exc}", file=sys.stderr)
         sys.exit(2)
