@@ -6,6 +6,7 @@ Topology (one instance; every name below lives inside namespaces of this instanc
     lo, eth0 10.213.0.2 ══veth══ p0 ─┐                  ┌─ p1 ══veth══ eth0 10.213.0.3, lo
       tbf on eth0 (upload)           │   br0 (bridge)   │   tbf on p1 (host 1's download)
       nft loss on eth0 in+out     p0: tbf (download)  ... ...
+      delay agent on 127.0.0.1 (only once a delay is set; TCP out of eth0 goes through it)
 
 Each host's upload is shaped by ``tbf`` on its ``eth0`` and its download by ``tbf`` on the
 switch end of its veth, so both are ``rate_mbit``. Loss is an nftables rule on the host side,
@@ -167,7 +168,7 @@ class WanNetwork:
         return self.hosts[host_index]
 
     def link(self, host_index: int) -> LinkSettings:
-        """The rate and loss host ``host_index``'s link has now."""
+        """The rate, loss and delay host ``host_index``'s link has now."""
         self._host(host_index)
         return self._links[host_index]
 
