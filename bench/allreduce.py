@@ -21,17 +21,20 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.table import Table
 
-from cotrain.comm.config import CommConfig  # noqa: E402
-from cotrain.comm.launch import start_master, start_peer  # noqa: E402
-from cotrain.comm.program import PeerProgramConfig  # noqa: E402
+from cotrain.comm.config import CommConfig
+from cotrain.comm.launch import Proc, start_master, start_peer
+from cotrain.comm.program import PeerProgramConfig
+from cotrain.netem import DelayProxy, WanNetwork, netns_unavailable_reason
+from cotrain.netem.netns import in_ns
 
 SECRET = "bench-secret"
 
@@ -45,83 +48,62 @@ def free_port() -> int:
 # ---- cotrain -------------------------------------------------------------------------------------
 
 
+def _peer_config(
+    comm: CommConfig, index: int, world: int, numel: int, quant: str, rounds: int
+) -> PeerProgramConfig:
+    """A benchmark peer: one warm-up round, then ``rounds`` timed sums, each after a barrier."""
+    return PeerProgramConfig(
+        comm=comm,
+        index=index,
+        numel=numel,
+        rounds=rounds + 1,
+        world=world,
+        op="sum",
+        quantization=quant,
+        barrier=True,
+        digest=False,
+    )
+
+
+def _collect(procs: list[Proc]) -> tuple[list[float], float]:
+    """Per-round time of the slowest peer (warm-up round 0 dropped), and the peers' CPU seconds."""
+    per_round: dict[int, float] = {}
+    cpu_s = 0.0
+    for p in procs:
+        while True:
+            ev = p.next_event(600)
+            if ev["event"] == "round":
+                per_round[ev["round"]] = max(per_round.get(ev["round"], 0.0), ev["seconds"])
+            if ev["event"] == "done":
+                cpu_s += ev["cpu_user_s"] + ev["cpu_sys_s"]
+                break
+            if ev["event"] == "failed":
+                raise RuntimeError(f"cotrain peer failed: {ev}")
+    return [per_round[r] for r in sorted(per_round) if r > 0], cpu_s
+
+
 def run_cotrain(
-    world: int, numel: int, quant: str, rounds: int, *, streams: int = 4, wan: Any = None
+    world: int, numel: int, quant: str, rounds: int, *, streams: int = 4
 ) -> list[float]:
     """Per-round collective time (slowest peer) for ``rounds`` rounds after one warm-up."""
-    wrappers: list[list[str]] = [[] for _ in range(world + 1)]
-    master_host = "127.0.0.1"
-    if wan is not None:
-        net, delay_ms = wan
-        from cotrain.netem.netns import in_ns
-
-        wrappers = [in_ns(h.name, []) for h in net.hosts]
-        master_host = net.hosts[world].ip
-    master, port = start_master(SECRET, host=master_host, wrapper=wrappers[world])
-    proxies = []
+    master, port = start_master(SECRET)
     procs = []
     try:
-        if wan is not None:
-            mproxy = net.hosts[world].start_delay_proxy(
-                listen_port=0, target=(master_host, port), delay_ms=delay_ms
-            )
-            proxies.append(mproxy)
         for i in range(world):
             comm = CommConfig(
                 master_port=port,
                 streams=streams,
-                master_host=master_host,
                 chunk_kb=int(os.environ.get("CK", "512")),
             )
-            if wan is not None:
-                h = net.hosts[i]
-                data_port = 47000 + i
-                proxy = h.start_delay_proxy(
-                    listen_port=0, target=("127.0.0.1", data_port), delay_ms=delay_ms
-                )
-                proxies.append(proxy)
-                comm = CommConfig(
-                    master_host=net.hosts[world].ip,
-                    master_port=mproxy.port,
-                    streams=streams,
-                    listen_host="0.0.0.0",
-                    listen_port=data_port,
-                    advertise_host=h.ip,
-                    advertise_port=proxy.port,
-                    heartbeat_interval_s=0.5,
-                )
-            cfg = PeerProgramConfig(
-                comm=comm,
-                index=i,
-                numel=numel,
-                rounds=rounds + 1,
-                world=world,
-                op="sum",
-                quantization=quant,  # type: ignore[arg-type]
-                barrier=True,
-                digest=False,
-            )
-            procs.append(start_peer(cfg, SECRET, wrapper=wrappers[i]))
-        per_round: dict[int, float] = {}
-        for p in procs:
-            while True:
-                ev = p.next_event(600)
-                if ev["event"] == "round":
-                    per_round[ev["round"]] = max(per_round.get(ev["round"], 0.0), ev["seconds"])
-                if ev["event"] == "done":
-                    break
-                if ev["event"] == "failed":
-                    raise RuntimeError(f"cotrain peer failed: {ev}")
-        return [per_round[r] for r in sorted(per_round) if r > 0]
+            procs.append(start_peer(_peer_config(comm, i, world, numel, quant, rounds), SECRET))
+        return _collect(procs)[0]
     finally:
         for p in procs:
             p.stop()
         master.stop()
-        for pr in proxies:
-            pr.stop()
 
 
-# ---- gloo ------------------------------------------------------------------------------------------
+# ---- gloo ----------------------------------------------------------------------------------------
 
 
 def gloo_worker(rank: int, world: int, port: int, numel: int, rounds: int, host: str) -> None:
@@ -168,7 +150,7 @@ def run_gloo(world: int, numel: int, rounds: int) -> list[float]:
     return [max(ts) for ts in zip(*results, strict=True)]
 
 
-# ---- raw TCP ceiling -------------------------------------------------------------------------------
+# ---- raw TCP ceiling -----------------------------------------------------------------------------
 
 
 def run_tcp(nbytes: int, rounds: int) -> list[float]:
@@ -203,7 +185,7 @@ def run_tcp(nbytes: int, rounds: int) -> list[float]:
     return times[1:]
 
 
-# ---- driver ----------------------------------------------------------------------------------------
+# ---- driver --------------------------------------------------------------------------------------
 
 
 def row(
@@ -246,6 +228,16 @@ def main() -> None:
     ap.add_argument("--quants", type=str, default="")
     ap.add_argument("--link-mbit", type=float, default=100.0)
     ap.add_argument("--delay-ms", type=float, default=20.0)
+    ap.add_argument("--wan-only", action="store_true", help="--wan without the loopback runs")
+    ap.add_argument("--wan-rounds", type=int, default=3, help="timed rounds per WAN case")
+    ap.add_argument("--wan-streams", type=int, default=4, help="CommConfig.streams on the WAN")
+    ap.add_argument("--wan-chunk-kb", type=int, default=512, help="CommConfig.chunk_kb on the WAN")
+    ap.add_argument(
+        "--wan-segmentation",
+        choices=["mtu", "gso"],
+        default="mtu",
+        help="WanConfig.segmentation: mtu = one packet per MSS, as on a real WAN",
+    )
     ap.add_argument("--gloo-worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.gloo_worker:
@@ -262,7 +254,7 @@ def main() -> None:
     rounds = args.rounds or (3 if args.quick else 5)
     console = Console()
     rows: list[dict[str, Any]] = []
-    for size in sizes:
+    for size in [] if args.wan_only else sizes:
         numel = int(size * 2**20 / 4)
         rows.append(row("tcp", "loopback", 2, size, "none", run_tcp(int(size * 2**20), rounds)))
         for world in worlds:
@@ -283,11 +275,15 @@ def main() -> None:
                     )
                 )
             console.print(f"done: {size} MiB, world {world}")
-    if args.wan:
-        rows += run_wan(args, sizes, quants, rounds, console)
+    if args.wan or args.wan_only:
+        rows += run_wan(args, sizes, quants, console)
     gloo = {(r["world"], r["size_mib"]): r["median_s"] for r in rows if r["impl"] == "gloo"}
     for r in rows:
-        if r["impl"] == "cotrain" and (r["world"], r["size_mib"]) in gloo:
+        if (
+            r["impl"] == "cotrain"
+            and r["setup"] == "loopback"
+            and (r["world"], r["size_mib"]) in gloo
+        ):
             r["vs_gloo_busbw"] = gloo[(r["world"], r["size_mib"])] / r["median_s"]
     table = Table(title="all-reduce (median of timed rounds; slowest peer)")
     for col in (
@@ -300,6 +296,7 @@ def main() -> None:
         "busbw GB/s",
         "vs gloo",
         "x ring bound",
+        "x fp32 time",
     ):
         table.add_column(col, justify="right")
     for r in rows:
@@ -313,6 +310,7 @@ def main() -> None:
             f"{r['busbw_gbps']:.3f}",
             f"{r['vs_gloo_busbw']:.2f}" if "vs_gloo_busbw" in r else "",
             f"{r['bound_ratio']:.2f}" if "bound_ratio" in r else "",
+            f"{r['vs_fp32_time']:.2f}" if "vs_fp32_time" in r else "",
         )
     console.print(table)
     if args.json:
@@ -321,26 +319,186 @@ def main() -> None:
         console.print(f"wrote {args.json}")
 
 
-def run_wan(
-    args: argparse.Namespace, sizes: list[float], quants: list[str], rounds: int, console: Console
-) -> list[dict[str, Any]]:
-    from cotrain.netem import WanNetwork, netns_unavailable_reason
+# ---- emulated WAN (network namespaces, root) -----------------------------------------------------
+#
+# Hosts 0..N-1 run one peer each, host N the master; every host has its own namespace and a link
+# shaped to --link-mbit each way (tbf). Latency comes from a delay proxy in front of every server
+# (each peer's data server and the master): a peer listens on 0.0.0.0:WAN_DATA_PORT of its host
+# and advertises (host ip, proxy port), so every ring connection crosses two shaped links and
+# one proxy that holds each byte --delay-ms. The round trip of a ring connection is thus
+# 2 x delay (the proxy delays data one way and ACK-clocking the other, as a real path would).
 
+WAN_DATA_PORT = 47000  # the same in every host: each host is its own namespace
+
+
+@dataclass
+class WanRun:
+    """One cotrain run on the emulated WAN: timed rounds plus where the CPU went."""
+
+    times: list[float]
+    peer_cpu_s: float  # user + system of all peers over the whole run (warm-up included)
+    proxy_cpu_s: float  # all delay proxies (peers' and master's), same span
+    wall_s: float  # the whole run, from starting the master to the last peer's exit
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (fields 14 and 15 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_cotrain_wan(
+    net: WanNetwork,
+    world: int,
+    numel: int,
+    quant: str,
+    rounds: int,
+    *,
+    delay_ms: float,
+    streams: int,
+    chunk_kb: int,
+) -> WanRun:
+    """``world`` peers on hosts 0..world-1 and the master on host ``world``, all behind proxies."""
+    t0 = time.perf_counter()
+    mhost = net.hosts[world]
+    master, port = start_master(SECRET, host=mhost.ip, wrapper=in_ns(mhost.name, []))
+    proxies: list[DelayProxy] = []
+    procs: list[Proc] = []
+    try:
+        mproxy = mhost.start_delay_proxy(target=(mhost.ip, port), delay_ms=delay_ms)
+        proxies.append(mproxy)
+        for i, host in enumerate(net.hosts[:world]):
+            proxy = host.start_delay_proxy(target=("127.0.0.1", WAN_DATA_PORT), delay_ms=delay_ms)
+            proxies.append(proxy)
+            comm = CommConfig(
+                master_host=mhost.ip,
+                master_port=mproxy.port,
+                streams=streams,
+                chunk_kb=chunk_kb,
+                listen_host="0.0.0.0",
+                listen_port=WAN_DATA_PORT,
+                advertise_host=host.ip,
+                advertise_port=proxy.port,
+            )
+            cfg = _peer_config(comm, i, world, numel, quant, rounds)
+            procs.append(start_peer(cfg, SECRET, wrapper=in_ns(host.name, [])))
+        times, peer_cpu_s = _collect(procs)
+        proxy_cpu_s = sum(_cpu_s(pr.process.pid) for pr in proxies)
+        for p in procs:
+            p.popen.wait(30)
+        return WanRun(times, peer_cpu_s, proxy_cpu_s, time.perf_counter() - t0)
+    finally:
+        for p in procs:
+            p.stop()
+        master.stop()
+        for pr in proxies:
+            pr.stop()
+
+
+def run_tcp_wan(net: WanNetwork, nbytes: int, rounds: int, *, delay_ms: float) -> list[float]:
+    """The WAN ceiling: one TCP stream from host 0 to host 1 through a delay proxy, plain sockets.
+
+    Each round sends ``nbytes`` and waits for a 1-byte reply, so it costs one extra round trip.
+    """
+    src, dst = net.hosts[0], net.hosts[1]
+    srv = dst.listen()
+    proxy = dst.start_delay_proxy(target=("127.0.0.1", srv.getsockname()[1]), delay_ms=delay_ms)
+    times: list[float] = []
+    errors: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            conn, _ = srv.accept()
+            with conn:
+                buf = bytearray(4 << 20)
+                for _ in range(rounds + 1):
+                    left = nbytes
+                    while left:
+                        got = conn.recv_into(buf, min(left, len(buf)))
+                        if not got:
+                            raise ConnectionError("sender went away")
+                        left -= got
+                    conn.sendall(b"k")
+        except BaseException as e:  # reported by the sender's side below
+            errors.append(e)
+
+    t = threading.Thread(target=receive, daemon=True)
+    t.start()
+    try:
+        payload = memoryview(bytearray(nbytes))
+        with src.connect((dst.ip, proxy.port), timeout_s=600) as c:
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(rounds + 1):
+                t1 = time.perf_counter()
+                c.sendall(payload)
+                if c.recv(1) != b"k":
+                    raise RuntimeError(f"tcp ceiling: receiver failed: {errors}")
+                times.append(time.perf_counter() - t1)
+        t.join(30)
+    finally:
+        srv.close()
+        proxy.stop()
+    return times[1:]
+
+
+def run_wan(
+    args: argparse.Namespace, sizes: list[float], quants: list[str], console: Console
+) -> list[dict[str, Any]]:
     reason = netns_unavailable_reason()
     if reason is not None:
         console.print(f"[yellow]skipping --wan: {reason}")
         return []
+    worlds = [int(x) for x in args.worlds.split(",")] if args.worlds else [4]
     rows = []
-    world = 4
-    with WanNetwork(n_hosts=world + 1, rate_mbit=args.link_mbit) as net:
+    with WanNetwork(
+        n_hosts=max(worlds) + 1, rate_mbit=args.link_mbit, segmentation=args.wan_segmentation
+    ) as net:
         for size in sizes:
-            numel = int(size * 2**20 / 4)
-            for q in quants:
-                times = run_cotrain(world, numel, q, max(2, rounds // 2), wan=(net, args.delay_ms))
-                rows.append(
-                    row("cotrain", "netns", world, size, q, times, link_mbit=args.link_mbit)
-                )
-                console.print(f"done: wan {size} MiB {q}: {statistics.median(times):.2f}s")
+            nbytes = int(size * 2**20)
+            times = run_tcp_wan(net, nbytes, args.wan_rounds, delay_ms=args.delay_ms)
+            rows.append(row("tcp", "netns", 2, size, "none", times, link_mbit=args.link_mbit))
+            console.print(f"done: wan tcp {size:g} MiB: {statistics.median(times):.2f}s")
+            for world in worlds:
+                for q in quants:
+                    run = run_cotrain_wan(
+                        net,
+                        world,
+                        nbytes // 4,
+                        q,
+                        args.wan_rounds,
+                        delay_ms=args.delay_ms,
+                        streams=args.wan_streams,
+                        chunk_kb=args.wan_chunk_kb,
+                    )
+                    r = row("cotrain", "netns", world, size, q, run.times, link_mbit=args.link_mbit)
+                    r |= {
+                        "times_s": run.times,
+                        "streams": args.wan_streams,
+                        "chunk_kb": args.wan_chunk_kb,
+                        "delay_ms": args.delay_ms,
+                        "link_mbit": args.link_mbit,
+                        "segmentation": args.wan_segmentation,
+                        "peer_cpu_s": run.peer_cpu_s,
+                        "proxy_cpu_s": run.proxy_cpu_s,
+                        "run_wall_s": run.wall_s,
+                        "load_avg_1m": os.getloadavg()[0],
+                    }
+                    rows.append(r)
+                    console.print(
+                        f"done: wan world {world}, {size:g} MiB {q}: {r['median_s']:.2f}s "
+                        f"= {r['bound_ratio']:.2f} x ring bound; CPU peers {run.peer_cpu_s:.1f}s "
+                        f"proxies {run.proxy_cpu_s:.1f}s in {run.wall_s:.1f}s"
+                    )
+    fp32 = {
+        (r["world"], r["size_mib"]): r["median_s"]
+        for r in rows
+        if r["impl"] == "cotrain" and r["quant"] == "none"
+    }
+    for r in rows:
+        key = (r["world"], r["size_mib"])
+        if r["impl"] == "cotrain" and r["quant"] != "none" and key in fp32:
+            r["vs_fp32_time"] = r["median_s"] / fp32[key]
     return rows
 
 

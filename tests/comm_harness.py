@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 
 class MasterThread:
-    """A master in its own event loop thread; ``stop()`` closes it (a master crash, as peers see it)."""
+    """A master in its own event loop thread; ``stop()`` closes it (a crash, as peers see it)."""
 
     def __init__(self, port: int = 0, **kwargs: Any) -> None:
         self.loop = asyncio.new_event_loop()
@@ -39,8 +39,14 @@ class MasterThread:
 
 
 def peer_config(port: int, **kwargs: Any) -> CommConfig:
-    base: dict[str, Any] = dict(master_port=port, secret=SECRET, heartbeat_interval_s=0.2,
-                                connect_timeout_s=5.0, request_timeout_s=30.0, chunk_kb=16)
+    base: dict[str, Any] = dict(
+        master_port=port,
+        secret=SECRET,
+        heartbeat_interval_s=0.2,
+        connect_timeout_s=5.0,
+        request_timeout_s=30.0,
+        chunk_kb=16,
+    )
     base.update(kwargs)
     return CommConfig(**base)
 

@@ -13,8 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.timeout(60)
 def test_help_lists_the_roles() -> None:
-    out = subprocess.run([sys.executable, "-m", "cotrain", "--help"], capture_output=True,
-                         text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "cotrain", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     for word in ("master", "peer", "demo"):
         assert word in out
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from comm_harness import cluster, parallel
 
 from cotrain.comm import Communicator
 from cotrain.comm.quant import bf16_bits_to_fp32, fp32_to_bf16_bits
-
-from comm_harness import cluster, parallel
 
 OPS = ["sum", "avg", "min", "max"]
 QUANTS = ["none", "fp16", "bf16", "int8", "int8_minmax", "int4"]
@@ -97,7 +96,12 @@ def test_async_all_reduce_and_broadcast() -> None:
         assert results[0].world_size == 4 and results[0].bytes_sent > 0
         for root in (0, 2):
             bs = [np.full(7777, float(c.rank * 10), dtype=np.float32) for c in comms]
-            parallel([lambda c=c, b=b: c.broadcast(b, root=root) for c, b in zip(comms, bs, strict=True)])
+            parallel(
+                [
+                    lambda c=c, b=b, r=root: c.broadcast(b, root=r)
+                    for c, b in zip(comms, bs, strict=True)
+                ]
+            )
             assert all(np.all(b == root * 10) for b in bs)
 
 

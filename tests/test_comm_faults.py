@@ -21,8 +21,14 @@ SEED = 11
 
 
 def config(port: int, index: int, **kw) -> PeerProgramConfig:
-    comm = CommConfig(master_port=port, chunk_kb=64, streams=2, heartbeat_interval_s=0.25,
-                      stall_timeout_s=30.0, master_reconnect_timeout_s=30.0)
+    comm = CommConfig(
+        master_port=port,
+        chunk_kb=64,
+        streams=2,
+        heartbeat_interval_s=0.25,
+        stall_timeout_s=30.0,
+        master_reconnect_timeout_s=30.0,
+    )
     base = dict(comm=comm, index=index, numel=NUMEL, seed=SEED, op="sum", world=4, rounds=4)
     base.update(kw)
     return PeerProgramConfig(**base)
@@ -57,8 +63,10 @@ def run_fault(port: int, tmp_path: Path, kind: str) -> None:
     victim = 3
     plan = FaultPlan(faults=[Fault(kind=kind, at_collective=1, after_chunks=2)])  # type: ignore[arg-type]
     procs = [
-        start_peer(config(port, i, out_dir=str(tmp_path), faults=plan if i == victim else FaultPlan()),
-                   SECRET)
+        start_peer(
+            config(port, i, out_dir=str(tmp_path), faults=plan if i == victim else FaultPlan()),
+            SECRET,
+        )
         for i in range(4)
     ]
     try:
@@ -72,7 +80,7 @@ def run_fault(port: int, tmp_path: Path, kind: str) -> None:
             rounds = {e["round"]: e for e in events if e["event"] == "round"}
             assert sorted(rounds) == [0, 1, 2, 3]
             assert rounds[0]["world"] == 4 and rounds[1]["world"] == 3
-        check_round(tmp_path, 0, [0, 1, 2, 3], survivors + [victim])
+        check_round(tmp_path, 0, [0, 1, 2, 3], [*survivors, victim])
         for rnd in (1, 2, 3):
             check_round(tmp_path, rnd, survivors, survivors)
     finally:
@@ -101,8 +109,9 @@ def test_cut_link_mid_collective(master: int, tmp_path: Path) -> None:
 @pytest.mark.timeout(90)
 def test_joiner_receives_shared_state(master: int, tmp_path: Path) -> None:
     many = 100_000  # the first peers run until stopped; the joiner is checked over 10 rounds
-    procs = [start_peer(config(master, i, world=3, rounds=many, numel=4096), SECRET)
-             for i in range(3)]
+    procs = [
+        start_peer(config(master, i, world=3, rounds=many, numel=4096), SECRET) for i in range(3)
+    ]
     try:
         procs[0].wait_for("round", 30, round=5)
         joiner = start_peer(config(master, 3, join=True, rounds=many, numel=4096), SECRET)
@@ -133,8 +142,10 @@ def _free_port() -> int:
 def test_master_restart_the_run_goes_on(tmp_path: Path) -> None:
     port = _free_port()
     m1, _ = start_master(SECRET, port=port)
-    procs = [start_peer(config(port, i, world=3, rounds=30, numel=65536, out_dir=str(tmp_path)),
-                        SECRET) for i in range(3)]
+    procs = [
+        start_peer(config(port, i, world=3, rounds=30, numel=65536, out_dir=str(tmp_path)), SECRET)
+        for i in range(3)
+    ]
     m2 = None
     try:
         procs[0].wait_for("round", 30, round=4)

@@ -9,6 +9,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from comm_harness import SECRET, MasterThread, cluster, parallel, parallel_outcomes, peer_config
 
 from cotrain.comm import (
     AuthError,
@@ -21,8 +22,6 @@ from cotrain.comm import (
 )
 from cotrain.comm.auth import client_handshake
 from cotrain.comm.frames import MAGIC, VERSION, pack_json, recv_json
-
-from comm_harness import SECRET, MasterThread, cluster, parallel, parallel_outcomes, peer_config
 
 
 def _raw(port: int) -> socket.socket:
@@ -45,7 +44,9 @@ def test_wrong_secret_is_refused_by_master_and_peers() -> None:
         s.close()
         # the run is unaffected
         xs = [np.ones(1000, np.float32) for _ in comms]
-        parallel([lambda c=c, x=x: c.all_reduce(x, op="sum") for c, x in zip(comms, xs, strict=True)])
+        parallel(
+            [lambda c=c, x=x: c.all_reduce(x, op="sum") for c, x in zip(comms, xs, strict=True)]
+        )
         assert all(np.all(x == 2) for x in xs)
 
 
@@ -71,8 +72,10 @@ def test_garbage_oversized_and_half_open_connections_do_not_wedge_anything() -> 
             assert s.recv(1) == b""  # dropped
             s.close()
             # authenticated, then a frame that is not JSON, then wrong magic
-            for payload in (struct.pack("!2sBBI", MAGIC, VERSION, 1, 5) + b"\xff\xfe{{{",
-                            b"XX" + b"\x01\x01\x00\x00\x00\x02{}"):
+            for payload in (
+                struct.pack("!2sBBI", MAGIC, VERSION, 1, 5) + b"\xff\xfe{{{",
+                b"XX" + b"\x01\x01\x00\x00\x00\x02{}",
+            ):
                 s = _raw(port)
                 client_handshake(s, SECRET.encode())
                 s.sendall(payload)
@@ -88,7 +91,9 @@ def test_garbage_oversized_and_half_open_connections_do_not_wedge_anything() -> 
         s.close()
         # everything still works with the half-open sockets still open
         xs = [np.full(5000, 3.0, np.float32) for _ in comms]
-        parallel([lambda c=c, x=x: c.all_reduce(x, op="sum") for c, x in zip(comms, xs, strict=True)])
+        parallel(
+            [lambda c=c, x=x: c.all_reduce(x, op="sum") for c, x in zip(comms, xs, strict=True)]
+        )
         assert all(np.all(x == 6) for x in xs)
         for s in idle:
             s.close()
@@ -110,40 +115,77 @@ def test_mismatched_shapes_dtypes_ops_raise_on_every_peer_and_leave_inputs() -> 
             assert all(np.array_equal(a, b) for a, b in zip(xs, before, strict=True))
         ops = ["sum", "sum", "max"]
         outcomes = parallel_outcomes(
-            [lambda c=c, op=op: c.all_reduce(np.ones(4, np.float32), op=op)
-             for c, op in zip(comms, ops, strict=True)]
+            [
+                lambda c=c, op=op: c.all_reduce(np.ones(4, np.float32), op=op)
+                for c, op in zip(comms, ops, strict=True)
+            ]
         )
         assert all(isinstance(o, MismatchError) for o in outcomes)
         # mismatches do not break the ring
         xs = [np.ones(100, np.float32) for _ in comms]
-        parallel([lambda c=c, x=x: c.all_reduce(x, op="sum") for c, x in zip(comms, xs, strict=True)])
+        parallel(
+            [lambda c=c, x=x: c.all_reduce(x, op="sum") for c, x in zip(comms, xs, strict=True)]
+        )
         assert all(np.all(x == 3) for x in xs)
 
 
 @pytest.mark.timeout(60)
 def test_shared_state_majority_wins_and_revision_must_step_by_one() -> None:
     with cluster(3) as (_, comms):
-        states = [{"w": np.full(100, 1.0, np.float32), "step": np.array([7], np.int64)}
-                  for _ in comms]
+        states = [
+            {"w": np.full(100, 1.0, np.float32), "step": np.array([7], np.int64)} for _ in comms
+        ]
         states[2]["w"][:] = 9.0  # the odd one out
-        results = parallel([lambda c=c, s=s: c.sync_shared_state(s, revision=1)
-                            for c, s in zip(comms, states, strict=True)])
+        results = parallel(
+            [
+                lambda c=c, s=s: c.sync_shared_state(s, revision=1)
+                for c, s in zip(comms, states, strict=True)
+            ]
+        )
         assert [r.fetched for r in results] == [False, False, True]
         assert np.all(states[2]["w"] == 1.0) and results[2].bytes_received == 400
         assert all(c.revision == 1 for c in comms)
-        outcomes = parallel_outcomes([lambda c=c, s=s: c.sync_shared_state(s, revision=3)
-                                      for c, s in zip(comms, states, strict=True)])
+        outcomes = parallel_outcomes(
+            [
+                lambda c=c, s=s: c.sync_shared_state(s, revision=3)
+                for c, s in zip(comms, states, strict=True)
+            ]
+        )
         assert all(isinstance(o, RevisionError) for o in outcomes), outcomes
-        results = parallel([lambda c=c, s=s: c.sync_shared_state(s, revision=2)
-                            for c, s in zip(comms, states, strict=True)])
+        results = parallel(
+            [
+                lambda c=c, s=s: c.sync_shared_state(s, revision=2)
+                for c, s in zip(comms, states, strict=True)
+            ]
+        )
         assert all(r.revision == 2 and not r.fetched for r in results)
 
 
 def _self_signed(tmp_path) -> TLSConfig:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj",
-                    "/CN=cotrain-test"], check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=cotrain-test",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     return TLSConfig(cert_file=str(cert), key_file=str(key), ca_file=str(cert))
 
 
@@ -157,7 +199,9 @@ def test_tls_everywhere(tmp_path) -> None:
             c.connect()
         parallel([lambda c=c: c.wait_for_world(2, timeout_s=20) for c in comms])
         xs = [np.full(10_000, 2.0, np.float32) for _ in comms]
-        parallel([lambda c=c, x=x: c.all_reduce(x, op="sum") for c, x in zip(comms, xs, strict=True)])
+        parallel(
+            [lambda c=c, x=x: c.all_reduce(x, op="sum") for c, x in zip(comms, xs, strict=True)]
+        )
         assert all(np.all(x == 4) for x in xs)
         plain = Communicator(peer_config(master.port, connect_timeout_s=2))
         with pytest.raises((MasterUnreachableError, OSError, AuthError)):

@@ -6,10 +6,9 @@ import itertools
 
 import numpy as np
 import pytest
+from comm_harness import cluster, parallel
 
 from cotrain.comm.topology import best_ring, ring_score
-
-from comm_harness import cluster, parallel
 
 
 def test_best_ring_maximises_the_slowest_link() -> None:
@@ -43,5 +42,7 @@ def test_optimize_topology_probes_and_reorders_consistently() -> None:
         assert sorted(rings[0]) == sorted(c.peer_id for c in comms)
         assert all(c.epoch == before + 1 for c in comms)
         xs = [np.full(1000, 1.0, np.float32) for _ in comms]
-        parallel([lambda c=c, x=x: c.all_reduce(x, op="sum") for c, x in zip(comms, xs, strict=True)])
+        parallel(
+            [lambda c=c, x=x: c.all_reduce(x, op="sum") for c, x in zip(comms, xs, strict=True)]
+        )
         assert all(np.all(x == 4) for x in xs)

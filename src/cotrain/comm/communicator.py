@@ -39,6 +39,7 @@ from cotrain.comm.errors import (
 from cotrain.comm.faults import FaultInjector, FaultPlan
 from cotrain.comm.frames import recv_exact
 from cotrain.comm.quant import codec_for
+from cotrain.comm.ring import TransferStats
 from cotrain.comm.state import digest, fetch_state, serve_state, views
 from cotrain.comm.tensors import flat_view
 from cotrain.comm.transport import DataServer, close_quietly, dial
@@ -477,7 +478,7 @@ class Communicator:
             links = self._links
             assert links is not None
             if n == 1:
-                return self._account(ring.TransferStats(), t0)
+                return self._account(TransferStats(), t0)
             try:
                 stats = ring.broadcast(
                     data,
@@ -498,7 +499,7 @@ class Communicator:
                 view.commit()
             return self._account(stats, t0)
 
-    def _account(self, stats: ring.TransferStats, t0: float) -> CollectiveResult:
+    def _account(self, stats: TransferStats, t0: float) -> CollectiveResult:
         self.bytes_sent += stats.bytes_sent
         self.bytes_received += stats.bytes_received
         return CollectiveResult(
@@ -539,7 +540,7 @@ class Communicator:
                     )
                 )
 
-                def match(kind: type) -> Any:
+                def match(kind: Any) -> Any:
                     return lambda x: (
                         isinstance(x, kind | m.Error) and x.epoch == epoch and x.seq == seq
                     )

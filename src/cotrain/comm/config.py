@@ -68,7 +68,7 @@ class CommConfig(ConfigModel):
     heartbeat_interval_s: float = Field(default=0.5, gt=0)
     """How often this peer tells the master it is alive."""
     stall_timeout_s: float = Field(default=30.0, gt=0)
-    """A ring socket with no progress for this long fails the collective (backstop to heartbeats)."""
+    """A ring socket with no progress this long fails the collective (backstop to heartbeats)."""
     connect_timeout_s: float = Field(default=10.0, gt=0)
     """Time to reach the master or a neighbour (including the handshake)."""
     request_timeout_s: float = Field(default=600.0, gt=0)

@@ -213,7 +213,7 @@ class MasterLink:
         what: str,
         abort_check: Callable[[], str | None] | None = None,
     ) -> Any:
-        """Pop the first inbox message matching ``pred``; typed errors for every way it cannot come."""
+        """Pop the first inbox message matching ``pred``; a typed error for each way it cannot."""
         with self.cond:
             while True:
                 for i, msg in enumerate(self._inbox):

@@ -4,13 +4,13 @@
 
     CommError (CotrainError)
     ├── AuthError                 the other side does not know the run secret (or we do not)
-    ├── ProtocolError             malformed, oversized or unexpected frame; the connection is dropped
+    ├── ProtocolError             malformed, oversized or unexpected frame; connection dropped
     ├── MasterUnreachableError    no master answered within the connect/reconnect timeout
     ├── KickedError               the master removed this peer (it missed heartbeats or votes)
-    ├── CollectiveError           a collective did not complete; the caller's tensor is unchanged
+    ├── CollectiveError           a collective did not complete; the tensor is unchanged
     │   ├── PeerFailedError       a peer died, stalled or was cut off mid-collective (retryable)
     │   ├── TopologyChangedError  membership changed since the last update_topology() (retryable)
-    │   └── MismatchError (ValueError)  peers passed different shapes, dtypes, ops or counts
+    │   └── MismatchError (ValueError)  peers passed different shapes, dtypes, ops, counts
     ├── StateSyncError            shared-state sync could not obtain the majority state
     │   └── RevisionError (ValueError)  the revision did not go up by exactly one
     └── (TimeoutExpired from cotrain.core.errors for any blocking wait past its deadline)
@@ -47,7 +47,7 @@ class CollectiveError(CommError):
 
 
 class PeerFailedError(CollectiveError):
-    """A peer failed (died, stalled, link cut) during the collective. Retry after update_topology()."""
+    """A peer died, stalled or was cut off during the collective; retry after update_topology()."""
 
 
 class TopologyChangedError(CollectiveError):

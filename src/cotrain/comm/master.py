@@ -278,8 +278,9 @@ class Master:
     def _reject_pending(self, message: str) -> None:
         for seq, got in list(self._colls.items()) + list(self._syncs.items()):
             for p in got:
-                self._send(p, m.Error(epoch=self.epoch, seq=seq, kind="topology_changed",
-                                      message=message))
+                self._send(
+                    p, m.Error(epoch=self.epoch, seq=seq, kind="topology_changed", message=message)
+                )
         self._colls.clear()
         self._syncs.clear()
 
@@ -304,7 +305,8 @@ class Master:
             self._vote_deadline = None
         if new_ring == self.ring and not self.broken:
             # Nothing changed: confirm the current epoch so peers keep their ring connections.
-            topo = m.Topology(epoch=self.epoch, ring=[self.peers[p].addr for p in new_ring])
+            addrs = [a for a in (self.peers[p].addr for p in new_ring) if a is not None]
+            topo = m.Topology(epoch=self.epoch, ring=addrs)
             for pid in new_ring:
                 self._send(pid, topo)
             return
@@ -330,8 +332,15 @@ class Master:
 
     def _check_member(self, pid: str, epoch: int, seq: int) -> bool:
         if self._votes and pid in self.ring:
-            self._send(pid, m.Error(epoch=epoch, seq=seq, kind="topology_changed",
-                                    message="peers are voting: call update_topology()"))
+            self._send(
+                pid,
+                m.Error(
+                    epoch=epoch,
+                    seq=seq,
+                    kind="topology_changed",
+                    message="peers are voting: call update_topology()",
+                ),
+            )
             return False
         if pid not in self.ring:
             self._send(

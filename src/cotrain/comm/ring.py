@@ -23,6 +23,7 @@ the neighbours) fail fast instead of waiting.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import socket
 import struct
@@ -43,7 +44,7 @@ _PREAMBLE = struct.Struct("!QQQ")  # epoch, seq, count
 def bounds(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
     n = hi - lo
     cuts = [lo + n * i // parts for i in range(parts + 1)]
-    return list(zip(cuts[:-1], cuts[1:], strict=True))
+    return list(itertools.pairwise(cuts))
 
 
 def chunk_plan(
@@ -179,17 +180,16 @@ def all_reduce(
         def sender(j: int = j, q: queue.Queue[object] = q) -> None:
             sock = links.to_next[j]
             sock.sendall(_PREAMBLE.pack(epoch, seq, count))
-            sent = 0
-            for a, b in plan[rank % n][j]:  # reduce-scatter step 0: our own input
+            # reduce-scatter step 0: our own input
+            for sent, (a, b) in enumerate(plan[rank % n][j], start=1):
                 buf = codec.encode(work[a:b])
-                sock.sendall(memoryview(buf).cast("B"))
+                sock.sendall(buf.data.cast("B"))
                 run.count(sent=buf.nbytes)
-                sent += 1
                 if on_chunk_sent is not None and j == 0:
                     on_chunk_sent(sent)
             while (item := run.take(q)) is not None:
                 assert isinstance(item, np.ndarray)
-                sock.sendall(memoryview(item).cast("B"))
+                sock.sendall(item.data.cast("B"))
                 run.count(sent=item.nbytes)
 
         def receiver(j: int = j, q: queue.Queue[object] = q) -> None:
@@ -199,7 +199,7 @@ def all_reduce(
             for t in range(n - 1):  # reduce-scatter
                 for a, b in plan[(rank - t - 1) % n][j]:
                     size = codec.wire_nbytes(b - a)
-                    recv_into_exact(sock, memoryview(rbuf)[:size])
+                    recv_into_exact(sock, rbuf.data[:size])
                     run.count(received=size)
                     combine(work[a:b], codec.decode(rbuf[:size], b - a), out=work[a:b])
                     if t < n - 2:
@@ -212,10 +212,10 @@ def all_reduce(
                     size = codec.wire_nbytes(b - a)
                     if raw:  # the wire bytes are the values: receive straight into place
                         wire = work[a:b]
-                        recv_into_exact(sock, memoryview(wire).cast("B"))
+                        recv_into_exact(sock, wire.data.cast("B"))
                     else:
                         wire = np.empty(size, dtype=np.uint8)
-                        recv_into_exact(sock, memoryview(wire))
+                        recv_into_exact(sock, wire.data)
                         work[a:b] = codec.decode(wire, b - a)
                     run.count(received=size)
                     if t < n - 2:
@@ -264,7 +264,7 @@ def broadcast(
             if is_root:
                 out.sendall(_PREAMBLE.pack(epoch, seq, count))
                 for a, b in chunks:
-                    out.sendall(memoryview(data[a:b]))
+                    out.sendall(data[a:b].data)
                     run.count(sent=b - a)
                 # wait for the ring to close so the root knows everyone has the data
                 _check_preamble(inp, epoch, seq, count)
@@ -273,10 +273,10 @@ def broadcast(
             if not next_is_root:
                 out.sendall(_PREAMBLE.pack(epoch, seq, count))
             for a, b in chunks:
-                recv_into_exact(inp, memoryview(data[a:b]))
+                recv_into_exact(inp, data[a:b].data)
                 run.count(received=b - a)
                 if not next_is_root:
-                    out.sendall(memoryview(data[a:b]))
+                    out.sendall(data[a:b].data)
                     run.count(sent=b - a)
             if next_is_root:
                 out.sendall(_PREAMBLE.pack(epoch, seq, count))

@@ -32,7 +32,7 @@ def views(state: Mapping[str, Any]) -> dict[str, FlatView]:
 
 
 def hash_array(arr: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast("B")).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(arr).data.cast("B")).hexdigest()
 
 
 def digest(flat: Mapping[str, FlatView], revision: int) -> StateDigest:
@@ -55,7 +55,7 @@ def serve_state(sock: socket.socket, flat: Mapping[str, FlatView], max_frame: in
         if v is None:
             send_json(sock, {"type": "missing", "name": str(name)})
             return sent
-        data = memoryview(np.ascontiguousarray(v.array)).cast("B")
+        data = np.ascontiguousarray(v.array).data.cast("B")
         send_json(
             sock,
             {
@@ -100,7 +100,7 @@ def fetch_state(
                 f"{name}: source announced {nbytes} bytes, expected {mine.array.nbytes}"
             )
         buf = np.empty_like(mine.array)
-        recv_into_exact(sock, memoryview(buf).cast("B"))
+        recv_into_exact(sock, buf.data.cast("B"))
         received += nbytes
         got = f"{mine.dtype}:{list(mine.shape)}:{hash_array(buf)}"
         if got != expected.get(name):

@@ -119,8 +119,5 @@ def flat_view(tensor: Any) -> FlatView:
         staging = cpu.to("cpu")
         cpu = staging
     dtype = names_t[tensor.dtype]
-    if dtype == "bf16":
-        arr = cpu.view(torch.int16).numpy().view(np.uint16)
-    else:
-        arr = cpu.numpy()
+    arr = cpu.view(torch.int16).numpy().view(np.uint16) if dtype == "bf16" else cpu.numpy()
     return FlatView(arr.reshape(-1), dtype, tuple(tensor.shape), tensor, staging)

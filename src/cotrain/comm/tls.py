@@ -1,4 +1,4 @@
-"""Optional TLS contexts for master and peer connections (mutual: both sides present certificates)."""
+"""Optional TLS for master and peer connections (mutual: both sides present certificates)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Clocks and deadlines, injectable so heartbeats, leases and retries can be tested without sleeps."""
+"""Clocks and deadlines, injectable so heartbeats, leases and retries test without sleeps."""
 
 from __future__ import annotations
 

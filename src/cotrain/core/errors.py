@@ -3,7 +3,7 @@
 Every package keeps its own ``errors.py`` whose classes derive from these::
 
     CotrainError                      anything cotrain raises on purpose
-    ├── ConfigError (ValueError)      a config file or override is wrong; the message says how to fix it
+    ├── ConfigError (ValueError)      a config file or override is wrong; the message says the fix
     ├── TimeoutExpired (TimeoutError) a blocking wait ran past its deadline
     └── (per package) CommError, ShardcastError, ToplocError, ...
 

@@ -74,7 +74,7 @@ class Identity:
 
 
 def verify_signature(public_hex: str, message: bytes, signature: bytes) -> None:
-    """Raise ``SignatureError`` unless ``signature`` is ``public_hex``'s signature of ``message``."""
+    """Raise ``SignatureError`` unless ``signature`` is ``public_hex``'s over ``message``."""
     try:
         pub = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex))
     except ValueError as e:
