@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cotrain.core.identity import Identity
-from cotrain.shardcast import ClientConfig, PublishConfig, fetch, load_into, publish
+from cotrain.shardcast import ClientConfig, PublishConfig, fetch, load_into, publish, watch
 from cotrain.shardcast.errors import OutputError, UpstreamUnavailable, VersionNotFound
 
 CLI = [sys.executable, "-c", "from cotrain.cli import main; main()", "shardcast"]
@@ -312,6 +312,7 @@ def test_client_started_while_publishing(cluster: Cluster, tmp_path: Path) -> No
     out = tmp_path / "client" / "m.bin"
     fetch_cmd = [*CLI, "fetch", "--servers", relay.url, "--out", str(out)]
     fetch_cmd += ["--publisher-key", cluster.key, "--min-version", "2", "--wait-s", "30"]
+    fetch_cmd += ["--progress"]
     client = subprocess.Popen(fetch_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pub_cmd = [*CLI, "publish", str(src), "--dir", str(cluster.origin_dir)]
     pub_cmd += ["--key", str(key_file), "--shard-size-mb", "0.25"]
@@ -321,6 +322,7 @@ def test_client_started_while_publishing(cluster: Cluster, tmp_path: Path) -> No
     stdout, stderr = client.communicate(timeout=60)
     assert client.returncode == 0, stderr
     assert json.loads(stdout)["version"] == 2
+    assert "v2" in stderr and "8.0" in stderr  # the progress bar: label and MB done
     assert out.read_bytes() == second
     assert leftovers(out.parent) == ["m.bin"]
 
@@ -346,3 +348,24 @@ def test_stalled_transfer_retried_and_resumed(cluster: Cluster, tmp_path: Path) 
         s.size for s in got.manifest.shards[: got.resumed_shards]
     ) or got.bytes_downloaded < len(blob)
     assert leftovers(tmp_path).count("m.bin.part") == 0
+
+
+@pytest.mark.timeout(90)
+def test_watch_yields_each_new_version(cluster: Cluster, tmp_path: Path) -> None:
+    origin = cluster.origin()
+    relay = cluster.relay("r", [origin])
+    blobs = [payload(150_000, seed) for seed in range(3)]
+    cluster.publish(blobs[0])
+    out = tmp_path / "w.bin"
+    versions = watch([relay.url], publisher_key=cluster.key, out=out,
+                     config=ClientConfig(timeout_s=60.0))  # fmt: skip
+    try:
+        first = next(versions)
+        assert first.version == 1 and out.read_bytes() == blobs[0]
+        cluster.publish(blobs[1])
+        assert next(versions).version == 2 and out.read_bytes() == blobs[1]
+        cluster.publish(blobs[2])
+        assert next(versions).version == 3 and out.read_bytes() == blobs[2]
+    finally:
+        versions.close()
+    assert leftovers(tmp_path).count("w.bin.part") == 0

@@ -136,3 +136,15 @@ def test_configs_explain_bad_keys(tmp_path) -> None:
     p.write_text("[transfer]\nparalel = 3\n")
     with pytest.raises(ConfigError, match="paralel"):
         load_config(sc.ClientConfig, p)
+
+
+@pytest.mark.parametrize("name", ["shardcast_relay.toml", "shardcast_client.toml"])
+def test_shipped_configs_parse(name: str) -> None:
+    from pathlib import Path
+
+    from cotrain.core.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    model = sc.RelayConfig if "relay" in name else sc.ClientConfig
+    cfg = load_config(model, path)
+    assert cfg.transfer.stall_timeout_s == 10.0
