@@ -65,7 +65,7 @@ def _send_to_sink(
     sender: Host | None, sink: subprocess.Popen[bytes], address: str, n_bytes: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Send ``n_bytes`` to ``address`` (a sink, maybe behind a proxy); return both reports."""
-    argv = [*PROBE, "send", "--to", address, "--bytes", str(n_bytes)]
+    argv = [*PROBE, "--nice", "-10", "send", "--to", address, "--bytes", str(n_bytes)]
     if sender is None:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=child_env())
     else:
@@ -77,8 +77,15 @@ def _send_to_sink(
     return json.loads(done.stdout), received
 
 
+def _goodput(rate_mbit: float) -> float:
+    """TCP payload rate of a link: 1448 payload bytes per 1514-byte frame (tbf counts frames)."""
+    return rate_mbit * 1448 / 1514
+
+
 def _transfer_mbit(net: WanNetwork, src: int, dst: int, n_bytes: int) -> float:
-    sink, port = _server(net.hosts[dst], "sink")
+    """Goodput of one TCP transfer, measured by the sink. Both ends run at nice -10: we
+    measure the link, not how busy the shared machine is."""
+    sink, port = _server(net.hosts[dst], "sink", nice=-10)
     sent, received = _send_to_sink(net.hosts[src], sink, f"{net.hosts[dst].ip}:{port}", n_bytes)
     assert (
         received["bytes"] == n_bytes
@@ -104,10 +111,10 @@ def _rtt_ms(client: Host | None, address: str, count: int = 15) -> dict[str, Any
 
 
 def _assert_rtt_near(report: dict[str, Any], expected_ms: float) -> None:
-    # Never below the added delay; the best sample close to it; the median allows for the
-    # scheduling noise of four processes on a shared 2-core machine.
-    assert expected_ms <= report["min_ms"] <= expected_ms + 5.0, report
-    assert report["median_ms"] <= expected_ms + 15.0, report
+    # Never below the added delay, and the best sample close to it. Scheduling noise only ever
+    # adds (four processes per round trip, on a shared 2-core machine), so the minimum is the
+    # estimate to check; the median is ~1 ms above it when the machine is quiet.
+    assert expected_ms <= report["min_ms"] <= expected_ms + 8.0, report
 
 
 # ---- without namespaces -------------------------------------------------------------------
@@ -200,10 +207,11 @@ def test_proxy_errors_are_clear() -> None:
     with DelayProxy.start(None, ("127.0.0.1", 9), delay_ms=1) as first:
         with pytest.raises(ProxyError, match="in use"):
             DelayProxy.start(None, ("127.0.0.1", 9), delay_ms=1, listen_port=first.port)
-        # A dead target: the proxy accepts, fails upstream and closes the client connection.
+        # A dead target: the proxy accepts, fails upstream and resets the client connection.
         with socket.create_connection(("127.0.0.1", first.port), timeout=10) as conn:
             conn.settimeout(10)
-            assert conn.recv(1) == b""
+            with pytest.raises(ConnectionResetError):
+                conn.recv(1)
         assert first.running
 
 
@@ -265,6 +273,9 @@ def test_link_delay_adds_latency_to_tcp_between_hosts() -> None:
         _assert_rtt_near(_rtt_ms(h1, f"{h0.ip}:{echo_port}"), 2 * (10.0 + 15.0))
         _assert_rtt_near(_rtt_ms(h2, f"{h0.ip}:{echo_port}"), 2 * (10.0 + 10.0))
         assert _rtt_ms(h0, f"127.0.0.1:{echo_port}")["min_ms"] < 5.0  # lo is not a link
+        # A refused connection: accepted by the agent, then reset after the round trip.
+        with h1.connect((h0.ip, 9), timeout_s=5) as refused, pytest.raises(ConnectionResetError):
+            refused.recv(1)
         with h0.listen() as listener, h1.connect((h0.ip, listener.getsockname()[1])) as client:
             server, peer = listener.accept()
             with server:
@@ -278,21 +289,21 @@ def test_link_delay_adds_latency_to_tcp_between_hosts() -> None:
                     assert client.recv(1) == b"!"
                     return (time.monotonic() - start) * 1000
 
-                assert 50.0 <= min(ping_ms() for _ in range(3)) <= 55.0
+                assert 50.0 <= min(ping_ms() for _ in range(5)) <= 58.0
                 # A live connection follows every change, effective when set_delay returns.
                 network.set_delay(0, 0.0)
                 network.set_delay(1, 0.0)
-                assert min(ping_ms() for _ in range(3)) < 5.0
+                assert min(ping_ms() for _ in range(5)) < 5.0
                 network.set_delay(1, 30.0)
-                assert 60.0 <= min(ping_ms() for _ in range(3)) <= 65.0
+                assert 60.0 <= min(ping_ms() for _ in range(5)) <= 68.0
 
 
 @pytest.mark.netns
 @pytest.mark.timeout(40)
 def test_throughput_matches_the_rate(net: WanNetwork) -> None:
-    # 20 MB at 100 Mbit/s: ~1.7 s. Goodput is ~95% of the line rate (Ethernet/IP/TCP headers).
+    # 20 MB at 100 Mbit/s: ~1.7 s. Goodput is 95.6% of the line rate (Ethernet/IP/TCP headers).
     mbit = _transfer_mbit(net, src=1, dst=0, n_bytes=20_000_000)
-    assert 90.0 <= mbit <= 102.0, mbit
+    assert 0.9 * _goodput(100.0) <= mbit <= 1.05 * _goodput(100.0), mbit
 
 
 @pytest.mark.netns
@@ -318,7 +329,7 @@ def test_proxies_carry_concurrent_flows_at_the_link_rate() -> None:
             report = json.loads(sink.stdout.readline())
             assert report["bytes"] == 12_000_000
             # ~96 when the machine is quiet; the floor leaves room for other engineers' load.
-            assert 75.0 <= report["mbit_s"] <= 102.0, report["mbit_s"]
+            assert 0.7 * _goodput(100.0) <= report["mbit_s"] <= 1.05 * _goodput(100.0), report
 
 
 @pytest.mark.netns
@@ -328,8 +339,8 @@ def test_rate_limits_both_directions_and_changes_at_run_time(net: WanNetwork) ->
     assert net.link(0).rate_mbit == 30.0
     download = _transfer_mbit(net, src=1, dst=0, n_bytes=6_000_000)
     upload = _transfer_mbit(net, src=0, dst=1, n_bytes=6_000_000)
-    assert 27.0 <= download <= 30.6, download
-    assert 27.0 <= upload <= 30.6, upload
+    for mbit in (download, upload):
+        assert 0.9 * _goodput(30.0) <= mbit <= 1.05 * _goodput(30.0), (download, upload)
 
 
 @pytest.mark.netns

@@ -11,7 +11,9 @@ socket is full, so memory per connection stays bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -53,6 +55,7 @@ class Pipe:
         self.reading_paused = False
         self.dest_full = False
         self.eof = False  # the source finished; forward EOF after the queue drains
+        self.reset = False  # ... and it was a reset: forward a reset instead of a FIN
         self.done = False  # EOF forwarded (or the pipe was torn down)
         self.timer: asyncio.TimerHandle | None = None
         self.on_done: list[Callable[[], None]] = []
@@ -65,8 +68,9 @@ class Pipe:
             self.source.pause_reading()
         self._schedule()
 
-    def feed_eof(self) -> None:
+    def feed_eof(self, *, reset: bool = False) -> None:
         self.eof = True
+        self.reset = reset
         self._schedule()
 
     def set_dest_full(self, full: bool) -> None:
@@ -82,7 +86,9 @@ class Pipe:
         elif self.eof:
             self.done = True
             dest = self.dest
-            if dest.can_write_eof() and not dest.is_closing():
+            if self.reset:
+                reset(dest)
+            elif dest.can_write_eof() and not dest.is_closing():
                 dest.write_eof()
             for callback in self.on_done:
                 callback()
@@ -150,10 +156,11 @@ class Side(asyncio.Protocol):
         self.into.set_dest_full(False)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # Whatever we still owed this side cannot be delivered; what it sent still travels on.
+        # Whatever we still owed this side cannot be delivered; what it sent still travels on,
+        # followed by a FIN, or by a reset when this side was reset.
         self.into.cancel()
         self.out.source = None
-        self.out.feed_eof()
+        self.out.feed_eof(reset=isinstance(exc, ConnectionError))
         self.conn.side_lost(self)
 
 
@@ -201,7 +208,9 @@ class Connection:
         except (OSError, TimeoutError) as exc:
             sock.close()
             print(f"delay proxy: cannot reach {route.target}: {exc}", file=sys.stderr)
-            self.abort()
+            # The refusal travels back one way too; then the client gets a reset, the nearest
+            # we can come to ECONNREFUSED once its connect() has already succeeded here.
+            self.relay.loop.call_later(route.delay_s, self.abort)
 
     def side_lost(self, side: Side) -> None:
         self.lost.add(id(side))
@@ -227,8 +236,17 @@ class Connection:
             pipe.cancel()
         for side in (self.client, self.upstream):
             if side.transport is not None:
-                side.transport.abort()
+                reset(side.transport)
         self.relay.connections.discard(self)
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Close with a TCP reset (linger 0), dropping whatever is still buffered."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed: nothing left to reset
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class Relay:
