@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import struct
 from typing import Any
 
@@ -67,8 +68,12 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
 def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
     got = 0
     n = len(view)
+    # On a socket in kernel-blocking mode (see ``ring.kernel_timeouts``) MSG_WAITALL lets one
+    # syscall fill the whole chunk: far fewer GIL round trips than one per TCP segment batch.
+    plain = not isinstance(sock, ssl.SSLSocket)
+    flags = socket.MSG_WAITALL if plain and sock.gettimeout() is None else 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        k = sock.recv_into(view[got:], n - got, flags)
         if k == 0:
             raise ConnectionError("connection closed by the other side")
         got += k

@@ -139,6 +139,17 @@ def _run_threads(run: _Run, targets: list[Callable[[], None]], timeout_s: float)
         raise PeerFailedError(f"ring transfer failed: {err}") from err
 
 
+def kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Blocking mode with SO_RCVTIMEO/SO_SNDTIMEO instead of Python's poll-based timeouts: a
+    whole chunk then moves in one send/recv syscall (MSG_WAITALL), and a silent peer still
+    fails the call after ``seconds`` (EAGAIN)."""
+    sock.settimeout(None)
+    whole = int(seconds)
+    tv = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
 def _check_preamble(sock: socket.socket, epoch: int, seq: int, count: int) -> None:
     got = _PREAMBLE.unpack(recv_exact(sock, _PREAMBLE.size))
     if got != (epoch, seq, count):
@@ -172,7 +183,7 @@ def all_reduce(
     combine = {"sum": np.add, "avg": np.add, "min": np.minimum, "max": np.maximum}[op]
     run = _Run(links, stall_timeout_s)
     for s in links.from_prev + links.to_next:
-        s.settimeout(stall_timeout_s)
+        kernel_timeouts(s, stall_timeout_s)
     targets: list[Callable[[], None]] = []
     for j in range(streams):
         q: queue.Queue[object] = queue.Queue()
@@ -253,7 +264,7 @@ def broadcast(
     slices = bounds(0, count, streams)
     run = _Run(links, stall_timeout_s)
     for s in links.from_prev + links.to_next:
-        s.settimeout(stall_timeout_s)
+        kernel_timeouts(s, stall_timeout_s)
     targets: list[Callable[[], None]] = []
     for j, (lo, hi) in enumerate(slices):
         chunks = [(x, min(x + chunk_bytes, hi)) for x in range(lo, hi, chunk_bytes)]
