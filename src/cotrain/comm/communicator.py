@@ -41,7 +41,7 @@ from cotrain.comm.frames import recv_exact
 from cotrain.comm.quant import codec_for
 from cotrain.comm.ring import TransferStats
 from cotrain.comm.state import digest, fetch_state, serve_state, views
-from cotrain.comm.tensors import flat_view
+from cotrain.comm.tensors import Scratch, flat_view
 from cotrain.comm.transport import DataServer, close_quietly, dial
 from cotrain.core.clock import Deadline
 from cotrain.core.errors import TimeoutExpired
@@ -109,6 +109,7 @@ class Communicator:
         self._revision: int | None = None
         self._allreduces = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="cotrain-async")
+        self._scratch = Scratch()
         self._server: DataServer | None = None
         self._master: MasterLink | None = None
         self.bytes_sent = 0
@@ -419,7 +420,7 @@ class Communicator:
                 kind="all_reduce", count=view.count, dtype=view.dtype, op=op, quant=quantization
             )
             seq = self._begin(desc, deadline)
-            work, backup = view.work_buffer()
+            work, backup = view.work_buffer(self._scratch)
             links = self._links
             assert links is not None
 
