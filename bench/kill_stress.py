@@ -21,13 +21,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import numpy as np  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import numpy as np
+from rich.console import Console
+from rich.table import Table
 
-from cotrain.comm import CommConfig, Fault, FaultPlan  # noqa: E402
-from cotrain.comm.launch import start_master, start_peer  # noqa: E402
-from cotrain.comm.program import PeerProgramConfig, make_input  # noqa: E402
+from cotrain.comm import CommConfig, Fault, FaultPlan
+from cotrain.comm.launch import start_master, start_peer
+from cotrain.comm.program import PeerProgramConfig, make_input
 
 SECRET = "stress"
 NUMEL = 1 << 20
@@ -76,7 +76,7 @@ def one(rep: int, kind: str) -> dict[str, Any]:
             ok_identical = all(np.array_equal(r, res[0]) for r in res)
             expect = sum(make_input(SEED + rep, i, 1, NUMEL).astype(np.float64) for i in range(3))
             ok_exact = bool(np.allclose(res[0], expect, atol=1e-4))
-        return {
+        row: dict[str, Any] = {
             "rep": rep,
             "kind": kind,
             "completed": completed,
@@ -85,6 +85,9 @@ def one(rep: int, kind: str) -> dict[str, Any]:
             "exact": ok_exact,
             "wall_s": time.time() - t0,
         }
+        if not completed:  # keep what the processes said, to explain the failure
+            row["logs"] = {p.name: p.lines[-40:] for p in [*procs, master]}
+        return row
     finally:
         if procs and procs[3].popen.poll() is None:
             procs[3].popen.send_signal(signal.SIGKILL)
