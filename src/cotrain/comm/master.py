@@ -196,9 +196,16 @@ class Master:
 
     async def _monitor(self) -> None:
         period = self.config.heartbeat_timeout_s / 5
+        last_tick = self._now()
         while True:
             await asyncio.sleep(period)
             now = self._now()
+            late = now - last_tick > 2 * period
+            last_tick = now
+            if late:
+                # This process was starved (CPU, swap, SIGSTOP): heartbeats that arrived meanwhile
+                # may not be read yet. Judge no one on this tick.
+                continue
             for pid, p in list(self.peers.items()):
                 if now - p.last_seen > self.config.heartbeat_timeout_s:
                     self._send(pid, m.Kicked(reason="missed heartbeats"))
