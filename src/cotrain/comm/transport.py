@@ -95,10 +95,13 @@ class DataServer:
         self._sock = socket.create_server((host, port), backlog=256)
         self.port: int = self._sock.getsockname()[1]
         self._closed = threading.Event()
+        self._handshakes = threading.BoundedSemaphore(self.MAX_HANDSHAKES)
         self._thread = threading.Thread(
             target=self._accept_loop, name="cotrain-accept", daemon=True
         )
         self._thread.start()
+
+    MAX_HANDSHAKES = 64  # unauthenticated connections in flight; more are closed at once
 
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
@@ -106,9 +109,28 @@ class DataServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            if not self._handshakes.acquire(blocking=False):
+                close_quietly(conn)  # a flood of half-open connections cannot pin threads
+                continue
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        try:
+            accepted = self._handshake(conn)
+        finally:
+            self._handshakes.release()
+        if accepted is None:
+            return
+        conn, handler, hello = accepted
+        try:
+            handler(conn, hello)
+        except Exception as e:  # a misbehaving peer must not take the server down
+            log.debug("data connection handler failed: %s", e)
+            close_quietly(conn)
+
+    def _handshake(
+        self, conn: socket.socket
+    ) -> tuple[socket.socket, Handler, dict[str, Any]] | None:
         try:
             conn.settimeout(self._timeout)
             tune(conn)
@@ -119,15 +141,11 @@ class DataServer:
             handler = self._handlers.get(str(hello.get("type")))
             if handler is None:
                 raise ProtocolError(f"unknown connection kind {hello.get('type')!r}")
+            return conn, handler, hello
         except (AuthError, ProtocolError, OSError, ConnectionError, ssl.SSLError) as e:
             log.debug("rejected a data connection: %s", e)
             close_quietly(conn)
-            return
-        try:
-            handler(conn, hello)
-        except Exception as e:  # a misbehaving peer must not take the server down
-            log.debug("data connection handler failed: %s", e)
-            close_quietly(conn)
+            return None
 
     def close(self) -> None:
         self._closed.set()
