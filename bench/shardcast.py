@@ -1,6 +1,6 @@
 """Checkpoint delivery: cotrain.shardcast vs plain HTTP from the origin vs PyPI shardcast 0.3.2.
 
-    python bench/shardcast.py --quick                          # < 2 min: 32 MB checkpoint
+    python bench/shardcast.py --quick       # < 2 min: 32 MB, netns (loopback without root)
     nice python bench/shardcast.py --json bench/out/shardcast.json   # 1 GB, as issue 4 asks
 
 1 origin, 2 relays, 8 clients, one safetensors checkpoint of random weights. The clock starts
@@ -47,6 +47,7 @@ sys.path.insert(0, str(_HERE.parent / "src"))
 
 BENCH = str(Path(__file__).resolve())
 CLI = [sys.executable, "-c", "from cotrain.cli import main; main()", "shardcast"]
+LOG = ["--log-level", os.environ.get("BENCH_LOG_LEVEL", "warning")]
 LOCAL = "127.0.0.1"
 
 
@@ -119,6 +120,12 @@ class Loopback:
     def url(self, host: int, port: int) -> str:
         return f"http://{LOCAL}:{port}"
 
+    def get_json(self, host: int, port: int, path: str) -> Any:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{LOCAL}:{port}{path}", timeout=10) as r:
+            return json.loads(r.read())
+
     def end_run(self) -> float:
         return 0.0
 
@@ -146,6 +153,11 @@ class Netns:
         proxy = h.start_delay_proxy(target=(LOCAL, port), delay_ms=self.delay_ms)
         self._proxies.append(proxy)
         return f"http://{h.ip}:{proxy.port}"
+
+    def get_json(self, host: int, port: int, path: str) -> Any:
+        """GET a server's local URL from inside its host (the benchmark is outside the WAN)."""
+        url = f"http://{LOCAL}:{port}{path}"
+        return json.loads(self.net.hosts[host].run(["curl", "-sf", url], check=True).stdout)
 
     def end_run(self) -> float:
         """Stop this run's proxies; return the CPU time they used."""
@@ -188,6 +200,7 @@ class Run:
         self.procs: list[subprocess.Popen[Any]] = []
         self.logs: list[Any] = []
         self.cpu_s = {"clients": 0.0, "servers": 0.0, "proxies": 0.0}
+        self.local: dict[str, tuple[int, int]] = {}  # server url -> (host, port on that host)
         work.mkdir(parents=True, exist_ok=True)
 
     def spawn(self, host: int, name: str, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
@@ -203,12 +216,25 @@ class Run:
         p = self.spawn(host, name, argv, **kw)
         info = read_json_line(p, 60.0, name)
         port = info["port"] if "port" in info else int(info["url"].rsplit(":", 1)[1])
-        return self.topo.url(host, port)
+        url = self.topo.url(host, port)
+        self.local[url] = (host, port)
+        return url
 
-    def settle(self) -> None:
-        # Let every client process finish starting (imports, first request) before the clock
-        # starts; the same pause for every system.
-        time.sleep(1.0 + 0.25 * self.args.clients)
+    def settle(self, servers: list[str], path: str = "/v1/health") -> str:
+        """Start the clock only once every client is up and waiting at every server it uses.
+
+        Client processes take a second or more of CPU to start (imports); counting that would
+        measure Python's start-up on a busy machine, not delivery.
+        """
+        deadline = time.monotonic() + 120
+        waiting: list[int] = []
+        while time.monotonic() < deadline:
+            waiting = [self.topo.get_json(*self.local[u], path)["waiting"] for u in servers]
+            if min(waiting) >= self.args.clients:
+                break
+            time.sleep(0.2)
+        time.sleep(0.5)
+        return "" if min(waiting) >= self.args.clients else f"only {waiting} clients waiting"
 
     def wait_clients(self, clients: list[subprocess.Popen[Any]], t0: float) -> list[float | None]:
         ends: list[float | None] = [None] * len(clients)
@@ -276,8 +302,8 @@ def finish(
         last,
         ok,
         corrupt,
-        [round(e, 2) if e is not None else None for e in ends],
-        note,
+        client_seconds=[round(e, 2) if e is not None else None for e in ends],
+        note=note,
     )
 
 
@@ -316,11 +342,13 @@ def run_cotrain(run: Run, ckpt: Path, sha: str) -> Row:
                 "--publisher-key",
                 ident.public_hex,
                 *bind,
+                *LOG,
             ],
         )
         for r in range(1, a.relays + 1)
     ]
-    servers = ",".join(relays + ([origin] if a.clients_use_origin else []))
+    used = relays + ([origin] if a.clients_use_origin else [])
+    servers = ",".join(used)
     outs = [w / f"client{c}" / "ckpt.safetensors" for c in range(a.clients)]
     clients = [
         run.spawn(
@@ -339,18 +367,19 @@ def run_cotrain(run: Run, ckpt: Path, sha: str) -> Row:
                 "600",
                 "--set",
                 f"timeout_s={a.timeout_s}",
+                *LOG,
             ],
         )
         for c, h in enumerate(clients_hosts(a))
     ]
-    run.settle()
+    note = run.settle(used)
     t0 = time.monotonic()
     publish(
         ckpt, dir=w / "origin", identity=ident, config=PublishConfig(shard_size_mb=a.shard_size_mb)
     )
     publish_s = time.monotonic() - t0
     ends = run.wait_clients(clients, t0)
-    return finish("cotrain", run, outs, ends, sha, f"publish {publish_s:.1f} s")
+    return finish("cotrain", run, outs, ends, sha, f"publish {publish_s:.1f} s {note}".strip())
 
 
 def run_direct(run: Run, ckpt: Path, sha: str) -> Row:
@@ -377,11 +406,11 @@ def run_direct(run: Run, ckpt: Path, sha: str) -> Row:
         )
         for c, h in enumerate(clients_hosts(a))
     ]
-    run.settle()
+    note = run.settle([url], "/waiting")
     t0 = time.monotonic()
     os.link(ckpt, served / "ckpt.bin")  # the file appears at once
     ends = run.wait_clients(clients, t0)
-    return finish("direct", run, outs, ends, sha)
+    return finish("direct", run, outs, ends, sha, note)
 
 
 def run_shardcast_pkg(run: Run, ckpt: Path, sha: str) -> Row:
@@ -418,7 +447,7 @@ def run_shardcast_pkg(run: Run, ckpt: Path, sha: str) -> Row:
         )
         read_json_line(p, 60.0, f"client{c}")
         clients.append(p)
-    run.settle()
+    time.sleep(0.5)  # every client announced itself after probing the servers
     t0 = time.monotonic()
     assert origin_p.stdin is not None
     origin_p.stdin.write(f"{ckpt} {int(a.shard_size_mb * 1e6)}\n".encode())
@@ -444,16 +473,24 @@ def role_direct_server(args: argparse.Namespace) -> None:
     from aiohttp import web
 
     path = Path(args.dir) / "ckpt.bin"
+    waiting = 0
 
     async def ckpt(request: web.Request) -> web.StreamResponse:
+        nonlocal waiting
         deadline = time.monotonic() + 900
+        waiting += 1
         while not path.exists() and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
+        waiting -= 1
         return web.FileResponse(path)
+
+    async def count(request: web.Request) -> web.Response:
+        return web.json_response({"waiting": waiting})
 
     async def main() -> None:
         app = web.Application()
         app.router.add_get("/ckpt", ckpt)
+        app.router.add_get("/waiting", count)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, LOCAL, 0, backlog=1024)
@@ -619,7 +656,7 @@ def main() -> None:
     ap.add_argument("--shard-size-mb", type=float, default=None, help="shard size (50)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--relays", type=int, default=2)
-    ap.add_argument("--setups", default="loopback,netns")
+    ap.add_argument("--setups", default=None, help="loopback,netns (quick: netns, else loopback)")
     ap.add_argument("--systems", default="cotrain,direct,shardcast_pkg")
     ap.add_argument("--rate-mbit", type=float, default=200.0, help="netns link rate")
     ap.add_argument("--delay-ms", type=float, default=10.0, help="netns added latency")
@@ -628,19 +665,24 @@ def main() -> None:
         action="store_true",
         help="clients also download from the origin (all systems)",
     )
-    ap.add_argument("--timeout-s", type=float, default=None, help="per run (900; quick 120)")
+    ap.add_argument("--timeout-s", type=float, default=None, help="per run (600; quick 45)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/cotrain-bench-shardcast"))
     args = ap.parse_args()
     # Quick: 16 shards or more, since shardcast 0.3.2 clients can hang below 10 (when a listing
     # fails they probe shards 1..10 and retry a missing one forever).
     args.size_mb = args.size_mb or (32.0 if args.quick else 1000.0)
     args.shard_size_mb = args.shard_size_mb or (2.0 if args.quick else 50.0)
-    args.timeout_s = args.timeout_s or (60.0 if args.quick else 900.0)
+    args.timeout_s = args.timeout_s or (45.0 if args.quick else 600.0)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     ckpt = args.workdir / f"ckpt-{args.size_mb:g}MB.safetensors"
     sha = make_checkpoint(ckpt, args.size_mb)
     args.size_mb = round(ckpt.stat().st_size / 1e6, 1)
+    if args.setups is None:
+        from cotrain.netem import netns_unavailable_reason
+
+        netns = netns_unavailable_reason() is None
+        args.setups = ("netns" if netns else "loopback") if args.quick else "loopback,netns"
     rows: list[Row] = []
     for setup in args.setups.split(","):
         if setup == "netns":

@@ -195,8 +195,10 @@ async def _fetch(
     selector = ServerSelector(
         list(offers), exploration=config.transfer.exploration, seed=config.transfer.seed
     )
+    t_offers = time.monotonic()
     signed = await _trusted_manifest(session, config, selector, offers, policy, exact)
     manifest = signed.manifest
+    t_manifest = time.monotonic()
     output = OutputFile(out, signed)
     resumed = await asyncio.to_thread(output.open)
     todo = [i for i in range(len(manifest.shards)) if i not in resumed]
@@ -209,8 +211,15 @@ async def _fetch(
     )
     try:
         with progress:
+            t_open = time.monotonic()
             report = await puller.run(todo) if todo else None
+            t_pull = time.monotonic()
             path = await asyncio.to_thread(output.commit)
+        log.info(
+            "v%d: listing %.2f s, manifest %.2f s, open %.2f s, shards %.2f s, commit %.2f s",
+            manifest.version, t_offers - t0, t_manifest - t_offers, t_open - t_manifest,
+            t_pull - t_open, time.monotonic() - t_pull,
+        )  # fmt: skip
     finally:
         output.close()
         if selector.report():

@@ -84,7 +84,8 @@ class OutputFile:
 
     def _save_state(self) -> None:
         body = {"manifest_digest": self.signed.digest, "done": sorted(self.done)}
-        write_atomic(self.state, json.dumps(body).encode())
+        # A hint, not a promise (resumed shards are hashed again): no fsync per shard.
+        write_atomic(self.state, json.dumps(body).encode(), durable=False)
 
     # -- ShardSink ---------------------------------------------------------------------------
     def write(self, index: int, pos: int, data: bytes) -> None:

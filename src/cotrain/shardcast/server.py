@@ -48,6 +48,7 @@ class ServerState:
     status: Callable[[], dict[str, Any]] | None = None
     reports: list[dict[str, Any]] = field(default_factory=list)
     shard_bytes_sent: int = 0
+    waiting: int = 0  # long-polls for a new version being held right now
     _manifests: dict[int, Manifest] = field(default_factory=dict)
 
     def manifest(self, version: int) -> Manifest | None:
@@ -87,6 +88,7 @@ def _versions_body(state: ServerState) -> dict[str, Any]:
 async def _health(request: web.Request) -> web.Response:
     state: ServerState = request.app["state"]
     body = _versions_body(state)
+    body["waiting"] = state.waiting
     if state.status is not None:
         body.update(state.status())
     return web.json_response(body)
@@ -99,7 +101,11 @@ async def _versions(request: web.Request) -> web.Response:
     except ValueError:
         raise web.HTTPBadRequest(text="after must be an integer") from None
     wait_s = _wait_s(request, state)
-    await state.feed.wait_until(lambda: (state.store.latest() or 0) > after, wait_s)
+    state.waiting += 1
+    try:
+        await state.feed.wait_until(lambda: (state.store.latest() or 0) > after, wait_s)
+    finally:
+        state.waiting -= 1
     return web.json_response(_versions_body(state))
 
 
