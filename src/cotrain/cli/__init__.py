@@ -24,6 +24,7 @@ _GROUPS: dict[str, str] = {
     "comm": "commands",
     "shardcast": "shardcast",
     "toploc": "toploc",
+    "train": "commands",
 }
 
 

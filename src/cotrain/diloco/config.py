@@ -1,0 +1,116 @@
+"""Typed configs of a training run: one worker's view (``TrainConfig``) and its parts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cotrain.comm.config import CommConfig, Quantization
+from cotrain.comm.faults import FaultPlan
+from cotrain.core.config import ConfigModel
+from cotrain.data.config import DataConfig
+from cotrain.models.gpt import GPTConfig
+
+Mode = Literal["diloco", "ddp", "single"]
+
+
+class InnerConfig(ConfigModel):
+    """The inner optimizer (AdamW) and its schedule (linear warmup, cosine decay)."""
+
+    lr: float = Field(default=3e-3, gt=0)
+    """Peak learning rate."""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Final learning rate as a fraction of ``lr``."""
+    warmup_steps: int = Field(default=20, ge=0)
+    """Linear warmup, in inner steps."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    """AdamW decoupled weight decay."""
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    """AdamW beta1."""
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    """AdamW beta2."""
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Clip the gradient norm to this (0 = no clipping)."""
+
+
+class OuterConfig(ConfigModel):
+    """The outer optimizer: SGD on the fp32 outer parameters (DiLoCo: Nesterov, lr 0.7, 0.9)."""
+
+    lr: float = Field(default=0.7, gt=0)
+    """Outer learning rate."""
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    """Momentum coefficient."""
+    method: Literal["nesterov", "heavy_ball"] = "nesterov"
+    """Nesterov (DiLoCo) or plain heavy-ball momentum."""
+
+
+class AlgoConfig(ConfigModel):
+    """How workers combine their work."""
+
+    mode: Mode = "diloco"
+    """"diloco" (H local steps, then an outer step), "ddp" (all-reduce of gradients every step)
+    or "single" (one worker, no communication)."""
+    inner_steps: int = Field(default=50, ge=1)
+    """H: inner steps between outer steps (diloco)."""
+    inner_time_s: float | None = Field(default=None, gt=0)
+    """Bound each inner phase by time instead of steps (mixed-speed workers): each worker runs
+    as many steps as fit (at least one) and pseudo-gradients are weighted by tokens processed."""
+    quantization: Quantization = "int8"
+    """Wire quantization of pseudo-gradients (diloco) or gradients (ddp)."""
+    outer: OuterConfig = Field(default_factory=OuterConfig)
+    """Outer optimizer (diloco)."""
+    ddp_vote_every_steps: int = Field(default=10, ge=1)
+    """DDP: admit joiners (update the topology) every this many steps (and after any failure)."""
+    retries: int = Field(default=8, ge=0)
+    """Retries of a failed synchronisation with the survivors before giving up."""
+
+
+class TrainConfig(ConfigModel):
+    """One worker of a training run: ``cotrain train CONFIG.toml [--dotted.overrides]``."""
+
+    model: GPTConfig = Field(default_factory=GPTConfig)
+    """The GPT; its ``vocab_size`` is replaced by the tokenizer's."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Text, tokenizer, batches and shards."""
+    inner: InnerConfig = Field(default_factory=InnerConfig)
+    """Inner optimizer."""
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    """DiLoCo, DDP or single worker."""
+    comm: CommConfig = Field(default_factory=CommConfig)
+    """How to reach the master and the ring (not used in single mode)."""
+    faults: FaultPlan = Field(default_factory=FaultPlan)
+    """Faults injected into this worker's communicator (tests)."""
+    total_steps: int = Field(default=500, ge=1)
+    """Inner steps of the whole run (a joiner stops at the same global step as the others)."""
+    worker_index: int = Field(default=0, ge=0)
+    """Stable index of this worker: picks its data shard and its log/checkpoint names."""
+    world: int = Field(default=1, ge=1)
+    """Wait for this many workers before the first step (joiners skip the wait)."""
+    join: Literal["start", "join"] = "start"
+    """"start": wait for ``world`` workers; "join": enter a running ring and receive its state."""
+    out_dir: str = "runs/debug"
+    """Metrics (worker<i>.jsonl), checkpoints (worker<i>.ckpt) and the resolved config."""
+    eval_every_outer: int = Field(default=1, ge=1)
+    """Validation loss every this many outer steps (diloco) or ``inner_steps`` steps (ddp)."""
+    log_every_steps: int = Field(default=10, ge=1)
+    """Write a step record every this many inner steps."""
+    checkpoint: Literal["outer", "none"] = "outer"
+    """"outer": save (atomically) after every outer step (ddp: every ``inner_steps``)."""
+    resume: Literal["auto", "never"] = "auto"
+    """"auto": continue from this worker's checkpoint in ``out_dir`` when there is one."""
+    threads: int = Field(default=1, ge=1)
+    """torch intra-op threads of this worker."""
+    kill_at_step: int | None = Field(default=None, ge=0)
+    """Fault injection: SIGKILL this worker when it reaches this inner step."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.data.seq_len > self.model.block_size:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.block_size="
+                f"{self.model.block_size}: lower data.seq_len or raise model.block_size"
+            )
+        if self.algo.mode == "single" and (self.world != 1 or self.join == "join"):
+            raise ValueError("single mode runs one worker: set world = 1 and join = 'start'")
+        return self

@@ -1,0 +1,79 @@
+"""A worker's JSON-lines log: one record per line, written to a file and echoed to stdout.
+
+Records (``event``): ``start``, ``step`` (loss, lr, tokens), ``outer`` (after each outer step:
+val loss, hash, world size, bytes, times), ``failed`` (a synchronisation failed and is retried),
+``done``. Times are cumulative seconds since the worker's first step::
+
+    compute_s   forward, backward and optimizer steps
+    comm_s      collectives (all-reduce, shared-state sync) that succeeded
+    waiting_s   topology votes (waiting for peers and joiners) and failed attempts
+    eval_s      validation (not counted in the wall time used for utilization)
+    utilization compute_s / (wall_s - eval_s)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Clocks:
+    """Cumulative seconds per activity; ``utilization`` is compute over non-eval wall time."""
+
+    started: float = field(default_factory=time.perf_counter)
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    waiting_s: float = 0.0
+    eval_s: float = 0.0
+
+    def wall_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    def utilization(self) -> float:
+        busy = self.wall_s() - self.eval_s
+        return self.compute_s / busy if busy > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "wall_s": round(self.wall_s(), 4),
+            "compute_s": round(self.compute_s, 4),
+            "comm_s": round(self.comm_s, 4),
+            "waiting_s": round(self.waiting_s, 4),
+            "eval_s": round(self.eval_s, 4),
+            "utilization": round(self.utilization(), 4),
+        }
+
+
+class MetricsLog:
+    """Appends records to ``path`` (JSON lines) and, when ``echo``, to stdout."""
+
+    def __init__(self, path: Path, *, echo: bool = True) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", buffering=1)  # line-buffered: a killed worker loses little
+        self._echo = echo
+
+    def write(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, "t": round(time.time(), 3), **fields})
+        self._file.write(line + "\n")
+        if self._echo:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Every complete record of a JSON-lines log (a torn last line is skipped)."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

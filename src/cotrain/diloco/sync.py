@@ -1,0 +1,170 @@
+"""Synchronisation with the other workers: one outer step (DiLoCo) or one gradient (DDP).
+
+Each attempt is the same sequence of agreed phases on every peer, so peers never wait for a
+collective that another peer skipped:
+
+1. ``update_topology()``: admit joiners, drop the dead (skipped when the caller just voted);
+2. ``sync_shared_state()``: every replica's shared tensors are hashed; one that differs (a
+   joiner, a worker restored from an older checkpoint) fetches the majority's in place;
+3. (DiLoCo) a one-value fp32 all-reduce of the tokens each worker contributes, then the
+   pseudo-gradients, scaled by tokens / total tokens, are summed (quantized on the wire);
+   (DDP) the gradients are averaged.
+
+A failure (a peer killed or cut) raises on every survivor; the inputs are left as they were, so
+the attempt is simply repeated with the new topology (commit or roll back, per step).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from cotrain.comm.communicator import Communicator, SyncResult
+from cotrain.comm.config import Quantization
+from cotrain.comm.errors import PeerFailedError, RevisionError, TopologyChangedError
+from cotrain.diloco.errors import RoundFailedError
+from cotrain.diloco.metrics import Clocks, MetricsLog
+
+log = logging.getLogger("cotrain.diloco")
+
+_FOLLOW = re.compile(r"does not follow (\d+)")
+
+
+@dataclass(frozen=True)
+class SyncOutcome:
+    fetched: bool
+    """This replica's shared state was replaced by the majority's."""
+    total_weight: float
+    """Tokens contributed by all workers (DiLoCo); 0 means nobody had work to contribute."""
+    world: int
+    attempts: int
+
+
+class Synchronizer:
+    """Runs synchronisation rounds with retries; accounts their time in ``clocks``."""
+
+    def __init__(
+        self,
+        comm: Communicator,
+        *,
+        clocks: Clocks,
+        log_: MetricsLog,
+        retries: int,
+        revision_hint: int = 0,
+    ) -> None:
+        self.comm = comm
+        self.clocks = clocks
+        self.log = log_
+        self.retries = retries
+        self.revision_hint = revision_hint
+        self.synced_epoch = -1
+
+    def _state(self, state: dict[str, torch.Tensor]) -> SyncResult:
+        """Shared-state sync; a fresh process takes its revision from a hint (0, or the
+        checkpoint's) and, if a live master expects another one, from the master's answer."""
+        rev = self.comm.revision
+        revision = rev + 1 if rev is not None else self.revision_hint
+        try:
+            res = self.comm.sync_shared_state(state, revision=revision)
+        except RevisionError as e:
+            found = _FOLLOW.search(str(e))
+            if rev is not None or found is None:
+                raise
+            res = self.comm.sync_shared_state(state, revision=int(found[1]) + 1)
+        self.synced_epoch = self.comm.epoch
+        return res
+
+    def run(
+        self,
+        attempt: Callable[[bool], SyncOutcome],
+        *,
+        vote: bool,
+        step: int,
+    ) -> SyncOutcome:
+        """Call ``attempt(vote)`` until it succeeds, voting before every retry."""
+        for k in range(self.retries + 1):
+            t0 = time.perf_counter()
+            try:
+                out = attempt(vote)
+                return SyncOutcome(out.fetched, out.total_weight, out.world, k + 1)
+            except (PeerFailedError, TopologyChangedError) as e:
+                self.clocks.waiting_s += time.perf_counter() - t0
+                self.log.write(
+                    "failed", step=step, attempt=k, error=type(e).__name__, message=str(e)[:200]
+                )
+                vote = True
+        raise RoundFailedError(f"synchronisation at step {step} failed {self.retries + 1} times")
+
+    def _vote(self, vote: bool) -> None:
+        if vote:
+            t0 = time.perf_counter()
+            self.comm.update_topology()
+            self.clocks.waiting_s += time.perf_counter() - t0
+
+    def outer(
+        self,
+        state: dict[str, torch.Tensor],
+        delta: torch.Tensor,
+        out: torch.Tensor,
+        *,
+        tokens: int,
+        quantization: Quantization,
+        vote: bool,
+        step: int,
+    ) -> SyncOutcome:
+        """DiLoCo: ``out`` (N,) = token-weighted mean of the workers' ``delta`` (N,)."""
+
+        def attempt(vote: bool) -> SyncOutcome:
+            self._vote(vote)
+            t0 = time.perf_counter()
+            res = self._state(state)
+            # A replica whose outer state was just replaced computed its delta from another
+            # starting point: it takes part in the collectives with weight zero.
+            weight = 0.0 if res.fetched else float(tokens)
+            w = torch.tensor([weight], dtype=torch.float32)
+            self.comm.all_reduce(w, op="sum", quantization="none")
+            total = float(w[0])
+            if total > 0:
+                torch.mul(delta, weight / total, out=out)
+            else:
+                out.zero_()
+            self.comm.all_reduce(out, op="sum", quantization=quantization)
+            self.clocks.comm_s += time.perf_counter() - t0
+            return SyncOutcome(res.fetched, total, self.comm.world_size, 1)
+
+        return self.run(attempt, vote=vote, step=step)
+
+    def gradients(
+        self,
+        state: dict[str, torch.Tensor],
+        grads: torch.Tensor,
+        *,
+        recompute: Callable[[], None],
+        quantization: Quantization,
+        vote: bool,
+        step: int,
+    ) -> SyncOutcome:
+        """DDP: ``grads`` (N,) averaged in place; the shared state (params, AdamW moments, step)
+        is synced only when the membership changed, and a replica that fetched it recomputes
+        its gradient (``recompute`` refills ``grads``) before the all-reduce."""
+
+        def attempt(vote: bool) -> SyncOutcome:
+            self._vote(vote)
+            t0 = time.perf_counter()
+            fetched = False
+            if self.comm.epoch != self.synced_epoch:
+                fetched = self._state(state).fetched
+                if fetched:
+                    self.clocks.comm_s += time.perf_counter() - t0
+                    recompute()
+                    t0 = time.perf_counter()
+            self.comm.all_reduce(grads, op="avg", quantization=quantization)
+            self.clocks.comm_s += time.perf_counter() - t0
+            return SyncOutcome(fetched, 1.0, self.comm.world_size, 1)
+
+        return self.run(attempt, vote=vote, step=step)

@@ -1,0 +1,349 @@
+"""One training worker: the inner loop, validation, checkpoints, and the three modes.
+
+* ``diloco``: H inner AdamW steps from the outer params, pseudo-gradient = outer - local,
+  token-weighted average over the workers (``sync.Synchronizer.outer``), one outer Nesterov step
+  on the fp32 outer state, which then replaces the local params. A joiner (``join = "join"``)
+  takes part in its first outer step with weight zero: it receives the outer state there and
+  trains from the next one.
+* ``ddp``: every step's gradients are averaged (same comm, same quantization options).
+* ``single``: one worker, no communicator (validation and checkpoints every H steps).
+
+The run length is counted in outer steps of H (``ceil(total_steps / H)``), so every worker,
+joiners included, stops at the same step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cotrain.comm.communicator import Communicator
+from cotrain.data import Batch, ShardReader, prepare, validation_batches
+from cotrain.data.prepare import cache_key
+from cotrain.diloco import checkpoint
+from cotrain.diloco.config import TrainConfig
+from cotrain.diloco.metrics import Clocks, MetricsLog
+from cotrain.diloco.outer import OuterState, flatten, load_flat
+from cotrain.diloco.sync import Synchronizer
+from cotrain.models.gpt import GPT
+
+
+class Worker:
+    def __init__(self, cfg: TrainConfig, *, echo: bool = True) -> None:
+        self.cfg = cfg
+        torch.set_num_threads(cfg.threads)
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = MetricsLog(self.out / f"worker{cfg.worker_index}.jsonl", echo=echo)
+        last = [-1.0]
+
+        def progress(stage: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if done == total or now - last[0] > 1.0:
+                last[0] = now
+                self.log.write("prepare", stage=stage, done=done, total=total)
+
+        data = prepare(cfg.data, progress=progress)
+        self.model = GPT(cfg.model.model_copy(update={"vocab_size": data.vocab_size}))
+        self.params = list(self.model.parameters())
+        decay = [p for p in self.params if p.dim() >= 2]
+        other = [p for p in self.params if p.dim() < 2]
+        inner = cfg.inner
+        self.opt = torch.optim.AdamW(
+            [{"params": decay}, {"params": other, "weight_decay": 0.0}],
+            lr=inner.lr,
+            betas=(inner.beta1, inner.beta2),
+            weight_decay=inner.weight_decay,
+        )
+        for p in self.params:  # eager state: the DDP shared state needs the tensors to exist
+            self.opt.state[p] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
+        self.outer = OuterState(self.params, cfg.algo.outer)
+        self.reader = ShardReader(data, cfg.data, worker_index=cfg.worker_index)
+        self.val = validation_batches(data, cfg.data)
+        self.step = 0
+        self.tokens = 0
+        self.clocks = Clocks()
+        self.H = cfg.algo.inner_steps
+        self.rounds = math.ceil(cfg.total_steps / self.H)
+        self.fingerprint = hashlib.sha256(
+            f"{cfg.model.model_dump_json()}|{cache_key(cfg.data)}|{cfg.algo.mode}|{self.H}".encode()
+        ).hexdigest()[:16]
+        self.ckpt_path = self.out / f"worker{cfg.worker_index}.ckpt"
+        self.revision_hint = 0
+        self.resumed = self._resume() if cfg.resume == "auto" else False
+        self.comm: Communicator | None = None
+        self.log.write(
+            "start",
+            worker=cfg.worker_index,
+            mode=cfg.algo.mode,
+            params=self.model.num_params(),
+            vocab=data.vocab_size,
+            train_tokens=data.train_tokens,
+            shard=self.reader.shard,
+            resumed_step=self.step if self.resumed else None,
+        )
+
+    # ---- pieces -------------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg.inner
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        frac = min(1.0, (step - c.warmup_steps) / max(1, self.rounds * self.H - c.warmup_steps))
+        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def forward_backward(self, batch: Batch) -> float:
+        t0 = time.perf_counter()
+        self.model.train()
+        self.opt.zero_grad(set_to_none=False)
+        out = self.model(batch.inputs, batch.targets)
+        assert out.loss is not None
+        out.loss.backward()
+        self.clocks.compute_s += time.perf_counter() - t0
+        return float(out.loss.detach())
+
+    def optimizer_step(self) -> None:
+        t0 = time.perf_counter()
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        if self.cfg.inner.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.inner.grad_clip)
+        self.opt.step()
+        self.clocks.compute_s += time.perf_counter() - t0
+        self.step += 1
+        if self.cfg.kill_at_step is not None and self.step >= self.cfg.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @torch.no_grad()
+    def val_loss(self) -> float:
+        t0 = time.perf_counter()
+        self.model.eval()
+        losses = [float(self.model(b.inputs, b.targets).loss) for b in self.val]  # type: ignore[arg-type]
+        self.clocks.eval_s += time.perf_counter() - t0
+        return sum(losses) / len(losses)
+
+    def param_digest(self) -> str:
+        return hashlib.sha256(flatten(self.params).numpy().tobytes()).hexdigest()[:16]
+
+    def _comm_fields(self) -> dict[str, Any]:
+        c = self.comm
+        if c is None:
+            return {"world": 1, "bytes_sent": 0, "bytes_received": 0}
+        return {
+            "world": c.world_size,
+            "bytes_sent": c.bytes_sent,
+            "bytes_received": c.bytes_received,
+        }
+
+    def _record(self, *, loss: float, fetched: bool = False, evaluate: bool = True) -> None:
+        rnd = self.step // self.H
+        val = self.val_loss() if evaluate and rnd % self.cfg.eval_every_outer == 0 else None
+        digest = self.outer.digest() if self.cfg.algo.mode == "diloco" else self.param_digest()
+        self.log.write(
+            "outer",
+            outer_step=rnd,
+            step=self.step,
+            loss=round(loss, 5),
+            val_loss=None if val is None else round(val, 5),
+            tokens=self.tokens,
+            hash=digest,
+            fetched=fetched,
+            **self._comm_fields(),
+            **self.clocks.as_dict(),
+        )
+        if self.cfg.checkpoint == "outer":
+            self._save()
+
+    def _save(self) -> None:
+        state: dict[str, Any] = {
+            "fingerprint": self.fingerprint,
+            "step": self.step,
+            "tokens": self.tokens,
+            "position": self.reader.position,
+            "opt": self.opt.state_dict(),
+            "model": self.model.state_dict(),
+            "outer": self.outer.state_dict(),
+            "revision": self.comm.revision if self.comm and self.comm.revision is not None else -1,
+        }
+        checkpoint.save(self.ckpt_path, state)
+
+    def _resume(self) -> bool:
+        state = checkpoint.load(self.ckpt_path, fingerprint=self.fingerprint)
+        if state is None:
+            return False
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.outer.load_state_dict(state["outer"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.reader.position = state["position"]
+        self.revision_hint = state["revision"] + 1
+        return True
+
+    def _log_step(self, loss: float, batch: Batch) -> None:
+        if self.step % self.cfg.log_every_steps == 0:
+            self.log.write(
+                "step",
+                step=self.step,
+                loss=round(loss, 5),
+                lr=self.lr_at(self.step - 1),
+                tokens=self.tokens,
+                **self._comm_fields(),
+                compute_s=round(self.clocks.compute_s, 4),
+            )
+
+    # ---- the run ------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        try:
+            if cfg.algo.mode != "single":
+                self.comm = Communicator(
+                    cfg.comm, peer_id=f"w{cfg.worker_index}-{os.getpid()}", faults=cfg.faults
+                )
+                self.comm.connect()
+                if cfg.join == "join":
+                    self.comm.update_topology()
+                else:
+                    self.comm.wait_for_world(cfg.world, timeout_s=cfg.comm.request_timeout_s)
+                self.log.write("joined", rank=self.comm.rank, **self._comm_fields())
+            self.clocks = Clocks()
+            if cfg.algo.mode == "diloco":
+                self._run_diloco()
+            else:
+                self._run_ddp()
+            summary = {"step": self.step, "tokens": self.tokens, **self._comm_fields()}
+            self.log.write("done", **summary, **self.clocks.as_dict(), hash=self.param_digest())
+            return summary
+        finally:
+            if self.comm is not None:
+                self.comm.close()
+            self.log.close()
+
+    def _run_diloco(self) -> None:
+        assert self.comm is not None
+        sync = Synchronizer(
+            self.comm,
+            clocks=self.clocks,
+            log_=self.log,
+            retries=self.cfg.algo.retries,
+            revision_hint=self.revision_hint,
+        )
+        delta = torch.zeros(self.outer.numel)  # (N,) this worker's pseudo-gradient
+        avg = torch.zeros(self.outer.numel)  # (N,) the workers' weighted mean
+        # A joiner has nothing to contribute to the outer step in progress: it goes straight to
+        # the synchronisation (it voted in update_topology already) and receives the state.
+        fresh = self.cfg.join == "join"
+        load_flat(self.params, self.outer.params)
+        while int(self.outer.step[0]) < self.rounds:
+            rnd = int(self.outer.step[0])
+            self.step = rnd * self.H
+            tokens, losses = 0, []
+            if not fresh:
+                end = min((rnd + 1) * self.H, self.cfg.total_steps)
+                bound = self.cfg.algo.inner_time_s
+                t_end = time.perf_counter() + (bound or 0.0)
+                h = 0
+                while True:
+                    if bound is None and rnd * self.H + h >= end:
+                        break
+                    if bound is not None and h > 0 and time.perf_counter() >= t_end:
+                        break
+                    # the schedule position; a time-bounded phase may run past H steps
+                    self.step = rnd * self.H + min(h, self.H - 1)
+                    batch = self.reader.next()
+                    losses.append(self.forward_backward(batch))
+                    self.optimizer_step()
+                    h += 1
+                    tokens += batch.tokens
+                    self.tokens += batch.tokens
+                    self._log_step(losses[-1], batch)
+                self.outer.pseudo_gradient(self.params, delta)
+            else:
+                delta.zero_()
+            out = sync.outer(
+                self.outer.shared(),
+                delta,
+                avg,
+                tokens=tokens,
+                quantization=self.cfg.algo.quantization,
+                vote=not fresh,
+                step=self.step,
+            )
+            fresh = False
+            if out.total_weight > 0:
+                self.outer.apply(avg)
+            else:
+                self.outer.step += 1  # nobody trained: skip the update, keep the schedule
+            load_flat(self.params, self.outer.params)
+            self.step = int(self.outer.step[0]) * self.H
+            loss = sum(losses) / len(losses) if losses else math.nan
+            self._record(loss=loss, fetched=out.fetched)
+
+    def _run_ddp(self) -> None:
+        shared = self._ddp_shared()
+        grads = torch.zeros(self.outer.numel)  # (N,) flat gradients
+        sync = None
+        if self.comm is not None:
+            sync = Synchronizer(
+                self.comm,
+                clocks=self.clocks,
+                log_=self.log,
+                retries=self.cfg.algo.retries,
+                revision_hint=self.revision_hint,
+            )
+        first = True
+        losses: list[float] = []
+        while self.step < self.rounds * self.H:
+            batch = self.reader.next()
+            loss = self.forward_backward(batch)
+            if sync is not None:
+
+                def recompute(batch: Batch = batch) -> None:
+                    self.step = int(shared["step"][0])
+                    for p in self.params:
+                        self.opt.state[p]["step"] = torch.tensor(float(self.step))
+                    self.forward_backward(batch)
+                    torch.cat([p.grad.reshape(-1) for p in self.params], out=grads)  # type: ignore[union-attr]
+
+                torch.cat([p.grad.reshape(-1) for p in self.params], out=grads)  # type: ignore[union-attr]
+                shared["step"][0] = self.step
+                vote = (self.step % self.cfg.algo.ddp_vote_every_steps == 0) and not (
+                    first and self.cfg.join == "join"
+                )
+                sync.gradients(
+                    shared,
+                    grads,
+                    recompute=recompute,
+                    quantization=self.cfg.algo.quantization,
+                    vote=vote,
+                    step=self.step,
+                )
+                load_flat([p.grad for p in self.params], grads)  # type: ignore[misc]
+            first = False
+            losses.append(loss)
+            self.tokens += batch.tokens
+            self.optimizer_step()
+            self._log_step(loss, batch)
+            if self.step % self.H == 0:
+                self._record(loss=sum(losses) / len(losses))
+                losses = []
+
+    def _ddp_shared(self) -> dict[str, torch.Tensor]:
+        shared: dict[str, torch.Tensor] = {"step": torch.zeros(1, dtype=torch.int64)}
+        for i, p in enumerate(self.params):
+            st = self.opt.state[p]
+            shared[f"p{i:03d}"] = p.data
+            shared[f"m{i:03d}"] = st["exp_avg"]
+            shared[f"v{i:03d}"] = st["exp_avg_sq"]
+        return shared
