@@ -219,7 +219,7 @@ def row(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="world 4, 4 and 64 MiB, fewer rounds")
+    ap.add_argument("--quick", action="store_true", help="world 4, 64 MiB, none and int8, 3 rounds")
     ap.add_argument("--wan", action="store_true", help="also run in network namespaces (root)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--rounds", type=int, default=0)
@@ -249,8 +249,16 @@ def main() -> None:
         if args.worlds
         else ([4] if args.quick else [2, 4, 8])
     )
-    sizes = [float(x) for x in args.sizes.split(",")] if args.sizes else [4.0, 64.0]
-    quants = args.quants.split(",") if args.quants else ["none", "fp16", "int8"]
+    sizes = (
+        [float(x) for x in args.sizes.split(",")]
+        if args.sizes
+        else ([64.0] if args.quick else [4.0, 64.0])
+    )
+    quants = (
+        args.quants.split(",")
+        if args.quants
+        else (["none", "int8"] if args.quick else ["none", "fp16", "int8"])
+    )
     rounds = args.rounds or (3 if args.quick else 5)
     console = Console()
     rows: list[dict[str, Any]] = []
@@ -358,6 +366,7 @@ def run_cotrain_wan(
     delay_ms: float,
     streams: int,
     chunk_kb: int,
+    coalesce_ms: float | None = None,
 ) -> WanRun:
     """``world`` peers on hosts 0..world-1 and the master on host ``world``, all behind proxies."""
     t0 = time.perf_counter()
@@ -366,10 +375,14 @@ def run_cotrain_wan(
     proxies: list[DelayProxy] = []
     procs: list[Proc] = []
     try:
-        mproxy = mhost.start_delay_proxy(target=(mhost.ip, port), delay_ms=delay_ms)
+        mproxy = mhost.start_delay_proxy(
+            target=(mhost.ip, port), delay_ms=delay_ms, coalesce_ms=coalesce_ms
+        )
         proxies.append(mproxy)
         for i, host in enumerate(net.hosts[:world]):
-            proxy = host.start_delay_proxy(target=("127.0.0.1", WAN_DATA_PORT), delay_ms=delay_ms)
+            proxy = host.start_delay_proxy(
+                target=("127.0.0.1", WAN_DATA_PORT), delay_ms=delay_ms, coalesce_ms=coalesce_ms
+            )
             proxies.append(proxy)
             comm = CommConfig(
                 master_host=mhost.ip,
