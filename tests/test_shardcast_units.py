@@ -52,10 +52,19 @@ def test_publish_cuts_hashes_and_retires(published) -> None:
     m = results[-1].manifest
     assert [s.size for s in m.shards] == [100_000, 100_000, 56_000]
     assert m.file_sha256 == hashlib.sha256(data).hexdigest()
-    joined = b"".join(store.shard_path(3, i).read_bytes() for i in range(3))
-    assert joined == data
-    for i, s in enumerate(m.shards):
-        assert hashlib.sha256(store.shard_path(3, i).read_bytes()).hexdigest() == s.sha256
+    whole = store.data_path(3).read_bytes()  # the origin keeps the file whole
+    assert whole == data
+    for s in m.shards:
+        assert hashlib.sha256(whole[s.offset : s.offset + s.size]).hexdigest() == s.sha256
+    # A file is linked (file_mode="link") or copied, then hashed as placed.
+    src = root / "ckpt.bin"
+    src.write_bytes(data)
+    linked = sc.publish(src, dir=root, identity=ident,
+                        config=sc.PublishConfig(shard_size_mb=0.1, file_mode="link"))  # fmt: skip
+    assert store.data_path(linked.version).stat().st_ino == src.stat().st_ino
+    assert linked.manifest.file_sha256 == m.file_sha256
+    copied = sc.publish(src, dir=root, identity=ident)
+    assert store.data_path(copied.version).stat().st_ino != src.stat().st_ino
     signed = SignedManifest.parse(store.read_manifest(3) or b"")
     assert TrustPolicy(ident.public_hex).check(signed, expected_version=3) == m
 

@@ -58,6 +58,9 @@ class PublishConfig(ConfigModel):
     """Name of the stream of versions; signed into every manifest so runs cannot be mixed."""
     name: str = "model.safetensors"
     """File name recorded in the manifest (informational)."""
+    file_mode: Literal["copy", "link"] = "copy"
+    """Publishing a file: `copy` it into the origin's directory, or `link` it (a hard link:
+    instant, but the file must never be modified in place afterwards)."""
 
     @property
     def shard_size_bytes(self) -> int:

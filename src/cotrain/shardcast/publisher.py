@@ -2,8 +2,9 @@
 
 The origin serves whatever the publisher writes into its directory; the publisher may run in
 the origin's process (``Origin.publish``) or in another one (``publish(..., dir=D)``), e.g. the
-trainer. Shards are written first and the signed manifest last, so a version is never visible
-half-written.
+trainer. The checkpoint is written first and the signed manifest last, so a version is never
+visible half-written. The checkpoint is kept whole at the origin (``data.bin``; shards are served as
+ranges of it): a hard link to the trainer's file with ``file_mode="link"``, else one copy.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,6 @@ from cotrain.core.identity import Identity
 from cotrain.shardcast.config import PublishConfig
 from cotrain.shardcast.manifest import Manifest, ShardInfo, SignedManifest
 from cotrain.shardcast.store import VersionStore
-
-_READ_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -83,20 +84,31 @@ def publish(
     with open(store.root / ".publish.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         version = store.next_version()
-        vdir = store.version_dir(version)
-        vdir.mkdir(parents=True)
+        store.version_dir(version).mkdir(parents=True)
+        data_path = store.data_path(version)
+        tmp = data_path.with_name("data.bin.part")
+        if isinstance(data, Path):
+            # Place first, then hash what was placed: the manifest describes exactly our bytes.
+            _place(data, tmp, config.file_mode)
+            data = tmp
         whole = hashlib.sha256()
         shards = []
         offset = 0
-        for i, piece in enumerate(_pieces(data, config.shard_size_bytes)):
-            whole.update(piece)
-            shards.append(ShardInfo(offset, len(piece), hashlib.sha256(piece).hexdigest()))
-            offset += len(piece)
-            path = store.shard_path(version, i)
-            tmp = path.with_name(path.name + ".part")
-            with open(tmp, "wb") as f:
-                f.write(piece)
-            os.replace(tmp, path)
+        out = None if isinstance(data, Path) else open(tmp, "wb")  # noqa: SIM115
+        try:
+            # The whole-file hash runs in a second thread (hashlib releases the GIL).
+            with ThreadPoolExecutor(1) as pool:
+                for piece in _pieces(data, config.shard_size_bytes):
+                    pending = pool.submit(whole.update, piece)
+                    shards.append(ShardInfo(offset, len(piece), hashlib.sha256(piece).hexdigest()))
+                    offset += len(piece)
+                    if out is not None:
+                        out.write(piece)
+                    pending.result()
+        finally:
+            if out is not None:
+                out.close()
+        os.replace(tmp, data_path)
         manifest = Manifest(
             channel=config.channel,
             version=version,
@@ -112,3 +124,14 @@ def publish(
         store.write_manifest(version, signed.to_bytes())
         retired = store.retire(config.keep_versions)
     return PublishResult(version, manifest, signed, retired, time.monotonic() - t0)
+
+
+def _place(source: Path, dest: Path, mode: str) -> None:
+    """Put the checkpoint file into the version directory: a hard link, or a kernel-side copy."""
+    if mode == "link":
+        try:
+            os.link(source, dest)
+            return
+        except OSError:
+            pass  # another filesystem (or links not allowed): copy instead
+    shutil.copyfile(source, dest)

@@ -11,7 +11,8 @@
     POST /v1/reports                           a client reports a misbehaving server
     GET  /v1/reports                           reports received
 
-Healthy shards go out with ``sendfile`` (no Python per byte). The fault-injection path
+Healthy shards go out with ``sendfile`` (no Python per byte), from a shard file (relays) or
+as a range of the whole checkpoint (origin). The fault-injection path
 (``FaultConfig``) streams through Python so it can flip bytes, stall, or die mid-transfer.
 """
 
@@ -29,7 +30,7 @@ from aiohttp import web
 
 from cotrain.shardcast.config import FaultConfig, ServeConfig
 from cotrain.shardcast.manifest import Manifest, ManifestError, SignedManifest
-from cotrain.shardcast.store import ChangeFeed, VersionStore
+from cotrain.shardcast.store import ChangeFeed, ShardLocation, VersionStore
 
 log = logging.getLogger("cotrain.shardcast.server")
 
@@ -153,32 +154,72 @@ async def _shard(request: web.Request) -> web.StreamResponse:
         raise web.HTTPServiceUnavailable(
             text=f"shard {index} of v{version} is still on its way", headers={"Retry-After": "1"}
         )
-    path = state.store.shard_path(version, index)
+    where = state.store.locate(version, index, manifest.shards[index].offset)
+    if where is None:  # retired between the check and now
+        raise web.HTTPNotFound(text=f"version {version} was retired")
+    size = manifest.shards[index].size
+    start, stop = _byte_range(request, size)
     f = state.fault
     if index in f.corrupt_shards or index in f.stall_shards or f.exit_after_bytes is not None:
-        return await _faulty_shard(request, state, path, index)
-    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+        return await _faulty_shard(request, state, where, index, size, start, stop)
+    resp = _range_response(size, start, stop)
+    await resp.prepare(request)
+    transport = request.transport
+    assert transport is not None
+    # sendfile: the kernel copies file pages to the socket, no Python per byte.
+    with open(where.path, "rb") as fobj:
+        await asyncio.get_running_loop().sendfile(
+            transport, fobj, where.offset + start, stop - start
+        )
+    await resp.write_eof()
+    return resp
+
+
+def _byte_range(request: web.Request, size: int) -> tuple[int, int]:
+    """[start, stop) asked for by a Range header (whole shard without one)."""
+    try:
+        rng = request.http_range
+    except ValueError:
+        raise web.HTTPBadRequest(text="malformed Range header") from None
+    start = rng.start or 0
+    if start < 0:
+        start = max(0, size + start)
+    stop = size if rng.stop is None else min(rng.stop, size)
+    if start >= size or stop <= start:
+        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+    return start, stop
+
+
+def _range_response(size: int, start: int, stop: int) -> web.StreamResponse:
+    partial = start > 0 or stop < size
+    resp = web.StreamResponse(status=206 if partial else 200)
+    resp.content_length = stop - start
+    resp.content_type = "application/octet-stream"
+    resp.headers["Accept-Ranges"] = "bytes"
+    if partial:
+        resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    return resp
 
 
 async def _faulty_shard(
-    request: web.Request, state: ServerState, path: os.PathLike[str], index: int
+    request: web.Request,
+    state: ServerState,
+    where: ShardLocation,
+    index: int,
+    size: int,
+    start: int,
+    stop: int,
 ) -> web.StreamResponse:
-    data = await asyncio.to_thread(lambda: open(path, "rb").read())  # noqa: SIM115
-    size = len(data)
-    start, stop = 0, size
-    rng = request.http_range
-    if rng.start is not None or rng.stop is not None:
-        start = rng.start or 0
-        stop = min(rng.stop if rng.stop is not None else size, size)
+    def read() -> bytes:
+        with open(where.path, "rb") as fobj:
+            return os.pread(fobj.fileno(), size, where.offset)
+
+    data = await asyncio.to_thread(read)
     if index in state.fault.corrupt_shards:
         mid = size // 2
         data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :]
     body = data[start:stop]
-    resp = web.StreamResponse(status=206 if start or stop < size else 200)
-    resp.content_length = len(body)
-    resp.content_type = "application/octet-stream"
-    if resp.status == 206:
-        resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    resp = _range_response(size, start, stop)
     await resp.prepare(request)
     for pos in range(0, len(body), _FAULT_CHUNK):
         if index in state.fault.stall_shards and pos >= len(body) // 2:

@@ -2,13 +2,15 @@
 
 ::
 
-    DIR/v00000007/shard_00000.bin     shards appear atomically (written as .part, then renamed)
+    DIR/v00000007/data.bin            origin: the whole checkpoint (shards are ranges of it)
+    DIR/v00000007/shard_00000.bin     relay: shards appear atomically (.part, then renamed)
     DIR/v00000007/shard_00001.bin
     DIR/v00000007/manifest.json       the signed envelope
 
-At the origin the manifest is written last, so a version is visible only once it is complete.
-At a relay it is written first: the relay serves each shard as soon as it is mirrored and
-verified, and holds requests for shards still on their way (see ``server.py``).
+At the origin the manifest is written last, so a version is visible only once it is complete;
+the checkpoint is kept whole (a hard link to the trainer's file, or one write), not copied
+into shards. At a relay the manifest is written first: the relay serves each shard as soon as
+it is mirrored and verified, and holds requests for shards still on their way (``server.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 _VERSION_DIR = re.compile(r"^v(\d{8})$")
@@ -33,6 +36,14 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class ShardLocation:
+    """A shard's bytes: ``path`` from byte ``offset`` on."""
+
+    path: Path
+    offset: int
 
 
 class VersionStore:
@@ -82,8 +93,19 @@ class VersionStore:
         self.version_dir(version).mkdir(parents=True, exist_ok=True)
         write_atomic(self.manifest_path(version), raw)
 
+    def data_path(self, version: int) -> Path:
+        return self.version_dir(version) / "data.bin"
+
     def has_shard(self, version: int, index: int) -> bool:
-        return self.shard_path(version, index).exists()
+        return self.shard_path(version, index).exists() or self.data_path(version).exists()
+
+    def locate(self, version: int, index: int, offset: int) -> ShardLocation | None:
+        """Where shard ``index`` (at ``offset`` in the checkpoint) lies on disk, if anywhere."""
+        path = self.shard_path(version, index)
+        if path.exists():
+            return ShardLocation(path, 0)
+        data = self.data_path(version)
+        return ShardLocation(data, offset) if data.exists() else None
 
     def retire(self, keep: int) -> list[int]:
         """Delete all but the newest ``keep`` complete versions (and stale partial ones)."""
