@@ -1,5 +1,8 @@
 """A small decoder-only transformer in the style of nanoGPT, with KV-cache generation.
 
+Positions enter through rotary embeddings on queries and keys (as in nanochat and Llama), so the
+residual stream carries only token content.
+
 ``GPT(GPTConfig.named("debug"))`` trains in seconds on a CPU; ``"10m"`` is a ~10M-parameter
 model. Weights are initialised from ``config.seed`` so two processes that build the same config
 hold bit-identical parameters (training and proof checks both rely on this).
@@ -99,18 +102,38 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def rotary_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every (position, frequency): two (block_size, hs / 2) tables."""
+    hs = config.n_embd // config.n_head
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))  # (hs/2,)
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, nh, T, hs) queries or keys by their positions' (T, hs / 2) angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        if (config.n_embd // config.n_head) % 2:
+            raise ValueError("head size n_embd / n_head must be even for rotary embeddings")
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, layer: int, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, layer: int, cache: KVCache | None, rope: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # (B, nh, T, hs)
         if cache is not None and cache.pos > 0:
             # Decoding T new tokens after cache.pos stored ones: each new token sees all stored
             # tokens and the new ones before it.
@@ -145,8 +168,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), layer, cache)
+    def forward(
+        self, x: torch.Tensor, layer: int, cache: KVCache | None, rope: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, cache, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -159,7 +184,6 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             {
                 "wte": nn.Embedding(config.vocab_size, config.n_embd),
-                "wpe": nn.Embedding(config.block_size, config.n_embd),
                 "drop": nn.Dropout(config.dropout),
                 "h": nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 "ln_f": nn.LayerNorm(config.n_embd),
@@ -167,6 +191,9 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        cos, sin = rotary_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters(config.seed)
 
     def reset_parameters(self, seed: int) -> None:
@@ -196,10 +223,10 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, hs/2)
+        x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, i, cache)
+            x = block(x, i, cache, rope)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)  # (B, T, C)
@@ -219,7 +246,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-100
+                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
             )
         return GPTOutput(logits=logits, loss=loss)
 

@@ -66,10 +66,12 @@ class CausalLM(ABC):
         *,
         temperature: float = 1.0,
         seed: int = 0,
+        min_new_tokens: int = 0,
     ) -> torch.Tensor:
         """Sample continuations with the KV cache; (B, max_new_tokens) new ids.
 
-        Rows that emit EOS are padded with EOS afterwards.
+        Rows that emit EOS are padded with EOS afterwards; EOS is suppressed before
+        ``min_new_tokens`` tokens.
         """
 
     @abstractmethod
@@ -125,6 +127,7 @@ class GPTLM(CausalLM):
         *,
         temperature: float = 1.0,
         seed: int = 0,
+        min_new_tokens: int = 0,
     ) -> torch.Tensor:
         if len({len(p) for p in prompts}) != 1:
             raise ValueError("GPT generation needs prompts of one length per batch")
@@ -186,6 +189,7 @@ class HFLM(CausalLM):
         *,
         temperature: float = 1.0,
         seed: int = 0,
+        min_new_tokens: int = 0,
     ) -> torch.Tensor:
         pad = self.eos_token_id if self.eos_token_id is not None else 0
         width = max(len(p) for p in prompts)
@@ -204,6 +208,7 @@ class HFLM(CausalLM):
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             pad_token_id=pad,
             **sampling,
         )

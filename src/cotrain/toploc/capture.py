@@ -52,7 +52,8 @@ class GenerationResult:
     """Wall time assembling hidden states and encoding proofs (the overhead of proving)."""
     tokens: int = 0
     """Output tokens generated."""
-    extra: dict[str, float] = field(default_factory=dict)
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    """With ``keep_hidden``: each rollout's (L + n - 1, H) captured hidden states."""
 
 
 def _cut_at_eos(row: list[int], eos: int | None) -> list[int]:
@@ -71,11 +72,14 @@ def generate_with_proofs(
     batch_size: int = 8,
     config: ProofConfig | None = None,
     id_prefix: str = "r",
+    min_new_tokens: int = 0,
+    keep_hidden: bool = False,
 ) -> GenerationResult:
     """Sample an output for every prompt and prove it; rollouts come back in prompt order.
 
     Prompts are generated ``batch_size`` at a time (for models without left padding, in groups
     of one prompt length). Each batch uses seed ``seed + first prompt index``.
+    ``min_new_tokens`` suppresses EOS until that many tokens exist (for fixed-length studies).
     """
     config = config or ProofConfig()
     if max_new_tokens < 1:
@@ -92,16 +96,26 @@ def generate_with_proofs(
         batches = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
     result = GenerationResult(rollouts=[])
     by_index: dict[int, Rollout] = {}
+    hidden_by_index: dict[int, torch.Tensor] = {}
     for batch in batches:
         rows = [list(prompts[i]) for i in batch]
         t0 = time.perf_counter()
         with HiddenCapture(lm.final_norm) as cap:
-            new = lm.generate(rows, max_new_tokens, temperature=temperature, seed=seed + batch[0])
+            new = lm.generate(
+                rows,
+                max_new_tokens,
+                temperature=temperature,
+                seed=seed + batch[0],
+                min_new_tokens=min_new_tokens,
+            )
         t1 = time.perf_counter()
         outputs = [_cut_at_eos(r, lm.eos_token_id) for r in new.tolist()]
-        proofs = _prove_batch(cap.outputs, rows, outputs, config)
+        hidden = _rollout_hidden(cap.outputs, rows, outputs)
+        proofs = _prove(hidden, rows, config)
         result.build_s += time.perf_counter() - t1
         result.generate_s += t1 - t0
+        if keep_hidden:
+            hidden_by_index.update(zip(batch, hidden, strict=True))
         for i, p, o, proof in zip(batch, rows, outputs, proofs, strict=True):
             by_index[i] = Rollout(
                 id=f"{id_prefix}{i}",
@@ -114,27 +128,32 @@ def generate_with_proofs(
             )
             result.tokens += len(o)
     result.rollouts = [by_index[i] for i in order]
+    result.hidden = [hidden_by_index[i] for i in order] if keep_hidden else []
     return result
 
 
-def _prove_batch(
-    steps: list[torch.Tensor],
-    prompts: list[list[int]],
-    outputs: list[list[int]],
-    config: ProofConfig,
-) -> list[bytes]:
-    """Per-step hook outputs of one generate call -> one proof per row."""
+def _rollout_hidden(
+    steps: list[torch.Tensor], prompts: list[list[int]], outputs: list[list[int]]
+) -> list[torch.Tensor]:
+    """Per-step hook outputs of one generate call -> each row's (L + n - 1, H) hidden states."""
     prefill = steps[0]  # (B, L_max, H), prompts left-padded to L_max
     width = prefill.size(1)
     decode = torch.cat([s[:, -1:] for s in steps[1:]], dim=1) if len(steps) > 1 else None
-    chunks: list[torch.Tensor] = []
-    counts = []
+    hidden = []
     for b, (p, o) in enumerate(zip(prompts, outputs, strict=True)):
         parts = [prefill[b, width - len(p) :]]  # (L, H)
         if decode is not None:
             parts.append(decode[b])  # (steps - 1, H)
-        hidden = torch.cat(parts)[: len(p) + len(o) - 1]  # (L + n - 1, H)
-        row_chunks = rollout_chunks(hidden, len(p), config.chunk_tokens)
+        hidden.append(torch.cat(parts)[: len(p) + len(o) - 1])  # (L + n - 1, H)
+    return hidden
+
+
+def _prove(hidden: list[torch.Tensor], prompts: list[list[int]], config: ProofConfig) -> list[bytes]:
+    """Each row's hidden states -> its proof; all chunks of the batch encoded in one pass."""
+    chunks: list[torch.Tensor] = []
+    counts = []
+    for h, p in zip(hidden, prompts, strict=True):
+        row_chunks = rollout_chunks(h, len(p), config.chunk_tokens)
         chunks += row_chunks
         counts.append(len(row_chunks))
     blob = encode_chunks(chunks, config.topk)

@@ -1,9 +1,10 @@
-"""Thresholds and sizes of toploc proofs, with the calibration behind the defaults.
+"""Sizes and thresholds of toploc proofs, with the calibration behind the defaults.
 
-Calibrated by ``bench/toploc.py`` on SmolLM2-135M-Instruct and the tiny GPT (see README, toploc):
-honest recomputations (other batch size and padding, thread count, KV cache vs prefill, fp32 vs
-bf16) and cheats (other models, changed prompt or output, int8 weights, foreign proofs) fall far
-apart, and these defaults sit between them with a margin on both sides.
+Calibrated by ``bench/toploc.py`` on SmolLM2-135M-Instruct and the tiny GPT (figures in the
+README's toploc section). Honest recomputations (other batch size and padding, thread count, KV
+cache vs prefill) agree to ~1e-6; an fp32 vs bf16 recompute moves SmolLM2's committed values by a
+median 0.7% (at most ~17% for single entries); a changed token replaces its row (median ~30-40%
+off, half of the top entries move); int8 weights move the median to ~1.3%.
 """
 
 from __future__ import annotations
@@ -16,27 +17,36 @@ from cotrain.core.config import ConfigModel
 
 
 class ProofConfig(ConfigModel):
-    """How proofs are cut and when a chunk passes."""
+    """How proofs are cut and when they pass."""
 
     chunk_tokens: int = 32
-    """Decoded tokens committed to by one chunk proof (the prompt is one more chunk)."""
+    """Positions committed to by one chunk proof (the last chunk of a rollout may be shorter)."""
     topk: int = 128
-    """Entries (largest magnitude) of a chunk's hidden states that a proof commits to."""
-    min_exp_matches: int = 90
-    """A chunk passes only if at least this many of the top-k sign+exponent bits match."""
-    max_mant_err_mean: float = 10.0
-    """... and the mean bf16 mantissa error (in ulps, over matched entries) is at most this ..."""
-    max_mant_err_median: float = 8.0
-    """... and the median bf16 mantissa error is at most this."""
+    """Entries per chunk proof, spread evenly over its positions (4 per position at 32)."""
+    row_slack: int = 4
+    """The validator looks for a position's committed entries among its top (quota + slack)."""
+    match_rel_tol: float = 0.25
+    """A committed value matches if within this relative distance of the recomputed one."""
+    max_row_misses: int = 1
+    """A chunk fails if any position has more committed entries than this unmatched."""
+    max_chunk_misses: int = 8
+    """... or if more than this many of its ``topk`` entries are unmatched."""
+    max_median_rel_err: float = 0.01
+    """A rollout fails if the median relative error of its matched entries exceeds this."""
 
     @model_validator(mode="after")
     def _check(self) -> ProofConfig:
         if not 1 <= self.topk <= 32767:
             raise ValueError(f"topk={self.topk} must be in [1, 32767]")
-        if not 0 <= self.min_exp_matches <= self.topk:
-            raise ValueError(f"min_exp_matches={self.min_exp_matches} must be in [0, topk]")
-        if self.chunk_tokens < 1:
-            raise ValueError("chunk_tokens must be at least 1")
+        if not 1 <= self.chunk_tokens <= self.topk:
+            raise ValueError(
+                f"chunk_tokens={self.chunk_tokens} must be in [1, topk={self.topk}]: "
+                "every position needs at least one committed entry"
+            )
+        if self.row_slack < 0 or self.max_row_misses < 0 or self.max_chunk_misses < 0:
+            raise ValueError("row_slack, max_row_misses and max_chunk_misses must be >= 0")
+        if not 0 < self.match_rel_tol < 1:
+            raise ValueError("match_rel_tol must be in (0, 1)")
         return self
 
 
@@ -44,7 +54,7 @@ class ValidatorConfig(ConfigModel):
     """How a validator recomputes hidden states."""
 
     proof: ProofConfig = ProofConfig()
-    """Proof sizes and thresholds; must match what the workers used."""
+    """Proof sizes and thresholds; sizes must match what the workers used."""
     batch_size: int = 8
     """Rollouts recomputed together in one padded prefill."""
     dtype: Literal["float32", "bfloat16"] = "float32"

@@ -1,20 +1,26 @@
-"""Build and check proofs: per chunk, a polynomial through the top-k hidden-state entries.
+"""Build and check proofs: per chunk of positions, a polynomial through top hidden-state entries.
 
 A proof is a sequence of chunk proofs of ``2 + 2k`` bytes each (258 for k = 128)::
 
-    uint16 m            modulus that keeps the chunk's top-k flat indices distinct (x mod m)
+    uint16 m            modulus that keeps the chunk's flat indices distinct (x mod m)
     uint16 c[0..k-1]    coefficients over GF(65521) of the polynomial x mod m -> bf16 bits
 
-Checking recomputes the top-k of the same chunk, evaluates the polynomial at the recomputed
-indices and compares the claimed bf16 values with the recomputed ones: how many sign+exponent
-fields match, and the mantissa error (in bf16 ulps) over those that do. A different model or
-input moves the top-k indices, so the polynomial returns unrelated field elements there.
+A chunk covers up to ``chunk_tokens`` consecutive positions (rows of hidden states) and commits
+to the largest-magnitude entries of *each* row, k spread evenly (4 per row at 32 rows), so a
+change at any single position replaces a share of the commitment (published TOPLOC takes the
+top-k of the whole flattened chunk, which a few large channels dominate).
+
+Checking recomputes the chunk, takes each row's top (quota + slack) entries, evaluates the
+polynomial there, and counts the committed entries it finds within a relative tolerance: an
+honest row finds all of its entries, a changed row finds few (the polynomial returns unrelated
+field elements at indices it was not built on). The median relative error of the matched
+entries over the whole rollout separates lower-precision weights from honest rounding noise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,14 +39,20 @@ def chunk_bytes(k: int) -> int:
 class ChunkResult:
     """How one chunk's recomputed hidden states compare with its proof."""
 
+    matches: int
+    """Committed entries found within ``match_rel_tol`` (of k)."""
+    worst_row_misses: int
+    """The most committed entries any single position failed to match."""
     exp_matches: int
-    """Top-k entries whose sign and exponent match the proof (of k)."""
+    """Matched entries whose bf16 sign and exponent are equal."""
     mant_err_mean: float
-    """Mean |mantissa difference| in bf16 ulps over the matching entries (inf if none match)."""
+    """Mean |mantissa difference| in bf16 ulps over those (inf if none)."""
     mant_err_median: float
     """Median of the same."""
     passed: bool
-    """All three within the thresholds of the ``ProofConfig`` used."""
+    """Within ``max_chunk_misses`` and ``max_row_misses``."""
+    rel_errs: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    """Relative errors of the matched entries."""
 
 
 @dataclass
@@ -49,11 +61,10 @@ class ProofVerdict:
 
     chunks: list[ChunkResult]
     """One result per chunk, in order."""
-
-    @property
-    def passed(self) -> bool:
-        """Every chunk passed (and there was at least one)."""
-        return bool(self.chunks) and all(c.passed for c in self.chunks)
+    median_rel_err: float
+    """Median relative error of all matched entries (inf if none)."""
+    passed: bool
+    """Every chunk passed and the median error is within ``max_median_rel_err``."""
 
     @property
     def failed_chunks(self) -> list[int]:
@@ -71,33 +82,58 @@ def _bf16_bits(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
 
 
-def topk_entries(chunks: Sequence[torch.Tensor], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each (rows, H) chunk -> its k largest-magnitude entries: flat indices and bf16 bits.
+def _bits_to_float(bits: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (any int array) -> float32 values."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
-    Chunks are flattened and padded to a common length so one ``topk`` call serves them all.
-    Returns two (N, k) int64 arrays.
-    """
-    sizes = [c.numel() for c in chunks]
-    if min(sizes) < k:
-        raise ProofBuildError(f"a chunk has {min(sizes)} entries, fewer than topk={k}")
-    flat = torch.full((len(chunks), max(sizes)), -1.0)  # (N, S); magnitude -1 is never chosen
-    vals = torch.zeros((len(chunks), max(sizes)))
-    for i, c in enumerate(chunks):
-        v = c.detach().reshape(-1).float().cpu()
-        if not torch.isfinite(v).all():
-            raise ProofBuildError("hidden states contain NaN or inf")
-        flat[i, : v.numel()] = v.abs()
-        vals[i, : v.numel()] = v
-    idx = flat.topk(k, dim=1).indices  # (N, k)
-    bits = _bf16_bits(vals.gather(1, idx))  # (N, k)
-    return idx.numpy(), bits.numpy()
+
+def row_quotas(rows: int, k: int) -> np.ndarray:
+    """Entries committed per row: k spread evenly over ``rows`` rows, the first rows +1."""
+    q = np.full(rows, k // rows, dtype=np.int64)
+    q[: k % rows] += 1
+    return q
+
+
+def _row_top(chunk: torch.Tensor, quotas: np.ndarray, slack: int) -> tuple[np.ndarray, ...]:
+    """Each row's largest-magnitude (quota + slack) entries: flat indices, row ids, values."""
+    rows, width = chunk.shape
+    take = min(int(quotas.max()) + slack, width)
+    top = chunk.abs().topk(take, dim=1).indices  # (rows, take)
+    keep = torch.arange(take)[None, :] < torch.as_tensor(quotas + slack)[:, None]
+    row_ids = torch.arange(rows)[:, None].expand(rows, take)
+    flat = (row_ids * width + top)[keep]  # row-major: row 0's entries first
+    return flat.numpy(), row_ids[keep].numpy(), chunk.reshape(-1)[flat].numpy()
+
+
+def _prepare(chunk: torch.Tensor) -> torch.Tensor:
+    if chunk.dim() != 2:
+        raise ProofBuildError(f"a chunk must be (rows, H), got {tuple(chunk.shape)}")
+    c = chunk.detach().float().cpu()
+    if not torch.isfinite(c).all():
+        raise ProofBuildError("hidden states contain NaN or inf")
+    return c
+
+
+def commit_entries(chunks: Sequence[torch.Tensor], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The entries each (rows, H) chunk commits to: (N, k) flat indices and bf16 bits."""
+    idx = np.empty((len(chunks), k), dtype=np.int64)
+    bits = np.empty((len(chunks), k), dtype=np.int64)
+    for i, chunk in enumerate(chunks):
+        c = _prepare(chunk)
+        quotas = row_quotas(c.size(0), k)
+        if c.size(0) > k or c.size(1) < quotas.max():
+            raise ProofBuildError(f"a chunk of shape {tuple(c.shape)} cannot hold topk={k}")
+        flat, _, vals = _row_top(c, quotas, 0)
+        idx[i] = flat
+        bits[i] = _bf16_bits(torch.from_numpy(vals)).numpy()
+    return idx, bits
 
 
 def encode_chunks(chunks: Sequence[torch.Tensor], k: int = 128) -> bytes:
     """Chunk proofs for each (rows, H) tensor, concatenated."""
     if not chunks:
         return b""
-    idx, bits = topk_entries(chunks, k)
+    idx, bits = commit_entries(chunks, k)
     moduli = injective_moduli(idx)  # (N,)
     coeffs = interpolate(idx % moduli[:, None], bits)  # (N, k)
     out = np.empty((len(chunks), 1 + k), dtype="<u2")
@@ -135,24 +171,48 @@ def check_chunks(
     k = config.topk
     moduli, coeffs = decode_chunks(proof, len(chunks), k)
     if not chunks:
-        return ProofVerdict(chunks=[])
-    idx, bits = topk_entries(chunks, k)  # recomputed, (N, k)
-    claimed = evaluate(coeffs, idx % moduli[:, None])  # (N, k) bf16 bits per the proof
-    match = (claimed >> 7) == (bits >> 7)  # sign and exponent (bits 7..15)
-    err = np.abs((claimed & 0x7F) - (bits & 0x7F)).astype(np.float64)
+        return ProofVerdict(chunks=[], median_rel_err=float("inf"), passed=False)
+    # Candidates of every chunk, padded to one width M so all polynomials evaluate at once.
+    cands = []
+    for chunk in chunks:
+        c = _prepare(chunk)
+        quotas = row_quotas(c.size(0), k)
+        cands.append((quotas, *_row_top(c, quotas, config.row_slack)))
+    m = max(len(flat) for _, flat, _, _ in cands)
+    points = np.zeros((len(chunks), m), dtype=np.int64)
+    for i, (_, flat, _, _) in enumerate(cands):
+        points[i, : len(flat)] = flat
+    claimed = evaluate(coeffs, points % moduli[:, None])  # (N, M) bf16 bits per the proof
     results = []
-    for i in range(len(chunks)):
-        e = err[i, match[i]]
-        mean = float(e.mean()) if e.size else float("inf")
-        median = float(np.median(e)) if e.size else float("inf")
-        n = int(match[i].sum())
-        ok = (
-            n >= config.min_exp_matches
-            and mean <= config.max_mant_err_mean
-            and median <= config.max_mant_err_median
+    for i, (quotas, flat, row_ids, vals) in enumerate(cands):
+        got = claimed[i, : len(flat)]
+        want = _bf16_bits(torch.from_numpy(vals)).numpy()
+        with np.errstate(invalid="ignore", over="ignore"):  # claimed bits may decode to NaN
+            v = _bits_to_float(want).astype(np.float64)
+            c = _bits_to_float(got).astype(np.float64)
+            rel = np.abs(c - v) / np.maximum(np.abs(v), 1e-30)
+            hit = np.isfinite(c) & (np.sign(c) == np.sign(v)) & (rel <= config.match_rel_tol)
+        per_row = np.minimum(np.bincount(row_ids[hit], minlength=len(quotas)), quotas)
+        misses = quotas - per_row
+        exp_hit = hit & ((got >> 7) == (want >> 7))
+        mant = np.abs((got & 0x7F) - (want & 0x7F))[exp_hit].astype(np.float64)
+        n_miss = int(misses.sum())
+        results.append(
+            ChunkResult(
+                matches=k - n_miss,
+                worst_row_misses=int(misses.max()),
+                exp_matches=int(exp_hit.sum()),
+                mant_err_mean=float(mant.mean()) if mant.size else float("inf"),
+                mant_err_median=float(np.median(mant)) if mant.size else float("inf"),
+                passed=n_miss <= config.max_chunk_misses
+                and int(misses.max()) <= config.max_row_misses,
+                rel_errs=rel[hit],
+            )
         )
-        results.append(ChunkResult(n, mean, median, ok))
-    return ProofVerdict(chunks=results)
+    pooled = np.concatenate([r.rel_errs for r in results])
+    median = float(np.median(pooled)) if pooled.size else float("inf")
+    passed = all(r.passed for r in results) and median <= config.max_median_rel_err
+    return ProofVerdict(chunks=results, median_rel_err=median, passed=passed)
 
 
 def build_proofs(hidden_states: torch.Tensor, chunk: int = 32, k: int = 128) -> bytes:
@@ -185,16 +245,15 @@ def verify_proofs(
 def rollout_chunks(hidden: torch.Tensor, prompt_len: int, chunk: int) -> list[torch.Tensor]:
     """Split a rollout's (L + n - 1, H) hidden states into the chunks its proof covers.
 
-    Position p's hidden state depends on tokens 0..p. Positions 0..L-2 (the prompt but its last
-    token) form one prefill chunk; positions L-1..L+n-2, each of which produced one output
-    token, form chunks of ``chunk``. The last output token is fixed only by sampling from the
-    hidden state before it, which TOPLOC does not check.
+    Position p's hidden state depends on tokens 0..p; the worker computed positions 0..L+n-2
+    (the prompt, then each output token but the last as it was fed back). All of them are
+    committed to, ``chunk`` positions at a time. The last output token is fixed only by
+    sampling from the hidden state before it, which TOPLOC does not check.
     """
-    chunks = [hidden[: prompt_len - 1]] if prompt_len > 1 else []
-    decode = hidden[prompt_len - 1 :]
-    return chunks + [decode[s] for s in split_rows(decode.size(0), chunk)]
+    del prompt_len  # one layout for prompt and output positions alike
+    return [hidden[s] for s in split_rows(hidden.size(0), chunk)]
 
 
 def n_rollout_chunks(prompt_len: int, n_output: int, chunk: int) -> int:
     """How many chunk proofs a rollout with these lengths carries."""
-    return (1 if prompt_len > 1 else 0) + -(-n_output // chunk)
+    return -(-(prompt_len + n_output - 1) // chunk)

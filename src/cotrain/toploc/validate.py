@@ -42,6 +42,8 @@ class ValidationReport:
     """Wall time of the recomputation (the batched prefills)."""
     check_s: float
     """Wall time comparing with proofs."""
+    hidden: list[torch.Tensor | None] | None = None
+    """With ``keep_hidden``: each rollout's recomputed (L + n - 1, H) states (None if skipped)."""
 
     @property
     def n_passed(self) -> int:
@@ -79,9 +81,10 @@ class Validator:
             return f"malformed proof: {len(r.proof)} bytes, expected {want * (2 + 2 * r.topk)}"
         return None
 
-    def validate(self, rollouts: Sequence[Rollout]) -> ValidationReport:
+    def validate(self, rollouts: Sequence[Rollout], keep_hidden: bool = False) -> ValidationReport:
         """Verdicts for ``rollouts`` (in their order)."""
         verdicts: dict[int, RolloutVerdict] = {}
+        kept: dict[int, torch.Tensor] = {}
         todo = []
         for i, r in enumerate(rollouts):
             why = self._precheck(r)
@@ -103,11 +106,19 @@ class Validator:
                 t1 = time.perf_counter()
                 for i, r, h in zip(todo[j : j + bs], batch, hidden, strict=True):
                     verdicts[i] = self._check(r, h)
+                    if keep_hidden:
+                        kept[i] = h[: len(r.prompt_tokens) + len(r.output_tokens) - 1].float()
                 prefill_s += t1 - t0
                 check_s += time.perf_counter() - t1
         finally:
             torch.set_num_threads(threads)
-        return ValidationReport([verdicts[i] for i in range(len(rollouts))], prefill_s, check_s)
+        n = len(rollouts)
+        return ValidationReport(
+            [verdicts[i] for i in range(n)],
+            prefill_s,
+            check_s,
+            [kept.get(i) for i in range(n)] if keep_hidden else None,
+        )
 
     def _prefill(self, batch: list[Rollout]) -> torch.Tensor:
         # Every position but the last output token: those are the ones the worker computed.
@@ -130,13 +141,22 @@ class Validator:
             return RolloutVerdict(r.id, False, f"malformed proof: {e}")
         if verdict.passed:
             return RolloutVerdict(r.id, True, "ok", verdict)
+        if not verdict.failed_chunks:
+            return RolloutVerdict(
+                r.id,
+                False,
+                f"median relative error {verdict.median_rel_err:.4f} > "
+                f"{self.config.proof.max_median_rel_err} (other weights or lower precision)",
+                verdict,
+            )
         i = verdict.failed_chunks[0]
         c = verdict.chunks[i]
-        what = "prompt" if i == 0 and len(r.prompt_tokens) > 1 else "output"
+        start = i * r.chunk_tokens
+        what = "prompt" if start < len(r.prompt_tokens) - 1 else "output"
         return RolloutVerdict(
             r.id,
             False,
-            f"chunk {i} ({what}) differs: {c.exp_matches}/{r.topk} exponents match, "
-            f"mantissa error mean {c.mant_err_mean:.2f} median {c.mant_err_median:.1f}",
+            f"chunk {i} (positions {start}+, {what}) differs: {c.matches}/{r.topk} entries "
+            f"match, a position misses {c.worst_row_misses}",
             verdict,
         )
