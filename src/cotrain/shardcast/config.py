@@ -86,6 +86,9 @@ class TransferConfig(ConfigModel):
     """Bytes read from a response at a time (hashing and writing work on whole chunks)."""
     seed: int | None = None
     """Seed of the server-choice randomness (None: nondeterministic)."""
+    rcvlowat_kb: int = Field(default=256, ge=0)
+    """Wake up only once this many KB are waiting on a socket (SO_RCVLOWAT; 0: every packet).
+    Saves CPU on slow links, where packets otherwise arrive, and wake us, one by one."""
 
 
 class ClientConfig(ConfigModel):

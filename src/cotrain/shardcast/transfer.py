@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -214,7 +215,9 @@ class ShardPuller:
                     part.reset()  # the server ignored our Range: start over
                 part.contributors.add(server)
                 t0 = time.monotonic()  # measure the transfer, not the wait for the shard
+                lowat = _LowWater(resp, cfg.rcvlowat_kb * 1024)
                 while True:
+                    lowat.before_read()
                     async with asyncio.timeout(cfg.stall_timeout_s):
                         chunk = await resp.content.read(cfg.read_chunk_kb * 1024)
                     if not chunk:
@@ -227,6 +230,7 @@ class ShardPuller:
                     got += len(chunk)
                     if self.on_bytes is not None:
                         self.on_bytes(len(chunk))
+                lowat.reset()
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
             self.selector.record_failure(server, f"{type(e).__name__}: {e}"[:200])
             raise _Retry(f"{type(e).__name__}: {e}") from None
@@ -255,6 +259,44 @@ class ShardPuller:
             self.on_bytes(-part.have)
         part.reset()
         raise _Retry(reason)
+
+
+class _LowWater:
+    """SO_RCVLOWAT on the response's socket: wake us once per ``lowat`` bytes, not per packet.
+
+    On a slow link packets arrive one by one, and waking the event loop for each costs more
+    CPU than the bytes themselves. The mark never exceeds what the body still has to deliver
+    (or the last bytes would never wake us), and is reset before the connection is reused.
+    """
+
+    def __init__(self, resp: aiohttp.ClientResponse, lowat: int) -> None:
+        self.resp, self.lowat = resp, lowat
+        self.sock = None
+        self.set_to = 1
+        if lowat > 1 and resp.content_length and resp.connection is not None:
+            transport = resp.connection.transport
+            self.sock = transport.get_extra_info("socket") if transport is not None else None
+
+    def before_read(self) -> None:
+        if self.sock is None:
+            return
+        assert self.resp.content_length is not None
+        on_the_wire = self.resp.content_length - self.resp.content.total_bytes
+        want = max(1, min(self.lowat, on_the_wire))
+        if want != self.set_to:
+            self._set(want)
+
+    def reset(self) -> None:
+        if self.sock is not None and self.set_to != 1:
+            self._set(1)
+
+    def _set(self, value: int) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
+            self.set_to = value
+        except OSError:
+            self.sock = None  # closed under us: nothing left to tune
 
 
 def check_complete(manifest: Manifest, done: set[int]) -> None:
