@@ -1,4 +1,4 @@
-"""`cotrain master`, `cotrain peer` and `cotrain demo`: the communication layer's process roles."""
+"""`cotrain master`, `cotrain peer`, `cotrain demo` (DiLoCo) and `cotrain demo-collective`."""
 
 from __future__ import annotations
 
@@ -59,8 +59,21 @@ def register(app: typer.Typer) -> None:
             cfg = load_config(PeerProgramConfig, config, [_quote(o) for o in ctx.args])
         raise typer.Exit(run(cfg))
 
-    @app.command()
+    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def demo(
+        ctx: typer.Context,
+        workers: Annotated[int, typer.Option(help="DiLoCo workers at the start")] = 4,
+        kill_outer: Annotated[int, typer.Option(help="outer step at which one is killed")] = 3,
+    ) -> None:
+        """Train a GPT on Shakespeare with DiLoCo: N workers, one killed, a fresh one joins.
+
+        Extra --dotted.overrides change the worker config (e.g. --total_steps=400)."""
+        from cotrain.demo.diloco import demo_config, run_demo
+
+        run_demo(demo_config(list(ctx.args)), workers=workers, kill_outer=kill_outer)
+
+    @app.command("demo-collective")
+    def demo_collective(
         peers: Annotated[int, typer.Option(help="peers at the start")] = 4,
         numel: Annotated[int, typer.Option(help="values per all-reduce (fp32)")] = 8 << 20,
         rounds: Annotated[int, typer.Option(help="all-reduce rounds")] = 24,

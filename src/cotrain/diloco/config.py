@@ -62,6 +62,11 @@ class AlgoConfig(ConfigModel):
     """Outer optimizer (diloco)."""
     ddp_vote_every_steps: int = Field(default=10, ge=1)
     """DDP: admit joiners (update the topology) every this many steps (and after any failure)."""
+    min_workers: int = Field(default=1, ge=1)
+    """Blocking joins: before a synchronisation, wait until at least this many workers are in
+    the ring (a survivor waits for a replacement instead of training alone)."""
+    min_workers_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest wait for ``min_workers``."""
     retries: int = Field(default=8, ge=0)
     """Retries of a failed synchronisation with the survivors before giving up."""
 

@@ -54,7 +54,8 @@ class MetricsLog:
 
     def __init__(self, path: Path, *, echo: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", buffering=1)  # line-buffered: a killed worker loses little
+        # line-buffered: a killed worker loses at most its last line
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115
         self._echo = echo
 
     def write(self, event: str, **fields: Any) -> None:

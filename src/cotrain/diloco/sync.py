@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torch
 from cotrain.comm.communicator import Communicator, SyncResult
 from cotrain.comm.config import Quantization
 from cotrain.comm.errors import PeerFailedError, RevisionError, TopologyChangedError
+from cotrain.core.clock import Deadline
 from cotrain.diloco.errors import RoundFailedError
 from cotrain.diloco.metrics import Clocks, MetricsLog
 
@@ -56,8 +58,12 @@ class Synchronizer:
         log_: MetricsLog,
         retries: int,
         revision_hint: int = 0,
+        min_workers: int = 1,
+        min_workers_timeout_s: float = 600.0,
     ) -> None:
         self.comm = comm
+        self.min_workers = min_workers
+        self.min_workers_timeout_s = min_workers_timeout_s
         self.clocks = clocks
         self.log = log_
         self.retries = retries
@@ -101,10 +107,18 @@ class Synchronizer:
         raise RoundFailedError(f"synchronisation at step {step} failed {self.retries + 1} times")
 
     def _vote(self, vote: bool) -> None:
-        if vote:
-            t0 = time.perf_counter()
+        if not vote:
+            return
+        t0 = time.perf_counter()
+        self.comm.update_topology()
+        # Blocking join: with fewer than min_workers, keep voting until joiners arrive. A vote
+        # among members only returns at once, so pause between votes instead of spinning.
+        deadline = Deadline.after(self.min_workers_timeout_s)
+        while self.comm.world_size < self.min_workers:
+            deadline.check(f"{self.min_workers} workers")
+            threading.Event().wait(min(0.2, deadline.remaining()))
             self.comm.update_topology()
-            self.clocks.waiting_s += time.perf_counter() - t0
+        self.clocks.waiting_s += time.perf_counter() - t0
 
     def outer(
         self,

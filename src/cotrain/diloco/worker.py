@@ -146,7 +146,7 @@ class Worker:
             "bytes_received": c.bytes_received,
         }
 
-    def _record(self, *, loss: float, fetched: bool = False, evaluate: bool = True) -> None:
+    def _record(self, *, loss: float | None, fetched: bool = False, evaluate: bool = True) -> None:
         rnd = self.step // self.H
         val = self.val_loss() if evaluate and rnd % self.cfg.eval_every_outer == 0 else None
         digest = self.outer.digest() if self.cfg.algo.mode == "diloco" else self.param_digest()
@@ -154,7 +154,7 @@ class Worker:
             "outer",
             outer_step=rnd,
             step=self.step,
-            loss=round(loss, 5),
+            loss=None if loss is None else round(loss, 5),
             val_loss=None if val is None else round(val, 5),
             tokens=self.tokens,
             hash=digest,
@@ -238,6 +238,8 @@ class Worker:
             log_=self.log,
             retries=self.cfg.algo.retries,
             revision_hint=self.revision_hint,
+            min_workers=self.cfg.algo.min_workers,
+            min_workers_timeout_s=self.cfg.algo.min_workers_timeout_s,
         )
         delta = torch.zeros(self.outer.numel)  # (N,) this worker's pseudo-gradient
         avg = torch.zeros(self.outer.numel)  # (N,) the workers' weighted mean
@@ -287,8 +289,7 @@ class Worker:
                 self.outer.step += 1  # nobody trained: skip the update, keep the schedule
             load_flat(self.params, self.outer.params)
             self.step = int(self.outer.step[0]) * self.H
-            loss = sum(losses) / len(losses) if losses else math.nan
-            self._record(loss=loss, fetched=out.fetched)
+            self._record(loss=sum(losses) / len(losses) if losses else None, fetched=out.fetched)
 
     def _run_ddp(self) -> None:
         shared = self._ddp_shared()
@@ -301,6 +302,8 @@ class Worker:
                 log_=self.log,
                 retries=self.cfg.algo.retries,
                 revision_hint=self.revision_hint,
+                min_workers=self.cfg.algo.min_workers,
+                min_workers_timeout_s=self.cfg.algo.min_workers_timeout_s,
             )
         first = True
         losses: list[float] = []

@@ -1,0 +1,205 @@
+"""DiLoCo: the outer step, configs, and real multi-process runs (elastic, DDP, resume).
+
+Multi-process tests start a real master and real workers (``cotrain train``) on loopback with
+port 0, a ~50k-parameter GPT and a small real-text corpus; they check replicas by hash.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diloco_harness import tiny_train_config, write_fake_shakespeare
+
+from cotrain.comm.launch import Proc, start_master
+from cotrain.core.config import load_config
+from cotrain.data import prepare
+from cotrain.diloco import OuterConfig, OuterState, TrainConfig, Worker
+from cotrain.diloco.launch import start_worker
+from cotrain.diloco.metrics import read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_public_surface() -> None:
+    import cotrain.data
+    import cotrain.diloco
+
+    assert sorted(cotrain.diloco.__all__) == [
+        "AlgoConfig",
+        "CheckpointError",
+        "InnerConfig",
+        "OuterConfig",
+        "OuterState",
+        "RoundFailedError",
+        "TrainConfig",
+        "TrainError",
+        "Worker",
+        "train",
+    ]
+    assert "prepare" in cotrain.data.__all__ and "ShardReader" in cotrain.data.__all__
+
+
+def test_outer_step_is_torch_sgd_nesterov() -> None:
+    """The outer update equals torch's SGD(lr 0.7, momentum 0.9, nesterov) on -delta."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1000))
+    ref = torch.nn.Parameter(p.detach().clone())
+    outer = OuterState([p], OuterConfig())
+    sgd = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=True, foreach=False)
+    for _ in range(4):
+        delta = torch.randn(1000) * 0.01  # outer - local
+        outer.apply(delta)
+        ref.grad = delta.clone()
+        sgd.step()
+        torch.testing.assert_close(outer.params, ref.detach(), rtol=0, atol=1e-6)
+    assert int(outer.step[0]) == 4
+    digest = outer.digest()
+    assert OuterState([p], OuterConfig()).digest() != digest
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted([*ROOT.glob("configs/train*.toml"), *ROOT.glob("configs/diloco*.toml")]),
+    ids=lambda p: p.name,
+)
+def test_shipped_configs_parse(path: Path) -> None:
+    load_config(TrainConfig, path)
+
+
+def test_config_errors_say_what_to_fix() -> None:
+    from cotrain.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="block_size"):
+        load_config(TrainConfig, None, ["data.seq_len=1024"])
+    with pytest.raises(ConfigError, match="world = 1"):
+        load_config(TrainConfig, None, ["algo.mode=single", "world=2"])
+
+
+# ---- processes ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cache")
+    write_fake_shakespeare(path)
+    cfg = TrainConfig.model_validate(tiny_train_config(path, path / "unused"))
+    prepare(cfg.data)  # once, before workers start
+    return path
+
+
+def _records(proc: Proc) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(x) for x in proc.lines if x.startswith("{")]
+
+
+def _outer(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {r["outer_step"]: r for r in records if r["event"] == "outer"}
+
+
+def _finish(procs: list[Proc], timeout_s: float) -> None:
+    for p in procs:
+        try:
+            p.popen.wait(timeout_s)
+        except Exception:
+            for q in procs:
+                q.stop()
+            raise AssertionError(f"{p.name} did not finish: {' | '.join(p.lines[-5:])}") from None
+
+
+@pytest.mark.timeout(240)
+def test_diloco_kill_and_join_keeps_replicas_bit_identical(cache: Path, tmp_path: Path) -> None:
+    secret = secrets.token_hex(8)
+    master, port = start_master(secret)
+    procs: list[Proc] = []
+    try:
+
+        def cfg(i: int, **kw: Any) -> TrainConfig:
+            # min_workers=2: the survivor waits for the replacement (blocking join)
+            over = {
+                "comm.master_port": port,
+                "algo.min_workers": 2,
+                "algo.min_workers_timeout_s": 120,
+            }
+            d = tiny_train_config(cache, tmp_path, **over, **kw)
+            return TrainConfig.model_validate({**d, "worker_index": i, "world": 2})
+
+        procs.append(start_worker(cfg(0), secret))
+        procs.append(start_worker(cfg(1, kill_at_step=10), secret))
+        assert procs[1].popen.wait(200) == -9  # killed in its third inner phase
+        procs.append(start_worker(cfg(2, join="join"), secret))
+        _finish([procs[0], procs[2]], 200)
+    finally:
+        for p in procs:
+            p.stop()
+        master.stop()
+    w0, w2 = _records(procs[0]), _records(procs[2])
+    o0, o2 = _outer(w0), _outer(w2)
+    assert sorted(o0) == list(range(1, 7))  # the survivor finished every outer step
+    first = min(o2)
+    assert o2[first]["fetched"] and o2[first]["tokens"] == 0  # received, contributed nothing
+    for k in o2:  # from its first outer step on, the joiner is bit-identical to the survivor
+        assert o2[k]["hash"] == o0[k]["hash"], k
+    assert max(o2) == 6 and o2[6]["world"] == 2 and o2[6]["tokens"] > 0
+    assert o0[6]["val_loss"] < o0[1]["val_loss"]
+    done = [r for r in (*w0, *w2) if r["event"] == "done"]
+    assert len({r["hash"] for r in done}) == 1
+    logged = read_log(tmp_path / "worker0.jsonl")
+    assert [r for r in logged if r["event"] == "outer"] == list(o0.values())
+
+
+@pytest.mark.timeout(240)
+def test_ddp_replicas_identical_and_diloco_sends_less(cache: Path, tmp_path: Path) -> None:
+    secret = secrets.token_hex(8)
+    master, port = start_master(secret)
+    procs = []
+    try:
+        for i in range(2):
+            d = tiny_train_config(
+                cache,
+                tmp_path,
+                **{"comm.master_port": port, "algo.mode": "ddp", "algo.quantization": "none"},
+                total_steps=8,
+            )
+            procs.append(
+                start_worker(
+                    TrainConfig.model_validate({**d, "worker_index": i, "world": 2}), secret
+                )
+            )
+        _finish(procs, 200)
+    finally:
+        for p in procs:
+            p.stop()
+        master.stop()
+    a, b = (_outer(_records(p)) for p in procs)
+    assert sorted(a) == [1, 2] and all(a[k]["hash"] == b[k]["hash"] for k in a)
+    numel = Worker.__name__ and a[2]["bytes_sent"]  # 8 fp32 gradient all-reduces
+    assert numel > 8 * 4 * 40_000 * 0.9  # each step moves about the model's size
+
+
+@pytest.mark.timeout(240)
+def test_kill_and_resume_is_bit_identical(cache: Path, tmp_path: Path) -> None:
+    """Single mode: killed at step 10, resumed from the step-8 checkpoint, the run ends with
+    exactly the parameters of an uninterrupted run."""
+    ref = Worker(
+        TrainConfig.model_validate(
+            tiny_train_config(cache, tmp_path / "ref", **{"algo.mode": "single"}, total_steps=16)
+        ),
+        echo=False,
+    ).run()
+    ref_log = read_log(tmp_path / "ref" / "worker0.jsonl")
+    d = tiny_train_config(cache, tmp_path / "b", **{"algo.mode": "single"}, total_steps=16)
+    killed = start_worker(TrainConfig.model_validate({**d, "kill_at_step": 10}), "x")
+    assert killed.popen.wait(200) == -9
+    resumed = start_worker(TrainConfig.model_validate(d), "x")
+    _finish([killed, resumed], 200)
+    recs = _records(resumed)
+    start = next(r for r in recs if r["event"] == "start")
+    assert start["resumed_step"] == 8  # at most one outer step lost
+    done = next(r for r in recs if r["event"] == "done")
+    ref_done = next(r for r in ref_log if r["event"] == "done")
+    assert done["hash"] == ref_done["hash"] and done["tokens"] == ref["tokens"]
