@@ -203,3 +203,18 @@ def test_kill_and_resume_is_bit_identical(cache: Path, tmp_path: Path) -> None:
     done = next(r for r in recs if r["event"] == "done")
     ref_done = next(r for r in ref_log if r["event"] == "done")
     assert done["hash"] == ref_done["hash"] and done["tokens"] == ref["tokens"]
+
+
+def test_cli_train_and_data_help() -> None:
+    import subprocess
+    import sys
+
+    for args in (["train", "--help"], ["data", "prepare", "--help"], ["demo", "--help"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "cotrain", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert "Usage" in out

@@ -1,0 +1,293 @@
+"""DiLoCo against its baselines on the same token budget and seeds, in one run.
+
+    python bench/diloco.py --quick                 # smoke run, under 3 minutes on 2 cores
+    python bench/diloco.py --json diloco.json      # single, DDP (4), DiLoCo (4, H=50; int8, fp32)
+    python bench/diloco.py --wan --json wan.json   # also DDP and DiLoCo with every worker in its
+                                                   # own network namespace (root): 100 Mbit/s,
+                                                   # 50 ms one-way per host link
+
+Every run trains the same GPT from the same seed on Shakespeare (real processes: a master and
+``cotrain train`` workers). Equal tokens: DDP and DiLoCo workers take ``--steps`` steps of
+``--batch`` sequences each; the single worker takes ``--steps`` steps of ``workers x batch``.
+Printed: a table; written: ``--json`` rows (mode, quant, workers, inner_steps, tokens,
+final_val_loss, bytes_sent_per_worker, utilization, wan, wall_s, ...) and ``--png`` loss curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from cotrain.comm.launch import Proc, start_master
+from cotrain.core.config import apply_overrides
+from cotrain.data import prepare
+from cotrain.diloco.config import TrainConfig
+from cotrain.diloco.launch import start_worker
+
+SECRET = secrets.token_hex(16)
+WAN_DATA_PORT = 47100
+
+
+@dataclass
+class Row:
+    mode: str
+    quant: str
+    workers: int
+    inner_steps: int
+    tokens: int
+    final_val_loss: float | None
+    bytes_sent_per_worker: float
+    utilization: float
+    wan: bool
+    wall_s: float
+    comm_s_per_worker: float
+    steps: int
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    """(tokens seen by all workers, validation loss) after each outer step."""
+
+
+def base_config(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    width = 64 if args.quick else 128
+    return {
+        "total_steps": args.steps,
+        "out_dir": str(out),
+        "log_every_steps": 50,
+        "checkpoint": "none",
+        "resume": "never",
+        "model": {
+            "size": "custom",
+            "n_layer": 2,
+            "n_head": 4,
+            "n_embd": width,
+            "block_size": 128,
+            "seed": args.seed,
+        },
+        "data": {
+            "seq_len": args.seq_len,
+            "batch_size": args.batch,
+            "val_batches": 8,
+            "seed": args.seed,
+        },
+        "inner": {"lr": args.lr, "warmup_steps": 20},
+        "algo": {"inner_steps": args.inner_steps},
+        "comm": {"heartbeat_interval_s": 0.5},
+    }
+
+
+def run_case(
+    args: argparse.Namespace,
+    console: Console,
+    *,
+    mode: str,
+    quant: str,
+    workers: int,
+    wan: bool = False,
+    steps: int | None = None,
+) -> Row:
+    out = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
+    cfg = base_config(args, out)
+    over = [f"algo.mode={mode}", f"algo.quantization={quant}"]
+    if steps is not None:
+        over.append(f"total_steps={steps}")
+    if mode == "single":
+        over.append(f"data.batch_size={args.batch * args.workers}")
+    if mode == "ddp":
+        over.append(f"algo.ddp_vote_every_steps={args.inner_steps}")
+    apply_overrides(cfg, over)
+    t0 = time.perf_counter()
+    procs: list[Proc] = []
+    master = None
+    net = None
+    try:
+        if mode == "single":
+            procs.append(start_worker(TrainConfig.model_validate(cfg), SECRET))
+        elif not wan:
+            master, port = start_master(SECRET)
+            for i in range(workers):
+                c = apply_overrides(json.loads(json.dumps(cfg)), [f"comm.master_port={port}"])
+                c.update(worker_index=i, world=workers)
+                procs.append(start_worker(TrainConfig.model_validate(c), SECRET))
+        else:
+            from cotrain.netem import WanNetwork
+            from cotrain.netem.netns import in_ns
+
+            net = WanNetwork(workers + 1, rate_mbit=args.link_mbit, delay_ms=args.delay_ms)
+            mhost = net.hosts[workers]
+            master, port = start_master(SECRET, host=mhost.ip, wrapper=in_ns(mhost.name, []))
+            for i, host in enumerate(net.hosts[:workers]):
+                c = json.loads(json.dumps(cfg))
+                c["comm"].update(
+                    master_host=mhost.ip,
+                    master_port=port,
+                    listen_host=host.ip,
+                    listen_port=WAN_DATA_PORT,
+                )
+                c.update(worker_index=i, world=workers)
+                w = start_worker(
+                    TrainConfig.model_validate(c), SECRET, wrapper=in_ns(host.name, [])
+                )
+                procs.append(w)
+        for p in procs:
+            p.popen.wait(args.timeout_s)
+    finally:
+        for p in procs:
+            p.stop()
+        if master is not None:
+            master.stop()
+        if net is not None:
+            net.close()
+    wall = time.perf_counter() - t0
+    row = _row(procs, out, mode=mode, quant=quant, workers=workers, wan=wan, wall=wall)
+    shutil.rmtree(out, ignore_errors=True)
+    console.print(
+        f"done: {mode} {quant} x{workers}{' wan' if wan else ''}: val {row.final_val_loss}, "
+        f"{row.bytes_sent_per_worker / 2**20:.2f} MiB/worker, util {row.utilization:.1%}, "
+        f"{wall:.0f}s"
+    )
+    return row
+
+
+def _row(procs: list[Proc], out: Path, **kw: Any) -> Row:
+    from cotrain.diloco.metrics import read_log
+
+    logs = [read_log(out / f"worker{i}.jsonl") for i in range(len(procs))]
+    for p, log in zip(procs, logs, strict=True):
+        if not any(r["event"] == "done" for r in log):
+            raise RuntimeError(f"{p.name} did not finish: {' | '.join(p.lines[-6:])}")
+    done = [next(r for r in log if r["event"] == "done") for log in logs]
+    outer = [r for r in logs[0] if r["event"] == "outer" and r["val_loss"] is not None]
+    n = len(procs)
+    per_step = sum(d["tokens"] for d in done) / max(done[0]["step"], 1)
+    return Row(
+        mode=kw["mode"],
+        quant=kw["quant"] if kw["mode"] != "single" else "-",
+        workers=kw["workers"],
+        inner_steps=outer[1]["step"] - outer[0]["step"] if len(outer) > 1 else 0,
+        tokens=sum(d["tokens"] for d in done),
+        final_val_loss=outer[-1]["val_loss"] if outer else None,
+        bytes_sent_per_worker=sum(d["bytes_sent"] for d in done) / n,
+        utilization=sum(d["utilization"] for d in done) / n,
+        wan=kw["wan"],
+        wall_s=round(kw["wall"], 1),
+        comm_s_per_worker=sum(d["comm_s"] + d["waiting_s"] for d in done) / n,
+        steps=done[0]["step"],
+        curve=[(int(r["step"] * per_step), r["val_loss"]) for r in outer],
+    )
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in rows:
+        if r.curve and not (r.wan and r.mode == "ddp"):
+            xs, ys = zip(*r.curve, strict=True)
+            label = f"{r.mode} {r.quant} x{r.workers}{' wan' if r.wan else ''}"
+            ax.plot(xs, ys, "o-", ms=3, label=label)
+    ax.set_xlabel("tokens (all workers)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("DiLoCo vs DDP vs single worker, equal tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small model, few steps (< 3 min)")
+    ap.add_argument("--wan", action="store_true", help="also DDP and DiLoCo int8 in namespaces")
+    ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--png", type=Path, default=Path("diloco.png"), help="loss curves")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--steps", type=int, help="steps per worker (default 600; quick 100)")
+    ap.add_argument("--inner-steps", type=int, default=50, help="H")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per worker per step")
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3, help="inner (and DDP) AdamW peak lr")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--link-mbit", type=float, default=100.0)
+    ap.add_argument("--delay-ms", type=float, default=50.0, help="one-way latency per host link")
+    ap.add_argument("--wan-ddp-steps", type=int, default=20, help="DDP steps under --wan")
+    ap.add_argument("--timeout-s", type=float, default=3600.0)
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (100 if args.quick else 600)
+    console = Console()
+    cfg = TrainConfig.model_validate(base_config(args, Path("unused")))
+    data = prepare(cfg.data, progress=lambda s, d, t: None)
+    console.print(
+        f"data: {data.train_tokens:,} tokens; {args.workers} workers, H={args.inner_steps}"
+    )
+    n = args.workers
+    rows = [
+        run_case(args, console, mode="single", quant="none", workers=1),
+        run_case(args, console, mode="ddp", quant="none", workers=n),
+        run_case(args, console, mode="diloco", quant="int8", workers=n),
+        run_case(args, console, mode="diloco", quant="none", workers=n),
+    ]
+    if args.wan:
+        from cotrain.netem import netns_unavailable_reason
+
+        reason = netns_unavailable_reason()
+        if reason:
+            console.print(f"[yellow]skipping --wan: {reason}")
+        else:
+            rows.append(run_case(args, console, mode="diloco", quant="int8", workers=n, wan=True))
+            rows.append(
+                run_case(
+                    args,
+                    console,
+                    mode="ddp",
+                    quant="none",
+                    workers=n,
+                    wan=True,
+                    steps=args.wan_ddp_steps,
+                )
+            )
+    table = Table(title=f"DiLoCo benchmark ({args.steps} steps per worker, equal tokens)")
+    cols = ("mode", "quant", "workers", "H", "tokens", "val loss", "MiB sent/worker")
+    for col in (*cols, "utilization", "wan", "wall s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r.mode,
+            r.quant,
+            str(r.workers),
+            str(r.inner_steps if r.mode == "diloco" else 1),
+            f"{r.tokens:,}",
+            "-" if r.final_val_loss is None else f"{r.final_val_loss:.4f}",
+            f"{r.bytes_sent_per_worker / 2**20:.2f}",
+            f"{r.utilization:.1%}",
+            "yes" if r.wan else "no",
+            f"{r.wall_s:.0f}",
+        )
+    console.print(table)
+    ddp = next(r for r in rows if r.mode == "ddp" and not r.wan)
+    for r in rows:
+        if r.mode == "diloco" and not r.wan and ddp.final_val_loss and r.final_val_loss:
+            console.print(
+                f"diloco {r.quant}: val loss {r.final_val_loss / ddp.final_val_loss:.3f} x DDP's, "
+                f"{ddp.bytes_sent_per_worker / max(r.bytes_sent_per_worker, 1):.0f} x fewer bytes"
+            )
+    plot(rows, args.png)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
