@@ -343,6 +343,11 @@ def run_cotrain(run: Run, ckpt: Path, sha: str) -> Row:
                 ident.public_hex,
                 *bind,
                 *LOG,
+                *(
+                    []
+                    if a.relay_parallel is None
+                    else ["--set", f"transfer.parallel_downloads={a.relay_parallel}"]
+                ),
             ],
         )
         for r in range(1, a.relays + 1)
@@ -670,6 +675,7 @@ def main() -> None:
         action="store_true",
         help="clients also download from the origin (all systems)",
     )
+    ap.add_argument("--relay-parallel", type=int, default=None, help="shards a relay pulls at once")
     ap.add_argument("--timeout-s", type=float, default=None, help="per run (600; quick 45)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/cotrain-bench-shardcast"))
     args = ap.parse_args()

@@ -148,8 +148,9 @@ class RelayConfig(ConfigModel):
     retry_interval_s: float = Field(default=1.0, gt=0)
     """Pause before asking an unreachable upstream again."""
     serve: ServeConfig = ServeConfig()
-    # Few shards at a time: each one completes (and can be served on) sooner.
-    transfer: TransferConfig = TransferConfig(parallel_downloads=2)
+    # Many flows from upstream: a relay's uplink is saturated by its clients, and the ACKs of
+    # its own downloads queue (and drop) behind that traffic, which starves each single flow.
+    transfer: TransferConfig = TransferConfig(parallel_downloads=8)
     fault: FaultConfig = FaultConfig()
 
     @field_validator("publisher_key")
