@@ -4,7 +4,7 @@
     python bench/diloco.py --json diloco.json      # single, DDP (4), DiLoCo (4, H=50; int8, fp32)
     python bench/diloco.py --wan --json wan.json   # also DDP and DiLoCo with every worker in its
                                                    # own network namespace (root): 100 Mbit/s,
-                                                   # 50 ms one-way per host link
+                                                   # 50 ms one-way between two workers
 
 Every run trains the same GPT from the same seed on Shakespeare (real processes: a master and
 ``cotrain train`` workers). Equal tokens: DDP and DiLoCo workers take ``--steps`` steps of
@@ -58,7 +58,7 @@ class Row:
 
 
 def base_config(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    width = 64 if args.quick else 128
+    width = args.width
     return {
         "total_steps": args.steps,
         "out_dir": str(out),
@@ -214,18 +214,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--png", type=Path, default=Path("diloco.png"), help="loss curves")
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--steps", type=int, help="steps per worker (default 600; quick 100)")
+    ap.add_argument("--steps", type=int, help="steps per worker (default 400; quick 60)")
     ap.add_argument("--inner-steps", type=int, default=50, help="H")
-    ap.add_argument("--batch", type=int, default=8, help="sequences per worker per step")
+    ap.add_argument("--batch", type=int, help="sequences per worker per step (8; quick 4)")
+    ap.add_argument("--width", type=int, default=64, help="GPT n_embd (2 layers, 4 heads)")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3, help="inner (and DDP) AdamW peak lr")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--link-mbit", type=float, default=100.0)
-    ap.add_argument("--delay-ms", type=float, default=50.0, help="one-way latency per host link")
+    ap.add_argument(
+        "--delay-ms",
+        type=float,
+        default=25.0,
+        help="one-way latency per host link (x2 host to host)",
+    )
     ap.add_argument("--wan-ddp-steps", type=int, default=20, help="DDP steps under --wan")
     ap.add_argument("--timeout-s", type=float, default=3600.0)
     args = ap.parse_args(argv)
-    args.steps = args.steps or (100 if args.quick else 600)
+    args.steps = args.steps or (60 if args.quick else 400)
+    args.batch = args.batch or (4 if args.quick else 8)
     console = Console()
     cfg = TrainConfig.model_validate(base_config(args, Path("unused")))
     data = prepare(cfg.data, progress=lambda s, d, t: None)

@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
     def demo(
         ctx: typer.Context,
         workers: Annotated[int, typer.Option(help="DiLoCo workers at the start")] = 4,
-        kill_outer: Annotated[int, typer.Option(help="outer step at which one is killed")] = 3,
+        kill_outer: Annotated[int, typer.Option(help="outer step at which one is killed")] = 2,
     ) -> None:
         """Train a GPT on Shakespeare with DiLoCo: N workers, one killed, a fresh one joins.
 

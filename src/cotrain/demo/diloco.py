@@ -49,7 +49,7 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 def _table(views: dict[int, _View], title: str) -> Table:
     t = Table(title=title)
-    cols = ("worker", "status", "step", "outer", "loss", "val loss", "tok/s", "sent KiB")
+    cols = ("w", "status", "step", "outer", "loss", "val", "tok/s", "KiB out")
     for col in (*cols, "peers", "hash", "note"):
         t.add_column(col, justify="left" if col in ("status", "hash", "note") else "right")
     for i, v in sorted(views.items()):
@@ -72,7 +72,7 @@ def _table(views: dict[int, _View], title: str) -> Table:
 def _absorb(v: _View, ev: dict[str, Any]) -> None:
     kind = ev.get("event")
     if kind == "prepare":
-        v.status = f"data: {ev['stage']}"
+        v.status = "data"
     elif kind == "start":
         v.status = "connecting"
     elif kind == "joined":
@@ -99,9 +99,9 @@ def _absorb(v: _View, ev: dict[str, Any]) -> None:
             v.val = ev["val_loss"]
             v.vals.append((ev["step"], ev["val_loss"]))
         if ev.get("fetched"):
-            v.note = f"received the outer state at outer step {ev['outer_step']}"
+            v.note = f"got state @outer {ev['outer_step']}"
     elif kind == "failed":
-        v.note = f"{ev['error']}: retrying with the survivors"
+        v.note = "peer lost: retrying"
     elif kind == "done":
         v.status = "done"
 
@@ -199,7 +199,7 @@ def run_demo(
                 if killed_at is None and views[victim].outer >= kill_outer:
                     procs[victim].popen.kill()  # SIGKILL: no goodbye to the master or the ring
                     killed_at = views[victim].step
-                    views[victim].note = f"killed (SIGKILL) at step {killed_at}"
+                    views[victim].note = f"SIGKILL @step {killed_at}"
                     events.append((killed_at, f"w{victim} killed"))
                     launch(joiner, join=True)
                 if joined_at is None and views.get(joiner) and views[joiner].outer > 0:
@@ -276,7 +276,7 @@ def _summary(
 
 
 DEMO_DEFAULTS: dict[str, Any] = {
-    "total_steps": 200,
+    "total_steps": 160,
     "out_dir": "runs/demo",
     "log_every_steps": 5,
     "model": {"size": "custom", "n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 128},
