@@ -33,7 +33,8 @@ from rich.table import Table
 from cotrain.comm.config import CommConfig
 from cotrain.comm.launch import Proc, start_master, start_peer
 from cotrain.comm.program import PeerProgramConfig
-from cotrain.netem import DelayProxy, WanNetwork, netns_unavailable_reason
+from cotrain.comm.quant import codec_for
+from cotrain.netem import DelayProxy, Host, WanNetwork, netns_unavailable_reason
 from cotrain.netem.netns import in_ns
 
 SECRET = "bench-secret"
@@ -231,7 +232,32 @@ def main() -> None:
     ap.add_argument("--wan-only", action="store_true", help="--wan without the loopback runs")
     ap.add_argument("--wan-rounds", type=int, default=3, help="timed rounds per WAN case")
     ap.add_argument("--wan-streams", type=int, default=4, help="CommConfig.streams on the WAN")
-    ap.add_argument("--wan-chunk-kb", type=int, default=512, help="CommConfig.chunk_kb on the WAN")
+    ap.add_argument(
+        "--wan-chunk-kb",
+        type=int,
+        default=512,
+        help="WAN chunk size in KiB on the wire: fp32 sends CommConfig.chunk_kb = this, fp16\n"
+        "twice this, int8 four times (chunk_kb counts fp32 input; see wan_chunk_kb())",
+    )
+    ap.add_argument(
+        "--wan-chunk-by",
+        choices=["wire", "input"],
+        default="wire",
+        help="input: pass --wan-chunk-kb to every codec unchanged",
+    )
+    ap.add_argument(
+        "--wan-nice",
+        type=int,
+        default=-10,
+        help="priority of the WAN master and peers (the delay proxies take -10 themselves): the\n"
+        "5 emulated machines share this one, and other work on it should not be measured",
+    )
+    ap.add_argument(
+        "--wan-proxy-coalesce-ms",
+        type=float,
+        default=None,
+        help="the delay proxies' read coalescing (default: theirs, delay/20 capped at 2 ms)",
+    )
     ap.add_argument(
         "--wan-segmentation",
         choices=["mtu", "gso"],
@@ -367,11 +393,19 @@ def run_cotrain_wan(
     streams: int,
     chunk_kb: int,
     coalesce_ms: float | None = None,
+    nice: int = 0,
 ) -> WanRun:
-    """``world`` peers on hosts 0..world-1 and the master on host ``world``, all behind proxies."""
+    """``world`` peers on hosts 0..world-1 and the master on host ``world``, all behind proxies.
+
+    ``nice`` != 0 runs the master and peers at that priority (the proxies take -10 themselves).
+    """
+
+    def inside(host: Host) -> list[str]:
+        return (["nice", "-n", str(nice)] if nice else []) + in_ns(host.name, [])
+
     t0 = time.perf_counter()
     mhost = net.hosts[world]
-    master, port = start_master(SECRET, host=mhost.ip, wrapper=in_ns(mhost.name, []))
+    master, port = start_master(SECRET, host=mhost.ip, wrapper=inside(mhost))
     proxies: list[DelayProxy] = []
     procs: list[Proc] = []
     try:
@@ -395,7 +429,7 @@ def run_cotrain_wan(
                 advertise_port=proxy.port,
             )
             cfg = _peer_config(comm, i, world, numel, quant, rounds)
-            procs.append(start_peer(cfg, SECRET, wrapper=in_ns(host.name, [])))
+            procs.append(start_peer(cfg, SECRET, wrapper=inside(host)))
         times, peer_cpu_s = _collect(procs)
         proxy_cpu_s = sum(_cpu_s(pr.process.pid) for pr in proxies)
         for p in procs:
@@ -455,6 +489,21 @@ def run_tcp_wan(net: WanNetwork, nbytes: int, rounds: int, *, delay_ms: float) -
     return times[1:]
 
 
+def wan_chunk_kb(wire_kb: int, quant: str, by: str) -> int:
+    """``CommConfig.chunk_kb`` (KiB of fp32 *input* per chunk) that puts ``wire_kb`` on the wire.
+
+    comm sizes chunks by input values, so an int8 chunk is a quarter of an fp32 one on the
+    wire: 4x the chunks, each paying per-chunk Python work and the int8 encoder's 32768-value
+    sample (encoding cost 3x more per value at chunk_kb 512 than at 2048, measured). On the
+    CPU-bound 2-core emulation int8 at 2048 took 0.4-1.0 s less per 64 MiB than at 512, in
+    paired runs. Sizing chunks by wire bytes is what we recommend comm does itself.
+    """
+    if by == "input":
+        return wire_kb
+    per_value = codec_for(quant, "fp32").wire_nbytes(1 << 20) / (1 << 20)
+    return max(4, round(wire_kb * 4 / per_value / 4) * 4)  # a multiple of 4 KiB
+
+
 def run_wan(
     args: argparse.Namespace, sizes: list[float], quants: list[str], console: Console
 ) -> list[dict[str, Any]]:
@@ -474,6 +523,7 @@ def run_wan(
             console.print(f"done: wan tcp {size:g} MiB: {statistics.median(times):.2f}s")
             for world in worlds:
                 for q in quants:
+                    chunk_kb = wan_chunk_kb(args.wan_chunk_kb, q, args.wan_chunk_by)
                     run = run_cotrain_wan(
                         net,
                         world,
@@ -482,13 +532,17 @@ def run_wan(
                         args.wan_rounds,
                         delay_ms=args.delay_ms,
                         streams=args.wan_streams,
-                        chunk_kb=args.wan_chunk_kb,
+                        chunk_kb=chunk_kb,
+                        coalesce_ms=args.wan_proxy_coalesce_ms,
+                        nice=args.wan_nice,
                     )
                     r = row("cotrain", "netns", world, size, q, run.times, link_mbit=args.link_mbit)
                     r |= {
                         "times_s": run.times,
                         "streams": args.wan_streams,
-                        "chunk_kb": args.wan_chunk_kb,
+                        "chunk_kb": chunk_kb,
+                        "proxy_coalesce_ms": args.wan_proxy_coalesce_ms,
+                        "nice": args.wan_nice,
                         "delay_ms": args.delay_ms,
                         "link_mbit": args.link_mbit,
                         "segmentation": args.wan_segmentation,

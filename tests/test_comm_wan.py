@@ -30,6 +30,9 @@ WORLD = 4
 RATE_MBIT = 100.0
 DELAY_MS = 20.0
 DATA_PORT = 47000  # the same in every host: each host is its own namespace
+# The 5 emulated machines share this one's cores with whatever else runs (other tests): give
+# master and peers the priority the delay proxies take, so the timing measures the protocol.
+NICE = ["nice", "-n", "-10"]
 SEED = 7
 EVENT_TIMEOUT_S = 45.0
 
@@ -62,7 +65,7 @@ def wan() -> Iterator[WanNetwork]:
 def _run_ring(net: WanNetwork, *, numel: int, rounds: int, out_dir: Path | None = None) -> RingRun:
     """Run ``rounds`` fp32 sum all-reduces of ``numel`` values over the WAN; stop everything."""
     mhost = net.hosts[WORLD]
-    master, port = start_master(SECRET, host=mhost.ip, wrapper=in_ns(mhost.name, []))
+    master, port = start_master(SECRET, host=mhost.ip, wrapper=NICE + in_ns(mhost.name, []))
     procs: list[Proc] = []
     try:
         # The proxies belong to their hosts: WanNetwork.close() stops them too.
@@ -88,7 +91,7 @@ def _run_ring(net: WanNetwork, *, numel: int, rounds: int, out_dir: Path | None 
                 barrier=True,  # time the all-reduce from a common start, as the benchmark does
                 out_dir=str(out_dir) if out_dir is not None else None,
             )
-            procs.append(start_peer(cfg, SECRET, wrapper=in_ns(host.name, [])))
+            procs.append(start_peer(cfg, SECRET, wrapper=NICE + in_ns(host.name, [])))
         result: dict[int, list[dict[str, Any]]] = {}
         for i, proc in enumerate(procs):
             events = []
@@ -146,7 +149,7 @@ def test_four_peers_all_reduce_near_the_ring_bound(wan: WanNetwork) -> None:
     assert 0.95 * bound_s < took_s < 1.5 * bound_s, (took_s, bound_s)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_four_peers_survive_two_percent_loss_with_exact_results(
     wan: WanNetwork, tmp_path: Path
 ) -> None:
