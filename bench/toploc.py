@@ -28,8 +28,8 @@ import torch
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from cotrain.models import GPTLM, HFLM, CausalLM, load_model
-from cotrain.toploc import (
+from cotrain.models import GPTLM, HFLM, CausalLM, load_model  # noqa: E402
+from cotrain.toploc import (  # noqa: E402
     ProofConfig,
     Rollout,
     Validator,
@@ -38,12 +38,37 @@ from cotrain.toploc import (
 )
 
 TOPICS = [
-    "the ocean", "bicycles", "volcanoes", "the moon", "coffee", "chess", "rainforests",
-    "electric cars", "honeybees", "the Roman Empire", "jazz music", "mountain climbing",
-    "solar panels", "the human heart", "origami", "penguins", "thunderstorms", "libraries",
-    "ancient Egypt", "gardening", "the internet", "dinosaurs", "snowflakes", "trains",
-    "photosynthesis", "lighthouses", "glaciers", "bread baking", "owls", "the printing press",
-]  # fmt: skip
+    "the ocean",
+    "bicycles",
+    "volcanoes",
+    "the moon",
+    "coffee",
+    "chess",
+    "rainforests",
+    "electric cars",
+    "honeybees",
+    "the Roman Empire",
+    "jazz music",
+    "mountain climbing",
+    "solar panels",
+    "the human heart",
+    "origami",
+    "penguins",
+    "thunderstorms",
+    "libraries",
+    "ancient Egypt",
+    "gardening",
+    "the internet",
+    "dinosaurs",
+    "snowflakes",
+    "trains",
+    "photosynthesis",
+    "lighthouses",
+    "glaciers",
+    "bread baking",
+    "owls",
+    "the printing press",
+]
 TEMPLATES = [
     "Explain {t} to a ten-year-old.",
     "Write a short poem about {t}.",
@@ -103,6 +128,9 @@ class CaseStats:
     median_rel_err_lo: float = float("inf")
     median_rel_err_hi: float = 0.0
     """Range of the rollouts' median relative errors."""
+    chunks_passed: list[bool] = field(default_factory=list)
+    medians: list[float] = field(default_factory=list)
+    """Per rollout: did every chunk pass, and its median relative error (to re-threshold)."""
 
     def add(self, verdicts: list[Any]) -> None:
         for v in verdicts:
@@ -112,6 +140,8 @@ class CaseStats:
             self.max_row_misses = max(
                 self.max_row_misses, *(c.worst_row_misses for c in v.proof.chunks)
             )
+            self.chunks_passed.append(all(c.passed for c in v.proof.chunks))
+            self.medians.append(round(v.proof.median_rel_err, 6))
             self.median_rel_err_lo = min(self.median_rel_err_lo, v.proof.median_rel_err)
             self.median_rel_err_hi = max(self.median_rel_err_hi, v.proof.median_rel_err)
 
@@ -271,10 +301,16 @@ def run_model(name: str, lm: CausalLM, prompts: list[list[int]], args: Any, stud
             keep_hidden=True,
         )
 
-    def record(case: str, honest: bool, rollouts: list[Rollout], vcfg: ValidatorConfig,
-               worker_hidden: list[torch.Tensor] | None, pkg_proofs: list[list[bytes]] | None = None,
-               validator_lm: CausalLM | None = None,
-               same_tokens_as: Any = None) -> Any:  # fmt: skip
+    def record(
+        case: str,
+        honest: bool,
+        rollouts: list[Rollout],
+        vcfg: ValidatorConfig,
+        worker_hidden: list[torch.Tensor] | None,
+        pkg_proofs: list[list[bytes]] | None = None,
+        validator_lm: CausalLM | None = None,
+        same_tokens_as: Any = None,
+    ) -> Any:
         val = Validator(validator_lm or lm, vcfg)
         rep = val.validate(rollouts, keep_hidden=True)
         passed = rep.n_passed
@@ -304,16 +340,26 @@ def run_model(name: str, lm: CausalLM, prompts: list[list[int]], args: Any, stud
     log(f"generating {n} honest rollouts of {honest_tokens} tokens")
     honest = gen(lm, prompts[:n], honest_tokens, fixed=True)
     base_cfg = ValidatorConfig(proof=cfg, batch_size=args.val_batch)
-    rep = record("kv-cache generation vs prefill (fp32, batch 8, padded)", True,
-                 honest.rollouts, base_cfg, honest.hidden)  # fmt: skip
+    rep = record(
+        "kv-cache generation vs prefill (fp32, batch 8, padded)",
+        True,
+        honest.rollouts,
+        base_cfg,
+        honest.hidden,
+    )
     pkg_honest = pkg_build(honest.hidden, honest.rollouts) if use_pkg else None
     timed, trep = honest, rep
     if args.timing_tokens[name] != honest_tokens:
         tn, tt = args.timing_n, args.timing_tokens[name]
         log(f"generating {tn} rollouts of {tt} tokens for timing")
         timed = gen(lm, prompts[:tn], tt, fixed=True)
-        trep = record(f"kv-cache generation vs prefill, {tt}-token outputs", True,
-                      timed.rollouts, base_cfg, timed.hidden)  # fmt: skip
+        trep = record(
+            f"kv-cache generation vs prefill, {tt}-token outputs",
+            True,
+            timed.rollouts,
+            base_cfg,
+            timed.hidden,
+        )
     tn = len(timed.rollouts)
     pkg_t0 = time.perf_counter()
     if use_pkg:
@@ -330,31 +376,60 @@ def run_model(name: str, lm: CausalLM, prompts: list[list[int]], args: Any, stud
         "validation_speedup": timed.generate_s / (trep.prefill_s + trep.check_s),
         "proof_bytes_per_rollout": sum(len(r.proof) for r in timed.rollouts) / tn,
     }
-    record("validator batch 1 (no padding)", True, honest.rollouts,
-           base_cfg.model_copy(update={'batch_size': 1}), None, pkg_honest)  # fmt: skip
+    record(
+        "validator batch 1 (no padding)",
+        True,
+        honest.rollouts,
+        base_cfg.model_copy(update={"batch_size": 1}),
+        None,
+        pkg_honest,
+    )
     other_threads = 2 if base_threads == 1 else 1
-    record(f"validator threads {other_threads} (worker {base_threads})", True, honest.rollouts,
-           base_cfg.model_copy(update={'num_threads': other_threads}), None, pkg_honest)  # fmt: skip
+    record(
+        f"validator threads {other_threads} (worker {base_threads})",
+        True,
+        honest.rollouts,
+        base_cfg.model_copy(update={"num_threads": other_threads}),
+        None,
+        pkg_honest,
+    )
     bf16_lm = copy.deepcopy(lm)
-    record("bf16 recompute of fp32 generation", True, honest.rollouts,
-           base_cfg.model_copy(update={'dtype': 'bfloat16'}), None, pkg_honest, validator_lm=bf16_lm)  # fmt: skip
+    record(
+        "bf16 recompute of fp32 generation",
+        True,
+        honest.rollouts,
+        base_cfg.model_copy(update={"dtype": "bfloat16"}),
+        None,
+        pkg_honest,
+        validator_lm=bf16_lm,
+    )
     del bf16_lm
 
     # Cheats on the honest rollouts.
     altered = []
     for r in honest.rollouts:
         out = list(r.output_tokens)
-        j = rng.randrange(len(out) - 1)  # a token the proof binds (not the last: see rollout_chunks)
+        j = rng.randrange(
+            len(out) - 1
+        )  # a token the proof binds (not the last: see rollout_chunks)
         out[j] = (out[j] + rng.randrange(1, lm.vocab_size)) % lm.vocab_size
         altered.append(replace(r, output_tokens=out))
     record("output token altered", False, altered, base_cfg, None, pkg_honest)
-    foreign = [replace(r, proof=honest.rollouts[(i + 1) % n].proof)
-               for i, r in enumerate(honest.rollouts)]  # fmt: skip
+    foreign = [
+        replace(r, proof=honest.rollouts[(i + 1) % n].proof) for i, r in enumerate(honest.rollouts)
+    ]
     pkg_foreign = [pkg_honest[(i + 1) % n] for i in range(n)] if pkg_honest else None
-    record("proof from another sequence", False, foreign, base_cfg, None, pkg_foreign,
-           same_tokens_as=rep)  # fmt: skip
+    record(
+        "proof from another sequence",
+        False,
+        foreign,
+        base_cfg,
+        None,
+        pkg_foreign,
+        same_tokens_as=rep,
+    )
     trunc = [replace(r, proof=r.proof[:-7]) for r in honest.rollouts]
-    pkg_trunc = [p[:-1] + [p[-1][:-7]] for p in pkg_honest] if pkg_honest else None
+    pkg_trunc = [[*p[:-1], p[-1][:-7]] for p in pkg_honest] if pkg_honest else None
     record("truncated proof", False, trunc, base_cfg, None, pkg_trunc, same_tokens_as=rep)
     garbage = [replace(r, proof=rng.randbytes(len(r.proof))) for r in honest.rollouts]
     pkg_garbage = [[rng.randbytes(len(c)) for c in p] for p in pkg_honest] if pkg_honest else None
@@ -375,11 +450,13 @@ def run_model(name: str, lm: CausalLM, prompts: list[list[int]], args: Any, stud
     drop = max(1, n_blocks(lm) // 6)  # ~1/6 of the blocks (SmolLM2: 5 of 30; tiny GPT: 1 of 2)
     cheats = [
         ("another seed", lambda: other_seed(lm, 1)),
-        (f"fine-tuned copy ({args.ft_steps[name]} AdamW steps, lr {args.ft_lr[name]:g})",
-         lambda: finetuned_copy(lm, texts, args.ft_steps[name], args.ft_lr[name])),
+        (
+            f"fine-tuned copy ({args.ft_steps[name]} AdamW steps, lr {args.ft_lr[name]:g})",
+            lambda: finetuned_copy(lm, texts, args.ft_steps[name], args.ft_lr[name]),
+        ),
         (f"smaller model (last {drop} blocks dropped)", lambda: smaller_copy(lm, drop)),
         ("int8 weights (per channel)", lambda: int8_copy(lm)),
-    ]  # fmt: skip
+    ]
     for case, make in cheats:
         cheat_lm = make()
         res = gen(cheat_lm, cheat_prompts, cheat_tokens, fixed=False)
@@ -404,17 +481,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.n = {"gpt": 24, "smollm2": 4}
+        args.n = {"gpt": 16, "smollm2": 3}
         args.honest_tokens = {"gpt": 96, "smollm2": 40}
         args.timing_tokens = args.honest_tokens
         args.cheat_tokens = 33
     else:
         args.n = {"gpt": 200, "smollm2": 32}
-        # SmolLM2 decodes slowly on 2 shared cores: its detection set uses 128-token outputs
-        # and a separate batch of 256-token outputs measures the costs.
-        args.honest_tokens = {"gpt": 256, "smollm2": 128}
+        # Decoding is slow on 2 shared cores: the detection sets use shorter outputs and a
+        # separate batch of 256-token outputs measures the costs.
+        args.honest_tokens = {"gpt": 128, "smollm2": 64}
         args.timing_tokens = {"gpt": 256, "smollm2": 256}
-        args.cheat_tokens = 48
+        args.cheat_tokens = 40
     args.timing_n = 8
     args.gen_batch, args.cheat_batch, args.val_batch = 8, 16, 8
     args.ft_steps = {"gpt": 10, "smollm2": 10}
@@ -453,28 +530,59 @@ def report(study: Study, args: Any, wall_s: float) -> None:
         p = pkg.get((r.model, r.case))
         ok = (r.passed == r.n) if r.honest else (r.passed == 0)
         mark = "[green]" if ok else "[red]"
-        pk = "-" if p is None else f"{p.passed / p.n:.3f}" + (f" ({p.errors} err)" if p.errors else "")
-        table.add_row(r.model, r.case, str(r.honest), str(r.n), f"{mark}{r.passed / r.n:.3f}[/]", pk)
+        pk = (
+            "-"
+            if p is None
+            else f"{p.passed / p.n:.3f}" + (f" ({p.errors} err)" if p.errors else "")
+        )
+        table.add_row(
+            r.model, r.case, str(r.honest), str(r.n), f"{mark}{r.passed / r.n:.3f}[/]", pk
+        )
     console.print(table)
     t2 = Table(title="cost")
-    for col in ("model", "tokens", "gen s/rollout", "build % (cotrain)", "build % (pkg)",
-                "validate s/rollout", "validation speedup"):  # fmt: skip
+    for col in (
+        "model",
+        "tokens",
+        "gen s/rollout",
+        "build % (cotrain)",
+        "build % (pkg)",
+        "validate s/rollout",
+        "validation speedup",
+    ):
         t2.add_column(col)
     for name, t in study.timing.items():
         pk = t["pkg_build_overhead_pct"]
-        t2.add_row(name, str(t["output_tokens"]), f"{t['generate_s_per_rollout']:.2f}",
-                   f"{t['build_overhead_pct']:.3f}", "-" if pk is None else f"{pk:.3f}",
-                   f"{t['validate_s_per_rollout']:.3f}", f"{t['validation_speedup']:.1f}x")  # fmt: skip
+        t2.add_row(
+            name,
+            str(t["output_tokens"]),
+            f"{t['generate_s_per_rollout']:.2f}",
+            f"{t['build_overhead_pct']:.3f}",
+            "-" if pk is None else f"{pk:.3f}",
+            f"{t['validate_s_per_rollout']:.3f}",
+            f"{t['validation_speedup']:.1f}x",
+        )
     console.print(t2)
     t3 = Table(title="calibration: extremes per case (thresholds in cotrain.toploc.ProofConfig)")
-    for col in ("model", "case", "honest", "min matches/128", "max row misses",
-                "median rel err (lo..hi)"):  # fmt: skip
+    for col in (
+        "model",
+        "case",
+        "honest",
+        "min matches/128",
+        "max row misses",
+        "median rel err (lo..hi)",
+    ):
         t3.add_column(col)
     for st in study.stats:
         if st.median_rel_err_hi == 0.0 and st.median_rel_err_lo == float("inf"):
             continue  # rejected before any comparison (malformed proofs)
-        t3.add_row(st.model, st.case, str(st.honest), str(st.min_matches), str(st.max_row_misses),
-                   f"{st.median_rel_err_lo:.5f}..{st.median_rel_err_hi:.5f}")  # fmt: skip
+        t3.add_row(
+            st.model,
+            st.case,
+            str(st.honest),
+            str(st.min_matches),
+            str(st.max_row_misses),
+            f"{st.median_rel_err_lo:.5f}..{st.median_rel_err_hi:.5f}",
+        )
     console.print(t3)
     main_model = "smollm2" if "smollm2" in study.timing else next(iter(study.timing), None)
     tm = study.timing.get(main_model, {}) if main_model else {}

@@ -243,7 +243,7 @@ def test_claims_that_cannot_be_checked(honest):
         replace(r, topk=64),
         replace(r, prompt_tokens=r.prompt_tokens * 20),
     ]
-    report = Validator(lm).validate(bad + [r])
+    report = Validator(lm).validate([*bad, r])
     assert [x.passed for x in report.verdicts] == [False] * 5 + [True]
     reasons = " | ".join(x.reason for x in report.verdicts)
     for part in ("claims model", "no output", "vocabulary", "topk=64", "longer than"):

@@ -83,7 +83,7 @@ def verify(
     from cotrain.core.config import load_config
     from cotrain.core.errors import ConfigError
     from cotrain.models import ModelError, load_model
-    from cotrain.toploc import RolloutVerdict, ValidatorConfig, Validator, read_rollouts
+    from cotrain.toploc import RolloutVerdict, Validator, ValidatorConfig, read_rollouts
 
     overrides = [f"batch_size={batch_size}", f"dtype={json.dumps(dtype)}"]
     try:
@@ -128,7 +128,9 @@ def verify(
                     "model": lm.model_id,
                     "passed": n_pass,
                     "failed": len(rows) - n_pass,
-                    "rollouts": [{"id": v.id, "passed": v.passed, "reason": v.reason} for v in rows],
+                    "rollouts": [
+                        {"id": v.id, "passed": v.passed, "reason": v.reason} for v in rows
+                    ],
                 },
                 indent=2,
             )

@@ -1,9 +1,9 @@
 """Errors of ``cotrain.models``::
 
-    CotrainError
-    └── ModelError                       a model could not be built or loaded
-        ├── ModelNotFoundError           the weights are not installed where we look; says how to get them
-        └── ModelSpecError (ValueError)  a model spec string is malformed
+CotrainError
+└── ModelError                       a model could not be built or loaded
+    ├── ModelNotFoundError           weights not installed where we look; says how to get them
+    └── ModelSpecError (ValueError)  a model spec string is malformed
 """
 
 from __future__ import annotations

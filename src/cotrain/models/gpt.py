@@ -175,24 +175,30 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class Trunk(nn.Module):
+    """Embedding, blocks and final norm (named as in nanoGPT, so checkpoints keep their keys)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+
+
 class GPT(nn.Module):
     """Decoder-only transformer; ``transformer.ln_f`` outputs the last hidden states."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            {
-                "wte": nn.Embedding(config.vocab_size, config.n_embd),
-                "drop": nn.Dropout(config.dropout),
-                "h": nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                "ln_f": nn.LayerNorm(config.n_embd),
-            }
-        )
+        self.transformer = Trunk(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying
         cos, sin = rotary_tables(config)
-        self.register_buffer("rope_cos", cos, persistent=False)
+        self.rope_cos: torch.Tensor
+        self.rope_sin: torch.Tensor
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters(config.seed)
 
@@ -217,7 +223,7 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, C) last hidden states (after ``ln_f``)."""
-        B, T = idx.size()
+        T = idx.size(1)
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(

@@ -41,9 +41,9 @@ class CausalLM(ABC):
         return True
 
     @property
+    @abstractmethod
     def vocab_size(self) -> int:
         """Token ids must be below this."""
-        return int(self.module.get_input_embeddings().num_embeddings)
 
     @property
     @abstractmethod
@@ -164,6 +164,10 @@ class HFLM(CausalLM):
         return int(getattr(self.hf.config, "max_position_embeddings", 2048))
 
     @property
+    def vocab_size(self) -> int:
+        return int(self.hf.get_input_embeddings().num_embeddings)
+
+    @property
     def eos_token_id(self) -> int | None:
         eos = self.tokenizer.eos_token_id
         return int(eos) if eos is not None else None
@@ -214,7 +218,9 @@ class HFLM(CausalLM):
         )
         new = out[:, width:]  # (B, <= max_new_tokens): stops early when every row hit EOS
         if new.size(1) < max_new_tokens:
-            new = torch.cat([new, new.new_full((new.size(0), max_new_tokens - new.size(1)), pad)], 1)
+            new = torch.cat(
+                [new, new.new_full((new.size(0), max_new_tokens - new.size(1)), pad)], 1
+            )
         return new
 
     @torch.no_grad()

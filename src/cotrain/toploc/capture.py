@@ -91,7 +91,9 @@ def generate_with_proofs(
         groups: dict[int, list[int]] = defaultdict(list)
         for i in order:
             groups[len(prompts[i])].append(i)
-        batches = [g[j : j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
+        batches = [
+            g[j : j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)
+        ]
     else:
         batches = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
     result = GenerationResult(rollouts=[])
@@ -148,7 +150,9 @@ def _rollout_hidden(
     return hidden
 
 
-def _prove(hidden: list[torch.Tensor], prompts: list[list[int]], config: ProofConfig) -> list[bytes]:
+def _prove(
+    hidden: list[torch.Tensor], prompts: list[list[int]], config: ProofConfig
+) -> list[bytes]:
     """Each row's hidden states -> its proof; all chunks of the batch encoded in one pass."""
     chunks: list[torch.Tensor] = []
     counts = []

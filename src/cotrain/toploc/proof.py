@@ -189,9 +189,9 @@ def check_chunks(
         want = _bf16_bits(torch.from_numpy(vals)).numpy()
         with np.errstate(invalid="ignore", over="ignore"):  # claimed bits may decode to NaN
             v = _bits_to_float(want).astype(np.float64)
-            c = _bits_to_float(got).astype(np.float64)
-            rel = np.abs(c - v) / np.maximum(np.abs(v), 1e-30)
-            hit = np.isfinite(c) & (np.sign(c) == np.sign(v)) & (rel <= config.match_rel_tol)
+            u = _bits_to_float(got).astype(np.float64)
+            rel = np.abs(u - v) / np.maximum(np.abs(v), 1e-30)
+            hit = np.isfinite(u) & (np.sign(u) == np.sign(v)) & (rel <= config.match_rel_tol)
         per_row = np.minimum(np.bincount(row_ids[hit], minlength=len(quotas)), quotas)
         misses = quotas - per_row
         exp_hit = hit & ((got >> 7) == (want >> 7))
