@@ -70,8 +70,8 @@ def run_demo(
             world=peers,
             op="avg",
             join=join,
-            quantization=quantization,
-        )  # type: ignore[arg-type]
+            quantization=quantization,  # type: ignore[arg-type]
+        )
         procs[i] = start_peer(cfg, secret)
         views[i] = _PeerView(status="joining" if join else "starting")
 
