@@ -4,6 +4,7 @@
     python bench/allreduce.py --json out.json         # worlds 2/4/8, 4 and 64 MiB, none/fp16/int8
     python bench/allreduce.py --wan --json wan.json   # also in network namespaces (root):
                                                       # 100 Mbit/s links, 20 ms added latency
+    python bench/allreduce.py --wan-only --sizes 64 --quants none,int8   # namespaces only
 
 Bus bandwidth follows nccl-tests: busbw = size x 2(N-1)/N / time. The ring bound on a link of
 rate R is 2(N-1)/N x size / R; ``bound_ratio`` = time / bound (1.0 is the best a ring can do).
