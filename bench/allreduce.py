@@ -34,7 +34,6 @@ from rich.table import Table
 from cotrain.comm.config import CommConfig
 from cotrain.comm.launch import Proc, start_master, start_peer
 from cotrain.comm.program import PeerProgramConfig
-from cotrain.comm.quant import codec_for
 from cotrain.netem import DelayProxy, Host, WanNetwork, netns_unavailable_reason
 from cotrain.netem.netns import in_ns
 
@@ -237,14 +236,7 @@ def main() -> None:
         "--wan-chunk-kb",
         type=int,
         default=512,
-        help="WAN chunk size in KiB on the wire: fp32 sends CommConfig.chunk_kb = this, fp16\n"
-        "twice this, int8 four times (chunk_kb counts fp32 input; see wan_chunk_kb())",
-    )
-    ap.add_argument(
-        "--wan-chunk-by",
-        choices=["wire", "input"],
-        default="wire",
-        help="input: pass --wan-chunk-kb to every codec unchanged",
+        help="CommConfig.chunk_kb on the WAN (KiB on the wire, whatever the quantization)",
     )
     ap.add_argument(
         "--wan-nice",
@@ -490,21 +482,6 @@ def run_tcp_wan(net: WanNetwork, nbytes: int, rounds: int, *, delay_ms: float) -
     return times[1:]
 
 
-def wan_chunk_kb(wire_kb: int, quant: str, by: str) -> int:
-    """``CommConfig.chunk_kb`` (KiB of fp32 *input* per chunk) that puts ``wire_kb`` on the wire.
-
-    comm sizes chunks by input values, so an int8 chunk is a quarter of an fp32 one on the
-    wire: 4x the chunks, each paying per-chunk Python work and the int8 encoder's 32768-value
-    sample (encoding cost 3x more per value at chunk_kb 512 than at 2048, measured). On the
-    CPU-bound 2-core emulation int8 at 2048 took 0.4-1.0 s less per 64 MiB than at 512, in
-    paired runs. Sizing chunks by wire bytes is what we recommend comm does itself.
-    """
-    if by == "input":
-        return wire_kb
-    per_value = codec_for(quant, "fp32").wire_nbytes(1 << 20) / (1 << 20)
-    return max(4, round(wire_kb * 4 / per_value / 4) * 4)  # a multiple of 4 KiB
-
-
 def run_wan(
     args: argparse.Namespace, sizes: list[float], quants: list[str], console: Console
 ) -> list[dict[str, Any]]:
@@ -524,7 +501,7 @@ def run_wan(
             console.print(f"done: wan tcp {size:g} MiB: {statistics.median(times):.2f}s")
             for world in worlds:
                 for q in quants:
-                    chunk_kb = wan_chunk_kb(args.wan_chunk_kb, q, args.wan_chunk_by)
+                    chunk_kb = args.wan_chunk_kb
                     run = run_cotrain_wan(
                         net,
                         world,

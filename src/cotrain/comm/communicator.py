@@ -38,7 +38,7 @@ from cotrain.comm.errors import (
 )
 from cotrain.comm.faults import FaultInjector, FaultPlan
 from cotrain.comm.frames import recv_exact
-from cotrain.comm.quant import codec_for
+from cotrain.comm.quant import Codec, codec_for
 from cotrain.comm.ring import TransferStats
 from cotrain.comm.state import digest, fetch_state, serve_state, views
 from cotrain.comm.tensors import Scratch, flat_view
@@ -441,7 +441,7 @@ class Communicator:
                     links=links,
                     epoch=self._epoch,
                     seq=seq,
-                    chunk=max(1, self.config.chunk_kb * 256),
+                    chunk=self._chunk_values(codec),
                     stall_timeout_s=self.config.stall_timeout_s,
                     on_chunk_sent=on_chunk,
                 )
@@ -455,6 +455,12 @@ class Communicator:
                 raise
             view.finish(work, backup, ok=True)
             return self._account(stats, t0)
+
+    def _chunk_values(self, codec: Codec) -> int:
+        """Values per pipelined chunk: ``chunk_kb`` of *wire* bytes, so a quantized collective
+        moves as few, as large, chunks as an fp32 one (and encodes fewer, larger blocks)."""
+        per_value = codec.wire_nbytes(1 << 16) / (1 << 16)
+        return max(1, int(self.config.chunk_kb * 1024 / per_value))
 
     def all_reduce_async(self, tensor: Any, **kwargs: Any) -> Handle:
         """Start an all-reduce on a worker thread; do not touch ``tensor`` until ``wait()``."""

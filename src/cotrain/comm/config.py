@@ -64,7 +64,7 @@ class CommConfig(ConfigModel):
     streams: int = Field(default=4, ge=1, le=64)
     """TCP connections to each ring neighbour (one stream cannot fill a long, fat link)."""
     chunk_kb: int = Field(default=512, ge=1)
-    """Pipelining granularity of ring transfers, in KiB of fp32 input."""
+    """Pipelining granularity of ring transfers, in KiB on the wire (after quantization)."""
     heartbeat_interval_s: float = Field(default=0.5, gt=0)
     """How often this peer tells the master it is alive."""
     stall_timeout_s: float = Field(default=30.0, gt=0)
