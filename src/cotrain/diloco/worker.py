@@ -53,11 +53,12 @@ class Worker:
         data = prepare(cfg.data, progress=progress)
         self.model = GPT(cfg.model.model_copy(update={"vocab_size": data.vocab_size}))
         self.params = list(self.model.parameters())
-        decay = [p for p in self.params if p.dim() >= 2]
-        other = [p for p in self.params if p.dim() < 2]
+        decay: list[torch.Tensor] = [p for p in self.params if p.dim() >= 2]
+        other: list[torch.Tensor] = [p for p in self.params if p.dim() < 2]
         inner = cfg.inner
+        groups: list[dict[str, Any]] = [{"params": decay}, {"params": other, "weight_decay": 0.0}]
         self.opt = torch.optim.AdamW(
-            [{"params": decay}, {"params": other, "weight_decay": 0.0}],
+            groups,
             lr=inner.lr,
             betas=(inner.beta1, inner.beta2),
             weight_decay=inner.weight_decay,
@@ -129,7 +130,11 @@ class Worker:
     def val_loss(self) -> float:
         t0 = time.perf_counter()
         self.model.eval()
-        losses = [float(self.model(b.inputs, b.targets).loss) for b in self.val]  # type: ignore[arg-type]
+        losses = []
+        for b in self.val:
+            loss = self.model(b.inputs, b.targets).loss
+            assert loss is not None
+            losses.append(float(loss))
         self.clocks.eval_s += time.perf_counter() - t0
         return sum(losses) / len(losses)
 
