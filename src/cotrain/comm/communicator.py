@@ -27,6 +27,7 @@ from cotrain.comm.auth import resolve_secret
 from cotrain.comm.config import CommConfig, Quantization, ReduceOp
 from cotrain.comm.control import MasterLink
 from cotrain.comm.errors import (
+    RETRYABLE,
     CollectiveError,
     CommError,
     KickedError,
@@ -723,11 +724,11 @@ def all_reduce_with_retry(
     comm: Communicator, tensor: Any, *, attempts: int = 5, **kwargs: Any
 ) -> CollectiveResult:
     """All-reduce; on a peer failure, update the topology and retry with the survivors."""
-    last: CollectiveError | None = None
+    last: CommError | None = None
     for _ in range(attempts):
         try:
             return comm.all_reduce(tensor, **kwargs)
-        except (PeerFailedError, TopologyChangedError) as e:
+        except RETRYABLE as e:
             last = e
             log.info("all-reduce failed (%s); updating the topology and retrying", e)
             comm.update_topology()

@@ -101,6 +101,7 @@ class MasterLink:
         with self.cond:
             self._sock = sock
             self.generation += 1
+            self.kicked = None  # a new connection: a peer that was removed may join again
             self.cond.notify_all()
         threading.Thread(
             target=self._read, args=(sock,), name="cotrain-master-rx", daemon=True
@@ -183,7 +184,7 @@ class MasterLink:
         with self.cond:
             # While reconnecting, wait for the master to come back (bounded) instead of failing.
             deadline = Deadline.after(self.config.master_reconnect_timeout_s)
-            while self._sock is None and self.dead is None and self.kicked is None:
+            while self._sock is None and self.dead is None:
                 if self._closing.is_set() or deadline.expired():
                     break
                 self.cond.wait(min(deadline.remaining(), 0.25))
@@ -200,7 +201,7 @@ class MasterLink:
 
     def _raise_state(self) -> None:
         if self.kicked is not None:
-            raise KickedError(f"removed by the master: {self.kicked}")
+            raise KickedError(f"removed by the master: {self.kicked}; update_topology() rejoins")
         if self.dead is not None:
             raise MasterUnreachableError(self.dead)
 

@@ -66,4 +66,5 @@ class RevisionError(StateSyncError, ValueError):
     """A shared-state revision did not increase by exactly one."""
 
 
-RETRYABLE = (PeerFailedError, TopologyChangedError)
+# KickedError too: the link reconnects and update_topology() joins the run again as a new peer.
+RETRYABLE = (PeerFailedError, TopologyChangedError, KickedError)

@@ -65,6 +65,7 @@ class Master:
         self.broken = False
         self.state_revision: int | None = None
         self._votes: set[str] = set()
+        self._dropped: set[str] = set()  # dropped in this epoch: may rejoin, never resume
         self._joiners: list[str] = []
         self._vote_deadline: asyncio.TimerHandle | None = None
         self._colls: dict[int, dict[str, m.Descriptor]] = {}
@@ -165,7 +166,11 @@ class Master:
                     len(r.ring),
                     hello.peer_id,
                 )
-            if r.epoch == self.epoch and hello.peer_id in self.ring:
+            if (
+                r.epoch == self.epoch
+                and hello.peer_id in self.ring
+                and (hello.peer_id not in self._dropped)
+            ):
                 resumed = True
                 if r.revision is not None:
                     self.state_revision = max(self.state_revision or r.revision, r.revision)
@@ -216,6 +221,7 @@ class Master:
         if p is None:
             return
         (log.info if reason == "left" else log.warning)("dropping peer %s: %s", peer_id, reason)
+        self._dropped.add(peer_id)
         if p.writer is not None:
             p.writer.close()
         if peer_id in self._joiners:
@@ -322,6 +328,7 @@ class Master:
     def _set_ring(self, ring: list[str]) -> None:
         self.ring = ring
         self.epoch += 1
+        self._dropped.clear()
         self.broken = False
         self._colls.clear()
         self._syncs.clear()

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from cotrain.comm.communicator import Communicator
 from cotrain.comm.config import CommConfig, Quantization, ReduceOp
-from cotrain.comm.errors import PeerFailedError, TopologyChangedError
+from cotrain.comm.errors import RETRYABLE
 from cotrain.comm.faults import FaultPlan
 from cotrain.core.config import ConfigModel
 
@@ -125,8 +125,7 @@ def run(cfg: PeerProgramConfig) -> int:
                 comm.sync_shared_state(
                     {"round": counter}, revision=(rev + 1) if rev is not None else 0
                 )
-                if first and cfg.join:
-                    rnd = int(counter[0])
+                rnd = int(counter[0])  # a joiner (or a peer that was dropped) learns the round
                 first = False
                 tensor = _tensor(make_input(cfg.seed, cfg.index, rnd, cfg.numel, base), cfg.dtype)
                 if cfg.barrier:
@@ -134,7 +133,7 @@ def run(cfg: PeerProgramConfig) -> int:
                 started = time.perf_counter()
                 res = comm.all_reduce(tensor, op=cfg.op, quantization=cfg.quantization)
                 break
-            except (PeerFailedError, TopologyChangedError) as e:
+            except RETRYABLE as e:
                 failed_at = failed_at or time.time()
                 emit(
                     event="failed",
