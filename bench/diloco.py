@@ -80,7 +80,10 @@ def base_config(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             "seed": args.seed,
         },
         "inner": {"lr": args.lr, "warmup_steps": 20},
-        "algo": {"inner_steps": args.inner_steps},
+        "algo": {
+            "inner_steps": args.inner_steps,
+            "outer": {"lr": args.outer_lr, "momentum": args.outer_momentum},
+        },
         "comm": {"heartbeat_interval_s": 0.5},
     }
 
@@ -148,7 +151,16 @@ def run_case(
         if net is not None:
             net.close()
     wall = time.perf_counter() - t0
-    row = _row(procs, out, mode=mode, quant=quant, workers=workers, wan=wan, wall=wall)
+    row = _row(
+        procs,
+        out,
+        mode=mode,
+        quant=quant,
+        workers=workers,
+        wan=wan,
+        wall=wall,
+        inner_steps=args.inner_steps,
+    )
     shutil.rmtree(out, ignore_errors=True)
     console.print(
         f"done: {mode} {quant} x{workers}{' wan' if wan else ''}: val {row.final_val_loss}, "
@@ -173,7 +185,7 @@ def _row(procs: list[Proc], out: Path, **kw: Any) -> Row:
         mode=kw["mode"],
         quant=kw["quant"] if kw["mode"] != "single" else "-",
         workers=kw["workers"],
-        inner_steps=outer[1]["step"] - outer[0]["step"] if len(outer) > 1 else 0,
+        inner_steps=kw["inner_steps"] if kw["mode"] == "diloco" else 1,
         tokens=sum(d["tokens"] for d in done),
         final_val_loss=outer[-1]["val_loss"] if outer else None,
         bytes_sent_per_worker=sum(d["bytes_sent"] for d in done) / n,
@@ -221,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3, help="inner (and DDP) AdamW peak lr")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer (Nesterov) lr")
+    ap.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo outer momentum")
+    ap.add_argument(
+        "--cases",
+        default="single,ddp,diloco-int8,diloco-none",
+        help="comma-separated subset of single, ddp, diloco-int8, diloco-none",
+    )
     ap.add_argument("--link-mbit", type=float, default=100.0)
     ap.add_argument(
         "--delay-ms",
@@ -240,12 +259,19 @@ def main(argv: list[str] | None = None) -> int:
         f"data: {data.train_tokens:,} tokens; {args.workers} workers, H={args.inner_steps}"
     )
     n = args.workers
-    rows = [
-        run_case(args, console, mode="single", quant="none", workers=1),
-        run_case(args, console, mode="ddp", quant="none", workers=n),
-        run_case(args, console, mode="diloco", quant="int8", workers=n),
-        run_case(args, console, mode="diloco", quant="none", workers=n),
-    ]
+    cases = {
+        "single": ("single", "none", 1),
+        "ddp": ("ddp", "none", n),
+        "diloco-int8": ("diloco", "int8", n),
+        "diloco-none": ("diloco", "none", n),
+    }
+    chosen = args.cases.split(",")
+    if unknown := [c for c in chosen if c not in cases]:
+        ap.error(f"unknown cases {unknown}; choose from {', '.join(cases)}")
+    rows = []
+    for name in chosen:
+        mode, quant, workers = cases[name]
+        rows.append(run_case(args, console, mode=mode, quant=quant, workers=workers))
     if args.wan:
         from cotrain.netem import netns_unavailable_reason
 
@@ -274,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             r.mode,
             r.quant,
             str(r.workers),
-            str(r.inner_steps if r.mode == "diloco" else 1),
+            str(r.inner_steps),
             f"{r.tokens:,}",
             "-" if r.final_val_loss is None else f"{r.final_val_loss:.4f}",
             f"{r.bytes_sent_per_worker / 2**20:.2f}",
@@ -283,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.wall_s:.0f}",
         )
     console.print(table)
-    ddp = next(r for r in rows if r.mode == "ddp" and not r.wan)
-    for r in rows:
-        if r.mode == "diloco" and not r.wan and ddp.final_val_loss and r.final_val_loss:
+    ddp = next((r for r in rows if r.mode == "ddp" and not r.wan), None)
+    for r in rows if ddp is not None else []:
+        if r.mode == "diloco" and not r.wan and ddp and ddp.final_val_loss and r.final_val_loss:
             console.print(
                 f"diloco {r.quant}: val loss {r.final_val_loss / ddp.final_val_loss:.3f} x DDP's, "
                 f"{ddp.bytes_sent_per_worker / max(r.bytes_sent_per_worker, 1):.0f} x fewer bytes"
