@@ -445,6 +445,7 @@ class Communicator:
                     chunk=self._chunk_values(codec),
                     stall_timeout_s=self.config.stall_timeout_s,
                     on_chunk_sent=on_chunk,
+                    backup=backup,
                 )
             except CollectiveError as e:
                 view.finish(work, backup, ok=False)

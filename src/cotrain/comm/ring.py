@@ -36,6 +36,7 @@ import numpy as np
 from cotrain.comm.errors import PeerFailedError, ProtocolError
 from cotrain.comm.frames import recv_exact, recv_into_exact
 from cotrain.comm.quant import Codec
+from cotrain.comm.tensors import Backup
 from cotrain.comm.transport import close_quietly
 
 _PREAMBLE = struct.Struct("!QQQ")  # epoch, seq, count
@@ -171,11 +172,18 @@ def all_reduce(
     chunk: int,
     stall_timeout_s: float,
     on_chunk_sent: Callable[[int], None] | None = None,
+    backup: Backup | None = None,
 ) -> TransferStats:
-    """Reduce the fp32 ``work`` buffer in place across the ring (see the module docstring)."""
+    """Reduce the fp32 ``work`` buffer in place across the ring (see the module docstring).
+
+    ``backup`` (if given) is told about every chunk just before its first change: the
+    reduce-scatter changes every block but our own first one (r), which the all-gather
+    overwrites first at its step 0."""
     n = world
     count = work.size
     if n == 1:
+        if codec.name != "fp32" and backup is not None:
+            backup.save(0, count)
         _finalize(work, 0, count, op, codec, n)
         return TransferStats()
     streams = len(links.to_next)
@@ -212,6 +220,8 @@ def all_reduce(
                     size = codec.wire_nbytes(b - a)
                     recv_into_exact(sock, rbuf.data[:size])
                     run.count(received=size)
+                    if backup is not None:
+                        backup.save(a, b)
                     combine(work[a:b], codec.decode(rbuf[:size], b - a), out=work[a:b])
                     if t < n - 2:
                         q.put(codec.encode(work[a:b]))  # fp32: a view, no copy
@@ -221,6 +231,8 @@ def all_reduce(
             for t in range(n - 1):  # all-gather: store and forward the owners' bytes
                 for a, b in plan[(rank - t) % n][j]:
                     size = codec.wire_nbytes(b - a)
+                    if t == 0 and backup is not None:
+                        backup.save(a, b)  # block r: sent, never changed until now
                     if raw:  # the wire bytes are the values: receive straight into place
                         wire = work[a:b]
                         recv_into_exact(sock, wire.data.cast("B"))

@@ -24,6 +24,24 @@ class Scratch:
         return self._buf[:count]
 
 
+class Backup:
+    """Original values of the chunks a collective changed, for rolling back on failure."""
+
+    def __init__(self, live: np.ndarray, store: np.ndarray) -> None:
+        self._live = live
+        self._store = store
+        self._saved: list[tuple[int, int]] = []  # list.append is atomic: threads share it
+
+    def save(self, a: int, b: int) -> None:
+        """Call before the first change to live[a:b]."""
+        self._store[a:b] = self._live[a:b]
+        self._saved.append((a, b))
+
+    def restore(self) -> None:
+        for a, b in self._saved:
+            self._live[a:b] = self._store[a:b]
+
+
 @dataclass
 class FlatView:
     """``array`` is a flat, writable numpy view of the tensor's storage (bf16 as uint16 bits)."""
@@ -38,24 +56,24 @@ class FlatView:
     def count(self) -> int:
         return int(self.array.size)
 
-    def work_buffer(self, scratch: Scratch) -> tuple[np.ndarray, np.ndarray | None]:
-        """(fp32 buffer to reduce in, backup to restore on failure or None).
+    def work_buffer(self, scratch: Scratch) -> tuple[np.ndarray, Backup | None]:
+        """(fp32 buffer to reduce in, backup for rolling back, or None).
 
-        fp32 tensors are reduced in place (one backup copy instead of a copy in and a copy out);
-        other dtypes get a separate fp32 buffer and the tensor itself stays untouched until
-        ``assign_fp32``. Both come from ``scratch``, reused across collectives: a fresh 64 MiB
-        array costs ~16k page faults every time."""
+        fp32 tensors are reduced in place: the ring saves each chunk into the backup just
+        before it first changes it (``Backup.save``), so the copy is spread over the transfer
+        threads instead of delaying the start. Other dtypes get a separate fp32 buffer and the
+        tensor itself stays untouched until ``assign_fp32``. Buffers come from ``scratch``,
+        reused across collectives: a fresh 64 MiB array costs ~16k page faults every time."""
         buf = scratch.get(self.count)
         if self.dtype == "fp32":
-            np.copyto(buf, self.array)
-            return self.array, buf
+            return self.array, Backup(self.array, buf)
         if self.dtype == "bf16":
             buf[...] = bf16_bits_to_fp32(self.array)
         else:
             np.copyto(buf, self.array, casting="unsafe")
         return buf, None
 
-    def finish(self, work: np.ndarray, backup: np.ndarray | None, *, ok: bool) -> None:
+    def finish(self, work: np.ndarray, backup: Backup | None, *, ok: bool) -> None:
         """Install the result (``ok``) or roll back to the input."""
         if backup is None:
             if ok:
@@ -64,7 +82,7 @@ class FlatView:
         if ok:
             self.commit()
         else:
-            np.copyto(self.array, backup)
+            backup.restore()
 
     def to_fp32(self) -> np.ndarray:
         """A new fp32 copy of the values (the collective's work buffer)."""
