@@ -478,6 +478,9 @@ def main() -> None:
     ap.add_argument("--models", default="gpt,smollm2", help="comma list: gpt, smollm2")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the workers")
     ap.add_argument("--no-pkg", action="store_true", help="skip the PyPI toploc package")
+    ap.add_argument("--smollm2-n", type=int, help="override: SmolLM2 rollouts per case")
+    ap.add_argument("--smollm2-tokens", type=int, help="override: SmolLM2 detection output tokens")
+    ap.add_argument("--timing-n", type=int, default=8, help="rollouts of the 256-token timing set")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -492,7 +495,11 @@ def main() -> None:
         args.honest_tokens = {"gpt": 128, "smollm2": 64}
         args.timing_tokens = {"gpt": 256, "smollm2": 256}
         args.cheat_tokens = 40
-    args.timing_n = 8
+    args.timing_n = args.timing_n
+    if args.smollm2_n:
+        args.n["smollm2"] = args.smollm2_n
+    if args.smollm2_tokens:
+        args.honest_tokens["smollm2"] = args.smollm2_tokens
     args.gen_batch, args.cheat_batch, args.val_batch = 8, 16, 8
     args.ft_steps = {"gpt": 10, "smollm2": 10}
     args.ft_lr = {"gpt": 1e-4, "smollm2": 1e-5}

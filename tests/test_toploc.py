@@ -233,6 +233,19 @@ def test_cheats_fail(honest):
     assert all("malformed proof" in r for r in reasons)
 
 
+def test_int8_weights_are_told_from_bf16_noise(honest):
+    """Recomputing with int8 weights is as far from the proofs as an int8 worker would be."""
+    _, res = honest
+    int8 = load_model("gpt-debug-seed0")
+    with torch.no_grad():
+        for lin in [m for m in int8.module.modules() if isinstance(m, torch.nn.Linear)]:
+            scale = lin.weight.abs().amax(dim=1, keepdim=True) / 127
+            lin.weight.copy_((lin.weight / scale).round() * scale)
+    report = Validator(int8).validate(res.rollouts)
+    assert report.n_passed == 0, [x.reason for x in report.verdicts]
+    assert all("median relative error" in x.reason for x in report.verdicts)
+
+
 def test_claims_that_cannot_be_checked(honest):
     lm, res = honest
     r = res.rollouts[0]
@@ -248,6 +261,17 @@ def test_claims_that_cannot_be_checked(honest):
     reasons = " | ".join(x.reason for x in report.verdicts)
     for part in ("claims model", "no output", "vocabulary", "topk=64", "longer than"):
         assert part in reasons
+
+
+def test_calibrated_thresholds():
+    from cotrain.toploc.config import calibrated_median_rel_err
+
+    assert calibrated_median_rel_err("gpt-debug-seed3") == 0.0025
+    assert calibrated_median_rel_err("smollm2-135m-instruct") == 0.01
+    assert calibrated_median_rel_err("/some/hf/dir") == 0.01
+    v = Validator(load_model("gpt-debug-seed0"))
+    assert v.config.proof.max_median_rel_err == 0.0025
+    assert ValidatorConfig().proof.max_median_rel_err is None  # the default is left untouched
 
 
 def test_config_checks():

@@ -31,8 +31,9 @@ class ProofConfig(ConfigModel):
     """A chunk fails if any position has more committed entries than this unmatched."""
     max_chunk_misses: int = 8
     """... or if more than this many of its ``topk`` entries are unmatched."""
-    max_median_rel_err: float = 0.01
-    """A rollout fails if the median relative error of its matched entries exceeds this."""
+    max_median_rel_err: float | None = None
+    """A rollout fails if the median relative error of its matched entries exceeds this; None
+    takes the value calibrated for the validator's model (``calibrated_median_rel_err``)."""
 
     @model_validator(mode="after")
     def _check(self) -> ProofConfig:
@@ -45,9 +46,29 @@ class ProofConfig(ConfigModel):
             )
         if self.row_slack < 0 or self.max_row_misses < 0 or self.max_chunk_misses < 0:
             raise ValueError("row_slack, max_row_misses and max_chunk_misses must be >= 0")
+        if self.max_median_rel_err is not None and self.max_median_rel_err <= 0:
+            raise ValueError("max_median_rel_err must be positive (or unset for the calibrated)")
         if not 0 < self.match_rel_tol < 1:
             raise ValueError("match_rel_tol must be in (0, 1)")
         return self
+
+
+# Calibrated by bench/toploc.py (README, toploc): honest bf16 recomputes vs int8 weights.
+# SmolLM2-135M: honest rollouts' medians stay below ~0.008, int8 ones above ~0.011.
+# Tiny GPT (2 layers): honest medians are 0 (most entries bit-exact), int8 ones >= 0.005.
+CALIBRATED_MEDIAN_REL_ERR: dict[str, float] = {
+    "smollm2-135m-instruct": 0.01,
+    "gpt-debug": 0.0025,
+}
+DEFAULT_MEDIAN_REL_ERR = 0.01
+
+
+def calibrated_median_rel_err(model_id: str) -> float:
+    """The calibrated median threshold of a model (by spec prefix), else the default."""
+    for prefix, value in CALIBRATED_MEDIAN_REL_ERR.items():
+        if model_id.startswith(prefix):
+            return value
+    return DEFAULT_MEDIAN_REL_ERR
 
 
 class ValidatorConfig(ConfigModel):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cotrain.toploc.config import ProofConfig
+from cotrain.toploc.config import DEFAULT_MEDIAN_REL_ERR, ProofConfig
 from cotrain.toploc.errors import ProofBuildError, ProofFormatError
 from cotrain.toploc.field import PRIME, evaluate, injective_moduli, interpolate
 
@@ -211,7 +211,10 @@ def check_chunks(
         )
     pooled = np.concatenate([r.rel_errs for r in results])
     median = float(np.median(pooled)) if pooled.size else float("inf")
-    passed = all(r.passed for r in results) and median <= config.max_median_rel_err
+    limit = config.max_median_rel_err
+    passed = all(r.passed for r in results) and median <= (
+        DEFAULT_MEDIAN_REL_ERR if limit is None else limit
+    )
     return ProofVerdict(chunks=results, median_rel_err=median, passed=passed)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from cotrain.models.lm import CausalLM
-from cotrain.toploc.config import ValidatorConfig
+from cotrain.toploc.config import ValidatorConfig, calibrated_median_rel_err
 from cotrain.toploc.errors import ProofFormatError
 from cotrain.toploc.proof import ProofVerdict, check_chunks, n_rollout_chunks, rollout_chunks
 from cotrain.toploc.record import Rollout
@@ -59,6 +59,9 @@ class Validator:
     def __init__(self, lm: CausalLM, config: ValidatorConfig | None = None):
         self.config = config or ValidatorConfig()
         self.lm = lm.to_dtype(_DTYPES[self.config.dtype])
+        if self.config.proof.max_median_rel_err is None:  # resolve for this model
+            self.config = self.config.model_copy(deep=True)
+            self.config.proof.max_median_rel_err = calibrated_median_rel_err(lm.model_id)
 
     def _precheck(self, r: Rollout) -> str | None:
         """Why a rollout cannot pass before any compute, or None."""
