@@ -255,3 +255,31 @@ def test_a_failed_collective_restores_every_input_exactly() -> None:
         for c in comms:
             c.close()
         master.stop()
+
+
+@pytest.mark.timeout(60)
+def test_joiners_never_outvote_the_peers_that_hold_the_state() -> None:
+    with cluster(1) as (master, comms):
+        old = comms[0]
+        state = {"w": np.full(64, 5.0, np.float32)}
+        old.sync_shared_state(state, revision=0)
+        old.sync_shared_state(state, revision=1)
+        new = [Communicator(peer_config(master.port), peer_id=f"j{i}") for i in range(2)]
+        try:
+            for c in new:
+                c.connect()
+            everyone = [old, *new]
+            parallel([lambda c=c: c.wait_for_world(3, timeout_s=20) for c in everyone])
+            states = [state] + [{"w": np.zeros(64, np.float32)} for _ in new]
+            results = parallel(
+                [
+                    lambda c=c, s=s: c.sync_shared_state(s, revision=0 if c in new else 2)
+                    for c, s in zip(everyone, states, strict=True)
+                ]
+            )
+            assert [r.fetched for r in results] == [False, True, True]
+            assert all(r.revision == 2 for r in results)
+            assert all(np.all(s["w"] == 5.0) for s in states)
+        finally:
+            for c in new:
+                c.close()

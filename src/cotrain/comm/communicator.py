@@ -546,6 +546,7 @@ class Communicator:
                         revision=revision,
                         digest=mine.digest,
                         hashes=mine.hashes,
+                        fresh=self._revision is None,
                     )
                 )
 

@@ -420,7 +420,10 @@ class Master:
             return
         del self._syncs[msg.seq]
         groups: dict[tuple[int, str], list[str]] = {}
-        for p in members:
+        # Peers that never synced (fresh joiners) hold no state worth electing: they vote only
+        # when nobody else has synced, so joiners can never outvote the survivors.
+        voters = [p for p in members if not got[p].fresh] or members
+        for p in voters:
             groups.setdefault((got[p].revision, got[p].digest), []).append(p)
         # Majority; ties go to the higher revision, then the smaller digest (deterministic).
         (revision, _digest), holders = max(

@@ -87,6 +87,8 @@ class Sync(_Msg):
     revision: int
     digest: str = Field(max_length=128)
     hashes: dict[str, str] = Field(max_length=100_000)
+    fresh: bool = False
+    """True until this peer has completed a sync: its state does not take part in the vote."""
 
 
 class SyncResult(_Msg):
