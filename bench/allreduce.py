@@ -50,7 +50,13 @@ def free_port() -> int:
 
 
 def _peer_config(
-    comm: CommConfig, index: int, world: int, numel: int, quant: str, rounds: int
+    comm: CommConfig,
+    index: int,
+    world: int,
+    numel: int,
+    quant: str,
+    rounds: int,
+    rollback: bool = True,
 ) -> PeerProgramConfig:
     """A benchmark peer: one warm-up round, then ``rounds`` timed sums, each after a barrier."""
     return PeerProgramConfig(
@@ -63,6 +69,7 @@ def _peer_config(
         quantization=quant,
         barrier=True,
         digest=False,
+        rollback=rollback,
     )
 
 
@@ -84,19 +91,16 @@ def _collect(procs: list[Proc]) -> tuple[list[float], float]:
 
 
 def run_cotrain(
-    world: int, numel: int, quant: str, rounds: int, *, streams: int = 4
+    world: int, numel: int, quant: str, rounds: int, *, streams: int = 4, rollback: bool = True
 ) -> list[float]:
     """Per-round collective time (slowest peer) for ``rounds`` rounds after one warm-up."""
     master, port = start_master(SECRET)
     procs = []
     try:
         for i in range(world):
-            comm = CommConfig(
-                master_port=port,
-                streams=streams,
-                chunk_kb=int(os.environ.get("CK", "512")),
-            )
-            procs.append(start_peer(_peer_config(comm, i, world, numel, quant, rounds), SECRET))
+            comm = CommConfig(master_port=port, streams=streams)
+            cfg = _peer_config(comm, i, world, numel, quant, rounds, rollback=rollback)
+            procs.append(start_peer(cfg, SECRET))
         return _collect(procs)[0]
     finally:
         for p in procs:
@@ -296,18 +300,27 @@ def main() -> None:
                         world,
                         size,
                         q,
-                        run_cotrain(
-                            world, numel, q, rounds, streams=int(os.environ.get("ST", "4"))
-                        ),
+                        run_cotrain(world, numel, q, rounds),
                     )
                 )
+            # the same without saving the input for rollback (callers that can recompute it)
+            rows.append(
+                row(
+                    "cotrain_norollback",
+                    "loopback",
+                    world,
+                    size,
+                    "none",
+                    run_cotrain(world, numel, "none", rounds, rollback=False),
+                )
+            )
             console.print(f"done: {size} MiB, world {world}")
     if args.wan or args.wan_only:
         rows += run_wan(args, sizes, quants, console)
     gloo = {(r["world"], r["size_mib"]): r["median_s"] for r in rows if r["impl"] == "gloo"}
     for r in rows:
         if (
-            r["impl"] == "cotrain"
+            r["impl"] in ("cotrain", "cotrain_norollback")
             and r["setup"] == "loopback"
             and (r["world"], r["size_mib"]) in gloo
         ):

@@ -56,6 +56,8 @@ class PeerProgramConfig(ConfigModel):
     barrier: bool = False
     """Benchmark mode: a 1-value all-reduce right before the timed one, so the timing starts with
     every peer ready (as a barrier does for torch.distributed)."""
+    rollback: bool = True
+    """Save the input so a failed all-reduce leaves it unchanged (the library's default)."""
     digest: bool = True
     """Report a SHA-256 prefix of each result (costs a pass over the tensor)."""
 
@@ -131,7 +133,9 @@ def run(cfg: PeerProgramConfig) -> int:
                 if cfg.barrier:
                     comm.all_reduce(ping, op="sum")
                 started = time.perf_counter()
-                res = comm.all_reduce(tensor, op=cfg.op, quantization=cfg.quantization)
+                res = comm.all_reduce(
+                    tensor, op=cfg.op, quantization=cfg.quantization, rollback=cfg.rollback
+                )
                 break
             except RETRYABLE as e:
                 failed_at = failed_at or time.time()

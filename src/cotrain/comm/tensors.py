@@ -56,7 +56,9 @@ class FlatView:
     def count(self) -> int:
         return int(self.array.size)
 
-    def work_buffer(self, scratch: Scratch) -> tuple[np.ndarray, Backup | None]:
+    def work_buffer(
+        self, scratch: Scratch, *, rollback: bool = True
+    ) -> tuple[np.ndarray, Backup | None]:
         """(fp32 buffer to reduce in, backup for rolling back, or None).
 
         fp32 tensors are reduced in place: the ring saves each chunk into the backup just
@@ -66,7 +68,7 @@ class FlatView:
         reused across collectives: a fresh 64 MiB array costs ~16k page faults every time."""
         buf = scratch.get(self.count)
         if self.dtype == "fp32":
-            return self.array, Backup(self.array, buf)
+            return self.array, Backup(self.array, buf) if rollback else None
         if self.dtype == "bf16":
             buf[...] = bf16_bits_to_fp32(self.array)
         else:
@@ -76,8 +78,10 @@ class FlatView:
     def finish(self, work: np.ndarray, backup: Backup | None, *, ok: bool) -> None:
         """Install the result (``ok``) or roll back to the input."""
         if backup is None:
-            if ok:
+            if ok and work is not self.array:
                 self.assign_fp32(work)
+            elif ok:
+                self.commit()
             return
         if ok:
             self.commit()
