@@ -94,6 +94,9 @@ def test_async_all_reduce_and_broadcast() -> None:
         assert all(h.done() for h in handles)
         assert all(np.all(x == 6.0) for x in xs)
         assert results[0].world_size == 4 and results[0].bytes_sent > 0
+        ys = [np.full(50_000, float(i), dtype=np.float32) for i in range(4)]
+        run_all(comms, ys, op="sum", rollback=False)
+        assert all(np.array_equal(y, xs[0]) for y in ys)
         for root in (0, 2):
             bs = [np.full(7777, float(c.rank * 10), dtype=np.float32) for c in comms]
             parallel(
