@@ -98,10 +98,6 @@ def emit(**event: Any) -> None:
 
 
 def run(cfg: PeerProgramConfig) -> int:
-    import os
-
-    if os.environ.get("SWI"):
-        sys.setswitchinterval(float(os.environ["SWI"]))
     comm = Communicator(cfg.comm, peer_id=f"p{cfg.index}", faults=cfg.faults)
     comm.connect()
     counter = np.zeros(1, dtype=np.int64)
