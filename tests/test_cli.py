@@ -25,15 +25,19 @@ def test_help_lists_the_roles() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+# Other components' configs are parsed by their own tests (test_shardcast_units, test_diloco).
+COMM_CONFIGS = sorted(
+    [*(ROOT / "configs").glob("master*.toml"), *(ROOT / "configs").glob("peer*.toml")]
+)
+
+
+@pytest.mark.parametrize("path", COMM_CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_parse(path: Path) -> None:
     from cotrain.comm.config import MasterConfig
     from cotrain.comm.program import PeerProgramConfig
     from cotrain.core.config import load_config
 
     model = MasterConfig if path.name.startswith("master") else PeerProgramConfig
-    if not path.name.startswith(("master", "peer")):
-        pytest.skip(f"{path.name} belongs to another component's test")
     load_config(model, path)
 
 
