@@ -24,13 +24,13 @@ def test_help_lists_the_roles() -> None:
         assert word in out
 
 
-@pytest.mark.timeout(60)
 # Other components' configs are parsed by their own tests (test_shardcast_units, test_diloco).
 COMM_CONFIGS = sorted(
     [*(ROOT / "configs").glob("master*.toml"), *(ROOT / "configs").glob("peer*.toml")]
 )
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("path", COMM_CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_parse(path: Path) -> None:
     from cotrain.comm.config import MasterConfig
