@@ -54,3 +54,25 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
         load_config(CommConfig, f, ["streams=0"])
     with pytest.raises(ConfigError, match="nope"):
         load_config(CommConfig, f, ["nope=1"])
+
+
+@pytest.mark.timeout(60)
+def test_bad_config_and_missing_secret_are_one_clear_line() -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "COTRAIN_SECRET"}
+    no_secret = subprocess.run(
+        [sys.executable, "-m", "cotrain", "master", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert no_secret.returncode == 2 and "COTRAIN_SECRET" in no_secret.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "cotrain", "peer", "--config-json", '{"nope": 1}'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr

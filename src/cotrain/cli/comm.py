@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, TypeVar
 
 import typer
+
+T = TypeVar("T")
 
 
 def register(app: typer.Typer) -> None:
@@ -21,6 +24,7 @@ def register(app: typer.Typer) -> None:
         import asyncio
         import logging
 
+        from cotrain.comm.auth import resolve_secret
         from cotrain.comm.config import MasterConfig
         from cotrain.comm.master import serve
         from cotrain.core.config import load_config
@@ -30,7 +34,8 @@ def register(app: typer.Typer) -> None:
             overrides.append(f"host={host}")
         if port is not None:
             overrides.append(f"port={port}")
-        cfg = load_config(MasterConfig, config, [_quote(o) for o in overrides])
+        cfg = _or_exit(lambda: load_config(MasterConfig, config, overrides))
+        _or_exit(lambda: resolve_secret(cfg.secret))
         logging.basicConfig(
             level=logging.INFO if verbose else logging.WARNING,
             format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -54,9 +59,9 @@ def register(app: typer.Typer) -> None:
 
         logging.basicConfig(level=logging.WARNING)
         if config_json is not None:
-            cfg = PeerProgramConfig.model_validate_json(config_json)
+            cfg = _or_exit(lambda: PeerProgramConfig.model_validate_json(config_json))
         else:
-            cfg = load_config(PeerProgramConfig, config, [_quote(o) for o in ctx.args])
+            cfg = _or_exit(lambda: load_config(PeerProgramConfig, config, list(ctx.args)))
         raise typer.Exit(run(cfg))
 
     @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -94,6 +99,12 @@ def register(app: typer.Typer) -> None:
         )
 
 
-def _quote(override: Any) -> str:
-    """Dotted overrides from the command line; bare words are taken as strings."""
-    return str(override)
+def _or_exit(make: Callable[[], T]) -> T:
+    """Run ``make``; a bad config or missing secret is one clear line and exit code 2."""
+    from pydantic import ValidationError
+
+    try:
+        return make()
+    except (ValueError, ValidationError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None

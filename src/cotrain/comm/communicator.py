@@ -38,7 +38,7 @@ from cotrain.comm.errors import (
     TopologyChangedError,
 )
 from cotrain.comm.faults import FaultInjector, FaultPlan
-from cotrain.comm.frames import recv_exact
+from cotrain.comm.frames import recv_exact, send_json
 from cotrain.comm.quant import Codec, codec_for
 from cotrain.comm.ring import TransferStats
 from cotrain.comm.state import digest, fetch_state, serve_state, views
@@ -433,7 +433,6 @@ class Communicator:
             def on_chunk(k: int) -> None:
                 self._faults.check(index, k)
                 if self._faults.cut.is_set():  # emulate a dead link: go silent, then give up
-                    self._faults.cut.wait(0)
                     threading.Event().wait(self.config.stall_timeout_s)
                     raise PeerFailedError("link cut (fault injection)")
 
@@ -630,8 +629,6 @@ class Communicator:
         sock.settimeout(self.config.stall_timeout_s)
         try:
             if serving is None or (hello.get("epoch"), hello.get("seq")) != serving[:2]:
-                from cotrain.comm.frames import send_json
-
                 send_json(sock, {"type": "missing", "name": "(not serving this sync)"})
                 return
             serve_state(sock, serving[2], self._max_frame)

@@ -20,7 +20,6 @@ master's heartbeat clock can tell). A restarted master rebuilds its state from t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from dataclasses import dataclass, field
@@ -521,5 +520,3 @@ async def serve(config: MasterConfig, ready: asyncio.Event | None = None) -> Non
         await asyncio.Event().wait()
     finally:
         await master.close()
-        with contextlib.suppress(Exception):
-            await asyncio.sleep(0)
