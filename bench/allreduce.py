@@ -8,7 +8,11 @@
 
 Bus bandwidth follows nccl-tests: busbw = size x 2(N-1)/N / time. The ring bound on a link of
 rate R is 2(N-1)/N x size / R; ``bound_ratio`` = time / bound (1.0 is the best a ring can do).
-Every cotrain time is the slowest peer's, median over the timed rounds.
+Every time is the slowest peer's, median over the timed rounds. On loopback every case runs
+``--reps`` times, interleaved with gloo, and ``vs_gloo_busbw`` is the median of the per-repetition
+ratios: this shared 2-core machine drifts, and a drift then hits both alike. Loopback uses one
+TCP connection per neighbour (``--streams 1``, as gloo does); the WAN runs use ``--wan-streams``.
+``cpu_s_per_collective`` is the CPU time all peers spent inside one collective (median).
 """
 
 from __future__ import annotations
@@ -73,35 +77,56 @@ def _peer_config(
     )
 
 
-def _collect(procs: list[Proc]) -> tuple[list[float], float]:
-    """Per-round time of the slowest peer (warm-up round 0 dropped), and the peers' CPU seconds."""
+@dataclass
+class Timed:
+    """Per timed round: the slowest peer's seconds, and all peers' CPU seconds in the collective."""
+
+    times: list[float]
+    cpu: list[float]
+
+
+def _collect(procs: list[Proc]) -> tuple[list[float], float, list[float]]:
+    """Per-round time of the slowest peer (warm-up round 0 dropped), the peers' CPU seconds over
+    the whole run, and per round the CPU seconds all peers spent inside the collective."""
     per_round: dict[int, float] = {}
+    cpu_round: dict[int, float] = {}
     cpu_s = 0.0
     for p in procs:
         while True:
             ev = p.next_event(600)
             if ev["event"] == "round":
-                per_round[ev["round"]] = max(per_round.get(ev["round"], 0.0), ev["seconds"])
+                r = ev["round"]
+                per_round[r] = max(per_round.get(r, 0.0), ev["seconds"])
+                cpu_round[r] = cpu_round.get(r, 0.0) + ev.get("cpu_s", 0.0)
             if ev["event"] == "done":
                 cpu_s += ev["cpu_user_s"] + ev["cpu_sys_s"]
                 break
             if ev["event"] == "failed":
                 raise RuntimeError(f"cotrain peer failed: {ev}")
-    return [per_round[r] for r in sorted(per_round) if r > 0], cpu_s
+    timed = sorted(r for r in per_round if r > 0)
+    return [per_round[r] for r in timed], cpu_s, [cpu_round[r] for r in timed]
 
 
 def run_cotrain(
-    world: int, numel: int, quant: str, rounds: int, *, streams: int = 4, rollback: bool = True
-) -> list[float]:
+    world: int,
+    numel: int,
+    quant: str,
+    rounds: int,
+    *,
+    streams: int = 4,
+    chunk_kb: int = 512,
+    rollback: bool = True,
+) -> Timed:
     """Per-round collective time (slowest peer) for ``rounds`` rounds after one warm-up."""
     master, port = start_master(SECRET)
     procs = []
     try:
         for i in range(world):
-            comm = CommConfig(master_port=port, streams=streams)
+            comm = CommConfig(master_port=port, streams=streams, chunk_kb=chunk_kb)
             cfg = _peer_config(comm, i, world, numel, quant, rounds, rollback=rollback)
             procs.append(start_peer(cfg, SECRET))
-        return _collect(procs)[0]
+        times, _, cpu = _collect(procs)
+        return Timed(times, cpu)
     finally:
         for p in procs:
             p.stop()
@@ -119,16 +144,19 @@ def gloo_worker(rank: int, world: int, port: int, numel: int, rounds: int, host:
     dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank, world_size=world)
     x = torch.randn(numel)
     times = []
+    cpu = []
     for _ in range(rounds + 1):
         dist.barrier()
         t0 = time.perf_counter()
+        c0 = time.process_time()
         dist.all_reduce(x)
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"rank": rank, "times": times[1:]}), flush=True)
+        cpu.append(time.process_time() - c0)
+    print(json.dumps({"rank": rank, "times": times[1:], "cpu": cpu[1:]}), flush=True)
     dist.destroy_process_group()
 
 
-def run_gloo(world: int, numel: int, rounds: int) -> list[float]:
+def run_gloo(world: int, numel: int, rounds: int) -> Timed:
     port = free_port()
     procs = [
         subprocess.Popen(
@@ -151,8 +179,11 @@ def run_gloo(world: int, numel: int, rounds: int) -> list[float]:
     results = []
     for p in procs:
         out, _ = p.communicate(timeout=600)
-        results.append(json.loads(out.strip().splitlines()[-1])["times"])
-    return [max(ts) for ts in zip(*results, strict=True)]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return Timed(
+        [max(ts) for ts in zip(*(r["times"] for r in results), strict=True)],
+        [sum(cs) for cs in zip(*(r["cpu"] for r in results), strict=True)],
+    )
 
 
 # ---- raw TCP ceiling -----------------------------------------------------------------------------
@@ -201,6 +232,7 @@ def row(
     quant: str,
     times: list[float],
     link_mbit: float | None = None,
+    cpu: list[float] | None = None,
 ) -> dict[str, Any]:
     med = statistics.median(times)
     nbytes = size_mib * 2**20
@@ -215,6 +247,8 @@ def row(
         "busbw_gbps": nbytes * factor / med / 1e9,
         "rounds": len(times),
     }
+    if cpu:
+        r["cpu_s_per_collective"] = statistics.median(cpu)
     if link_mbit is not None:
         bound = factor * nbytes * 8 / (link_mbit * 1e6)
         r["ring_bound_s"] = bound
@@ -228,6 +262,21 @@ def main() -> None:
     ap.add_argument("--wan", action="store_true", help="also run in network namespaces (root)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--rounds", type=int, default=0)
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=0,
+        help="loopback: repeat each (gloo, cotrain) set this often, interleaved, so that drifts\n"
+        "of this shared machine hit both alike (default 3, --quick 2)",
+    )
+    ap.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        help="CommConfig.streams on loopback: one TCP connection per neighbour, as gloo uses\n"
+        "(several only pay off on long, fat links)",
+    )
+    ap.add_argument("--chunk-kb", type=int, default=1024, help="CommConfig.chunk_kb on loopback")
     ap.add_argument("--worlds", type=str, default="")
     ap.add_argument("--sizes", type=str, default="")
     ap.add_argument("--quants", type=str, default="")
@@ -282,49 +331,58 @@ def main() -> None:
         if args.quants
         else (["none", "int8"] if args.quick else ["none", "fp16", "int8"])
     )
-    rounds = args.rounds or (3 if args.quick else 5)
-    console = Console()
+    rounds = args.rounds or (4 if args.quick else 5)
+    reps = args.reps or (2 if args.quick else 3)
+    console = Console(width=160)
     rows: list[dict[str, Any]] = []
     for size in [] if args.wan_only else sizes:
         numel = int(size * 2**20 / 4)
         rows.append(row("tcp", "loopback", 2, size, "none", run_tcp(int(size * 2**20), rounds)))
         for world in worlds:
-            rows.append(
-                row("gloo", "loopback", world, size, "none", run_gloo(world, numel, rounds))
-            )
-            for q in quants:
-                rows.append(
-                    row(
-                        "cotrain",
-                        "loopback",
-                        world,
-                        size,
-                        q,
-                        run_cotrain(world, numel, q, rounds),
+            # (impl, quant, rollback); every repetition runs all of them, gloo first
+            cases = [("gloo", "none", True)]
+            cases += [("cotrain", q, True) for q in quants]
+            cases.append(("cotrain_norollback", "none", False))  # callers that can recompute
+            runs: dict[tuple[str, str], list[Timed]] = {(c[0], c[1]): [] for c in cases}
+            for rep in range(reps):
+                for impl, q, rollback in cases:
+                    runs[(impl, q)].append(
+                        run_gloo(world, numel, rounds)
+                        if impl == "gloo"
+                        else run_cotrain(
+                            world,
+                            numel,
+                            q,
+                            rounds,
+                            streams=args.streams,
+                            chunk_kb=args.chunk_kb,
+                            rollback=rollback,
+                        )
                     )
-                )
-            # the same without saving the input for rollback (callers that can recompute it)
-            rows.append(
-                row(
-                    "cotrain_norollback",
+                console.print(f"{size:g} MiB, world {world}: repetition {rep + 1}/{reps} done")
+            gloo_reps = [statistics.median(t.times) for t in runs[("gloo", "none")]]
+            for (impl, q), timed in runs.items():
+                r = row(
+                    impl,
                     "loopback",
                     world,
                     size,
-                    "none",
-                    run_cotrain(world, numel, "none", rounds, rollback=False),
+                    q,
+                    [x for t in timed for x in t.times],
+                    cpu=[x for t in timed for x in t.cpu],
                 )
-            )
-            console.print(f"done: {size} MiB, world {world}")
+                if impl != "gloo":
+                    r["streams"], r["chunk_kb"] = args.streams, args.chunk_kb
+                    # busbw ratio per repetition (gloo's and ours from the same repetition)
+                    per_rep = [
+                        g / statistics.median(t.times)
+                        for g, t in zip(gloo_reps, timed, strict=True)
+                    ]
+                    r["vs_gloo_busbw_reps"] = per_rep
+                    r["vs_gloo_busbw"] = statistics.median(per_rep)
+                rows.append(r)
     if args.wan or args.wan_only:
         rows += run_wan(args, sizes, quants, console)
-    gloo = {(r["world"], r["size_mib"]): r["median_s"] for r in rows if r["impl"] == "gloo"}
-    for r in rows:
-        if (
-            r["impl"] in ("cotrain", "cotrain_norollback")
-            and r["setup"] == "loopback"
-            and (r["world"], r["size_mib"]) in gloo
-        ):
-            r["vs_gloo_busbw"] = gloo[(r["world"], r["size_mib"])] / r["median_s"]
     table = Table(title="all-reduce (median of timed rounds; slowest peer)")
     for col in (
         "impl",
@@ -334,6 +392,7 @@ def main() -> None:
         "quant",
         "median s",
         "busbw GB/s",
+        "CPU s/coll.",
         "vs gloo",
         "x ring bound",
         "x fp32 time",
@@ -348,6 +407,7 @@ def main() -> None:
             r["quant"],
             f"{r['median_s']:.4f}",
             f"{r['busbw_gbps']:.3f}",
+            f"{r['cpu_s_per_collective']:.3f}" if "cpu_s_per_collective" in r else "",
             f"{r['vs_gloo_busbw']:.2f}" if "vs_gloo_busbw" in r else "",
             f"{r['bound_ratio']:.2f}" if "bound_ratio" in r else "",
             f"{r['vs_fp32_time']:.2f}" if "vs_fp32_time" in r else "",
@@ -436,7 +496,7 @@ def run_cotrain_wan(
             )
             cfg = _peer_config(comm, i, world, numel, quant, rounds)
             procs.append(start_peer(cfg, SECRET, wrapper=inside(host)))
-        times, peer_cpu_s = _collect(procs)
+        times, peer_cpu_s, _ = _collect(procs)
         proxy_cpu_s = sum(_cpu_s(pr.process.pid) for pr in proxies)
         for p in procs:
             p.popen.wait(30)

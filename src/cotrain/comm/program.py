@@ -129,6 +129,7 @@ def run(cfg: PeerProgramConfig) -> int:
                 if cfg.barrier:
                     comm.all_reduce(ping, op="sum")
                 started = time.perf_counter()
+                cpu0 = time.process_time()
                 res = comm.all_reduce(
                     tensor, op=cfg.op, quantization=cfg.quantization, rollback=cfg.rollback
                 )
@@ -158,6 +159,7 @@ def run(cfg: PeerProgramConfig) -> int:
             epoch=res.epoch,
             ring=comm.ring,
             seconds=res.seconds,
+            cpu_s=time.process_time() - cpu0,
             bytes_sent=res.bytes_sent,
             bytes_received=res.bytes_received,
             recovery_s=(time.time() - failed_at) if failed_at else None,

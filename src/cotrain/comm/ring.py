@@ -98,18 +98,19 @@ class _Run:
         self.links.close()
 
     def count(self, sent: int = 0, received: int = 0) -> None:
+        """Add one thread's totals (once, when it ends: no lock per chunk)."""
         with self.lock:
             self.stats.bytes_sent += sent
             self.stats.bytes_received += received
 
-    def take(self, q: queue.Queue[object]) -> object:
+    def take(self, q: queue.SimpleQueue[object]) -> object:
         waited = 0.0
         while True:
-            if self.aborted.is_set():
-                raise PeerFailedError("collective aborted")
             try:
                 return q.get(timeout=0.05)
             except queue.Empty:
+                if self.aborted.is_set():
+                    raise PeerFailedError("collective aborted") from None
                 waited += 0.05
                 if waited > self.stall:
                     raise PeerFailedError(f"no progress for {self.stall:.0f}s") from None
@@ -194,56 +195,64 @@ def all_reduce(
         kernel_timeouts(s, stall_timeout_s)
     targets: list[Callable[[], None]] = []
     for j in range(streams):
-        q: queue.Queue[object] = queue.Queue()
+        q: queue.SimpleQueue[object] = queue.SimpleQueue()
 
-        def sender(j: int = j, q: queue.Queue[object] = q) -> None:
+        def sender(j: int = j, q: queue.SimpleQueue[object] = q) -> None:
             sock = links.to_next[j]
-            sock.sendall(_PREAMBLE.pack(epoch, seq, count))
-            # reduce-scatter step 0: our own input
-            for sent, (a, b) in enumerate(plan[rank % n][j], start=1):
-                buf = codec.encode(work[a:b])
-                sock.sendall(buf.data.cast("B"))
-                run.count(sent=buf.nbytes)
-                if on_chunk_sent is not None and j == 0:
-                    on_chunk_sent(sent)
-            while (item := run.take(q)) is not None:
-                assert isinstance(item, np.ndarray)
-                sock.sendall(item.data.cast("B"))
-                run.count(sent=item.nbytes)
+            sent = 0
+            try:
+                sock.sendall(_PREAMBLE.pack(epoch, seq, count))
+                # reduce-scatter step 0: our own input
+                for k, (a, b) in enumerate(plan[rank % n][j], start=1):
+                    buf = codec.encode(work[a:b])
+                    sock.sendall(buf.data.cast("B"))
+                    sent += buf.nbytes
+                    if on_chunk_sent is not None and j == 0:
+                        on_chunk_sent(k)
+                while (item := run.take(q)) is not None:
+                    assert isinstance(item, np.ndarray)
+                    sock.sendall(item.data.cast("B"))
+                    sent += item.nbytes
+            finally:
+                run.count(sent=sent)
 
-        def receiver(j: int = j, q: queue.Queue[object] = q) -> None:
+        def receiver(j: int = j, q: queue.SimpleQueue[object] = q) -> None:
             sock = links.from_prev[j]
-            _check_preamble(sock, epoch, seq, count)
-            rbuf = np.empty(codec.wire_nbytes(chunk), dtype=np.uint8)
-            for t in range(n - 1):  # reduce-scatter
-                for a, b in plan[(rank - t - 1) % n][j]:
-                    size = codec.wire_nbytes(b - a)
-                    recv_into_exact(sock, rbuf.data[:size])
-                    run.count(received=size)
-                    if backup is not None:
-                        backup.save(a, b)
-                    combine(work[a:b], codec.decode(rbuf[:size], b - a), out=work[a:b])
-                    if t < n - 2:
-                        q.put(codec.encode(work[a:b]))  # fp32: a view, no copy
-                    else:  # this chunk of our own block is complete
-                        q.put(_finalize(work, a, b, op, codec, n))
-            raw = codec.name == "fp32"
-            for t in range(n - 1):  # all-gather: store and forward the owners' bytes
-                for a, b in plan[(rank - t) % n][j]:
-                    size = codec.wire_nbytes(b - a)
-                    if t == 0 and backup is not None:
-                        backup.save(a, b)  # block r: sent, never changed until now
-                    if raw:  # the wire bytes are the values: receive straight into place
-                        wire = work[a:b]
-                        recv_into_exact(sock, wire.data.cast("B"))
-                    else:
-                        wire = np.empty(size, dtype=np.uint8)
-                        recv_into_exact(sock, wire.data)
-                        work[a:b] = codec.decode(wire, b - a)
-                    run.count(received=size)
-                    if t < n - 2:
-                        q.put(wire)
-            q.put(None)
+            received = 0
+            try:
+                _check_preamble(sock, epoch, seq, count)
+                rbuf = np.empty(codec.wire_nbytes(chunk), dtype=np.uint8)
+                for t in range(n - 1):  # reduce-scatter
+                    for a, b in plan[(rank - t - 1) % n][j]:
+                        size = codec.wire_nbytes(b - a)
+                        recv_into_exact(sock, rbuf.data[:size])
+                        received += size
+                        if backup is not None:
+                            backup.save(a, b)
+                        combine(work[a:b], codec.decode(rbuf[:size], b - a), out=work[a:b])
+                        if t < n - 2:
+                            q.put(codec.encode(work[a:b]))  # fp32: a view, no copy
+                        else:  # this chunk of our own block is complete
+                            q.put(_finalize(work, a, b, op, codec, n))
+                raw = codec.name == "fp32"
+                for t in range(n - 1):  # all-gather: store and forward the owners' bytes
+                    for a, b in plan[(rank - t) % n][j]:
+                        size = codec.wire_nbytes(b - a)
+                        if t == 0 and backup is not None:
+                            backup.save(a, b)  # block r: sent, never changed until now
+                        if raw:  # the wire bytes are the values: receive straight into place
+                            wire = work[a:b]
+                            recv_into_exact(sock, wire.data.cast("B"))
+                        else:
+                            wire = np.empty(size, dtype=np.uint8)
+                            recv_into_exact(sock, wire.data)
+                            work[a:b] = codec.decode(wire, b - a)
+                        received += size
+                        if t < n - 2:
+                            q.put(wire)
+                q.put(None)
+            finally:
+                run.count(received=received)
 
         targets += [sender, receiver]
     _run_threads(run, targets, timeout_s=stall_timeout_s * (2 * n + 4))
