@@ -16,6 +16,7 @@ from diloco_harness import tiny_train_config, write_fake_shakespeare
 
 from cotrain.comm.launch import Proc, start_master
 from cotrain.core.config import load_config
+from cotrain.core.errors import ConfigError
 from cotrain.data import prepare
 from cotrain.diloco import OuterConfig, OuterState, TrainConfig, Worker
 from cotrain.diloco.launch import start_worker
@@ -71,7 +72,6 @@ def test_shipped_configs_parse(path: Path) -> None:
 
 
 def test_config_errors_say_what_to_fix() -> None:
-    from cotrain.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="block_size"):
         load_config(TrainConfig, None, ["data.seq_len=1024"])
@@ -112,7 +112,14 @@ def _finish(procs: list[Proc], timeout_s: float) -> None:
 
 
 @pytest.mark.timeout(420)
-def test_diloco_kill_and_join_keeps_replicas_bit_identical(cache: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("overlap", "fragments"), [(False, 1), (True, 2)], ids=["diloco", "overlap-fragments"]
+)
+def test_diloco_kill_and_join_keeps_replicas_bit_identical(
+    cache: Path, tmp_path: Path, overlap: bool, fragments: int
+) -> None:
+    """A worker is killed mid-run (with overlap: while a synchronisation is in flight or about
+    to start) and a fresh one joins; the outer state stays bit-identical by hash."""
     secret = secrets.token_hex(8)
     master, port = start_master(secret)
     procs: list[Proc] = []
@@ -124,6 +131,8 @@ def test_diloco_kill_and_join_keeps_replicas_bit_identical(cache: Path, tmp_path
                 "comm.master_port": port,
                 "algo.min_workers": 2,
                 "algo.min_workers_timeout_s": 120,
+                "algo.overlap": overlap,
+                "algo.fragments": fragments,
             }
             d = tiny_train_config(cache, tmp_path, **over, **kw)
             return TrainConfig.model_validate({**d, "worker_index": i, "world": 2})
@@ -139,15 +148,17 @@ def test_diloco_kill_and_join_keeps_replicas_bit_identical(cache: Path, tmp_path
         master.stop()
     w0, w2 = _records(procs[0]), _records(procs[2])
     o0, o2 = _outer(w0), _outer(w2)
-    assert sorted(o0) == list(range(1, 7))  # the survivor finished every outer step
+    last = 6 * fragments + fragments - 1  # sync points: 6 outer steps of 4, F - 1 final ones
+    assert sorted(o0) == list(range(1, last + 1))  # the survivor finished every outer step
     first = min(o2)
     assert o2[first]["fetched"] and o2[first]["tokens"] == 0  # received, contributed nothing
     for k in o2:  # from its first outer step on, the joiner is bit-identical to the survivor
         assert o2[k]["hash"] == o0[k]["hash"], k
-    assert max(o2) == 6 and o2[6]["world"] == 2 and o2[6]["tokens"] > 0
-    assert o0[6]["val_loss"] < o0[1]["val_loss"]
+    assert max(o2) == last and o2[last]["world"] == 2 and o2[last]["tokens"] > 0
+    vals = [o0[k]["val_loss"] for k in sorted(o0) if o0[k]["val_loss"] is not None]
+    assert vals[-1] < vals[0]
     done = [r for r in (*w0, *w2) if r["event"] == "done"]
-    assert len({r["hash"] for r in done}) == 1
+    assert len({r["hash"] for r in done}) == 1  # local params = outer params at the end
     logged = read_log(tmp_path / "worker0.jsonl")
     assert [r for r in logged if r["event"] == "outer"] == list(o0.values())
 
@@ -219,3 +230,32 @@ def test_cli_train_and_data_help() -> None:
             check=True,
         ).stdout
         assert "Usage" in out
+
+
+def test_fragment_split_and_staggered_schedule() -> None:
+    """Fragments are contiguous whole tensors of about equal size; fragment f syncs every H
+    steps at offset (f + 1) H / F; the final F - 1 sync points add no inner steps."""
+    from cotrain.diloco.fragments import Schedule, split
+
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (100, 10, 40, 50, 5, 95)]
+    frags = split(params, 3)
+    assert [(f.start, f.stop, f.params) for f in frags] == [
+        (0, 100, (0,)),
+        (100, 200, (1, 2, 3)),
+        (200, 300, (4, 5)),
+    ]
+    assert split(params, 1)[0].numel == 300
+    assert [f.params for f in split(params, 6)] == [(i,) for i in range(6)]
+    with pytest.raises(ValueError, match=r"lower algo\.fragments"):
+        split(params, 7)
+    s = Schedule.for_run(total_steps=95, inner_steps=12, fragments=3)  # 8 outer steps of 12
+    assert s.rounds == 8 and s.every == 4 and s.sync_points == 8 * 3 + 2
+    ends = [s.end_step(k) for k in range(s.sync_points)]
+    assert ends[:7] == [4, 8, 12, 16, 20, 24, 28] and ends[-3:] == [96, 96, 96]
+    for f in range(3):  # every fragment is synced every H = 12 steps, at offset (f + 1) * 4
+        steps = [e for k, e in enumerate(ends[:24]) if s.fragment(k) == f]
+        assert steps == list(range((f + 1) * 4, 97, 12))
+    assert [s.fragment(k) for k in range(24, 26)] == [0, 1]  # the final ones: all but the last
+    assert Schedule.for_run(total_steps=10, inner_steps=5, fragments=1).sync_points == 2
+    with pytest.raises(ConfigError, match=r"multiple of algo\.fragments"):
+        load_config(TrainConfig, None, ["algo.inner_steps=10", "algo.fragments=3"])

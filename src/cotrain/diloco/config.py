@@ -58,6 +58,15 @@ class AlgoConfig(ConfigModel):
     as many steps as fit (at least one) and pseudo-gradients are weighted by tokens processed."""
     quantization: Quantization = "int8"
     """Wire quantization of pseudo-gradients (diloco) or gradients (ddp)."""
+    overlap: bool = False
+    """Streaming overlap (diloco): the synchronisation of outer step t (vote, shared-state
+    check, all-reduce) runs in the background during the inner steps of t+1 and its outer update
+    is applied one step late; the local model keeps its own not-yet-averaged progress on top of
+    the outer params, so no inner step is thrown away."""
+    fragments: int = Field(default=1, ge=1)
+    """Streaming fragments (diloco): split the parameters into this many fragments (whole
+    tensors, about equal size); fragment f is synced every ``inner_steps`` steps at offset
+    (f + 1) x inner_steps / fragments, so one fragment travels at a time. 1 = plain DiLoCo."""
     outer: OuterConfig = Field(default_factory=OuterConfig)
     """Outer optimizer (diloco)."""
     ddp_vote_every_steps: int = Field(default=10, ge=1)
@@ -115,6 +124,11 @@ class TrainConfig(ConfigModel):
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.block_size="
                 f"{self.model.block_size}: lower data.seq_len or raise model.block_size"
+            )
+        if self.algo.inner_steps % self.algo.fragments:
+            raise ValueError(
+                f"algo.inner_steps={self.algo.inner_steps} is not a multiple of algo.fragments="
+                f"{self.algo.fragments}: fragments sync every inner_steps / fragments steps"
             )
         if self.algo.mode == "single" and (self.world != 1 or self.join == "join"):
             raise ValueError("single mode runs one worker: set world = 1 and join = 'start'")

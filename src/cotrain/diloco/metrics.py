@@ -7,6 +7,8 @@ val loss, hash, world size, bytes, times), ``failed`` (a synchronisation failed 
     compute_s   forward, backward and optimizer steps
     comm_s      collectives (all-reduce, shared-state sync) that succeeded
     waiting_s   topology votes (waiting for peers and joiners) and failed attempts
+    blocked_s   overlap: the inner loop stood still waiting for a background synchronisation
+                (with overlap, comm_s and waiting_s run beside the compute instead)
     eval_s      validation (not counted in the wall time used for utilization)
     utilization compute_s / (wall_s - eval_s)
 """
@@ -29,6 +31,7 @@ class Clocks:
     compute_s: float = 0.0
     comm_s: float = 0.0
     waiting_s: float = 0.0
+    blocked_s: float = 0.0
     eval_s: float = 0.0
 
     def wall_s(self) -> float:
@@ -44,6 +47,7 @@ class Clocks:
             "compute_s": round(self.compute_s, 4),
             "comm_s": round(self.comm_s, 4),
             "waiting_s": round(self.waiting_s, 4),
+            "blocked_s": round(self.blocked_s, 4),
             "eval_s": round(self.eval_s, 4),
             "utilization": round(self.utilization(), 4),
         }

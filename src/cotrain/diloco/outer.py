@@ -59,16 +59,22 @@ class OuterState:
         torch.sub(self.params, flatten(params), out=out)
         return out
 
-    def apply(self, grad: torch.Tensor) -> None:
-        """One outer SGD step with the averaged pseudo-gradient ``grad`` (N,)."""
+    def apply(self, grad: torch.Tensor, *, start: int = 0) -> torch.Tensor:
+        """One outer SGD step on ``params[start : start + len(grad)]`` (a fragment; all of them
+        by default) with the averaged pseudo-gradient ``grad`` (n,); returns the change of
+        those params (n,), new - old. Counts one outer step (one sync point)."""
         cfg = self.config
-        self.momentum.mul_(cfg.momentum).add_(grad)  # m = mu m + g
+        stop = start + grad.numel()
+        params, momentum = self.params[start:stop], self.momentum[start:stop]
+        momentum.mul_(cfg.momentum).add_(grad)  # m = mu m + g
         if cfg.method == "nesterov":
-            update = grad.add(self.momentum, alpha=cfg.momentum)  # g + mu m
+            update = grad.add(momentum, alpha=cfg.momentum)  # g + mu m
         else:
-            update = self.momentum
-        self.params.add_(update, alpha=-cfg.lr)
+            update = momentum.clone()
+        before = params.clone()
+        params.add_(update, alpha=-cfg.lr)
         self.step += 1
+        return params - before
 
     def digest(self) -> str:
         """SHA-256 prefix of params, momentum and step: equal on every replica."""

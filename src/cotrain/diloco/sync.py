@@ -130,13 +130,19 @@ class Synchronizer:
         quantization: Quantization,
         vote: bool,
         step: int,
+        span: Callable[[], slice] | None = None,
     ) -> SyncOutcome:
-        """DiLoCo: ``out`` (N,) = token-weighted mean of the workers' ``delta`` (N,)."""
+        """DiLoCo: ``out`` (N,) = token-weighted mean of the workers' ``delta`` (N,); with
+        ``span``, only ``out[span()]`` from ``delta[span()]``, the slice chosen after the
+        shared-state sync (streaming fragments: it depends on the agreed outer step)."""
+        whole_delta, whole_out = delta, out
 
         def attempt(vote: bool) -> SyncOutcome:
             self._vote(vote)
             t0 = time.perf_counter()
             res = self._state(state)
+            sl = span() if span is not None else slice(None)
+            delta, out = whole_delta[sl], whole_out[sl]
             # A replica whose outer state was just replaced computed its delta from another
             # starting point: it takes part in the collectives with weight zero.
             weight = 0.0 if res.fetched else float(tokens)
@@ -147,7 +153,8 @@ class Synchronizer:
                 torch.mul(delta, weight / total, out=out)
             else:
                 out.zero_()
-            self.comm.all_reduce(out, op="sum", quantization=quantization)
+            # rollback=False: ``out`` is rebuilt from ``delta`` by the next attempt
+            self.comm.all_reduce(out, op="sum", quantization=quantization, rollback=False)
             self.clocks.comm_s += time.perf_counter() - t0
             return SyncOutcome(res.fetched, total, self.comm.world_size, 1)
 

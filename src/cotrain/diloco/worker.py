@@ -19,6 +19,9 @@ import math
 import os
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +32,19 @@ from cotrain.data import Batch, ShardReader, prepare, validation_batches
 from cotrain.data.prepare import cache_key
 from cotrain.diloco import checkpoint
 from cotrain.diloco.config import TrainConfig
+from cotrain.diloco.fragments import Schedule, split
 from cotrain.diloco.metrics import Clocks, MetricsLog
 from cotrain.diloco.outer import OuterState, flatten, load_flat
-from cotrain.diloco.sync import Synchronizer
+from cotrain.diloco.sync import Synchronizer, SyncOutcome
 from cotrain.models.gpt import GPT
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A DiLoCo synchronisation started (done already without overlap)."""
+
+    tokens: int
+    future: Future[SyncOutcome]
 
 
 class Worker:
@@ -77,8 +89,21 @@ class Worker:
         self.clocks = Clocks()
         self.H = cfg.algo.inner_steps
         self.rounds = math.ceil(cfg.total_steps / self.H)
+        # DiLoCo's sync points and the buffers of its pseudo-gradients, all (N,)
+        self.schedule = Schedule.for_run(
+            total_steps=cfg.total_steps, inner_steps=self.H, fragments=cfg.algo.fragments
+        )
+        self.frags = split(self.params, cfg.algo.fragments)
+        self.delta = torch.zeros(self.outer.numel)  # this worker's pseudo-gradient
+        self.avg = torch.zeros(self.outer.numel)  # the workers' token-weighted mean
+        self.anchor = torch.zeros(self.outer.numel)  # local params when delta was taken
+        self.since = [0] * cfg.algo.fragments  # tokens trained since each fragment was sent
+        self.pending_tokens: int | None = None  # resumed with a synchronisation to restart
+        self.pool: ThreadPoolExecutor | None = None
+        algo = cfg.algo
         self.fingerprint = hashlib.sha256(
-            f"{cfg.model.model_dump_json()}|{cache_key(cfg.data)}|{cfg.algo.mode}|{self.H}".encode()
+            f"{cfg.model.model_dump_json()}|{cache_key(cfg.data)}|{algo.mode}|{self.H}|"
+            f"{algo.fragments}|{algo.overlap}".encode()
         ).hexdigest()[:16]
         self.ckpt_path = self.out / f"worker{cfg.worker_index}.ckpt"
         self.revision_hint = 0
@@ -151,10 +176,20 @@ class Worker:
             "bytes_received": c.bytes_received,
         }
 
-    def _record(self, *, loss: float | None, fetched: bool = False, evaluate: bool = True) -> None:
-        rnd = self.step // self.H
-        val = self.val_loss() if evaluate and rnd % self.cfg.eval_every_outer == 0 else None
-        digest = self.outer.digest() if self.cfg.algo.mode == "diloco" else self.param_digest()
+    def _record(
+        self, *, loss: float | None, fetched: bool = False, checkpoint: bool = True
+    ) -> None:
+        if self.cfg.algo.mode == "diloco":
+            # one record per sync point; validation of the outer params (the consensus model)
+            rnd = int(self.outer.step[0])
+            every = self.cfg.eval_every_outer * self.cfg.algo.fragments
+            last = rnd == self.schedule.sync_points
+            val = self._outer_val_loss() if rnd % every == 0 or last else None
+            digest = self.outer.digest()
+        else:
+            rnd = self.step // self.H
+            val = self.val_loss() if rnd % self.cfg.eval_every_outer == 0 else None
+            digest = self.param_digest()
         self.log.write(
             "outer",
             outer_step=rnd,
@@ -167,10 +202,21 @@ class Worker:
             **self._comm_fields(),
             **self.clocks.as_dict(),
         )
-        if self.cfg.checkpoint == "outer":
+        if checkpoint and self.cfg.checkpoint == "outer":
             self._save()
 
-    def _save(self) -> None:
+    def _outer_val_loss(self) -> float:
+        """Validation loss of the outer params (the local ones differ with overlap)."""
+        local = flatten(self.params)
+        if torch.equal(local, self.outer.params):
+            return self.val_loss()
+        load_flat(self.params, self.outer.params)
+        try:
+            return self.val_loss()
+        finally:
+            load_flat(self.params, local)
+
+    def _save(self, *, pending_tokens: int | None = None) -> None:
         state: dict[str, Any] = {
             "fingerprint": self.fingerprint,
             "step": self.step,
@@ -180,6 +226,11 @@ class Worker:
             "model": self.model.state_dict(),
             "outer": self.outer.state_dict(),
             "revision": self.comm.revision if self.comm and self.comm.revision is not None else -1,
+            # DiLoCo, taken as a synchronisation starts: what it sends, to start it again
+            "since": self.since,
+            "pending_tokens": pending_tokens,
+            "delta": self.delta,
+            "anchor": self.anchor,
         }
         checkpoint.save(self.ckpt_path, state)
 
@@ -193,6 +244,10 @@ class Worker:
         self.step, self.tokens = state["step"], state["tokens"]
         self.reader.position = state["position"]
         self.revision_hint = state["revision"] + 1
+        self.since = list(state["since"])
+        self.pending_tokens = state["pending_tokens"]
+        self.delta.copy_(state["delta"])
+        self.anchor.copy_(state["anchor"])
         return True
 
     def _log_step(self, loss: float, batch: Batch) -> None:
@@ -231,70 +286,165 @@ class Worker:
             self.log.write("done", **summary, **self.clocks.as_dict(), hash=self.param_digest())
             return summary
         finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
             if self.comm is not None:
                 self.comm.close()
             self.log.close()
 
     def _run_diloco(self) -> None:
+        """Sync points (``fragments.Schedule``): train up to the next one, finish the
+        synchronisation in flight (apply its outer update), start this one's.
+
+        Per fragment the local params are ``outer - in_flight - since``: the outer params, minus
+        this worker's progress still being averaged, minus its progress since it was sent. A
+        pseudo-gradient is ``outer - local`` taken right after the previous update of that
+        fragment was applied; when the average comes back the local params become
+        ``new outer - since``. Without overlap the average comes back at once (``since`` = 0,
+        local = outer exactly), which is plain (streaming) DiLoCo.
+        """
         assert self.comm is not None
-        sync = Synchronizer(
+        algo = self.cfg.algo
+        self.sync = Synchronizer(
             self.comm,
             clocks=self.clocks,
             log_=self.log,
-            retries=self.cfg.algo.retries,
+            retries=algo.retries,
             revision_hint=self.revision_hint,
-            min_workers=self.cfg.algo.min_workers,
-            min_workers_timeout_s=self.cfg.algo.min_workers_timeout_s,
+            min_workers=algo.min_workers,
+            min_workers_timeout_s=algo.min_workers_timeout_s,
         )
-        delta = torch.zeros(self.outer.numel)  # (N,) this worker's pseudo-gradient
-        avg = torch.zeros(self.outer.numel)  # (N,) the workers' weighted mean
-        # A joiner has nothing to contribute to the outer step in progress: it goes straight to
-        # the synchronisation (it voted in update_topology already) and receives the state.
-        fresh = self.cfg.join == "join"
-        load_flat(self.params, self.outer.params)
-        while int(self.outer.step[0]) < self.rounds:
-            rnd = int(self.outer.step[0])
-            self.step = rnd * self.H
-            tokens, losses = 0, []
-            if not fresh:
-                end = min((rnd + 1) * self.H, self.cfg.total_steps)
-                bound = self.cfg.algo.inner_time_s
-                t_end = time.perf_counter() + (bound or 0.0)
-                h = 0
-                while True:
-                    if bound is None and rnd * self.H + h >= end:
-                        break
-                    if bound is not None and h > 0 and time.perf_counter() >= t_end:
-                        break
-                    # the schedule position; a time-bounded phase may run past H steps
-                    self.step = rnd * self.H + min(h, self.H - 1)
-                    batch = self.reader.next()
-                    losses.append(self.forward_backward(batch))
-                    self.optimizer_step()
-                    h += 1
-                    tokens += batch.tokens
-                    self.tokens += batch.tokens
-                    self._log_step(losses[-1], batch)
-                self.outer.pseudo_gradient(self.params, delta)
-            else:
-                delta.zero_()
-            out = sync.outer(
-                self.outer.shared(),
-                delta,
-                avg,
-                tokens=tokens,
-                quantization=self.cfg.algo.quantization,
-                vote=not fresh,
-                step=self.step,
-            )
-            fresh = False
-            if out.total_weight > 0:
-                self.outer.apply(avg)
-            else:
-                self.outer.step += 1  # nobody trained: skip the update, keep the schedule
+        self.pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="cotrain-outer") if algo.overlap else None
+        )
+        sched = self.schedule
+        flight: _InFlight | None = None
+        if self.pending_tokens is not None:
+            # resumed from a checkpoint taken as a synchronisation started: start it again
+            # (if the others went on meanwhile, it fetches their state and starts over)
+            flight = self._launch(tokens=self.pending_tokens, vote=True)
+            if self.pool is None:
+                self._finish(flight)
+                flight = None
+        elif self.cfg.join == "join":
+            # A joiner has nothing to contribute: it takes part in the synchronisation in
+            # progress with weight zero (it voted in update_topology already), receives the
+            # outer state there, applies the same average as everyone and trains from the next.
+            self.delta.zero_()
+            self._finish(self._launch(tokens=0, vote=False))
+        while True:
+            k = int(self.outer.step[0]) + (flight is not None)
+            if k >= sched.sync_points:
+                break
+            self.step = sched.start_step(k)
+            losses = self._inner_phase(sched.end_step(k))
+            if flight is not None:
+                fetched = self._finish(flight, losses=losses)
+                flight = None
+                if fetched:  # our progress was measured from another state: start over
+                    continue
+            fr = self.frags[sched.fragment(k)]
+            span = slice(fr.start, fr.stop)
+            local = flatten([self.params[i] for i in fr.params])  # (n,)
+            torch.sub(self.outer.params[span], local, out=self.delta[span])  # pseudo-gradient
+            self.anchor[span] = local
+            tokens, self.since[fr.index] = self.since[fr.index], 0
+            if self.cfg.checkpoint == "outer":
+                self._save(pending_tokens=tokens)
+            flight = self._launch(tokens=tokens, vote=True)
+            if self.pool is None:
+                self._finish(flight, losses=losses)
+                flight = None
+        if flight is not None:
+            self._finish(flight)
+        if self.cfg.checkpoint == "outer":
+            self._save()
+
+    def _inner_phase(self, end: int) -> list[float]:
+        """Inner steps up to schedule step ``end`` (or for ``inner_time_s / fragments``)."""
+        bound = self.cfg.algo.inner_time_s
+        if bound is not None:
+            bound /= self.cfg.algo.fragments
+        t_end = time.perf_counter() + (bound or 0.0)
+        last = end - 1
+        losses: list[float] = []
+        h = 0
+        while True:
+            if bound is None:
+                if self.step >= end:
+                    break
+            elif h > 0 and time.perf_counter() >= t_end:
+                break
+            else:  # a time-bounded phase may run past its steps: hold the schedule position
+                self.step = min(self.step, last)
+            batch = self.reader.next()
+            losses.append(self.forward_backward(batch))
+            self.optimizer_step()
+            h += 1
+            self.tokens += batch.tokens
+            self.since = [n + batch.tokens for n in self.since]
+            self._log_step(losses[-1], batch)
+        self.step = end
+        return losses
+
+    def _launch(self, *, tokens: int, vote: bool) -> _InFlight:
+        """Start the synchronisation of the next sync point (in the background with overlap).
+
+        Its fragment is the one of the outer step the shared-state sync settles on: a replica
+        that fetches the majority's state (a joiner, one that fell behind) reduces that
+        fragment, with weight zero, so every peer's all-reduce has the same size."""
+        job = partial(
+            self.sync.outer,
+            self.outer.shared(),
+            self.delta,
+            self.avg,
+            span=self._span,
+            tokens=tokens,
+            quantization=self.cfg.algo.quantization,
+            vote=vote,
+            step=self.step,
+        )
+        if self.pool is not None:
+            return _InFlight(tokens, self.pool.submit(job))
+        done: Future[SyncOutcome] = Future()
+        done.set_result(job())
+        return _InFlight(tokens, done)
+
+    def _span(self) -> slice:
+        """The flat slice of the fragment of the current outer step."""
+        fr = self.frags[self.schedule.fragment(int(self.outer.step[0]))]
+        return slice(fr.start, fr.stop)
+
+    def _finish(self, flight: _InFlight, *, losses: list[float] | None = None) -> bool:
+        """Wait for ``flight``, apply its outer update; True if our outer state was replaced."""
+        t0 = time.perf_counter()
+        out = flight.future.result(timeout=self._sync_timeout_s)
+        if self.pool is not None:
+            self.clocks.blocked_s += time.perf_counter() - t0
+        # the outer step is still the one the synchronisation settled on (only we change it)
+        fr = self.frags[self.schedule.fragment(int(self.outer.step[0]))]
+        span = slice(fr.start, fr.stop)
+        if out.total_weight > 0:
+            self.outer.apply(self.avg[span], start=fr.start)
+        else:
+            self.outer.step += 1  # nobody trained: skip the update, keep the schedule
+        if out.fetched:
             load_flat(self.params, self.outer.params)
-            self.step = int(self.outer.step[0]) * self.H
-            self._record(loss=sum(losses) / len(losses) if losses else None, fetched=out.fetched)
+            self.since = [0] * len(self.frags)
+        else:
+            # local = new outer - progress since the pseudo-gradient was taken (exactly the
+            # outer params when there was none: no overlap, or the end of the run)
+            since = self.anchor[span] - flatten([self.params[i] for i in fr.params])
+            load_flat([self.params[i] for i in fr.params], self.outer.params[span] - since)
+        loss = sum(losses) / len(losses) if losses else None
+        self._record(loss=loss, fetched=out.fetched, checkpoint=False)
+        return out.fetched
+
+    @property
+    def _sync_timeout_s(self) -> float:
+        """Longest wait for a synchronisation: every attempt may run to its deadlines."""
+        algo, comm = self.cfg.algo, self.cfg.comm
+        return (algo.retries + 1) * 4 * comm.request_timeout_s + algo.min_workers_timeout_s
 
     def _run_ddp(self) -> None:
         shared = self._ddp_shared()
