@@ -212,6 +212,22 @@ def test_relay_serving_corrupt_shards(cluster: Cluster, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(90)
+def test_relay_behind_a_lying_upstream(cluster: Cluster, tmp_path: Path) -> None:
+    """A relay forwards shards while they arrive; corrupt ones never reach a client's file."""
+    blob = payload(1_000_000)
+    cluster.publish(blob, shard_kb=100)
+    origin = cluster.origin()
+    liar_args = ["origin", "--dir", str(cluster.origin_dir), "--port", "0"]
+    liar = cluster._start("liar", [*liar_args, "--set", f"fault.corrupt_shards={list(range(10))}"])
+    relay = cluster.relay("r", [liar, origin])
+    got = cluster.fetch([relay], tmp_path / "a.bin", wait_s=10.0)
+    assert (tmp_path / "a.bin").read_bytes() == blob
+    assert got.bad_servers == {}  # the relay is honest: it retracted what it could not verify
+    relay.wait_version(after=0)
+    assert liar.url in relay.get("/v1/health")["bad_upstreams"]
+
+
+@pytest.mark.timeout(90)
 def test_forged_and_replayed_manifests(cluster: Cluster, tmp_path: Path) -> None:
     old, new = payload(300_000, 1), payload(300_000, 2)
     cluster.publish(old)

@@ -147,6 +147,11 @@ class RelayConfig(ConfigModel):
     """Long-poll window asked of upstreams (they answer at once when a version appears)."""
     retry_interval_s: float = Field(default=1.0, gt=0)
     """Pause before asking an unreachable upstream again."""
+    forward: Literal["cut_through", "verified_shards"] = "cut_through"
+    """`cut_through`: stream each shard on to clients while it still arrives from upstream
+    (the last byte only once its hash matched; a corrupt stream is cut off and its bytes
+    discarded by the client); `verified_shards`: serve a shard only once it is whole and
+    verified (store and forward: the relay's uplink idles until its first shard is in)."""
     serve: ServeConfig = ServeConfig()
     # Many flows from upstream: a relay's uplink is saturated by its clients, and the ACKs of
     # its own downloads queue (and drop) behind that traffic, which starves each single flow.

@@ -100,6 +100,9 @@ class OutputFile:
             self.abort()
             raise self._output_error(e) from None
 
+    def discard(self, index: int) -> None:
+        pass  # the shard's bytes are simply written again at the same offsets
+
     def complete(self, index: int) -> None:
         self.done.add(index)
         try:

@@ -4,8 +4,11 @@ For every upstream (the origin or another relay) a task long-polls ``/v1/version
 answer comes the moment a newer version exists. The relay then fetches the manifest, accepts
 it only if the publisher signed it, writes it, and starts serving the version right away:
 each shard is pulled (``ShardPuller``, the same engine the clients use, over all upstreams),
-verified, renamed into place, and every client request waiting for it is woken. Versions
-beyond ``keep_versions`` are retired, and their unfinished mirrors cancelled.
+verified, renamed into place, and every client request waiting for it is woken. With
+``forward = "cut_through"`` (the default) clients need not wait for the whole shard: its bytes
+are streamed on as they arrive, the last byte only once the shard's hash matched, and a
+stream whose bytes turn out corrupt is cut off (``GrowingShard``). Versions beyond
+``keep_versions`` are retired, and their unfinished mirrors cancelled.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,38 +27,72 @@ from cotrain.shardcast.errors import ManifestError, ShardcastError
 from cotrain.shardcast.manifest import Manifest, SignedManifest, TrustPolicy
 from cotrain.shardcast.selection import ServerSelector
 from cotrain.shardcast.server import RunningServer, ServerState, start_server
-from cotrain.shardcast.store import ChangeFeed, VersionStore
+from cotrain.shardcast.store import ChangeFeed, GrowingShard, VersionStore
 from cotrain.shardcast.transfer import ShardPuller
 
 log = logging.getLogger("cotrain.shardcast.relay")
 
 
 class _ShardFiles:
-    """A ``ShardSink`` writing each shard to ``shard_i.bin.part``, renamed once verified."""
+    """A ``ShardSink`` writing each shard to ``shard_i.bin.part``, renamed once verified.
 
-    def __init__(self, store: VersionStore, version: int, feed: ChangeFeed) -> None:
-        self.store, self.version, self.feed = store, version, feed
+    With cut-through forwarding each shard in progress is registered in ``growing`` as soon as
+    its first bytes are written, so the server streams it to clients while it arrives.
+    """
+
+    def __init__(
+        self,
+        store: VersionStore,
+        manifest: Manifest,
+        feed: ChangeFeed,
+        growing: dict[tuple[int, int], GrowingShard] | None,
+    ) -> None:
+        self.store, self.manifest, self.feed, self.growing = store, manifest, feed, growing
+        self.version = manifest.version
         self._fds: dict[int, int] = {}
 
-    def _part(self, index: int) -> str:
-        return str(self.store.shard_path(self.version, index)) + ".part"
+    def _part(self, index: int) -> Path:
+        path = self.store.shard_path(self.version, index)
+        return path.with_name(path.name + ".part")
 
     def write(self, index: int, pos: int, data: bytes) -> None:
         fd = self._fds.get(index)
         if fd is None:
             fd = self._fds[index] = os.open(self._part(index), os.O_WRONLY | os.O_CREAT, 0o644)
         os.pwrite(fd, data, pos)
+        if self.growing is not None:
+            key = (self.version, index)
+            shard = self.growing.get(key)
+            if shard is None:
+                size = self.manifest.shards[index].size
+                shard = self.growing[key] = GrowingShard(self._part(index), size)
+                self.feed.notify()  # requests held for this shard can start streaming
+            shard.wrote(pos, len(data))
+
+    def discard(self, index: int) -> None:
+        shard = self.growing.get((self.version, index)) if self.growing is not None else None
+        if shard is not None:
+            shard.drop()
 
     def complete(self, index: int) -> None:
         fd = self._fds.pop(index, None)
         if fd is not None:
             os.close(fd)
         os.replace(self._part(index), self.store.shard_path(self.version, index))
+        if self.growing is not None:
+            shard = self.growing.pop((self.version, index), None)
+            if shard is not None:
+                shard.complete()
         self.feed.notify()
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        """The pull ended: shards still in progress are abandoned (their readers cut off)."""
+        for index, fd in self._fds.items():
             os.close(fd)
+            if self.growing is not None:
+                shard = self.growing.pop((self.version, index), None)
+                if shard is not None:
+                    shard.drop()
         self._fds.clear()
 
 
@@ -73,6 +111,7 @@ class Relay:
         self.policy = TrustPolicy(config.publisher_key, config.channel)
         self._upstream_status: dict[str, str] = {u: "not contacted yet" for u in config.upstreams}
         self._bad_upstreams: dict[str, str] = {}
+        self._pulling: set[ServerSelector] = set()  # of the pulls under way (for bans so far)
         self._mirrors: dict[int, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._server: RunningServer | None = None
@@ -81,7 +120,10 @@ class Relay:
     def _status(self) -> dict[str, Any]:
         return {
             "upstreams": dict(self._upstream_status),
-            "bad_upstreams": dict(self._bad_upstreams),
+            "bad_upstreams": {
+                **{u: w for sel in self._pulling for u, w in sel.report().items()},
+                **self._bad_upstreams,
+            },
             "mirroring": sorted(v for v, t in self._mirrors.items() if not t.done()),
         }
 
@@ -213,11 +255,14 @@ class Relay:
             exploration=self.config.transfer.exploration,
             seed=self.config.transfer.seed,
         )
-        sink = _ShardFiles(self.store, manifest.version, self.state.feed)
+        growing = self.state.growing if self.config.forward == "cut_through" else None
+        sink = _ShardFiles(self.store, manifest, self.state.feed, growing)
+        self._pulling.add(selector)
         try:
             puller = ShardPuller(self._session, manifest, selector, sink, self.config.transfer)
             report = await puller.run(missing)
         finally:
+            self._pulling.discard(selector)
             sink.close()
             for url, why in selector.report().items():
                 self._bad_upstreams[url] = why

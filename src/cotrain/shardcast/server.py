@@ -30,7 +30,13 @@ from aiohttp import web
 
 from cotrain.shardcast.config import FaultConfig, ServeConfig
 from cotrain.shardcast.manifest import Manifest, ManifestError, SignedManifest
-from cotrain.shardcast.store import ChangeFeed, ShardLocation, VersionStore
+from cotrain.shardcast.store import (
+    UNVERIFIED_HEADER,
+    ChangeFeed,
+    GrowingShard,
+    ShardLocation,
+    VersionStore,
+)
 
 log = logging.getLogger("cotrain.shardcast.server")
 
@@ -50,6 +56,8 @@ class ServerState:
     reports: list[dict[str, Any]] = field(default_factory=list)
     shard_bytes_sent: int = 0
     waiting: int = 0  # long-polls for a new version being held right now
+    # Shards a relay is receiving right now, streamed while they grow (relay.py registers them).
+    growing: dict[tuple[int, int], GrowingShard] = field(default_factory=dict)
     _manifests: dict[int, Manifest] = field(default_factory=dict)
 
     def manifest(self, version: int) -> Manifest | None:
@@ -64,6 +72,9 @@ class ServerState:
                 return None
             self._manifests[version] = m
         return m
+
+
+_STATE = web.AppKey("state", ServerState)
 
 
 def _wait_s(request: web.Request, state: ServerState) -> float:
@@ -87,7 +98,7 @@ def _versions_body(state: ServerState) -> dict[str, Any]:
 
 
 async def _health(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[_STATE]
     body = _versions_body(state)
     body["waiting"] = state.waiting
     if state.status is not None:
@@ -96,7 +107,7 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def _versions(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[_STATE]
     try:
         after = int(request.query.get("after", "0"))
     except ValueError:
@@ -111,7 +122,7 @@ async def _versions(request: web.Request) -> web.Response:
 
 
 async def _manifest(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[_STATE]
     version = _int_param(request, "version")
     raw = state.store.read_manifest(version)
     if raw is None:
@@ -134,7 +145,7 @@ def _forge(raw: bytes) -> bytes:
 
 
 async def _shard(request: web.Request) -> web.StreamResponse:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[_STATE]
     version, index = _int_param(request, "version"), _int_param(request, "index")
     manifest = state.manifest(version)
     if manifest is None:
@@ -142,11 +153,23 @@ async def _shard(request: web.Request) -> web.StreamResponse:
     if not 0 <= index < len(manifest.shards):
         raise web.HTTPNotFound(text=f"version {version} has no shard {index}")
 
+    f = state.fault
+    faulty = index in f.corrupt_shards or index in f.stall_shards or f.exit_after_bytes is not None
+    key = (version, index)
+
     def ready() -> bool:
-        return state.store.has_shard(version, index) or state.manifest(version) is None
+        return (
+            state.store.has_shard(version, index)
+            or (key in state.growing and not faulty)
+            or state.manifest(version) is None
+        )
 
     if not ready():
         await state.feed.wait_until(ready, _wait_s(request, state))
+    growing = state.growing.get(key)
+    if growing is not None and not faulty and not state.store.has_shard(version, index):
+        start, stop = _byte_range(request, growing.size)
+        return await _stream_growing(request, state, growing, start, stop)
     if not state.store.has_shard(version, index):
         if state.store.read_manifest(version) is None:
             state._manifests.pop(version, None)
@@ -159,8 +182,7 @@ async def _shard(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound(text=f"version {version} was retired")
     size = manifest.shards[index].size
     start, stop = _byte_range(request, size)
-    f = state.fault
-    if index in f.corrupt_shards or index in f.stall_shards or f.exit_after_bytes is not None:
+    if faulty:
         return await _faulty_shard(request, state, where, index, size, start, stop)
     resp = _range_response(size, start, stop)
     await resp.prepare(request)
@@ -173,6 +195,49 @@ async def _shard(request: web.Request) -> web.StreamResponse:
         )
     await resp.write_eof()
     return resp
+
+
+async def _stream_growing(
+    request: web.Request, state: ServerState, shard: GrowingShard, start: int, stop: int
+) -> web.StreamResponse:
+    """Send [start, stop) of a shard still arriving, each piece as soon as it is written.
+
+    The file is opened before any await: the relay renames it once verified, and an open
+    descriptor keeps reading the same bytes. If the relay drops what it had (``epoch``
+    changes) or no byte arrives within ``max_wait_s``, the connection is cut: the client sees
+    a short body and, told by ``UNVERIFIED_HEADER``, discards it.
+    """
+    epoch = shard.epoch
+    fobj = open(shard.path, "rb")  # noqa: SIM115 (closed below, across awaits)
+    try:
+        resp = _range_response(shard.size, start, stop)
+        resp.headers[UNVERIFIED_HEADER] = "1"
+        await resp.prepare(request)
+        transport = request.transport
+        assert transport is not None
+        loop = asyncio.get_running_loop()
+        pos = start
+
+        def more() -> bool:
+            return shard.visible > pos or shard.epoch != epoch
+
+        while pos < stop:
+            if not more():
+                await shard.feed.wait_until(more, state.serve.max_wait_s)
+            if shard.epoch != epoch or shard.visible <= pos:
+                log.info("cutting off a stream of %s: its bytes were dropped", shard.path.name)
+                transport.abort()
+                return resp
+            end = min(shard.visible, stop)
+            await loop.sendfile(transport, fobj, pos, end - pos)
+            pos = end
+        if shard.epoch != epoch:  # dropped while the last piece was on its way out
+            transport.abort()
+            return resp
+        await resp.write_eof()
+        return resp
+    finally:
+        fobj.close()
 
 
 def _byte_range(request: web.Request, size: int) -> tuple[int, int]:
@@ -236,7 +301,7 @@ async def _faulty_shard(
 
 
 async def _report(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[_STATE]
     try:
         body = await request.json()
         entry = {"server": str(body["server"]), "reason": str(body["reason"])[:500]}
@@ -250,12 +315,12 @@ async def _report(request: web.Request) -> web.Response:
 
 
 async def _reports(request: web.Request) -> web.Response:
-    return web.json_response(request.app["state"].reports)
+    return web.json_response(request.app[_STATE].reports)
 
 
 def make_app(state: ServerState) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
-    app["state"] = state
+    app[_STATE] = state
     app.router.add_get("/v1/health", _health)
     app.router.add_get("/v1/versions", _versions)
     app.router.add_get("/v1/versions/{version}/manifest", _manifest)

@@ -9,8 +9,9 @@
 
 At the origin the manifest is written last, so a version is visible only once it is complete;
 the checkpoint is kept whole (a hard link to the trainer's file, or one write), not copied
-into shards. At a relay the manifest is written first: the relay serves each shard as soon as
-it is mirrored and verified, and holds requests for shards still on their way (``server.py``).
+into shards. At a relay the manifest is written first: the relay serves each shard while it is
+still arriving (cut-through, ``GrowingShard``: a relay's uplink is busy from the first bytes
+on, not from the first whole shard), and holds requests for shards not yet started.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _VERSION_DIR = re.compile(r"^v(\d{8})$")
+
+# Response header of a shard streamed while the relay is still receiving (and has not yet
+# verified) it: a client keeps such bytes only if the whole shard arrives and hashes right.
+UNVERIFIED_HEADER = "X-Shardcast-Unverified"
 
 
 def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -147,3 +152,38 @@ class ChangeFeed:
             except TimeoutError:
                 return predicate()
         return True
+
+
+class GrowingShard:
+    """A shard a relay is still receiving into ``path`` (``shard_i.bin.part``), served as it grows.
+
+    ``visible`` bytes from the start may be streamed. The relay has not checked the hash yet,
+    so the last byte is held back until it has (``complete``): no reader ever gets a whole shard
+    the relay could not verify. If the relay drops the bytes (its upstream sent corrupt ones,
+    or the mirror stopped), ``drop`` bumps ``epoch``; readers that see it cut their stream off,
+    and their clients, told by the response that the bytes were unverified, discard them.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.size = path, size
+        self.visible = 0
+        self.epoch = 0
+        self.done = False
+        self.feed = ChangeFeed()
+
+    def wrote(self, pos: int, n: int) -> None:
+        """Bytes [pos, pos + n) are in the file (writes arrive in order, from 0)."""
+        if pos <= self.visible:
+            self.visible = max(self.visible, min(pos + n, self.size - 1))
+            self.feed.notify()
+
+    def drop(self) -> None:
+        """The bytes so far are worthless: cut off every reader, start again from 0."""
+        self.visible = 0
+        self.epoch += 1
+        self.feed.notify()
+
+    def complete(self) -> None:
+        """The shard is whole and verified (and renamed; open readers keep the same inode)."""
+        self.visible, self.done = self.size, True
+        self.feed.notify()

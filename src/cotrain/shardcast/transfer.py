@@ -8,7 +8,10 @@ Python). What can happen to an attempt:
 
 - the bytes arrive and hash right: the shard is done and the server's rate is measured;
 - the connection fails or stalls (no byte for ``stall_timeout_s``): the bytes so far are kept
-  and the next attempt asks another server for the rest (HTTP Range);
+  and the next attempt asks another server for the rest (HTTP Range), unless they came from a
+  relay that was still receiving the shard itself (``UNVERIFIED_HEADER``: it cuts the stream
+  off when its own hash check fails, so a cut stream's bytes are dropped, and the relay is not
+  blamed for them);
 - the hash is wrong: the bytes are dropped and the server that sent them is banned (if several
   servers contributed, each gets a strike and is banned at the second);
 - the server does not have the shard yet (503, a relay still mirroring) or not the version
@@ -33,6 +36,7 @@ from cotrain.shardcast.config import TransferConfig
 from cotrain.shardcast.errors import IntegrityError, UpstreamUnavailable, VersionNotFound
 from cotrain.shardcast.manifest import Manifest
 from cotrain.shardcast.selection import ServerSelector
+from cotrain.shardcast.store import UNVERIFIED_HEADER
 
 log = logging.getLogger("cotrain.shardcast.transfer")
 
@@ -48,6 +52,9 @@ class ShardSink(Protocol):
 
     def complete(self, index: int) -> None:
         """Shard ``index`` is whole and its hash matched."""
+
+    def discard(self, index: int) -> None:
+        """The bytes of shard ``index`` written so far are dropped; writing starts again at 0."""
 
 
 @dataclass
@@ -201,6 +208,7 @@ class ShardPuller:
         self.selector.started(server)
         t0 = time.monotonic()
         got = 0
+        unverified = False
         try:
             async with asyncio.timeout(cfg.connect_timeout_s + wait_s + cfg.stall_timeout_s):
                 resp = await self.session.get(
@@ -212,7 +220,8 @@ class ShardPuller:
                 if resp.status not in (200, 206):
                     raise _Retry(f"HTTP {resp.status}")
                 if resp.status == 200 and part.have:
-                    part.reset()  # the server ignored our Range: start over
+                    self._discard(index, part)  # the server ignored our Range: start over
+                unverified = UNVERIFIED_HEADER in resp.headers
                 part.contributors.add(server)
                 t0 = time.monotonic()  # measure the transfer, not the wait for the shard
                 lowat = _LowWater(resp, cfg.rcvlowat_kb * 1024)
@@ -233,11 +242,15 @@ class ShardPuller:
                 lowat.reset()
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
             self.selector.record_failure(server, f"{type(e).__name__}: {e}"[:200])
+            if unverified:
+                self._discard(index, part)
             raise _Retry(f"{type(e).__name__}: {e}") from None
         finally:
             self.selector.finished(server)
         if part.have < shard.size:
             self.selector.record_failure(server, "truncated")
+            if unverified:
+                self._discard(index, part)
             raise _Retry(f"truncated at {part.have}/{shard.size} bytes")
         if part.hasher.hexdigest() != shard.sha256:
             self._corrupt(index, part, "hash mismatch")
@@ -255,10 +268,14 @@ class ShardPuller:
                 self.selector.ban(server, reason)
             else:
                 self.selector.record_failure(server, reason)
+        self._discard(index, part)
+        raise _Retry(reason)
+
+    def _discard(self, index: int, part: _Partial) -> None:
         if self.on_bytes is not None:
             self.on_bytes(-part.have)
         part.reset()
-        raise _Retry(reason)
+        self.sink.discard(index)
 
 
 class _LowWater:
