@@ -170,3 +170,31 @@ def test_master_restart_the_run_goes_on(tmp_path: Path) -> None:
         m1.stop()
         if m2 is not None:
             m2.stop()
+
+
+@pytest.mark.timeout(150)
+def test_a_peer_dropped_for_silence_rejoins_when_it_wakes(master: int) -> None:
+    many = 100_000
+    procs = [
+        start_peer(config(master, i, world=3, rounds=many, numel=4096), SECRET) for i in range(3)
+    ]
+    try:
+        procs[0].wait_for("round", 30, round=3)
+        procs[2].popen.send_signal(signal.SIGSTOP)
+        procs[0].wait_for("round", 30, world=2)  # dropped after the heartbeat timeout
+        procs[2].popen.send_signal(signal.SIGCONT)
+        try:
+            back = procs[0].wait_for("round", 60, world=3)  # it reconnected and joined again
+        except Exception:
+            print("\n".join(procs[2].lines[-40:]))
+            raise
+        seen = procs[2].wait_for("round", 30, world=3)
+        while seen["round"] < back["round"]:
+            seen = procs[2].wait_for("round", 30)
+        while back["round"] < seen["round"]:
+            back = procs[0].wait_for("round", 30)
+        assert seen["digest"] == back["digest"]
+    finally:
+        for p in procs:
+            p.popen.send_signal(signal.SIGCONT)
+            p.stop()

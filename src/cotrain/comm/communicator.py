@@ -725,16 +725,33 @@ def _error_for(reply: m.Error) -> CommError:
 
 
 def all_reduce_with_retry(
-    comm: Communicator, tensor: Any, *, attempts: int = 5, **kwargs: Any
+    comm: Communicator,
+    tensor: Any,
+    *,
+    attempts: int = 5,
+    rejoin_timeout_s: float = 120.0,
+    **kwargs: Any,
 ) -> CollectiveResult:
-    """All-reduce; on a peer failure, update the topology and retry with the survivors."""
-    last: CommError | None = None
-    for _ in range(attempts):
+    """All-reduce; on a peer failure, update the topology and retry with the survivors.
+
+    ``attempts`` bounds the all-reduces tried. Between two of them ``update_topology`` may
+    itself fail a few times in quick succession when this peer was dropped (kicked, then the old
+    master link's end, then the reconnect): it is retried until ``rejoin_timeout_s``."""
+    for attempt in range(1, attempts + 1):
         try:
             return comm.all_reduce(tensor, **kwargs)
         except RETRYABLE as e:
-            last = e
+            if attempt == attempts:
+                raise
             log.info("all-reduce failed (%s); updating the topology and retrying", e)
-            comm.update_topology()
-    assert last is not None
-    raise last
+        deadline = Deadline.after(rejoin_timeout_s)
+        while True:
+            try:
+                comm.update_topology(timeout_s=max(deadline.remaining(), 0.001))
+                break
+            except RETRYABLE as e:
+                if deadline.expired():
+                    raise
+                log.info("topology update failed (%s); trying again", e)
+                threading.Event().wait(0.05)  # back off: the master link may be reconnecting
+    raise AssertionError("unreachable")

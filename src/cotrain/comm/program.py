@@ -23,6 +23,7 @@ from cotrain.comm.communicator import Communicator
 from cotrain.comm.config import CommConfig, Quantization, ReduceOp
 from cotrain.comm.errors import RETRYABLE
 from cotrain.comm.faults import FaultPlan
+from cotrain.core.clock import Deadline
 from cotrain.core.config import ConfigModel
 
 
@@ -52,7 +53,10 @@ class PeerProgramConfig(ConfigModel):
     out_dir: str | None = None
     """Save each round's result as out_dir/r{round}_p{index}.npy."""
     retries: int = Field(default=5, ge=0)
-    """Retries of a failed round with the survivors."""
+    """Retries of a failed round with the survivors (failed collectives; see retry_timeout_s)."""
+    retry_timeout_s: float = Field(default=120.0, gt=0)
+    """Give up on a round after this long. Rejoining after being dropped takes a few quick
+    failures (kicked, the old master link's EOF, the reconnect) that are not counted as retries."""
     barrier: bool = False
     """Benchmark mode: a 1-value all-reduce right before the timed one, so the timing starts with
     every peer ready (as a barrier does for torch.distributed)."""
@@ -113,8 +117,10 @@ def run(cfg: PeerProgramConfig) -> int:
     while rnd < cfg.rounds:
         attempt = 0
         failed_at: float | None = None
+        budget = Deadline.after(cfg.retry_timeout_s)
         while True:
             started = time.perf_counter()
+            collective = False  # failures before the collective (rejoining) are not retries
             try:
                 if not first:
                     comm.update_topology()
@@ -126,6 +132,7 @@ def run(cfg: PeerProgramConfig) -> int:
                 rnd = int(counter[0])  # a joiner (or a peer that was dropped) learns the round
                 first = False
                 tensor = _tensor(make_input(cfg.seed, cfg.index, rnd, cfg.numel, base), cfg.dtype)
+                collective = True
                 if cfg.barrier:
                     comm.all_reduce(ping, op="sum")
                 started = time.perf_counter()
@@ -144,9 +151,9 @@ def run(cfg: PeerProgramConfig) -> int:
                     message=str(e)[:300],
                     seconds=time.perf_counter() - started,
                 )
-                attempt += 1
+                attempt += int(collective)
                 first = False
-                if attempt > cfg.retries:
+                if attempt > cfg.retries or budget.expired():
                     raise
         out = _as_fp32(tensor)
         if cfg.out_dir:
