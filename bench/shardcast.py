@@ -16,11 +16,20 @@ Setups: ``loopback`` (every process on 127.0.0.1; this machine's cores are the l
 in front of every server; the network is the limit). Systems, arranged the same way (relays
 mirror the origin, clients download from the relays):
 
-- ``cotrain``: ``cotrain shardcast origin|relay|fetch`` (long-poll, parallel verified shards);
+- ``cotrain``: ``cotrain shardcast origin|relay|fetch`` (long-poll, parallel verified shards;
+  relays stream each shard on while it still arrives: ``--relay-forward`` picks that or store
+  and forward of whole verified shards);
 - ``direct``: all clients GET the file from the origin over plain HTTP (aiohttp, sendfile);
 - ``shardcast_pkg``: PyPI ``shardcast`` 0.3.2 (benchmark-only dependency; its servers are bound
   to the test addresses, its middle nodes check upstream every second instead of every 30 s,
   and each client gets a private temp path, as separate machines would have).
+
+Clients use the relays only (the origin's uplink feeds the relays), for both relay systems;
+``--clients-use-origin`` adds the origin to every client's servers, for both alike. Capacity
+bounds in the netns setup (1 GB, 8 clients, 200 Mbit/s = 25 MB/s per link, about 24 MB/s of
+it payload): direct is 8 GB through the origin's uplink, 320 s at best; through 2 relays it is
+4 GB out of each relay's uplink, 160 s at best, reached only if relays forward bytes as they
+arrive (store and forward of 50 MB shards leaves their uplinks idle until a whole shard is in).
 """
 
 from __future__ import annotations
@@ -348,6 +357,7 @@ def run_cotrain(run: Run, ckpt: Path, sha: str) -> Row:
                     if a.relay_parallel is None
                     else ["--set", f"transfer.parallel_downloads={a.relay_parallel}"]
                 ),
+                *([] if a.relay_forward is None else ["--set", f"forward={a.relay_forward}"]),
             ],
         )
         for r in range(1, a.relays + 1)
@@ -676,6 +686,12 @@ def main() -> None:
         help="clients also download from the origin (all systems)",
     )
     ap.add_argument("--relay-parallel", type=int, default=None, help="shards a relay pulls at once")
+    ap.add_argument(
+        "--relay-forward",
+        choices=["cut_through", "verified_shards"],
+        default=None,
+        help="cotrain relays: stream shards on as they arrive (default) or only once verified",
+    )
     ap.add_argument("--timeout-s", type=float, default=None, help="per run (600; quick 45)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/cotrain-bench-shardcast"))
     args = ap.parse_args()
