@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from cotrain.comm import messages as m
-from cotrain.comm import ring
+from cotrain.comm import probe, ring
 from cotrain.comm.auth import resolve_secret
 from cotrain.comm.config import CommConfig, Quantization, ReduceOp
 from cotrain.comm.control import MasterLink
@@ -38,10 +38,10 @@ from cotrain.comm.errors import (
     TopologyChangedError,
 )
 from cotrain.comm.faults import FaultInjector, FaultPlan
-from cotrain.comm.frames import recv_exact, send_json
+from cotrain.comm.frames import send_json
 from cotrain.comm.quant import Codec, codec_for
 from cotrain.comm.ring import TransferStats
-from cotrain.comm.state import digest, fetch_state, serve_state, views
+from cotrain.comm.state import digest, fetch_from_sources, serve_state, views
 from cotrain.comm.tensors import Scratch, flat_view
 from cotrain.comm.transport import DataServer, close_quietly, dial
 from cotrain.core.clock import Deadline
@@ -593,35 +593,9 @@ class Communicator:
                     self._serving = None
 
     def _fetch(self, flat: Any, plan: m.SyncPlan) -> tuple[str | None, int, str]:
-        failures = []
-        for src in plan.sources:
-            try:
-                sock = dial(
-                    src.host,
-                    src.port,
-                    self._secret,
-                    timeout_s=self.config.connect_timeout_s,
-                    tls=self.config.tls,
-                    hello={
-                        "type": "state",
-                        "epoch": plan.epoch,
-                        "seq": plan.seq,
-                        "peer_id": self.peer_id,
-                    },
-                )
-                sock.settimeout(self.config.stall_timeout_s)
-                try:
-                    received = fetch_state(sock, flat, plan.names, plan.hashes, self._max_frame)
-                finally:
-                    close_quietly(sock)
-                again = digest(flat, plan.revision)
-                if again.hashes != plan.hashes:
-                    raise StateSyncError("state still differs from the majority after the fetch")
-                return src.peer_id, received, ""
-            except (OSError, CommError, ConnectionError) as e:
-                log.warning("fetching shared state from %s failed: %s", src.peer_id, e)
-                failures.append(f"{src.peer_id}: {e}")
-        return None, 0, "; ".join(failures) or "no source"
+        return fetch_from_sources(
+            flat, plan, secret=self._secret, config=self.config, peer_id=self.peer_id
+        )
 
     def _on_state(self, sock: socket.socket, hello: dict[str, Any]) -> None:
         with self._lock:
@@ -666,51 +640,10 @@ class Communicator:
                 link.send(m.ProbeResult(epoch=epoch, target=msg.target.peer_id, mbps=mbps))
 
     def _probe(self, target: m.PeerAddr, nbytes: int) -> float:
-        try:
-            sock = dial(
-                target.host,
-                target.port,
-                self._secret,
-                timeout_s=self.config.connect_timeout_s,
-                tls=self.config.tls,
-                hello={"type": "probe", "nbytes": nbytes},
-            )
-        except (OSError, CommError) as e:
-            log.warning("probe to %s failed: %s", target.peer_id, e)
-            return 0.0
-        try:
-            sock.settimeout(self.config.stall_timeout_s)
-            payload = memoryview(bytes(min(nbytes, 1 << 20)))
-            t0 = time.perf_counter()
-            left = nbytes
-            while left > 0:
-                k = min(left, len(payload))
-                sock.sendall(payload[:k])
-                left -= k
-            recv_exact(sock, 1)
-            return nbytes * 8 / max(time.perf_counter() - t0, 1e-9) / 1e6
-        except OSError:
-            return 0.0
-        finally:
-            close_quietly(sock)
+        return probe.send(target, nbytes, self._secret, self.config)
 
     def _on_probe(self, sock: socket.socket, hello: dict[str, Any]) -> None:
-        nbytes = hello.get("nbytes")
-        if not isinstance(nbytes, int) or not 0 < nbytes <= 1 << 30:
-            raise CommError("malformed probe")
-        sock.settimeout(self.config.stall_timeout_s)
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        try:
-            left = nbytes
-            while left > 0:
-                k = sock.recv_into(view, min(left, len(buf)))
-                if k == 0:
-                    return
-                left -= k
-            sock.sendall(b"k")
-        finally:
-            close_quietly(sock)
+        probe.serve(sock, hello, stall_timeout_s=self.config.stall_timeout_s)
 
 
 def _error_for(reply: m.Error) -> CommError:

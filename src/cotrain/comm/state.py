@@ -7,6 +7,7 @@ majority's hash before any of the caller's tensors is touched, so a lying source
 from __future__ import annotations
 
 import hashlib
+import logging
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,9 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from cotrain.comm.errors import ProtocolError, StateSyncError
+from cotrain.comm import messages as m
+from cotrain.comm.config import CommConfig
+from cotrain.comm.errors import CommError, ProtocolError, StateSyncError
 from cotrain.comm.frames import recv_into_exact, recv_json, send_json
 from cotrain.comm.tensors import FlatView, state_view
+from cotrain.comm.transport import close_quietly, dial
+
+log = logging.getLogger("cotrain.comm")
 
 
 @dataclass(frozen=True)
@@ -110,3 +116,41 @@ def fetch_state(
         flat[name].array[...] = buf
         flat[name].commit()
     return received
+
+
+def fetch_from_sources(
+    flat: Mapping[str, FlatView],
+    plan: m.SyncPlan,
+    *,
+    secret: bytes,
+    config: CommConfig,
+    peer_id: str,
+) -> tuple[str | None, int, str]:
+    """Fetch the majority's state from the first of ``plan.sources`` that delivers it intact:
+    (source peer id or None, bytes received, why every source failed)."""
+    failures = []
+    for src in plan.sources:
+        try:
+            sock = dial(
+                src.host,
+                src.port,
+                secret,
+                timeout_s=config.connect_timeout_s,
+                tls=config.tls,
+                hello={"type": "state", "epoch": plan.epoch, "seq": plan.seq, "peer_id": peer_id},
+            )
+            sock.settimeout(config.stall_timeout_s)
+            try:
+                received = fetch_state(
+                    sock, flat, plan.names, plan.hashes, config.max_frame_kb * 1024
+                )
+            finally:
+                close_quietly(sock)
+            again = digest(flat, plan.revision)
+            if again.hashes != plan.hashes:
+                raise StateSyncError("state still differs from the majority after the fetch")
+            return src.peer_id, received, ""
+        except (OSError, CommError, ConnectionError) as e:
+            log.warning("fetching shared state from %s failed: %s", src.peer_id, e)
+            failures.append(f"{src.peer_id}: {e}")
+    return None, 0, "; ".join(failures) or "no source"
