@@ -2,8 +2,9 @@
 
     python bench/diloco.py --quick                 # smoke run, under 3 minutes on 2 cores
     python bench/diloco.py --json diloco.json      # single, DDP (4), DiLoCo (4, H=50; int8, fp32)
-    python bench/diloco.py --wan --json wan.json   # also DDP and DiLoCo with every worker in its
-                                                   # own network namespace (root): 100 Mbit/s,
+    python bench/diloco.py --wan --json wan.json   # also DDP and DiLoCo (with and without
+                                                   # overlap) with every worker in its own
+                                                   # network namespace (root): 100 Mbit/s,
                                                    # 50 ms one-way between two workers
 
 Every run trains the same GPT from the same seed on Shakespeare (real processes: a master and
@@ -50,6 +51,8 @@ class Row:
     bytes_sent_per_worker: float
     utilization: float
     wan: bool
+    overlap: bool
+    fragments: int
     wall_s: float
     comm_s_per_worker: float
     steps: int
@@ -96,11 +99,14 @@ def run_case(
     quant: str,
     workers: int,
     wan: bool = False,
+    overlap: bool = False,
     steps: int | None = None,
 ) -> Row:
     out = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
     cfg = base_config(args, out)
     over = [f"algo.mode={mode}", f"algo.quantization={quant}"]
+    if mode == "diloco":
+        over += [f"algo.overlap={str(overlap).lower()}", f"algo.fragments={args.fragments}"]
     if steps is not None:
         over.append(f"total_steps={steps}")
     if mode == "single":
@@ -160,10 +166,12 @@ def run_case(
         wan=wan,
         wall=wall,
         inner_steps=args.inner_steps,
+        overlap=overlap and mode == "diloco",
+        fragments=args.fragments if mode == "diloco" else 1,
     )
     shutil.rmtree(out, ignore_errors=True)
     console.print(
-        f"done: {mode} {quant} x{workers}{' wan' if wan else ''}: val {row.final_val_loss}, "
+        f"done: {_label(row)}: val {row.final_val_loss}, "
         f"{row.bytes_sent_per_worker / 2**20:.2f} MiB/worker, util {row.utilization:.1%}, "
         f"{wall:.0f}s"
     )
@@ -191,11 +199,18 @@ def _row(procs: list[Proc], out: Path, **kw: Any) -> Row:
         bytes_sent_per_worker=sum(d["bytes_sent"] for d in done) / n,
         utilization=sum(d["utilization"] for d in done) / n,
         wan=kw["wan"],
+        overlap=kw["overlap"],
+        fragments=kw["fragments"],
         wall_s=round(kw["wall"], 1),
         comm_s_per_worker=sum(d["comm_s"] + d["waiting_s"] for d in done) / n,
         steps=done[0]["step"],
         curve=[(int(r["step"] * per_step), r["val_loss"]) for r in outer],
     )
+
+
+def _label(r: Row) -> str:
+    extra = (" overlap" if r.overlap else "") + (f" F={r.fragments}" if r.fragments > 1 else "")
+    return f"{r.mode} {r.quant} x{r.workers}{extra}{' wan' if r.wan else ''}"
 
 
 def plot(rows: list[Row], path: Path) -> None:
@@ -208,8 +223,7 @@ def plot(rows: list[Row], path: Path) -> None:
     for r in rows:
         if r.curve and not (r.wan and r.mode == "ddp"):
             xs, ys = zip(*r.curve, strict=True)
-            label = f"{r.mode} {r.quant} x{r.workers}{' wan' if r.wan else ''}"
-            ax.plot(xs, ys, "o-", ms=3, label=label)
+            ax.plot(xs, ys, "o-", ms=3, label=_label(r))
     ax.set_xlabel("tokens (all workers)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("DiLoCo vs DDP vs single worker, equal tokens")
@@ -222,7 +236,7 @@ def plot(rows: list[Row], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small model, few steps (< 3 min)")
-    ap.add_argument("--wan", action="store_true", help="also DDP and DiLoCo int8 in namespaces")
+    ap.add_argument("--wan", action="store_true", help="also --wan-cases in namespaces")
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--png", type=Path, default=Path("diloco.png"), help="loss curves")
     ap.add_argument("--workers", type=int, default=4)
@@ -235,10 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer (Nesterov) lr")
     ap.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo outer momentum")
+    ap.add_argument("--fragments", type=int, default=1, help="DiLoCo streaming fragments")
     ap.add_argument(
         "--cases",
         default="single,ddp,diloco-int8,diloco-none",
-        help="comma-separated subset of single, ddp, diloco-int8, diloco-none",
+        help="comma-separated subset of single, ddp, diloco-int8, diloco-none, "
+        "diloco-int8-overlap, diloco-none-overlap",
+    )
+    ap.add_argument(
+        "--wan-cases",
+        default="diloco-int8-overlap,diloco-int8,ddp",
+        help="the cases run under --wan",
     )
     ap.add_argument("--link-mbit", type=float, default=100.0)
     ap.add_argument(
@@ -260,40 +281,46 @@ def main(argv: list[str] | None = None) -> int:
     )
     n = args.workers
     cases = {
-        "single": ("single", "none", 1),
-        "ddp": ("ddp", "none", n),
-        "diloco-int8": ("diloco", "int8", n),
-        "diloco-none": ("diloco", "none", n),
+        "single": ("single", "none", 1, False),
+        "ddp": ("ddp", "none", n, False),
+        "diloco-int8": ("diloco", "int8", n, False),
+        "diloco-none": ("diloco", "none", n, False),
+        "diloco-int8-overlap": ("diloco", "int8", n, True),
+        "diloco-none-overlap": ("diloco", "none", n, True),
     }
-    chosen = args.cases.split(",")
-    if unknown := [c for c in chosen if c not in cases]:
+    chosen, wan_chosen = args.cases.split(","), args.wan_cases.split(",") if args.wan else []
+    if unknown := [c for c in (*chosen, *wan_chosen) if c not in cases]:
         ap.error(f"unknown cases {unknown}; choose from {', '.join(cases)}")
     rows = []
     for name in chosen:
-        mode, quant, workers = cases[name]
-        rows.append(run_case(args, console, mode=mode, quant=quant, workers=workers))
+        mode, quant, workers, overlap = cases[name]
+        rows.append(
+            run_case(args, console, mode=mode, quant=quant, workers=workers, overlap=overlap)
+        )
     if args.wan:
         from cotrain.netem import netns_unavailable_reason
 
         reason = netns_unavailable_reason()
         if reason:
             console.print(f"[yellow]skipping --wan: {reason}")
-        else:
-            rows.append(run_case(args, console, mode="diloco", quant="int8", workers=n, wan=True))
+            wan_chosen = []
+        for name in wan_chosen:
+            mode, quant, workers, overlap = cases[name]
             rows.append(
                 run_case(
                     args,
                     console,
-                    mode="ddp",
-                    quant="none",
-                    workers=n,
+                    mode=mode,
+                    quant=quant,
+                    workers=workers,
                     wan=True,
-                    steps=args.wan_ddp_steps,
+                    overlap=overlap,
+                    steps=args.wan_ddp_steps if mode == "ddp" else None,
                 )
             )
     table = Table(title=f"DiLoCo benchmark ({args.steps} steps per worker, equal tokens)")
-    cols = ("mode", "quant", "workers", "H", "tokens", "val loss", "MiB sent/worker")
-    for col in (*cols, "utilization", "wan", "wall s"):
+    cols = ("mode", "quant", "workers", "H", "F", "overlap", "tokens", "val loss")
+    for col in (*cols, "MiB sent/worker", "utilization", "wan", "wall s"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
@@ -301,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             r.quant,
             str(r.workers),
             str(r.inner_steps),
+            str(r.fragments),
+            "yes" if r.overlap else "no",
             f"{r.tokens:,}",
             "-" if r.final_val_loss is None else f"{r.final_val_loss:.4f}",
             f"{r.bytes_sent_per_worker / 2**20:.2f}",
@@ -313,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows if ddp is not None else []:
         if r.mode == "diloco" and not r.wan and ddp and ddp.final_val_loss and r.final_val_loss:
             console.print(
-                f"diloco {r.quant}: val loss {r.final_val_loss / ddp.final_val_loss:.3f} x DDP's, "
+                f"{_label(r)}: val loss {r.final_val_loss / ddp.final_val_loss:.3f} x DDP's, "
                 f"{ddp.bytes_sent_per_worker / max(r.bytes_sent_per_worker, 1):.0f} x fewer bytes"
             )
     plot(rows, args.png)

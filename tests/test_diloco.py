@@ -163,6 +163,72 @@ def test_diloco_kill_and_join_keeps_replicas_bit_identical(
     assert [r for r in logged if r["event"] == "outer"] == list(o0.values())
 
 
+def _run_workers(
+    cache: Path,
+    out: Path,
+    n: int,
+    *,
+    per_worker: dict[int, dict[str, Any]] | None = None,
+    **over: Any,
+) -> list[Proc]:
+    """``n`` workers of one run (and its master) to the end; their records stay on the Procs."""
+    secret = secrets.token_hex(8)
+    master, port = start_master(secret)
+    procs: list[Proc] = []
+    try:
+        for i in range(n):
+            d = tiny_train_config(cache, out, **{"comm.master_port": port, **over})
+            d.update(worker_index=i, world=n, **(per_worker or {}).get(i, {}))
+            procs.append(start_worker(TrainConfig.model_validate(d), secret))
+        for p in procs:
+            p.popen.wait(360)
+    finally:
+        for p in procs:
+            p.stop()
+        master.stop()
+    return procs
+
+
+@pytest.mark.timeout(420)
+def test_overlap_kill_every_worker_and_resume(cache: Path, tmp_path: Path) -> None:
+    """Overlap on, every worker killed at step 10 with a synchronisation in flight, all
+    restarted: they resume from the step-8 checkpoint (less than one outer step lost), restart
+    the synchronisation they had sent, and end bit-identical to an uninterrupted run (fp32 on
+    two peers: a sum of two values does not depend on the order)."""
+    over = {"algo.overlap": True, "algo.quantization": "none"}
+    ref = _run_workers(cache, tmp_path / "ref", 2, **over)
+    killed = _run_workers(
+        cache,
+        tmp_path / "b",
+        2,
+        per_worker={0: {"kill_at_step": 10}, 1: {"kill_at_step": 10}},
+        **over,
+    )
+    assert [p.popen.returncode for p in killed] == [-9, -9]
+    resumed = _run_workers(cache, tmp_path / "b", 2, **over)
+    for p in resumed:
+        recs = _records(p)
+        assert next(r for r in recs if r["event"] == "start")["resumed_step"] == 8
+        assert min(_outer(recs)) == 2  # the outer step sent at step 8 was applied after all
+    ref_done = {next(r for r in _records(p) if r["event"] == "done")["hash"] for p in ref}
+    done = {next(r for r in _records(p) if r["event"] == "done")["hash"] for p in resumed}
+    assert len(ref_done) == 1 and done == ref_done
+    assert _outer(_records(resumed[0]))[6]["hash"] == _outer(_records(ref[0]))[6]["hash"]
+
+
+@pytest.mark.timeout(420)
+def test_time_bounded_inner_phases_weight_by_tokens(cache: Path, tmp_path: Path) -> None:
+    """inner_time_s: a slow worker (4 threads on a tiny model, plus a longer sequence) runs
+    fewer steps per phase; the pseudo-gradients are token-weighted and replicas stay identical."""
+    procs = _run_workers(
+        cache, tmp_path, 2, total_steps=12, **{"algo.inner_time_s": 0.5, "algo.overlap": True}
+    )
+    a, b = (_outer(_records(p)) for p in procs)
+    assert sorted(a) == [1, 2, 3] and all(a[k]["hash"] == b[k]["hash"] for k in a)
+    steps = [next(r for r in _records(p) if r["event"] == "done")["tokens"] for p in procs]
+    assert all(t >= 3 * 4 * 16 for t in steps)  # at least one step of 4 x 16 tokens a phase
+
+
 @pytest.mark.timeout(420)
 def test_ddp_replicas_identical_and_every_step_moves_the_model(cache: Path, tmp_path: Path) -> None:
     secret = secrets.token_hex(8)
