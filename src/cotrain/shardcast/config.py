@@ -127,6 +127,12 @@ class OriginConfig(ConfigModel):
     serve: ServeConfig = ServeConfig()
     scan_interval_s: float = Field(default=0.1, gt=0)
     """How often the origin looks at `dir` for versions written by another process."""
+    clients: Literal["always", "when_relays_idle"] = "when_relays_idle"
+    """When shards go to clients (requests from relays are always served): `always`, or only
+    while no relay is pulling one (`when_relays_idle`): the uplink goes to the relays first,
+    since each relay passes every byte on to many clients; a client that asks meanwhile gets
+    429 and goes to a relay, or, if it asked to wait, is served once the relays are done or
+    its wait is up."""
     fault: FaultConfig = FaultConfig()
 
 

@@ -30,6 +30,7 @@ class Origin:
         self.config = config
         self.store = VersionStore(config.dir)
         self.state = ServerState("origin", self.store, config.serve, config.fault)
+        self.state.yield_to_relays = config.clients == "when_relays_idle"
         self._server: RunningServer | None = None
         self._scan: asyncio.Task[None] | None = None
         self._seen: list[int] = []

@@ -27,7 +27,7 @@ from cotrain.shardcast.errors import ManifestError, ShardcastError
 from cotrain.shardcast.manifest import Manifest, SignedManifest, TrustPolicy
 from cotrain.shardcast.selection import ServerSelector
 from cotrain.shardcast.server import RunningServer, ServerState, start_server
-from cotrain.shardcast.store import ChangeFeed, GrowingShard, VersionStore
+from cotrain.shardcast.store import RELAY_HEADER, ChangeFeed, GrowingShard, VersionStore
 from cotrain.shardcast.transfer import ShardPuller
 
 log = logging.getLogger("cotrain.shardcast.relay")
@@ -259,7 +259,14 @@ class Relay:
         sink = _ShardFiles(self.store, manifest, self.state.feed, growing)
         self._pulling.add(selector)
         try:
-            puller = ShardPuller(self._session, manifest, selector, sink, self.config.transfer)
+            puller = ShardPuller(
+                self._session,
+                manifest,
+                selector,
+                sink,
+                self.config.transfer,
+                headers={RELAY_HEADER: "1"},
+            )
             report = await puller.run(missing)
         finally:
             self._pulling.discard(selector)

@@ -31,6 +31,7 @@ from aiohttp import web
 from cotrain.shardcast.config import FaultConfig, ServeConfig
 from cotrain.shardcast.manifest import Manifest, ManifestError, SignedManifest
 from cotrain.shardcast.store import (
+    RELAY_HEADER,
     UNVERIFIED_HEADER,
     ChangeFeed,
     GrowingShard,
@@ -58,6 +59,9 @@ class ServerState:
     waiting: int = 0  # long-polls for a new version being held right now
     # Shards a relay is receiving right now, streamed while they grow (relay.py registers them).
     growing: dict[tuple[int, int], GrowingShard] = field(default_factory=dict)
+    # Origin: serve clients only while no relay is pulling a shard (see OriginConfig.clients).
+    yield_to_relays: bool = False
+    relay_streams: int = 0
     _manifests: dict[int, Manifest] = field(default_factory=dict)
 
     def manifest(self, version: int) -> Manifest | None:
@@ -153,6 +157,28 @@ async def _shard(request: web.Request) -> web.StreamResponse:
     if not 0 <= index < len(manifest.shards):
         raise web.HTTPNotFound(text=f"version {version} has no shard {index}")
 
+    if RELAY_HEADER in request.headers:
+        state.relay_streams += 1
+        try:
+            return await _serve_shard(request, state, manifest, version, index)
+        finally:
+            state.relay_streams -= 1
+            if not state.relay_streams:
+                state.feed.notify()
+    if state.yield_to_relays and state.relay_streams:
+        wait_s = _wait_s(request, state)
+        if wait_s <= 0:
+            raise web.HTTPTooManyRequests(
+                text="the origin is feeding its relays: ask a relay", headers={"Retry-After": "1"}
+            )
+        # Asked to wait: once the relays are done, or the wait is up (no client starves).
+        await state.feed.wait_until(lambda: not state.relay_streams, wait_s)
+    return await _serve_shard(request, state, manifest, version, index)
+
+
+async def _serve_shard(
+    request: web.Request, state: ServerState, manifest: Manifest, version: int, index: int
+) -> web.StreamResponse:
     f = state.fault
     faulty = index in f.corrupt_shards or index in f.stall_shards or f.exit_after_bytes is not None
     key = (version, index)

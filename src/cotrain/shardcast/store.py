@@ -30,6 +30,9 @@ _VERSION_DIR = re.compile(r"^v(\d{8})$")
 # Response header of a shard streamed while the relay is still receiving (and has not yet
 # verified) it: a client keeps such bytes only if the whole shard arrives and hashes right.
 UNVERIFIED_HEADER = "X-Shardcast-Unverified"
+# Request header of a relay's shard requests: an origin serves relays first (each relay
+# multiplies what the origin's uplink carries) and clients with what is left.
+RELAY_HEADER = "X-Shardcast-Relay"
 
 
 def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:

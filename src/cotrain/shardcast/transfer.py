@@ -15,8 +15,9 @@ Python). What can happen to an attempt:
 - the hash is wrong: the bytes are dropped and the server that sent them is banned (if several
   servers contributed, each gets a strike and is banned at the second);
 - the server does not have the shard yet (503, a relay still mirroring) or not the version
-  (404, a relay that has not heard of it): another server is asked, and once every server has
-  said so the best one is asked to hold the request until the shard arrives.
+  (404, a relay that has not heard of it), or is busy feeding relays (429, an origin): another
+  server is asked, and once every server has said so the best one is asked to hold the
+  request until it can send the shard (one that lacks the shard before a busy one).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import hashlib
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -84,7 +85,8 @@ class _Partial:
 class _Retry(Exception):
     """One attempt ended without the shard.
 
-    ``status`` 404/503 means the server does not have it (yet): not a failure. ``None`` means a
+    ``status`` 404/503 means the server does not have it (yet), 429 that it is busy: not a
+    failure. ``None`` means a
     real failure (error, stall, truncation, corruption) that counts toward the attempt limit.
     """
 
@@ -104,6 +106,7 @@ class ShardPuller:
         sink: ShardSink,
         config: TransferConfig,
         on_bytes: Callable[[int], None] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.session = session
         self.manifest = manifest
@@ -111,6 +114,7 @@ class ShardPuller:
         self.sink = sink
         self.config = config
         self.on_bytes = on_bytes
+        self.headers = dict(headers or {})  # sent with every shard request
         self._strikes: dict[str, int] = {}
         self._failed = 0
         self._bytes = 0
@@ -152,25 +156,27 @@ class ShardPuller:
         part = _Partial()
         failures = 0
         not_here: set[str] = set()  # servers that answered 503/404 for this shard lately
+        busy: set[str] = set()  # servers that answered 429 (an origin feeding its relays)
         failed: set[str] = set()  # servers that failed this shard lately
         gone_rounds = 0
         while True:
-            server = self.selector.choose(avoid=not_here | failed)
+            server = self.selector.choose(avoid=not_here | busy | failed)
             wait_s = 0.0
             if server is None:
                 healthy = set(self.selector.healthy())
                 if not healthy:
                     raise UpstreamUnavailable(f"every server misbehaved: {self.selector.report()}")
-                waiting = not_here & healthy
+                waiting = (not_here & healthy) or (busy & healthy)
                 if not waiting:
                     # Every server failed this shard lately: start a new round after a pause.
                     failed.clear()
                     await asyncio.sleep(0.2)
                     continue
-                # Nobody has it yet: ask the best of those who will to hold the request.
+                # Nobody can send it now: ask the best of those who will to hold the request.
                 server = self.selector.choose(avoid=healthy - waiting)
                 assert server is not None
                 not_here.clear()
+                busy.clear()
                 wait_s = self.config.shard_wait_s
             try:
                 await self._attempt(server, index, part, wait_s)
@@ -187,7 +193,7 @@ class ShardPuller:
                             f"{failures} times; last from {server}: {r}"
                         ) from None
                     continue
-                not_here.add(server)
+                (busy if r.status == 429 else not_here).add(server)
                 if wait_s > 0 and r.status == 404:
                     # Even the server we asked to wait does not know the version: it was
                     # retired, or the server that announced it is gone. Give relays a moment.
@@ -204,7 +210,9 @@ class ShardPuller:
         shard = self.manifest.shards[index]
         cfg = self.config
         url = f"{server}/v1/versions/{self.manifest.version}/shards/{index}"
-        headers = {"Range": f"bytes={part.have}-"} if part.have else {}
+        headers = dict(self.headers)
+        if part.have:
+            headers["Range"] = f"bytes={part.have}-"
         self.selector.started(server)
         t0 = time.monotonic()
         got = 0
@@ -215,7 +223,7 @@ class ShardPuller:
                     url, params={"wait_s": f"{wait_s:g}"}, headers=headers
                 )
             async with resp:
-                if resp.status in (404, 503):
+                if resp.status in (404, 429, 503):
                     raise _Retry(f"HTTP {resp.status}", status=resp.status)
                 if resp.status not in (200, 206):
                     raise _Retry(f"HTTP {resp.status}")

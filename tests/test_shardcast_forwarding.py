@@ -1,4 +1,5 @@
-"""Cut-through relaying: a shard is streamed on while it still arrives, and retracted if bad.
+"""How bytes flow fastest: relays stream a shard on while it still arrives (and retract it if
+it turns out bad), and an origin feeds its relays before any client.
 
 In-process servers (aiohttp on port 0, loopback) driven step by step, so what the relay has
 received at each moment is exact: no timing decides what these tests see.
@@ -21,7 +22,12 @@ from cotrain.shardcast.manifest import Manifest
 from cotrain.shardcast.origin import Origin
 from cotrain.shardcast.selection import ServerSelector
 from cotrain.shardcast.server import ServerState, start_server
-from cotrain.shardcast.store import UNVERIFIED_HEADER, GrowingShard, VersionStore
+from cotrain.shardcast.store import (
+    RELAY_HEADER,
+    UNVERIFIED_HEADER,
+    GrowingShard,
+    VersionStore,
+)
 from cotrain.shardcast.transfer import ShardPuller
 
 SHARD = 300_000
@@ -147,5 +153,35 @@ def test_dropped_stream_is_cut_and_discarded_without_blaming_the_relay(tmp_path:
         assert bytes(sink.buf) == relay.bytes
         assert report.bad_servers == {}  # the relay cut its stream off: not a liar
         assert report.bytes_by_server == {server.url: 0, origin.url: SHARD}
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_origin_serves_clients_once_its_relays_are_fed(tmp_path: Path) -> None:
+    ident = Identity.generate()
+    big = 32_000_000  # far more than socket buffers hold: an unread response stays in flight
+    cfg = PublishConfig(shard_size_mb=big / 1e6)
+    publish(blob(big), dir=tmp_path, identity=ident, config=cfg)
+
+    async def main() -> None:
+        origin = Origin(OriginConfig(dir=tmp_path, serve=ServeConfig(port=0)))
+        await origin.start()
+        url = f"{origin.url}/v1/versions/1/shards/0"
+        try:
+            async with aiohttp.ClientSession() as s:
+                relay = await s.get(url, headers={RELAY_HEADER: "1"})
+                assert relay.status == 200 and origin.state.relay_streams == 1
+                async with s.get(url, params={"wait_s": "0"}) as resp:
+                    assert resp.status == 429  # go to a relay
+                waiting = asyncio.create_task(s.get(url, params={"wait_s": "10"}))
+                done, _ = await asyncio.wait({waiting}, timeout=0.3)
+                assert not done  # held while the relay is still being fed
+                relay.close()  # the relay is done (here: gone)
+                resp = await asyncio.wait_for(waiting, STEP_S)
+                assert resp.status == 200 and resp.content_length == big
+                resp.close()
+        finally:
+            await origin.close()
 
     asyncio.run(main())
