@@ -9,7 +9,10 @@
 
 Every run trains the same GPT from the same seed on Shakespeare (real processes: a master and
 ``cotrain train`` workers). Equal tokens: DDP and DiLoCo workers take ``--steps`` steps of
-``--batch`` sequences each; the single worker takes ``--steps`` steps of ``workers x batch``.
+``--batch`` sequences each; the single worker takes ``--steps`` steps of ``workers x batch``
+(from its one shard). Warm start (the DiLoCo paper's protocol): one DDP run of
+``--warm-steps`` steps is shared, DDP and DiLoCo both continue from its checkpoint, so bytes
+and utilization cover the steps after it; tokens and the learning-rate schedule cover the run.
 Printed: a table; written: ``--json`` rows (mode, quant, workers, inner_steps, tokens,
 final_val_loss, bytes_sent_per_worker, utilization, wan, wall_s, ...) and ``--png`` loss curves.
 """
@@ -53,6 +56,8 @@ class Row:
     wan: bool
     overlap: bool
     fragments: int
+    warm_start_steps: int
+    """Steps of the shared DDP warm start this run continued from (0: from the seed)."""
     wall_s: float
     comm_s_per_worker: float
     steps: int
@@ -101,10 +106,12 @@ def run_case(
     wan: bool = False,
     overlap: bool = False,
     steps: int | None = None,
+    extra: tuple[str, ...] = (),
+    keep: Path | None = None,
 ) -> Row:
-    out = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
+    out = keep or Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
     cfg = base_config(args, out)
-    over = [f"algo.mode={mode}", f"algo.quantization={quant}"]
+    over = [f"algo.mode={mode}", f"algo.quantization={quant}", *extra]
     if mode == "diloco":
         over += [f"algo.overlap={str(overlap).lower()}", f"algo.fragments={args.fragments}"]
     if steps is not None:
@@ -168,8 +175,10 @@ def run_case(
         inner_steps=args.inner_steps,
         overlap=overlap and mode == "diloco",
         fragments=args.fragments if mode == "diloco" else 1,
+        warm_start_steps=args.warm_steps if any("init_from" in x for x in extra) else 0,
     )
-    shutil.rmtree(out, ignore_errors=True)
+    if keep is None:
+        shutil.rmtree(out, ignore_errors=True)
     console.print(
         f"done: {_label(row)}: val {row.final_val_loss}, "
         f"{row.bytes_sent_per_worker / 2**20:.2f} MiB/worker, util {row.utilization:.1%}, "
@@ -201,6 +210,7 @@ def _row(procs: list[Proc], out: Path, **kw: Any) -> Row:
         wan=kw["wan"],
         overlap=kw["overlap"],
         fragments=kw["fragments"],
+        warm_start_steps=kw["warm_start_steps"],
         wall_s=round(kw["wall"], 1),
         comm_s_per_worker=sum(d["comm_s"] + d["waiting_s"] for d in done) / n,
         steps=done[0]["step"],
@@ -240,15 +250,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--png", type=Path, default=Path("diloco.png"), help="loss curves")
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--steps", type=int, help="steps per worker (default 400; quick 60)")
+    ap.add_argument("--steps", type=int, help="steps per worker (default 800; quick 60)")
     ap.add_argument("--inner-steps", type=int, default=50, help="H")
     ap.add_argument("--batch", type=int, help="sequences per worker per step (8; quick 4)")
     ap.add_argument("--width", type=int, default=64, help="GPT n_embd (2 layers, 4 heads)")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3, help="inner (and DDP) AdamW peak lr")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo outer (Nesterov) lr")
-    ap.add_argument("--outer-momentum", type=float, default=0.9, help="DiLoCo outer momentum")
+    ap.add_argument("--outer-lr", type=float, default=0.6, help="DiLoCo outer (Nesterov) lr")
+    ap.add_argument("--outer-momentum", type=float, default=0.7, help="DiLoCo outer momentum")
+    ap.add_argument(
+        "--warm-steps",
+        type=int,
+        help="DDP and DiLoCo continue from one DDP run of this many steps (the DiLoCo paper's "
+        "warm start; default steps / 4 rounded to H, quick 0)",
+    )
     ap.add_argument("--fragments", type=int, default=1, help="DiLoCo streaming fragments")
     ap.add_argument(
         "--cases",
@@ -271,8 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wan-ddp-steps", type=int, default=20, help="DDP steps under --wan")
     ap.add_argument("--timeout-s", type=float, default=3600.0)
     args = ap.parse_args(argv)
-    args.steps = args.steps or (60 if args.quick else 400)
+    args.steps = args.steps or (60 if args.quick else 800)
     args.batch = args.batch or (4 if args.quick else 8)
+    if args.warm_steps is None:
+        args.warm_steps = (
+            0 if args.quick else args.steps // 4 // args.inner_steps * args.inner_steps
+        )
     console = Console()
     cfg = TrainConfig.model_validate(base_config(args, Path("unused")))
     data = prepare(cfg.data, progress=lambda s, d, t: None)
@@ -288,14 +308,38 @@ def main(argv: list[str] | None = None) -> int:
         "diloco-int8-overlap": ("diloco", "int8", n, True),
         "diloco-none-overlap": ("diloco", "none", n, True),
     }
-    chosen, wan_chosen = args.cases.split(","), args.wan_cases.split(",") if args.wan else []
+    chosen = [c for c in args.cases.split(",") if c]
+    wan_chosen = [c for c in args.wan_cases.split(",") if c] if args.wan else []
     if unknown := [c for c in (*chosen, *wan_chosen) if c not in cases]:
         ap.error(f"unknown cases {unknown}; choose from {', '.join(cases)}")
     rows = []
+    warm: tuple[str, ...] = ()
+    if args.warm_steps:
+        # The shared first steps: one DDP run stopped at warm_steps (its lr schedule is the
+        # full run's); DDP and DiLoCo both continue from its checkpoint.
+        warm_dir = Path(tempfile.mkdtemp(prefix="bench-warm-"))
+        run_case(
+            args,
+            console,
+            mode="ddp",
+            quant="none",
+            workers=n,
+            extra=(f"stop_at_step={args.warm_steps}", "checkpoint=outer"),
+            keep=warm_dir,
+        )
+        warm = (f"init_from={warm_dir / 'worker0.ckpt'}",)
     for name in chosen:
         mode, quant, workers, overlap = cases[name]
         rows.append(
-            run_case(args, console, mode=mode, quant=quant, workers=workers, overlap=overlap)
+            run_case(
+                args,
+                console,
+                mode=mode,
+                quant=quant,
+                workers=workers,
+                overlap=overlap,
+                extra=warm if mode != "single" else (),
+            )
         )
     if args.wan:
         from cotrain.netem import netns_unavailable_reason

@@ -26,15 +26,16 @@ def save(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path, *, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path``, or None if there is none; errors if it is for another run."""
+def load(path: Path, *, fingerprint: str | None) -> dict[str, Any] | None:
+    """The checkpoint at ``path``, or None if there is none; errors if it is for another run
+    (``fingerprint`` None: any run's, for a warm start)."""
     if not path.exists():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a torn or foreign file
         raise CheckpointError(f"cannot read checkpoint {path}: {e}; delete it to start over") from e
-    if state.get("fingerprint") != fingerprint:
+    if fingerprint is not None and state.get("fingerprint") != fingerprint:
         raise CheckpointError(
             f"checkpoint {path} was written by a run with another model, data or mode; "
             "use another out_dir or resume=never"

@@ -115,6 +115,14 @@ class TrainConfig(ConfigModel):
     """"auto": continue from this worker's checkpoint in ``out_dir`` when there is one."""
     threads: int = Field(default=1, ge=1)
     """torch intra-op threads of this worker."""
+    init_from: str | None = None
+    """Warm start: take the model, the inner optimizer, the step, the tokens and the data
+    position from this worker checkpoint (any mode; e.g. a DDP run ended with
+    ``stop_at_step``) instead of the seed's initialisation. DiLoCo's outer params start from
+    its params (momentum zero) at the outer step it falls in. Ignored when resuming."""
+    stop_at_step: int | None = Field(default=None, ge=1)
+    """End the run at this inner step, keeping ``total_steps``' learning-rate schedule (a
+    warm-start phase for other runs; ddp and single modes; a multiple of ``inner_steps``)."""
     kill_at_step: int | None = Field(default=None, ge=0)
     """Fault injection: SIGKILL this worker when it reaches this inner step."""
 
@@ -129,6 +137,13 @@ class TrainConfig(ConfigModel):
             raise ValueError(
                 f"algo.inner_steps={self.algo.inner_steps} is not a multiple of algo.fragments="
                 f"{self.algo.fragments}: fragments sync every inner_steps / fragments steps"
+            )
+        if self.stop_at_step is not None and (
+            self.algo.mode == "diloco" or self.stop_at_step % self.algo.inner_steps
+        ):
+            raise ValueError(
+                "stop_at_step ends a ddp or single run at a multiple of algo.inner_steps "
+                "(a warm start for others): change algo.mode or stop_at_step"
             )
         if self.algo.mode == "single" and (self.world != 1 or self.join == "join"):
             raise ValueError("single mode runs one worker: set world = 1 and join = 'start'")

@@ -32,6 +32,7 @@ from cotrain.data import Batch, ShardReader, prepare, validation_batches
 from cotrain.data.prepare import cache_key
 from cotrain.diloco import checkpoint
 from cotrain.diloco.config import TrainConfig
+from cotrain.diloco.errors import CheckpointError
 from cotrain.diloco.fragments import Schedule, split
 from cotrain.diloco.metrics import Clocks, MetricsLog
 from cotrain.diloco.outer import OuterState, flatten, load_flat
@@ -108,6 +109,8 @@ class Worker:
         self.ckpt_path = self.out / f"worker{cfg.worker_index}.ckpt"
         self.revision_hint = 0
         self.resumed = self._resume() if cfg.resume == "auto" else False
+        if not self.resumed and cfg.init_from is not None:
+            self._warm_start(Path(cfg.init_from))
         self.comm: Communicator | None = None
         self.log.write(
             "start",
@@ -249,6 +252,22 @@ class Worker:
         self.delta.copy_(state["delta"])
         self.anchor.copy_(state["anchor"])
         return True
+
+    def _warm_start(self, path: Path) -> None:
+        state = checkpoint.load(path, fingerprint=None)
+        if state is None:
+            raise CheckpointError(f"init_from: no checkpoint at {path}")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.reader.position = state["position"]
+        self.outer.params.copy_(flatten(self.params))
+        if self.step % self.schedule.every:
+            raise CheckpointError(
+                f"init_from: step {self.step} of {path} is not a sync point (a multiple of "
+                f"inner_steps / fragments = {self.schedule.every})"
+            )
+        self.outer.step[0] = self.step // self.schedule.every
 
     def _log_step(self, loss: float, batch: Batch) -> None:
         if self.step % self.cfg.log_every_steps == 0:
@@ -462,7 +481,10 @@ class Worker:
             )
         first = True
         losses: list[float] = []
-        while self.step < self.rounds * self.H:
+        end = self.rounds * self.H
+        if self.cfg.stop_at_step is not None:
+            end = min(end, self.cfg.stop_at_step)
+        while self.step < end:
             batch = self.reader.next()
             loss = self.forward_backward(batch)
             if sync is not None:
