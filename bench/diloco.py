@@ -60,6 +60,8 @@ class Row:
     """Steps of the shared DDP warm start this run continued from (0: from the seed)."""
     wall_s: float
     comm_s_per_worker: float
+    blocked_s_per_worker: float
+    """Overlap: time the inner loop stood still waiting for a background synchronisation."""
     steps: int
     curve: list[tuple[int, float]] = field(default_factory=list)
     """(tokens seen by all workers, validation loss) after each outer step."""
@@ -213,6 +215,7 @@ def _row(procs: list[Proc], out: Path, **kw: Any) -> Row:
         warm_start_steps=kw["warm_start_steps"],
         wall_s=round(kw["wall"], 1),
         comm_s_per_worker=sum(d["comm_s"] + d["waiting_s"] for d in done) / n,
+        blocked_s_per_worker=sum(d.get("blocked_s", 0.0) for d in done) / n,
         steps=done[0]["step"],
         curve=[(int(r["step"] * per_step), r["val_loss"]) for r in outer],
     )
