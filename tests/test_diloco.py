@@ -325,3 +325,29 @@ def test_fragment_split_and_staggered_schedule() -> None:
     assert Schedule.for_run(total_steps=10, inner_steps=5, fragments=1).sync_points == 2
     with pytest.raises(ConfigError, match=r"multiple of algo\.fragments"):
         load_config(TrainConfig, None, ["algo.inner_steps=10", "algo.fragments=3"])
+
+
+def test_warm_start_continues_the_run_exactly(cache: Path, tmp_path: Path) -> None:
+    """A run stopped at step 8 (stop_at_step) and another started from its checkpoint
+    (init_from) end with the parameters of one uninterrupted 16-step run."""
+    over = {"algo.mode": "single", "algo.inner_steps": 4}
+    ref = Worker(
+        TrainConfig.model_validate(
+            tiny_train_config(cache, tmp_path / "ref", **over, total_steps=16)
+        ),
+        echo=False,
+    ).run()
+    first = tiny_train_config(cache, tmp_path / "a", **over, total_steps=16, stop_at_step=8)
+    assert Worker(TrainConfig.model_validate(first), echo=False).run()["step"] == 8
+    second = tiny_train_config(
+        cache, tmp_path / "b", **over, total_steps=16, init_from=str(tmp_path / "a/worker0.ckpt")
+    )
+    out = Worker(TrainConfig.model_validate(second), echo=False).run()
+    assert out["tokens"] == ref["tokens"]
+    done = [
+        next(r for r in read_log(tmp_path / d / "worker0.jsonl") if r["event"] == "done")["hash"]
+        for d in ("ref", "b")
+    ]
+    assert done[0] == done[1]
+    with pytest.raises(ConfigError, match="stop_at_step"):
+        load_config(TrainConfig, None, ["stop_at_step=8"])  # diloco runs cannot stop early
