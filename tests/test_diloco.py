@@ -351,3 +351,39 @@ def test_warm_start_continues_the_run_exactly(cache: Path, tmp_path: Path) -> No
     assert done[0] == done[1]
     with pytest.raises(ConfigError, match="stop_at_step"):
         load_config(TrainConfig, None, ["stop_at_step=8"])  # diloco runs cannot stop early
+
+
+@pytest.mark.timeout(420)
+def test_ddp_kill_and_join(cache: Path, tmp_path: Path) -> None:
+    """DDP: a worker is killed, a fresh one joins at a vote, fetches params, AdamW moments and
+    step, and from then on is bit-identical to the survivor."""
+    secret = secrets.token_hex(8)
+    master, port = start_master(secret)
+    procs: list[Proc] = []
+    try:
+
+        def cfg(i: int, **kw: Any) -> TrainConfig:
+            over = {
+                "comm.master_port": port,
+                "algo.mode": "ddp",
+                "algo.ddp_vote_every_steps": 2,
+                "algo.min_workers": 2,
+                "algo.min_workers_timeout_s": 120,
+            }
+            d = tiny_train_config(cache, tmp_path, **over, total_steps=16, **kw)
+            return TrainConfig.model_validate({**d, "worker_index": i, "world": 2})
+
+        procs.append(start_worker(cfg(0), secret))
+        procs.append(start_worker(cfg(1, kill_at_step=6), secret))
+        assert procs[1].popen.wait(360) == -9
+        procs.append(start_worker(cfg(2, join="join"), secret))
+        _finish([procs[0], procs[2]], 360)
+    finally:
+        for p in procs:
+            p.stop()
+        master.stop()
+    o0, o2 = _outer(_records(procs[0])), _outer(_records(procs[2]))
+    assert sorted(o0) == [1, 2, 3, 4] and o2 and max(o2) == 4
+    for k in o2:
+        assert o2[k]["hash"] == o0[k]["hash"], k
+    assert o2[4]["world"] == 2
