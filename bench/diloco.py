@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown cases {unknown}; choose from {', '.join(cases)}")
     rows = []
     warm: tuple[str, ...] = ()
-    if args.warm_steps:
+    if args.warm_steps and any(cases[c][0] != "single" for c in chosen):
         # The shared first steps: one DDP run stopped at warm_steps (its lr schedule is the
         # full run's); DDP and DiLoCo both continue from its checkpoint.
         warm_dir = Path(tempfile.mkdtemp(prefix="bench-warm-"))
