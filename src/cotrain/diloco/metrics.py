@@ -4,7 +4,7 @@ Records (``event``): ``start``, ``step`` (loss, lr, tokens), ``outer`` (after ea
 val loss, hash, world size, bytes, times), ``failed`` (a synchronisation failed and is retried),
 ``done``. Times are cumulative seconds since the worker's first step::
 
-    compute_s   forward, backward and optimizer steps
+    compute_s   batches, forward, backward and optimizer steps (the inner steps)
     comm_s      collectives (all-reduce, shared-state sync) that succeeded
     waiting_s   topology votes (waiting for peers and joiners) and failed attempts
     blocked_s   overlap: the inner loop stood still waiting for a background synchronisation

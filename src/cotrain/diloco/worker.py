@@ -132,6 +132,13 @@ class Worker:
         frac = min(1.0, (step - c.warmup_steps) / max(1, self.rounds * self.H - c.warmup_steps))
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
+    def next_batch(self) -> Batch:
+        """The next batch of this worker's shard (its making counts as compute)."""
+        t0 = time.perf_counter()
+        batch = self.reader.next()
+        self.clocks.compute_s += time.perf_counter() - t0
+        return batch
+
     def forward_backward(self, batch: Batch) -> float:
         t0 = time.perf_counter()
         self.model.train()
@@ -396,7 +403,7 @@ class Worker:
                 break
             else:  # a time-bounded phase may run past its steps: hold the schedule position
                 self.step = min(self.step, last)
-            batch = self.reader.next()
+            batch = self.next_batch()
             losses.append(self.forward_backward(batch))
             self.optimizer_step()
             h += 1
@@ -485,7 +492,7 @@ class Worker:
         if self.cfg.stop_at_step is not None:
             end = min(end, self.cfg.stop_at_step)
         while self.step < end:
-            batch = self.reader.next()
+            batch = self.next_batch()
             loss = self.forward_backward(batch)
             if sync is not None:
 
