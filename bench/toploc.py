@@ -376,6 +376,8 @@ def run_model(name: str, lm: CausalLM, prompts: list[list[int]], args: Any, stud
         "validation_speedup": timed.generate_s / (trep.prefill_s + trep.check_s),
         "proof_bytes_per_rollout": sum(len(r.proof) for r in timed.rollouts) / tn,
     }
+    if args.timing_only:
+        return
     record(
         "validator batch 1 (no padding)",
         True,
@@ -481,6 +483,12 @@ def main() -> None:
     ap.add_argument("--smollm2-n", type=int, help="override: SmolLM2 rollouts per case")
     ap.add_argument("--smollm2-tokens", type=int, help="override: SmolLM2 detection output tokens")
     ap.add_argument("--timing-n", type=int, default=8, help="rollouts of the 256-token timing set")
+    ap.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="only the costs (256-token outputs): for a quiet machine, since the study's cases\n"
+        "take long and timings taken beside other work are noise",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -495,7 +503,8 @@ def main() -> None:
         args.honest_tokens = {"gpt": 128, "smollm2": 64}
         args.timing_tokens = {"gpt": 256, "smollm2": 256}
         args.cheat_tokens = 40
-    args.timing_n = args.timing_n
+    if args.timing_only:
+        args.n = {"gpt": 8, "smollm2": 8}
     if args.smollm2_n:
         args.n["smollm2"] = args.smollm2_n
     if args.smollm2_tokens:
