@@ -394,6 +394,8 @@ class Worker:
         t_end = time.perf_counter() + (bound or 0.0)
         last = end - 1
         losses: list[float] = []
+        if self.step >= end:  # the final sync points of the fragments: no inner steps
+            return losses
         h = 0
         while True:
             if bound is None:
