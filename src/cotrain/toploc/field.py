@@ -45,7 +45,15 @@ def injective_moduli(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.int64)
     n, k = x.shape
     result = np.zeros(n, dtype=np.int64)
-    todo = np.arange(n)
+    # Distinct indices below PRIME stay distinct mod PRIME, the largest candidate: no search
+    # (a chunk of 32 positions of a model up to 2047 wide). Sorting checks they are distinct.
+    small = x.max(axis=1, initial=0) < PRIME
+    if small.any():
+        ordered = np.sort(x[small], axis=1)
+        if not (np.diff(ordered, axis=1) != 0).all():
+            raise ValueError("indices of a chunk must be distinct")
+        result[small] = PRIME
+    todo = np.flatnonzero(~small)
     top = PRIME
     while todo.size:
         if top - _MODULUS_BATCH < k:
@@ -72,16 +80,20 @@ def interpolate(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     n, k = x.shape
     for j in range(1, k):
         den = inv[(x[:, j:] - x[:, :-j]) % PRIME]  # (N, k - j)
-        dd[:, j:] = (dd[:, j:] - dd[:, j - 1 : -1]) % PRIME * den % PRIME
+        # |difference| < 2**16 and den < 2**16: the product fits int64 before one modulus
+        dd[:, j:] = (dd[:, j:] - dd[:, j - 1 : -1]) * den % PRIME
     # p(t) = c_0 + (t - x_0)(c_1 + (t - x_1)(c_2 + ...)): expand from the innermost term.
     coeffs = np.zeros((n, k), dtype=np.int64)
     coeffs[:, 0] = dd[:, k - 1]
     for i in range(k - 2, -1, -1):
-        # coeffs <- coeffs * (t - x_i) + c_i ; degree grows by one (fits: it stays < k)
-        shifted = np.zeros_like(coeffs)
-        shifted[:, 1:] = coeffs[:, :-1]
-        coeffs = (shifted - x[:, i : i + 1] * coeffs) % PRIME
-        coeffs[:, 0] = (coeffs[:, 0] + dd[:, i]) % PRIME
+        # coeffs <- coeffs * (t - x_i) + c_i: the degree grows from d - 1 to d = k - 1 - i, so
+        # only the first d + 1 columns are live (half the work of updating all k on average)
+        d = k - 1 - i
+        scaled = x[:, i : i + 1] * coeffs[:, :d]  # (N, d), each < 2**32
+        coeffs[:, 1 : d + 1] = coeffs[:, :d]  # times t (numpy copies overlapping views first)
+        coeffs[:, 0] = dd[:, i]
+        coeffs[:, :d] -= scaled
+        coeffs[:, : d + 1] %= PRIME  # Python-style modulus: non-negative again
     return coeffs
 
 

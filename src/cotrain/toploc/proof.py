@@ -94,17 +94,6 @@ def row_quotas(rows: int, k: int) -> np.ndarray:
     return q
 
 
-def _row_top(chunk: torch.Tensor, quotas: np.ndarray, slack: int) -> tuple[np.ndarray, ...]:
-    """Each row's largest-magnitude (quota + slack) entries: flat indices, row ids, values."""
-    rows, width = chunk.shape
-    take = min(int(quotas.max()) + slack, width)
-    top = chunk.abs().topk(take, dim=1).indices  # (rows, take)
-    keep = torch.arange(take)[None, :] < torch.as_tensor(quotas + slack)[:, None]
-    row_ids = torch.arange(rows)[:, None].expand(rows, take)
-    flat = (row_ids * width + top)[keep]  # row-major: row 0's entries first
-    return flat.numpy(), row_ids[keep].numpy(), chunk.reshape(-1)[flat].numpy()
-
-
 def _prepare(chunk: torch.Tensor) -> torch.Tensor:
     if chunk.dim() != 2:
         raise ProofBuildError(f"a chunk must be (rows, H), got {tuple(chunk.shape)}")
@@ -114,18 +103,43 @@ def _prepare(chunk: torch.Tensor) -> torch.Tensor:
     return c
 
 
+def _rows_top_many(
+    chunks: Sequence[torch.Tensor], quotas: np.ndarray, slack: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``_row_top`` of G chunks of one shape (rows, H) at once: one topk over (G, rows, H)."""
+    rows, width = chunks[0].shape
+    take = min(int(quotas.max()) + slack, width)
+    c = torch.stack(list(chunks))  # (G, rows, H)
+    top = c.abs().topk(take, dim=2).indices  # (G, rows, take)
+    keep = torch.arange(take)[None, :] < torch.as_tensor(quotas + slack)[:, None]  # (rows, take)
+    row_ids = torch.arange(rows)[:, None].expand(rows, take)[keep]  # row-major: row 0 first
+    flat = (torch.arange(rows)[None, :, None] * width + top)[:, keep]  # (G, kept)
+    vals = torch.gather(c.reshape(len(chunks), -1), 1, flat)  # (G, kept)
+    ids = row_ids.numpy()
+    return [(f, ids, v) for f, v in zip(flat.numpy(), vals.numpy(), strict=True)]
+
+
+def _by_shape(chunks: Sequence[torch.Tensor]) -> dict[tuple[int, int], list[int]]:
+    """Indices of the chunks of each (rows, H) shape, so equal shapes are processed together."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, chunk in enumerate(chunks):
+        groups.setdefault((int(chunk.size(0)), int(chunk.size(1))), []).append(i)
+    return groups
+
+
 def commit_entries(chunks: Sequence[torch.Tensor], k: int) -> tuple[np.ndarray, np.ndarray]:
     """The entries each (rows, H) chunk commits to: (N, k) flat indices and bf16 bits."""
     idx = np.empty((len(chunks), k), dtype=np.int64)
     bits = np.empty((len(chunks), k), dtype=np.int64)
-    for i, chunk in enumerate(chunks):
-        c = _prepare(chunk)
-        quotas = row_quotas(c.size(0), k)
-        if c.size(0) > k or c.size(1) < quotas.max():
-            raise ProofBuildError(f"a chunk of shape {tuple(c.shape)} cannot hold topk={k}")
-        flat, _, vals = _row_top(c, quotas, 0)
-        idx[i] = flat
-        bits[i] = _bf16_bits(torch.from_numpy(vals)).numpy()
+    prepared = [_prepare(chunk) for chunk in chunks]
+    for (rows, width), members in _by_shape(prepared).items():
+        quotas = row_quotas(rows, k)
+        if rows > k or width < quotas.max():
+            raise ProofBuildError(f"a chunk of shape {(rows, width)} cannot hold topk={k}")
+        tops = _rows_top_many([prepared[i] for i in members], quotas, 0)
+        for i, (flat, _, vals) in zip(members, tops, strict=True):
+            idx[i] = flat
+            bits[i] = _bf16_bits(torch.from_numpy(vals)).numpy()
     return idx, bits
 
 
@@ -167,55 +181,95 @@ def check_chunks(
     proof: bytes, chunks: Sequence[torch.Tensor], config: ProofConfig | None = None
 ) -> ProofVerdict:
     """Compare each recomputed (rows, H) chunk with its chunk proof."""
+    verdict = check_many([proof], [chunks], config)[0]
+    if isinstance(verdict, ProofFormatError):
+        raise verdict
+    return verdict
+
+
+def check_many(
+    proofs: Sequence[bytes],
+    chunk_lists: Sequence[Sequence[torch.Tensor]],
+    config: ProofConfig | None = None,
+) -> list[ProofVerdict | ProofFormatError]:
+    """``check_chunks`` of many rollouts at once (a validator's batch): one top-k per chunk
+    shape and one polynomial evaluation for all their chunks. A malformed proof gives its
+    ``ProofFormatError`` in its place; the others are still checked."""
     config = config or ProofConfig()
     k = config.topk
-    moduli, coeffs = decode_chunks(proof, len(chunks), k)
-    if not chunks:
-        return ProofVerdict(chunks=[], median_rel_err=float("inf"), passed=False)
+    out: list[ProofVerdict | ProofFormatError] = []
+    decoded: list[tuple[int, np.ndarray, np.ndarray]] = []  # (rollout, moduli, coeffs)
+    for r, (proof, chunks) in enumerate(zip(proofs, chunk_lists, strict=True)):
+        try:
+            moduli, coeffs = decode_chunks(proof, len(chunks), k)
+        except ProofFormatError as e:
+            out.append(e)
+            continue
+        out.append(ProofVerdict(chunks=[], median_rel_err=float("inf"), passed=False))
+        if chunks:
+            decoded.append((r, moduli, coeffs))
+    if not decoded:
+        return out
+    flat_chunks = [c for r, _, _ in decoded for c in chunk_lists[r]]
+    moduli = np.concatenate([m for _, m, _ in decoded])
+    coeffs = np.concatenate([c for _, _, c in decoded])
     # Candidates of every chunk, padded to one width M so all polynomials evaluate at once.
-    cands = []
-    for chunk in chunks:
-        c = _prepare(chunk)
-        quotas = row_quotas(c.size(0), k)
-        cands.append((quotas, *_row_top(c, quotas, config.row_slack)))
+    prepared = [_prepare(chunk) for chunk in flat_chunks]
+    by_index: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+    for (rows, _), members in _by_shape(prepared).items():
+        quotas = row_quotas(rows, k)
+        tops = _rows_top_many([prepared[i] for i in members], quotas, config.row_slack)
+        for i, top in zip(members, tops, strict=True):
+            by_index[i] = (quotas, *top)
+    cands = [by_index[i] for i in range(len(flat_chunks))]
     m = max(len(flat) for _, flat, _, _ in cands)
-    points = np.zeros((len(chunks), m), dtype=np.int64)
+    points = np.zeros((len(cands), m), dtype=np.int64)
     for i, (_, flat, _, _) in enumerate(cands):
         points[i, : len(flat)] = flat
     claimed = evaluate(coeffs, points % moduli[:, None])  # (N, M) bf16 bits per the proof
-    results = []
-    for i, (quotas, flat, row_ids, vals) in enumerate(cands):
-        got = claimed[i, : len(flat)]
-        want = _bf16_bits(torch.from_numpy(vals)).numpy()
-        with np.errstate(invalid="ignore", over="ignore"):  # claimed bits may decode to NaN
-            v = _bits_to_float(want).astype(np.float64)
-            u = _bits_to_float(got).astype(np.float64)
-            rel = np.abs(u - v) / np.maximum(np.abs(v), 1e-30)
-            hit = np.isfinite(u) & (np.sign(u) == np.sign(v)) & (rel <= config.match_rel_tol)
-        per_row = np.minimum(np.bincount(row_ids[hit], minlength=len(quotas)), quotas)
-        misses = quotas - per_row
-        exp_hit = hit & ((got >> 7) == (want >> 7))
-        mant = np.abs((got & 0x7F) - (want & 0x7F))[exp_hit].astype(np.float64)
-        n_miss = int(misses.sum())
-        results.append(
-            ChunkResult(
-                matches=k - n_miss,
-                worst_row_misses=int(misses.max()),
-                exp_matches=int(exp_hit.sum()),
-                mant_err_mean=float(mant.mean()) if mant.size else float("inf"),
-                mant_err_median=float(np.median(mant)) if mant.size else float("inf"),
-                passed=n_miss <= config.max_chunk_misses
-                and int(misses.max()) <= config.max_row_misses,
-                rel_errs=rel[hit],
-            )
+    results = [_chunk_result(claimed[i], cand, k, config) for i, cand in enumerate(cands)]
+    start = 0
+    for r, mod, _ in decoded:
+        mine = results[start : start + len(mod)]
+        start += len(mod)
+        pooled = np.concatenate([c.rel_errs for c in mine])
+        median = float(np.median(pooled)) if pooled.size else float("inf")
+        limit = config.max_median_rel_err
+        passed = all(c.passed for c in mine) and median <= (
+            DEFAULT_MEDIAN_REL_ERR if limit is None else limit
         )
-    pooled = np.concatenate([r.rel_errs for r in results])
-    median = float(np.median(pooled)) if pooled.size else float("inf")
-    limit = config.max_median_rel_err
-    passed = all(r.passed for r in results) and median <= (
-        DEFAULT_MEDIAN_REL_ERR if limit is None else limit
+        out[r] = ProofVerdict(chunks=mine, median_rel_err=median, passed=passed)
+    return out
+
+
+def _chunk_result(
+    claimed: np.ndarray,
+    cand: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    k: int,
+    config: ProofConfig,
+) -> ChunkResult:
+    quotas, flat, row_ids, vals = cand
+    got = claimed[: len(flat)]
+    want = _bf16_bits(torch.from_numpy(vals)).numpy()
+    with np.errstate(invalid="ignore", over="ignore"):  # claimed bits may decode to NaN
+        v = _bits_to_float(want).astype(np.float64)
+        u = _bits_to_float(got).astype(np.float64)
+        rel = np.abs(u - v) / np.maximum(np.abs(v), 1e-30)
+        hit = np.isfinite(u) & (np.sign(u) == np.sign(v)) & (rel <= config.match_rel_tol)
+    per_row = np.minimum(np.bincount(row_ids[hit], minlength=len(quotas)), quotas)
+    misses = quotas - per_row
+    exp_hit = hit & ((got >> 7) == (want >> 7))
+    mant = np.abs((got & 0x7F) - (want & 0x7F))[exp_hit].astype(np.float64)
+    n_miss = int(misses.sum())
+    return ChunkResult(
+        matches=k - n_miss,
+        worst_row_misses=int(misses.max()),
+        exp_matches=int(exp_hit.sum()),
+        mant_err_mean=float(mant.mean()) if mant.size else float("inf"),
+        mant_err_median=float(np.median(mant)) if mant.size else float("inf"),
+        passed=n_miss <= config.max_chunk_misses and int(misses.max()) <= config.max_row_misses,
+        rel_errs=rel[hit],
     )
-    return ProofVerdict(chunks=results, median_rel_err=median, passed=passed)
 
 
 def build_proofs(hidden_states: torch.Tensor, chunk: int = 32, k: int = 128) -> bytes:

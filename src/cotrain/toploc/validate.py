@@ -17,7 +17,7 @@ import torch
 from cotrain.models.lm import CausalLM
 from cotrain.toploc.config import ValidatorConfig, calibrated_median_rel_err
 from cotrain.toploc.errors import ProofFormatError
-from cotrain.toploc.proof import ProofVerdict, check_chunks, n_rollout_chunks, rollout_chunks
+from cotrain.toploc.proof import ProofVerdict, check_many, n_rollout_chunks, rollout_chunks
 from cotrain.toploc.record import Rollout
 
 
@@ -107,10 +107,21 @@ class Validator:
                 t0 = time.perf_counter()
                 hidden = self._prefill(batch)  # (B, T_max, H)
                 t1 = time.perf_counter()
-                for i, r, h in zip(todo[j : j + bs], batch, hidden, strict=True):
-                    verdicts[i] = self._check(r, h)
+                lengths = [len(r.prompt_tokens) + len(r.output_tokens) - 1 for r in batch]
+                checked = check_many(
+                    [r.proof for r in batch],
+                    [
+                        rollout_chunks(h[:n], len(r.prompt_tokens), r.chunk_tokens)
+                        for r, h, n in zip(batch, hidden, lengths, strict=True)
+                    ],
+                    self.config.proof,
+                )
+                for i, r, h, n, v in zip(
+                    todo[j : j + bs], batch, hidden, lengths, checked, strict=True
+                ):
+                    verdicts[i] = self._verdict(r, v)
                     if keep_hidden:
-                        kept[i] = h[: len(r.prompt_tokens) + len(r.output_tokens) - 1].float()
+                        kept[i] = h[:n].float()
                 prefill_s += t1 - t0
                 check_s += time.perf_counter() - t1
         finally:
@@ -135,13 +146,9 @@ class Validator:
         with torch.no_grad():
             return self.lm.hidden_states(ids, mask)
 
-    def _check(self, r: Rollout, hidden: torch.Tensor) -> RolloutVerdict:
-        n = len(r.prompt_tokens) + len(r.output_tokens) - 1
-        chunks = rollout_chunks(hidden[:n], len(r.prompt_tokens), r.chunk_tokens)
-        try:
-            verdict = check_chunks(r.proof, chunks, self.config.proof)
-        except ProofFormatError as e:
-            return RolloutVerdict(r.id, False, f"malformed proof: {e}")
+    def _verdict(self, r: Rollout, verdict: ProofVerdict | ProofFormatError) -> RolloutVerdict:
+        if isinstance(verdict, ProofFormatError):
+            return RolloutVerdict(r.id, False, f"malformed proof: {verdict}")
         if verdict.passed:
             return RolloutVerdict(r.id, True, "ok", verdict)
         if not verdict.failed_chunks:
