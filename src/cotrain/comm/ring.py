@@ -177,9 +177,9 @@ def all_reduce(
 ) -> TransferStats:
     """Reduce the fp32 ``work`` buffer in place across the ring (see the module docstring).
 
-    ``backup`` (if given) is told about every chunk just before its first change: the
-    reduce-scatter changes every block but our own first one (r), which the all-gather
-    overwrites first at its step 0."""
+    ``backup`` (if given) is told about every chunk before its first change: the reduce-scatter
+    changes every block but our own (r), which is saved as it is sent at step 0 (the all-gather
+    overwrites it at its step 0, after the whole ring has used it)."""
     n = world
     count = work.size
     if n == 1:
@@ -204,6 +204,10 @@ def all_reduce(
                 sock.sendall(_PREAMBLE.pack(epoch, seq, count))
                 # reduce-scatter step 0: our own input
                 for k, (a, b) in enumerate(plan[rank % n][j], start=1):
+                    if backup is not None:
+                        # block r changes first at all-gather step 0; saving it now, while the
+                        # send below is about to read it anyway, reads it from memory once
+                        backup.save(a, b)
                     buf = codec.encode(work[a:b])
                     sock.sendall(buf.data.cast("B"))
                     sent += buf.nbytes
@@ -238,8 +242,6 @@ def all_reduce(
                 for t in range(n - 1):  # all-gather: store and forward the owners' bytes
                     for a, b in plan[(rank - t) % n][j]:
                         size = codec.wire_nbytes(b - a)
-                        if t == 0 and backup is not None:
-                            backup.save(a, b)  # block r: sent, never changed until now
                         if raw:  # the wire bytes are the values: receive straight into place
                             wire = work[a:b]
                             recv_into_exact(sock, wire.data.cast("B"))
