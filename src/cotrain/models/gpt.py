@@ -111,7 +111,8 @@ def rotary_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, nh, T, hs) queries or keys by their positions' (T, hs / 2) angles."""
+    """Rotate (..., hs) queries or keys by their positions' angles (cos, sin broadcastable to
+    (..., hs / 2)): (B, T, nh, hs) with (T, 1, hs / 2) tables in the attention below."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -132,8 +133,11 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))
+        # rotate before the transpose: the elementwise work then runs along contiguous heads
+        cos, sin = (r[:, None, :] for r in rope)  # (T, 1, hs/2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, T, nh, hs)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None and cache.pos > 0:
             # Decoding T new tokens after cache.pos stored ones: each new token sees all stored
             # tokens and the new ones before it.
