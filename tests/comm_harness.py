@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from cotrain.comm import CommConfig, Communicator, Master, MasterConfig
+from cotrain.comm import CommConfig, Communicator, FaultPlan, Master, MasterConfig
 
 SECRET = "test-secret"
 T = TypeVar("T")
@@ -72,9 +72,17 @@ def parallel_outcomes(fns: list[Callable[[], Any]], timeout_s: float = 60.0) -> 
 
 
 @contextmanager
-def cluster(n: int, **cfg: Any) -> Iterator[tuple[MasterThread, list[Communicator]]]:
+def cluster(
+    n: int, *, faults: dict[int, FaultPlan] | None = None, **cfg: Any
+) -> Iterator[tuple[MasterThread, list[Communicator]]]:
+    """A master and ``n`` connected peers in one ring; ``faults`` maps a peer's index to the
+    faults it injects; ``heartbeat_timeout_s`` goes to the master, the rest to every peer."""
     master = MasterThread(heartbeat_timeout_s=cfg.pop("heartbeat_timeout_s", 2.0))
-    comms = [Communicator(peer_config(master.port, **cfg), peer_id=f"p{i}") for i in range(n)]
+    faults = faults or {}
+    comms = [
+        Communicator(peer_config(master.port, **cfg), peer_id=f"p{i}", faults=faults.get(i))
+        for i in range(n)
+    ]
     try:
         for c in comms:
             c.connect()

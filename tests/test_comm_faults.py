@@ -202,26 +202,19 @@ def test_a_peer_dropped_for_silence_rejoins_when_it_wakes(master: int) -> None:
 
 @pytest.mark.timeout(90)
 def test_all_reduce_with_retry_finishes_with_the_survivors() -> None:
-    from comm_harness import MasterThread, parallel_outcomes, peer_config
+    from comm_harness import cluster, parallel_outcomes
 
-    from cotrain.comm import Communicator, all_reduce_with_retry
-    from cotrain.comm.faults import Fault, FaultPlan
+    from cotrain.comm import all_reduce_with_retry
     from cotrain.core.errors import CotrainError
 
-    master = MasterThread(heartbeat_timeout_s=1.0)
     cut = FaultPlan(faults=[Fault(kind="cut", at_collective=0, after_chunks=1)])
-    comms = [
-        Communicator(
-            peer_config(master.port, stall_timeout_s=4.0, master_reconnect_timeout_s=5.0),
-            peer_id=f"p{i}",
-            faults=cut if i == 2 else None,
-        )
-        for i in range(3)
-    ]
-    try:
-        for c in comms:
-            c.connect()
-        parallel_outcomes([lambda c=c: c.wait_for_world(3, timeout_s=30) for c in comms])
+    with cluster(
+        3,
+        faults={2: cut},
+        heartbeat_timeout_s=1.0,
+        stall_timeout_s=4.0,
+        master_reconnect_timeout_s=5.0,
+    ) as (_, comms):
         inputs = [np.full(50_000, i + 1, dtype=np.float32) for i in range(3)]
         tensors = [x.copy() for x in inputs]
         out = parallel_outcomes(
@@ -238,7 +231,3 @@ def test_all_reduce_with_retry_finishes_with_the_survivors() -> None:
         for i in (0, 1):
             assert out[i].world_size == 2, out[i]
             np.testing.assert_array_equal(tensors[i], inputs[0] + inputs[1])
-    finally:
-        for c in comms:
-            c.close()
-        master.stop()

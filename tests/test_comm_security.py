@@ -228,20 +228,11 @@ def test_frames_reject_garbage_directly() -> None:
 def test_a_failed_collective_restores_every_input_exactly() -> None:
     from cotrain.comm import Fault, FaultPlan, PeerFailedError
 
-    master = MasterThread(heartbeat_timeout_s=1.5)
     cut = FaultPlan(faults=[Fault(kind="cut", at_collective=0, after_chunks=3)])
-    comms = [
-        Communicator(
-            peer_config(master.port, chunk_kb=8, stall_timeout_s=4.0),
-            peer_id=f"r{i}",
-            faults=cut if i == 2 else None,
-        )
-        for i in range(3)
-    ]
-    try:
-        for c in comms:
-            c.connect()
-        parallel([lambda c=c: c.wait_for_world(3, timeout_s=20) for c in comms])
+    with cluster(3, faults={2: cut}, heartbeat_timeout_s=1.5, chunk_kb=8, stall_timeout_s=4.0) as (
+        _,
+        comms,
+    ):
         for dtype in (np.float32,):
             xs = [np.random.default_rng(i).standard_normal(300_000).astype(dtype) for i in range(3)]
             before = [x.copy() for x in xs]
@@ -251,10 +242,6 @@ def test_a_failed_collective_restores_every_input_exactly() -> None:
             assert all(isinstance(o, PeerFailedError) for o in outcomes), outcomes
             for x, b in zip(xs, before, strict=True):
                 assert np.array_equal(x, b), "a failed all-reduce must leave the input as it was"
-    finally:
-        for c in comms:
-            c.close()
-        master.stop()
 
 
 @pytest.mark.timeout(60)

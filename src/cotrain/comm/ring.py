@@ -297,25 +297,29 @@ def broadcast(
         def worker(j: int = j, chunks: list[tuple[int, int]] = chunks) -> None:
             out = links.to_next[j]
             inp = links.from_prev[j]
-            if is_root:
-                out.sendall(_PREAMBLE.pack(epoch, seq, count))
-                for a, b in chunks:
-                    out.sendall(data[a:b].data)
-                    run.count(sent=b - a)
-                # wait for the ring to close so the root knows everyone has the data
+            sent = received = 0
+            try:
+                if is_root:
+                    out.sendall(_PREAMBLE.pack(epoch, seq, count))
+                    for a, b in chunks:
+                        out.sendall(data[a:b].data)
+                        sent += b - a
+                    # wait for the ring to close so the root knows everyone has the data
+                    _check_preamble(inp, epoch, seq, count)
+                    return
                 _check_preamble(inp, epoch, seq, count)
-                return
-            _check_preamble(inp, epoch, seq, count)
-            if not next_is_root:
-                out.sendall(_PREAMBLE.pack(epoch, seq, count))
-            for a, b in chunks:
-                recv_into_exact(inp, data[a:b].data)
-                run.count(received=b - a)
                 if not next_is_root:
-                    out.sendall(data[a:b].data)
-                    run.count(sent=b - a)
-            if next_is_root:
-                out.sendall(_PREAMBLE.pack(epoch, seq, count))
+                    out.sendall(_PREAMBLE.pack(epoch, seq, count))
+                for a, b in chunks:
+                    recv_into_exact(inp, data[a:b].data)
+                    received += b - a
+                    if not next_is_root:
+                        out.sendall(data[a:b].data)
+                        sent += b - a
+                if next_is_root:
+                    out.sendall(_PREAMBLE.pack(epoch, seq, count))
+            finally:
+                run.count(sent=sent, received=received)
 
         targets.append(worker)
     _run_threads(run, targets, timeout_s=stall_timeout_s * 4)
