@@ -37,7 +37,7 @@ from rich.table import Table
 
 from cotrain.comm.config import CommConfig
 from cotrain.comm.launch import Proc, start_master, start_peer
-from cotrain.comm.program import PeerProgramConfig
+from cotrain.comm.program import PeerProgramConfig, base_input
 from cotrain.netem import DelayProxy, Host, WanNetwork, netns_unavailable_reason
 from cotrain.netem.netns import in_ns
 
@@ -142,10 +142,14 @@ def gloo_worker(rank: int, world: int, port: int, numel: int, rounds: int, host:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank, world_size=world)
-    x = torch.randn(numel)
+    # the same input regime as the cotrain peers (program.run): a seeded base plus the round,
+    # written into the same buffer every round, then a barrier, then the timed all-reduce
+    base = torch.from_numpy(base_input(0, rank, numel))
+    x = torch.empty_like(base)
     times = []
     cpu = []
-    for _ in range(rounds + 1):
+    for rnd in range(rounds + 1):
+        torch.add(base, float(rnd), out=x)
         dist.barrier()
         t0 = time.perf_counter()
         c0 = time.process_time()

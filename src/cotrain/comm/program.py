@@ -79,12 +79,19 @@ def make_input(
     return base + np.float32(rnd)
 
 
-def _tensor(values: np.ndarray, dtype: str) -> Any:
+def _tensor(values: np.ndarray, dtype: str, out: Any = None) -> Any:
+    """``values`` as the collective's tensor: fp32 is ``values`` itself; other dtypes are
+    converted into ``out`` (the previous round's tensor) when given. Every round then reduces
+    the same memory, as a trainer reducing its gradient buffers does (and as the
+    torch.distributed baseline in bench/allreduce.py does), not 64 fresh MiB."""
     if dtype == "fp32":
-        return values.copy()
+        return values
     import torch
 
-    return torch.from_numpy(values.copy()).to(torch.float16 if dtype == "fp16" else torch.bfloat16)
+    if out is None:
+        return torch.from_numpy(values).to(torch.float16 if dtype == "fp16" else torch.bfloat16)
+    out.copy_(torch.from_numpy(values))
+    return out
 
 
 def _as_fp32(t: Any) -> np.ndarray:
@@ -113,6 +120,8 @@ def run(cfg: PeerProgramConfig) -> int:
     rnd = 0
     first = True
     base = base_input(cfg.seed, cfg.index, cfg.numel)
+    values = np.empty_like(base)
+    tensor: Any = None
     ping = np.zeros(1, dtype=np.float32)
     while rnd < cfg.rounds:
         attempt = 0
@@ -131,7 +140,8 @@ def run(cfg: PeerProgramConfig) -> int:
                 )
                 rnd = int(counter[0])  # a joiner (or a peer that was dropped) learns the round
                 first = False
-                tensor = _tensor(make_input(cfg.seed, cfg.index, rnd, cfg.numel, base), cfg.dtype)
+                np.add(base, np.float32(rnd), out=values)  # make_input, in place
+                tensor = _tensor(values, cfg.dtype, tensor)
                 collective = True
                 if cfg.barrier:
                     comm.all_reduce(ping, op="sum")
