@@ -138,11 +138,12 @@ def test_shared_state_majority_wins_and_revision_must_step_by_one() -> None:
         states[2]["w"][:] = 9.0  # the odd one out
         results = parallel(
             [
-                lambda c=c, s=s: c.sync_shared_state(s, revision=1)
-                for c, s in zip(comms, states, strict=True)
+                lambda c=c, s=s, w=w: c.sync_shared_state(s, revision=1, weight=w)
+                for c, s, w in zip(comms, states, [1.0, 2.0, 4.0], strict=True)
             ]
         )
         assert [r.fetched for r in results] == [False, False, True]
+        assert [r.total_weight for r in results] == [3.0, 3.0, 3.0]  # the fetcher counts zero
         assert np.all(states[2]["w"] == 1.0) and results[2].bytes_received == 400
         assert all(c.revision == 1 for c in comms)
         outcomes = parallel_outcomes(

@@ -68,6 +68,8 @@ class SyncResult:
     fetched: bool
     bytes_received: int
     source: str | None
+    total_weight: float = 0.0
+    """Sum of the ``weight`` passed by the peers that kept their state (fetchers count zero)."""
 
 
 class Handle:
@@ -134,6 +136,20 @@ class Communicator:
     @property
     def ring(self) -> list[str]:
         return [p.peer_id for p in self._ring]
+
+    @property
+    def vote_wanted(self) -> bool:
+        """True when ``update_topology()`` has work to do: peers wait to join, the ring is
+        broken (a peer failed, the master restarted) or this peer is not in it. Otherwise a
+        caller may skip its vote; a change it misses (a clean leave) fails its next collective
+        with a retryable error, after which it votes."""
+        link = self._master
+        return (
+            self._rank < 0
+            or self._broken is not None
+            # joiners announced in an earlier epoch were admitted by the vote that ended it
+            or (link is not None and link.joining_epoch >= self._epoch)
+        )
 
     @property
     def revision(self) -> int | None:
@@ -238,6 +254,9 @@ class Communicator:
         link = self._link()
         deadline = Deadline.after(timeout_s or self.config.request_timeout_s)
         with self._op_lock:
+            # joiners announced before this vote reaches the master are admitted by it
+            with link.cond:
+                link.joining_epoch = -1
             gen = link.send(m.Vote())
             topo = link.wait_for(
                 lambda x: isinstance(x, m.Topology),
@@ -258,7 +277,13 @@ class Communicator:
         if self.peer_id not in ids:
             raise KickedError("the new topology does not include this peer")
         if topo.epoch == self._epoch and self._links is not None and self._broken is None:
-            return  # membership unchanged: keep the ring connections
+            # Membership unchanged: keep the ring connections. Every member voted, so none is
+            # in a collective: sequence numbers restart together (a member whose phase was
+            # rejected because another voted had used one more than the others), and replies
+            # of this epoch still in the inbox are stale.
+            self._seq = 0
+            self._link().purge(lambda x: getattr(x, "epoch", topo.epoch + 1) > topo.epoch)
+            return
         old = self._links
         with self._lock:
             self._links = None
@@ -526,9 +551,18 @@ class Communicator:
     # ---- shared state ------------------------------------------------------------------------
 
     def sync_shared_state(
-        self, state: Mapping[str, Any], *, revision: int, timeout_s: float | None = None
+        self,
+        state: Mapping[str, Any],
+        *,
+        revision: int,
+        weight: float = 0.0,
+        timeout_s: float | None = None,
     ) -> SyncResult:
-        """Make ``state`` equal the majority's (hash-checked); revisions go up by one per sync."""
+        """Make ``state`` equal the majority's (hash-checked); revisions go up by one per sync.
+
+        ``weight`` (>= 0, e.g. tokens trained) rides along: the result's ``total_weight`` sums
+        it over the peers that kept their state, the same float on every peer, so a weighted
+        average that follows needs no collective of its own."""
         link = self._link()
         flat = views(state)
         mine = digest(flat, revision)
@@ -551,6 +585,7 @@ class Communicator:
                         digest=mine.digest,
                         hashes=mine.hashes,
                         fresh=self._revision is None,
+                        weight=weight,
                     )
                 )
 
@@ -587,7 +622,9 @@ class Communicator:
                     raise StateSyncError(f"could not fetch the majority's state: {failure}")
                 self._revision = plan.revision
                 self.bytes_received += received
-                return SyncResult(plan.revision, plan.action == "fetch", received, source)
+                return SyncResult(
+                    plan.revision, plan.action == "fetch", received, source, plan.total_weight
+                )
             finally:
                 with self._lock:
                     self._serving = None

@@ -1,8 +1,9 @@
 """A peer's connection to the master: hello/resume, heartbeats, an inbox of replies, reconnection.
 
 One reader thread parses the master's messages. ``abort`` and ``kicked`` act at once (they close
-the ring sockets so a collective in flight fails now, not at its timeout); every other message
-goes to the inbox, where the caller waiting for it picks it out by type, epoch and sequence.
+the ring sockets so a collective in flight fails now, not at its timeout); ``joining`` raises
+``joining_epoch`` (a vote is wanted); every other message goes to the inbox, where the caller
+waiting for it picks it out by type, epoch and sequence.
 If the master connection drops, a reconnect thread dials again (with our epoch, ring and
 revision so a restarted master can rebuild its state) until ``master_reconnect_timeout_s``;
 requests that were waiting fail with a retryable error because the new master never saw them.
@@ -59,6 +60,8 @@ class MasterLink:
         self.generation = 0  # bumps at each (re)connection
         self.kicked: str | None = None
         self.dead: str | None = None  # master gone for good
+        # the epoch in which the master last announced joiners (-1: none since our last vote)
+        self.joining_epoch = -1
         self._closing = threading.Event()
 
     # ---- connection --------------------------------------------------------------------------
@@ -124,6 +127,9 @@ class MasterLink:
                 self._on_abort(msg)
                 with self.cond:
                     self.cond.notify_all()
+            elif isinstance(msg, m.Joining):
+                with self.cond:
+                    self.joining_epoch = max(self.joining_epoch, msg.epoch)
             elif isinstance(msg, m.Kicked):
                 with self.cond:
                     self.kicked = msg.reason

@@ -3,11 +3,14 @@
 Phases, all agreed by every accepted peer of the current *epoch* (one ring order per epoch):
 
 * **vote** (``update_topology``): when every live member has voted, joiners are admitted, the dead
-  are dropped, the epoch goes up and every member gets the new ring.
+  are dropped, the epoch goes up and every member gets the new ring. A joiner's request is
+  announced to the members (``joining``), so peers may vote only when there is something to do.
 * **collective**: every member sends the same ``(epoch, seq, descriptor)``; the master answers
   ``go`` (or ``mismatch`` to all). Tensor bytes then flow peer to peer around the ring.
-* **sync_state**: members send tensor hashes and a revision; the master elects the majority and
-  tells the others whom to fetch from; ``sync_done`` once every fetcher has reported.
+* **sync_state**: members send tensor hashes, a revision and a weight; the master elects the
+  majority, tells the others whom to fetch from and every peer the total weight of the majority
+  (for a weighted average without a collective of its own); ``sync_done`` once every fetcher
+  has reported.
 * **optimize**: the master has each peer probe every other, then reorders the ring.
 
 Failure: a peer whose connection closes or that misses heartbeats for ``heartbeat_timeout_s`` is
@@ -282,6 +285,9 @@ class Master:
             self._reject_pending("a peer called update_topology(); call it too")
         elif pid not in self._joiners:
             self._joiners.append(pid)
+            # Members that vote only when needed (``Communicator.vote_wanted``) learn it here.
+            for member in self._members():
+                self._send(member, m.Joining(epoch=self.epoch))
         if self._vote_deadline is None:
             loop = asyncio.get_running_loop()
             self._vote_deadline = loop.call_later(self.config.vote_timeout_s, self._vote_timeout)
@@ -317,6 +323,10 @@ class Master:
             self._vote_deadline = None
         if new_ring == self.ring and not self.broken:
             # Nothing changed: confirm the current epoch so peers keep their ring connections.
+            # Every member is between collectives now and restarts its sequence numbers.
+            self._colls.clear()
+            self._syncs.clear()
+            self._sync_round.clear()
             addrs = [a for a in (self.peers[p].addr for p in new_ring) if a is not None]
             topo = m.Topology(epoch=self.epoch, ring=addrs)
             for pid in new_ring:
@@ -438,10 +448,18 @@ class Master:
             return
         self.state_revision = revision
         target = got[holders[0]].hashes
+        # one sum, in ring order, sent to all: every peer divides by the same float
+        total = sum(got[p].weight for p in members if p in holders)
         rnd = _SyncRound(plans={})
         for i, p in enumerate(members):
             if p in holders:
-                plan = m.SyncPlan(epoch=self.epoch, seq=msg.seq, revision=revision, action="ok")
+                plan = m.SyncPlan(
+                    epoch=self.epoch,
+                    seq=msg.seq,
+                    revision=revision,
+                    action="ok",
+                    total_weight=total,
+                )
             else:
                 mine = got[p].hashes
                 names = [n for n, h in target.items() if mine.get(n) != h]
@@ -456,6 +474,7 @@ class Master:
                     sources=[a for a in srcs if a is not None],
                     names=names,
                     hashes=target,
+                    total_weight=total,
                 )
                 rnd.waiting.add(p)
             rnd.plans[p] = plan

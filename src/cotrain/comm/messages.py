@@ -89,6 +89,9 @@ class Sync(_Msg):
     hashes: dict[str, str] = Field(max_length=100_000)
     fresh: bool = False
     """True until this peer has completed a sync: its state does not take part in the vote."""
+    weight: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    """This peer's weight in a weighted average that follows (e.g. tokens trained); the plan's
+    ``total_weight`` sums it over the peers that keep their state."""
 
 
 class SyncResult(_Msg):
@@ -158,12 +161,23 @@ class SyncPlan(_Msg):
     sources: list[PeerAddr] = []
     names: list[str] = []
     hashes: dict[str, str] = {}
+    total_weight: float = 0.0
+    """Sum of the ``weight`` of the peers whose state was elected (fetchers count zero), in
+    ring order: the same float on every peer."""
 
 
 class SyncDone(_Msg):
     type: Literal["sync_done"] = "sync_done"
     epoch: int
     seq: int
+
+
+class Joining(_Msg):
+    """Peers wait to be admitted: members should call ``update_topology()`` at their next
+    synchronisation (peers that vote only when needed learn it here)."""
+
+    type: Literal["joining"] = "joining"
+    epoch: int
 
 
 class Probe(_Msg):
@@ -183,7 +197,7 @@ ToMaster = Annotated[
     Field(discriminator="type"),
 ]
 ToPeer = Annotated[
-    Welcome | Topology | Go | Error | Abort | SyncPlan | SyncDone | Probe | Kicked,
+    Welcome | Topology | Go | Error | Abort | SyncPlan | SyncDone | Joining | Probe | Kicked,
     Field(discriminator="type"),
 ]
 _TO_MASTER: TypeAdapter[Any] = TypeAdapter(ToMaster)
