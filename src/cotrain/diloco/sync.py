@@ -3,12 +3,15 @@
 Each attempt is the same sequence of agreed phases on every peer, so peers never wait for a
 collective that another peer skipped:
 
-1. ``update_topology()``: admit joiners, drop the dead (skipped when the caller just voted);
+1. ``update_topology()``: admit joiners, drop the dead; only when there is something to do
+   (``Communicator.vote_wanted``: the master announced joiners, a peer failed, fewer than
+   ``min_workers``) or the caller asks for it. A member that skipped it while another votes
+   fails its next phase with a retryable error and votes on the retry;
 2. ``sync_shared_state()``: every replica's shared tensors are hashed; one that differs (a
-   joiner, a worker restored from an older checkpoint) fetches the majority's in place;
-3. (DiLoCo) a one-value fp32 all-reduce of the tokens each worker contributes, then the
-   pseudo-gradients, scaled by tokens / total tokens, are summed (quantized on the wire);
-   (DDP) the gradients are averaged.
+   joiner, a worker restored from an older checkpoint) fetches the majority's in place. DiLoCo
+   passes the tokens each worker contributes as its weight and gets their total back;
+3. (DiLoCo) the pseudo-gradients, scaled by tokens / total tokens, are summed (quantized on the
+   wire); (DDP) the gradients are averaged.
 
 A failure (a peer killed or cut) raises on every survivor; the inputs are left as they were, so
 the attempt is simply repeated with the new topology (commit or roll back, per step).
@@ -70,18 +73,18 @@ class Synchronizer:
         self.revision_hint = revision_hint
         self.synced_epoch = -1
 
-    def _state(self, state: dict[str, torch.Tensor]) -> SyncResult:
+    def _state(self, state: dict[str, torch.Tensor], *, weight: float = 0.0) -> SyncResult:
         """Shared-state sync; a fresh process takes its revision from a hint (0, or the
         checkpoint's) and, if a live master expects another one, from the master's answer."""
         rev = self.comm.revision
         revision = rev + 1 if rev is not None else self.revision_hint
         try:
-            res = self.comm.sync_shared_state(state, revision=revision)
+            res = self.comm.sync_shared_state(state, revision=revision, weight=weight)
         except RevisionError as e:
             found = _FOLLOW.search(str(e))
             if rev is not None or found is None:
                 raise
-            res = self.comm.sync_shared_state(state, revision=int(found[1]) + 1)
+            res = self.comm.sync_shared_state(state, revision=int(found[1]) + 1, weight=weight)
         self.synced_epoch = self.comm.epoch
         return res
 
@@ -107,7 +110,7 @@ class Synchronizer:
         raise RoundFailedError(f"synchronisation at step {step} failed {self.retries + 1} times")
 
     def _vote(self, vote: bool) -> None:
-        if not vote:
+        if not (vote or self.comm.vote_wanted or self.comm.world_size < self.min_workers):
             return
         t0 = time.perf_counter()
         self.comm.update_topology()
@@ -140,15 +143,15 @@ class Synchronizer:
         def attempt(vote: bool) -> SyncOutcome:
             self._vote(vote)
             t0 = time.perf_counter()
-            res = self._state(state)
+            # The token total comes back with the state check (no collective of its own). A
+            # replica whose outer state was just replaced computed its delta from another
+            # starting point: it counts zero there and takes part in the all-reduce with
+            # weight zero.
+            res = self._state(state, weight=float(tokens))
             sl = span() if span is not None else slice(None)
             delta, out = whole_delta[sl], whole_out[sl]
-            # A replica whose outer state was just replaced computed its delta from another
-            # starting point: it takes part in the collectives with weight zero.
             weight = 0.0 if res.fetched else float(tokens)
-            w = torch.tensor([weight], dtype=torch.float32)
-            self.comm.all_reduce(w, op="sum", quantization="none")
-            total = float(w[0])
+            total = res.total_weight
             if total > 0:
                 torch.mul(delta, weight / total, out=out)
             else:
