@@ -13,6 +13,8 @@ Every time is the slowest peer's, median over the timed rounds. On loopback ever
 ratios: this shared 2-core machine drifts, and a drift then hits both alike. Loopback uses one
 TCP connection per neighbour (``--streams 1``, as gloo does); the WAN runs use ``--wan-streams``.
 ``cpu_s_per_collective`` is the CPU time all peers spent inside one collective (median).
+Both sides run the same round: write a seeded input into the same buffer, barrier, timed
+all-reduce (a fresh 64 MiB buffer per round would cost the side that gets it ~10%).
 """
 
 from __future__ import annotations
