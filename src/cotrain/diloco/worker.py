@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -46,6 +47,16 @@ class _InFlight:
 
     tokens: int
     future: Future[SyncOutcome]
+
+
+@dataclass(frozen=True)
+class _Applied:
+    """The outer update of a finished synchronisation, applied."""
+
+    fetched: bool
+    """Our outer state was replaced by the majority's."""
+    write_record: Callable[[], None]
+    """Validates and writes its ``outer`` record."""
 
 
 class Worker:
@@ -193,38 +204,52 @@ class Worker:
     def _record(
         self, *, loss: float | None, fetched: bool = False, checkpoint: bool = True
     ) -> None:
+        self._outer_record(loss=loss, fetched=fetched)()
+        if checkpoint and self.cfg.checkpoint == "outer":
+            self._save()
+
+    def _outer_record(self, *, loss: float | None, fetched: bool) -> Callable[[], None]:
+        """The ``outer`` record of the step just taken, as a call that writes it. The state it
+        reports is read now; its validation, the slow part, runs when it is called (DiLoCo with
+        overlap: after the next synchronisation started, so it delays no other worker)."""
         if self.cfg.algo.mode == "diloco":
             # one record per sync point; validation of the outer params (the consensus model)
             rnd = int(self.outer.step[0])
             every = self.cfg.eval_every_outer * self.cfg.algo.fragments
-            last = rnd == self.schedule.sync_points
-            val = self._outer_val_loss() if rnd % every == 0 or last else None
+            due = rnd % every == 0 or rnd == self.schedule.sync_points
             digest = self.outer.digest()
+            outer = self.outer.params.clone() if due else None  # (N,)
+
+            def val() -> float | None:
+                return None if outer is None else self._outer_val_loss(outer)
         else:
             rnd = self.step // self.H
-            val = self.val_loss() if rnd % self.cfg.eval_every_outer == 0 else None
+            due = rnd % self.cfg.eval_every_outer == 0
             digest = self.param_digest()
-        self.log.write(
-            "outer",
-            outer_step=rnd,
-            step=self.step,
-            loss=None if loss is None else round(loss, 5),
-            val_loss=None if val is None else round(val, 5),
-            tokens=self.tokens,
-            hash=digest,
-            fetched=fetched,
-            **self._comm_fields(),
-            **self.clocks.as_dict(),
-        )
-        if checkpoint and self.cfg.checkpoint == "outer":
-            self._save()
 
-    def _outer_val_loss(self) -> float:
-        """Validation loss of the outer params (the local ones differ with overlap)."""
+            def val() -> float | None:
+                return self.val_loss() if due else None
+
+        head = {
+            "outer_step": rnd,
+            "step": self.step,
+            "loss": None if loss is None else round(loss, 5),
+        }
+        tail = {"tokens": self.tokens, "hash": digest, "fetched": fetched, **self._comm_fields()}
+
+        def write() -> None:
+            v = val()
+            vl = None if v is None else round(v, 5)
+            self.log.write("outer", **head, val_loss=vl, **tail, **self.clocks.as_dict())
+
+        return write
+
+    def _outer_val_loss(self, outer: torch.Tensor) -> float:
+        """Validation loss of outer params ``outer`` (N,) (the local ones differ with overlap)."""
         local = flatten(self.params)
-        if torch.equal(local, self.outer.params):
+        if torch.equal(local, outer):
             return self.val_loss()
-        load_flat(self.params, self.outer.params)
+        load_flat(self.params, outer)
         try:
             return self.val_loss()
         finally:
@@ -354,24 +379,26 @@ class Worker:
             # (if the others went on meanwhile, it fetches their state and starts over)
             flight = self._launch(tokens=self.pending_tokens, vote=True)
             if self.pool is None:
-                self._finish(flight)
+                self._finish(flight).write_record()
                 flight = None
         elif self.cfg.join == "join":
             # A joiner has nothing to contribute: it takes part in the synchronisation in
             # progress with weight zero (it voted in update_topology already), receives the
             # outer state there, applies the same average as everyone and trains from the next.
             self.delta.zero_()
-            self._finish(self._launch(tokens=0, vote=False))
+            self._finish(self._launch(tokens=0, vote=False)).write_record()
         while True:
             k = int(self.outer.step[0]) + (flight is not None)
             if k >= sched.sync_points:
                 break
             self.step = sched.start_step(k)
             losses = self._inner_phase(sched.end_step(k))
+            applied = None
             if flight is not None:
-                fetched = self._finish(flight, losses=losses)
+                applied = self._finish(flight, losses=losses)
                 flight = None
-                if fetched:  # our progress was measured from another state: start over
+                if applied.fetched:  # our progress was measured from another state: start over
+                    applied.write_record()
                     continue
             fr = self.frags[sched.fragment(k)]
             span = slice(fr.start, fr.stop)
@@ -383,11 +410,15 @@ class Worker:
                 self._save(pending_tokens=tokens)
             # no forced vote: the synchroniser votes when the membership has to change
             flight = self._launch(tokens=tokens, vote=False)
+            if applied is not None:
+                # validate only now: the synchronisation just started waits for every worker
+                # to start it, so validating before would hold up the others too
+                applied.write_record()
             if self.pool is None:
-                self._finish(flight, losses=losses)
+                self._finish(flight, losses=losses).write_record()
                 flight = None
         if flight is not None:
-            self._finish(flight)
+            self._finish(flight).write_record()
         if self.cfg.checkpoint == "outer":
             self._save()
 
@@ -448,8 +479,8 @@ class Worker:
         fr = self.frags[self.schedule.fragment(int(self.outer.step[0]))]
         return slice(fr.start, fr.stop)
 
-    def _finish(self, flight: _InFlight, *, losses: list[float] | None = None) -> bool:
-        """Wait for ``flight``, apply its outer update; True if our outer state was replaced."""
+    def _finish(self, flight: _InFlight, *, losses: list[float] | None = None) -> _Applied:
+        """Wait for ``flight`` and apply its outer update (its record is the caller's to write)."""
         t0 = time.perf_counter()
         out = flight.future.result(timeout=self._sync_timeout_s)
         if self.pool is not None:
@@ -470,8 +501,7 @@ class Worker:
             since = self.anchor[span] - flatten([self.params[i] for i in fr.params])
             load_flat([self.params[i] for i in fr.params], self.outer.params[span] - since)
         loss = sum(losses) / len(losses) if losses else None
-        self._record(loss=loss, fetched=out.fetched, checkpoint=False)
-        return out.fetched
+        return _Applied(out.fetched, self._outer_record(loss=loss, fetched=out.fetched))
 
     @property
     def _sync_timeout_s(self) -> float:
