@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
 from diloco_harness import tiny_train_config, write_fake_shakespeare
 
+from cotrain.comm.communicator import Communicator
 from cotrain.comm.launch import Proc, start_master
 from cotrain.core.config import load_config
-from cotrain.core.errors import ConfigError
+from cotrain.core.errors import ConfigError, TimeoutExpired
 from cotrain.data import prepare
 from cotrain.diloco import OuterConfig, OuterState, TrainConfig, Worker
 from cotrain.diloco.launch import start_worker
-from cotrain.diloco.metrics import read_log
+from cotrain.diloco.metrics import Clocks, MetricsLog, read_log
+from cotrain.diloco.sync import Synchronizer, SyncOutcome
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -387,3 +389,20 @@ def test_ddp_kill_and_join(cache: Path, tmp_path: Path) -> None:
     for k in o2:
         assert o2[k]["hash"] == o0[k]["hash"], k
     assert o2[4]["world"] == 2
+
+
+def test_a_timed_out_synchronisation_is_retried_with_a_vote(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path / "w.jsonl", echo=False)
+    sync = Synchronizer(cast(Communicator, None), clocks=Clocks(), log_=log, retries=2)
+    votes: list[bool] = []
+
+    def attempt(vote: bool) -> SyncOutcome:
+        votes.append(vote)
+        if len(votes) == 1:
+            raise TimeoutExpired("timed out waiting for the shared-state plan")
+        return SyncOutcome(fetched=False, total_weight=1.0, world=2, attempts=1)
+
+    out = sync.run(attempt, vote=False, step=4)
+    log.close()
+    assert votes == [False, True] and out.attempts == 2
+    assert [r["error"] for r in read_log(tmp_path / "w.jsonl")] == ["TimeoutExpired"]

@@ -13,8 +13,9 @@ collective that another peer skipped:
 3. (DiLoCo) the pseudo-gradients, scaled by tokens / total tokens, are summed (quantized on the
    wire); (DDP) the gradients are averaged.
 
-A failure (a peer killed or cut) raises on every survivor; the inputs are left as they were, so
-the attempt is simply repeated with the new topology (commit or roll back, per step).
+A failure (a peer killed or cut, a request timed out) raises on every survivor; the inputs are
+left as they were, so the attempt is simply repeated with the new topology (commit or roll
+back, per step).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from cotrain.comm.communicator import Communicator, SyncResult
 from cotrain.comm.config import Quantization
 from cotrain.comm.errors import PeerFailedError, RevisionError, TopologyChangedError
 from cotrain.core.clock import Deadline
+from cotrain.core.errors import TimeoutExpired
 from cotrain.diloco.errors import RoundFailedError
 from cotrain.diloco.metrics import Clocks, MetricsLog
 
@@ -101,7 +103,9 @@ class Synchronizer:
             try:
                 out = attempt(vote)
                 return SyncOutcome(out.fetched, out.total_weight, out.world, k + 1)
-            except (PeerFailedError, TopologyChangedError) as e:
+            # A timeout (the master or a peer stayed silent past request_timeout_s) is retried
+            # too: the vote that starts the retry realigns every member's phase numbers.
+            except (PeerFailedError, TopologyChangedError, TimeoutExpired) as e:
                 self.clocks.waiting_s += time.perf_counter() - t0
                 self.log.write(
                     "failed", step=step, attempt=k, error=type(e).__name__, message=str(e)[:200]
