@@ -14,7 +14,10 @@ ratios: this shared 2-core machine drifts, and a drift then hits both alike. Loo
 TCP connection per neighbour (``--streams 1``, as gloo does); the WAN runs use ``--wan-streams``.
 ``cpu_s_per_collective`` is the CPU time all peers spent inside one collective (median).
 Both sides run the same round: write a seeded input into the same buffer, barrier, timed
-all-reduce (a fresh 64 MiB buffer per round would cost the side that gets it ~10%).
+all-reduce (a fresh 64 MiB buffer per round would cost the side that gets it ~10%). ``--buffer``
+picks who allocates that buffer, for both: torch (the default, as for model tensors) or numpy,
+which asks the kernel for transparent huge pages; copies into those are cheaper, and gloo gains
+more from them than cotrain (whose scratch buffers are numpy's either way).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -63,6 +67,7 @@ def _peer_config(
     quant: str,
     rounds: int,
     rollback: bool = True,
+    buffer: str = "numpy",
 ) -> PeerProgramConfig:
     """A benchmark peer: one warm-up round, then ``rounds`` timed sums, each after a barrier."""
     return PeerProgramConfig(
@@ -76,6 +81,7 @@ def _peer_config(
         barrier=True,
         digest=False,
         rollback=rollback,
+        buffer=buffer,
     )
 
 
@@ -118,6 +124,7 @@ def run_cotrain(
     streams: int = 4,
     chunk_kb: int = 512,
     rollback: bool = True,
+    buffer: str = "numpy",
 ) -> Timed:
     """Per-round collective time (slowest peer) for ``rounds`` rounds after one warm-up."""
     master, port = start_master(SECRET)
@@ -125,7 +132,9 @@ def run_cotrain(
     try:
         for i in range(world):
             comm = CommConfig(master_port=port, streams=streams, chunk_kb=chunk_kb)
-            cfg = _peer_config(comm, i, world, numel, quant, rounds, rollback=rollback)
+            cfg = _peer_config(
+                comm, i, world, numel, quant, rounds, rollback=rollback, buffer=buffer
+            )
             procs.append(start_peer(cfg, SECRET))
         times, _, cpu = _collect(procs)
         return Timed(times, cpu)
@@ -138,16 +147,22 @@ def run_cotrain(
 # ---- gloo ----------------------------------------------------------------------------------------
 
 
-def gloo_worker(rank: int, world: int, port: int, numel: int, rounds: int, host: str) -> None:
+def gloo_worker(
+    rank: int, world: int, port: int, numel: int, rounds: int, host: str, buffer: str
+) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank, world_size=world)
     # the same input regime as the cotrain peers (program.run): a seeded base plus the round,
-    # written into the same buffer every round, then a barrier, then the timed all-reduce
+    # written into the same buffer every round, then a barrier, then the timed all-reduce; the
+    # buffer comes from the same allocator as theirs (--buffer)
     base = torch.from_numpy(base_input(0, rank, numel))
-    x = torch.empty_like(base)
+    if buffer == "numpy":
+        x = torch.from_numpy(np.empty(numel, dtype=np.float32))
+    else:
+        x = torch.empty(numel, dtype=torch.float32)
     times = []
     cpu = []
     for rnd in range(rounds + 1):
@@ -162,7 +177,7 @@ def gloo_worker(rank: int, world: int, port: int, numel: int, rounds: int, host:
     dist.destroy_process_group()
 
 
-def run_gloo(world: int, numel: int, rounds: int) -> Timed:
+def run_gloo(world: int, numel: int, rounds: int, buffer: str = "numpy") -> Timed:
     port = free_port()
     procs = [
         subprocess.Popen(
@@ -176,6 +191,7 @@ def run_gloo(world: int, numel: int, rounds: int) -> Timed:
                 str(numel),
                 str(rounds),
                 "127.0.0.1",
+                buffer,
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -316,11 +332,18 @@ def main() -> None:
         default="mtu",
         help="WanConfig.segmentation: mtu = one packet per MSS, as on a real WAN",
     )
-    ap.add_argument("--gloo-worker", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--buffer",
+        choices=["torch", "numpy"],
+        default="torch",
+        help="who allocates every peer's input, gloo's and cotrain's alike: torch (as model\n"
+        "tensors are) or numpy (which asks for transparent huge pages: cheaper kernel copies)",
+    )
+    ap.add_argument("--gloo-worker", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.gloo_worker:
-        r, w, port, n, rounds, host = args.gloo_worker
-        gloo_worker(int(r), int(w), int(port), int(n), int(rounds), host)
+        r, w, port, n, rounds, host, buffer = args.gloo_worker
+        gloo_worker(int(r), int(w), int(port), int(n), int(rounds), host, buffer)
         return
     worlds = (
         [int(x) for x in args.worlds.split(",")]
@@ -353,7 +376,7 @@ def main() -> None:
             for rep in range(reps):
                 for impl, q, rollback in cases:
                     runs[(impl, q)].append(
-                        run_gloo(world, numel, rounds)
+                        run_gloo(world, numel, rounds, args.buffer)
                         if impl == "gloo"
                         else run_cotrain(
                             world,
@@ -363,6 +386,7 @@ def main() -> None:
                             streams=args.streams,
                             chunk_kb=args.chunk_kb,
                             rollback=rollback,
+                            buffer=args.buffer,
                         )
                     )
                 console.print(f"{size:g} MiB, world {world}: repetition {rep + 1}/{reps} done")
@@ -377,6 +401,7 @@ def main() -> None:
                     [x for t in timed for x in t.times],
                     cpu=[x for t in timed for x in t.cpu],
                 )
+                r["buffer"] = args.buffer
                 if impl != "gloo":
                     r["streams"], r["chunk_kb"] = args.streams, args.chunk_kb
                     # busbw ratio per repetition (gloo's and ours from the same repetition)

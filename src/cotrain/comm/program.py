@@ -62,6 +62,9 @@ class PeerProgramConfig(ConfigModel):
     every peer ready (as a barrier does for torch.distributed)."""
     rollback: bool = True
     """Save the input so a failed all-reduce leaves it unchanged (the library's default)."""
+    buffer: Literal["numpy", "torch"] = "numpy"
+    """Who allocates an fp32 input: numpy (which asks the kernel for transparent huge pages for
+    large arrays) or torch (as for model tensors; no huge pages unless the system default)."""
     digest: bool = True
     """Report a SHA-256 prefix of each result (costs a pass over the tensor)."""
 
@@ -120,8 +123,14 @@ def run(cfg: PeerProgramConfig) -> int:
     rnd = 0
     first = True
     base = base_input(cfg.seed, cfg.index, cfg.numel)
-    values = np.empty_like(base)
     tensor: Any = None
+    if cfg.dtype == "fp32" and cfg.buffer == "torch":
+        import torch
+
+        tensor = torch.empty(cfg.numel, dtype=torch.float32)
+        values = tensor.numpy()  # the same memory
+    else:
+        values = np.empty_like(base)
     ping = np.zeros(1, dtype=np.float32)
     while rnd < cfg.rounds:
         attempt = 0
@@ -141,7 +150,8 @@ def run(cfg: PeerProgramConfig) -> int:
                 rnd = int(counter[0])  # a joiner (or a peer that was dropped) learns the round
                 first = False
                 np.add(base, np.float32(rnd), out=values)  # make_input, in place
-                tensor = _tensor(values, cfg.dtype, tensor)
+                if cfg.dtype != "fp32" or cfg.buffer == "numpy":
+                    tensor = _tensor(values, cfg.dtype, tensor)
                 collective = True
                 if cfg.barrier:
                     comm.all_reduce(ping, op="sum")

@@ -36,7 +36,7 @@ import numpy as np
 from cotrain.comm.errors import PeerFailedError, ProtocolError
 from cotrain.comm.frames import recv_exact, recv_into_exact
 from cotrain.comm.quant import Codec
-from cotrain.comm.tensors import Backup
+from cotrain.comm.tensors import Backup, aligned_empty
 from cotrain.comm.transport import close_quietly
 
 _PREAMBLE = struct.Struct("!QQQ")  # epoch, seq, count
@@ -225,7 +225,7 @@ def all_reduce(
             received = 0
             try:
                 _check_preamble(sock, epoch, seq, count)
-                rbuf = np.empty(codec.wire_nbytes(chunk), dtype=np.uint8)
+                rbuf = aligned_empty(codec.wire_nbytes(chunk), np.uint8)
                 for t in range(n - 1):  # reduce-scatter
                     for a, b in plan[(rank - t - 1) % n][j]:
                         size = codec.wire_nbytes(b - a)
