@@ -63,6 +63,8 @@ class Row:
     blocked_s_per_worker: float
     """Overlap: time the inner loop stood still waiting for a background synchronisation."""
     steps: int
+    inner_time_s: float | None = None
+    """DiLoCo inner phases bounded by time (``--inner-time-s``) instead of H steps."""
     curve: list[tuple[int, float]] = field(default_factory=list)
     """(tokens seen by all workers, validation loss) after each outer step."""
 
@@ -116,6 +118,8 @@ def run_case(
     over = [f"algo.mode={mode}", f"algo.quantization={quant}", *extra]
     if mode == "diloco":
         over += [f"algo.overlap={str(overlap).lower()}", f"algo.fragments={args.fragments}"]
+        if args.inner_time_s:
+            over.append(f"algo.inner_time_s={args.inner_time_s}")
     if steps is not None:
         over.append(f"total_steps={steps}")
     if mode == "single":
@@ -178,6 +182,7 @@ def run_case(
         overlap=overlap and mode == "diloco",
         fragments=args.fragments if mode == "diloco" else 1,
         warm_start_steps=args.warm_steps if any("init_from" in x for x in extra) else 0,
+        inner_time_s=args.inner_time_s,
     )
     if keep is None:
         shutil.rmtree(out, ignore_errors=True)
@@ -217,12 +222,14 @@ def _row(procs: list[Proc], out: Path, **kw: Any) -> Row:
         comm_s_per_worker=sum(d["comm_s"] + d["waiting_s"] for d in done) / n,
         blocked_s_per_worker=sum(d.get("blocked_s", 0.0) for d in done) / n,
         steps=done[0]["step"],
+        inner_time_s=kw.get("inner_time_s") if kw["mode"] == "diloco" else None,
         curve=[(int(r["step"] * per_step), r["val_loss"]) for r in outer],
     )
 
 
 def _label(r: Row) -> str:
     extra = (" overlap" if r.overlap else "") + (f" F={r.fragments}" if r.fragments > 1 else "")
+    extra += f" T={r.inner_time_s:g}s" if r.inner_time_s else ""
     return f"{r.mode} {r.quant} x{r.workers}{extra}{' wan' if r.wan else ''}"
 
 
@@ -255,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--steps", type=int, help="steps per worker (default 800; quick 60)")
     ap.add_argument("--inner-steps", type=int, default=50, help="H")
+    ap.add_argument(
+        "--inner-time-s",
+        type=float,
+        default=None,
+        help="DiLoCo cases: bound each inner phase by this many seconds instead of H steps\n"
+        "(algo.inner_time_s: workers of unequal speed stop together; pseudo-gradients are\n"
+        "weighted by tokens). The schedule still advances H steps per outer step.",
+    )
     ap.add_argument("--batch", type=int, help="sequences per worker per step (8; quick 4)")
     ap.add_argument("--width", type=int, default=64, help="GPT n_embd (2 layers, 4 heads)")
     ap.add_argument("--seq-len", type=int, default=64)
