@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from cotrain.comm.quant import bf16_bits_to_fp32, fp32_to_bf16_bits
+
+
+def _copier() -> Callable[[np.ndarray, np.ndarray], None] | None:
+    """The C streaming copy (``_stream.c``), if it was built and not switched off with
+    COTRAIN_FAST_COPY=0."""
+    if os.environ.get("COTRAIN_FAST_COPY", "1") == "0":
+        return None
+    try:
+        module = importlib.import_module("cotrain.comm._stream")
+    except ImportError:
+        return None
+    copy: Callable[[np.ndarray, np.ndarray], None] = module.copy
+    return copy
+
+
+FAST_COPY = _copier()
+"""Copies the input backup with cache-bypassing stores; None: numpy's copy."""
 
 SUPPORTED = ("fp32", "fp16", "bf16")
 
@@ -55,7 +75,10 @@ class Backup:
 
     def save(self, a: int, b: int) -> None:
         """Call before the first change to live[a:b]."""
-        self._store[a:b] = self._live[a:b]
+        if FAST_COPY is not None:
+            FAST_COPY(self._store[a:b], self._live[a:b])
+        else:
+            self._store[a:b] = self._live[a:b]
         self._saved.append((a, b))
 
     def restore(self) -> None:
