@@ -346,7 +346,15 @@ def main(argv: list[str] | None = None) -> int:
             keep=warm_dir,
         )
         warm = (f"init_from={warm_dir / 'worker0.ckpt'}",)
-    for name in chosen:
+    if args.wan:
+        from cotrain.netem import netns_unavailable_reason
+
+        if reason := netns_unavailable_reason():
+            console.print(f"[yellow]skipping --wan: {reason}")
+            wan_chosen = []
+    # the loopback cases continue from the warm start; the WAN ones start cold (DDP runs fewer
+    # steps there: each one waits on the link)
+    for name, wan in [(c, False) for c in chosen] + [(c, True) for c in wan_chosen]:
         mode, quant, workers, overlap = cases[name]
         rows.append(
             run_case(
@@ -355,31 +363,12 @@ def main(argv: list[str] | None = None) -> int:
                 mode=mode,
                 quant=quant,
                 workers=workers,
+                wan=wan,
                 overlap=overlap,
-                extra=warm if mode != "single" else (),
+                steps=args.wan_ddp_steps if wan and mode == "ddp" else None,
+                extra=warm if not wan and mode != "single" else (),
             )
         )
-    if args.wan:
-        from cotrain.netem import netns_unavailable_reason
-
-        reason = netns_unavailable_reason()
-        if reason:
-            console.print(f"[yellow]skipping --wan: {reason}")
-            wan_chosen = []
-        for name in wan_chosen:
-            mode, quant, workers, overlap = cases[name]
-            rows.append(
-                run_case(
-                    args,
-                    console,
-                    mode=mode,
-                    quant=quant,
-                    workers=workers,
-                    wan=True,
-                    overlap=overlap,
-                    steps=args.wan_ddp_steps if mode == "ddp" else None,
-                )
-            )
     table = Table(title=f"DiLoCo benchmark ({args.steps} steps per worker, equal tokens)")
     cols = ("mode", "quant", "workers", "H", "F", "overlap", "tokens", "val loss")
     for col in (*cols, "MiB sent/worker", "utilization", "wan", "wall s"):

@@ -75,3 +75,16 @@ def tiny_train_config(cache: Path, out: Path, **overrides: Any) -> dict[str, Any
             node = node.setdefault(part, {})
         node[last] = value
     return cfg
+
+
+def pair_worker_config(
+    cache: Path, out: Path, port: int, index: int, *, elastic: bool = False, **overrides: Any
+) -> Any:
+    """Worker ``index`` of a 2-worker run against the master on ``port`` (a ``TrainConfig``).
+    ``elastic``: a lone survivor waits up to 120 s for a replacement instead of going on."""
+    from cotrain.diloco import TrainConfig
+
+    if elastic:
+        overrides = {"algo.min_workers": 2, "algo.min_workers_timeout_s": 120, **overrides}
+    d = tiny_train_config(cache, out, **{"comm.master_port": port, **overrides})
+    return TrainConfig.model_validate({**d, "worker_index": index, "world": 2})

@@ -231,3 +231,33 @@ def test_all_reduce_with_retry_finishes_with_the_survivors() -> None:
         for i in (0, 1):
             assert out[i].world_size == 2, out[i]
             np.testing.assert_array_equal(tensors[i], inputs[0] + inputs[1])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("dtype", "buffer", "tol"),
+    [("fp32", "torch", 1e-4), ("fp16", "numpy", 0.02), ("bf16", "numpy", 0.1)],
+)
+def test_scripted_peers_reduce_each_input_kind(
+    master: int, tmp_path: Path, dtype: str, buffer: str, tol: float
+) -> None:
+    """The peer program's other inputs (a torch-allocated fp32 tensor, fp16 and bf16 tensors)
+    are refilled in place every round and reduced to the same bytes everywhere."""
+    procs = [
+        start_peer(
+            config(master, i, world=2, rounds=2, dtype=dtype, buffer=buffer, out_dir=str(tmp_path)),
+            SECRET,
+        )
+        for i in range(2)
+    ]
+    try:
+        for p in procs:
+            assert collect(p)[-1]["event"] == "done"
+    finally:
+        for p in procs:
+            p.stop()
+    for rnd in range(2):
+        a, b = (np.load(tmp_path / f"r{rnd}_p{i}.npy") for i in range(2))
+        assert np.array_equal(a, b)
+        expect = sum(make_input(SEED, i, rnd, NUMEL).astype(np.float64) for i in range(2))
+        assert np.abs(a - expect).max() < tol

@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import pytest
 import torch
-from diloco_harness import tiny_train_config, write_fake_shakespeare
+from diloco_harness import pair_worker_config, tiny_train_config, write_fake_shakespeare
 
 from cotrain.comm.communicator import Communicator
 from cotrain.comm.launch import Proc, start_master
@@ -128,16 +128,9 @@ def test_diloco_kill_and_join_keeps_replicas_bit_identical(
     try:
 
         def cfg(i: int, **kw: Any) -> TrainConfig:
-            # min_workers=2: the survivor waits for the replacement (blocking join)
-            over = {
-                "comm.master_port": port,
-                "algo.min_workers": 2,
-                "algo.min_workers_timeout_s": 120,
-                "algo.overlap": overlap,
-                "algo.fragments": fragments,
-            }
-            d = tiny_train_config(cache, tmp_path, **over, **kw)
-            return TrainConfig.model_validate({**d, "worker_index": i, "world": 2})
+            # elastic: the survivor waits for the replacement (blocking join)
+            over = {"algo.overlap": overlap, "algo.fragments": fragments, **kw}
+            return pair_worker_config(cache, tmp_path, port, i, elastic=True, **over)
 
         procs.append(start_worker(cfg(0), secret))
         procs.append(start_worker(cfg(1, kill_at_step=10), secret))
@@ -238,17 +231,8 @@ def test_ddp_replicas_identical_and_every_step_moves_the_model(cache: Path, tmp_
     procs = []
     try:
         for i in range(2):
-            d = tiny_train_config(
-                cache,
-                tmp_path,
-                **{"comm.master_port": port, "algo.mode": "ddp", "algo.quantization": "none"},
-                total_steps=8,
-            )
-            procs.append(
-                start_worker(
-                    TrainConfig.model_validate({**d, "worker_index": i, "world": 2}), secret
-                )
-            )
+            over = {"algo.mode": "ddp", "algo.quantization": "none", "total_steps": 8}
+            procs.append(start_worker(pair_worker_config(cache, tmp_path, port, i, **over), secret))
         _finish(procs, 360)
     finally:
         for p in procs:
@@ -365,15 +349,8 @@ def test_ddp_kill_and_join(cache: Path, tmp_path: Path) -> None:
     try:
 
         def cfg(i: int, **kw: Any) -> TrainConfig:
-            over = {
-                "comm.master_port": port,
-                "algo.mode": "ddp",
-                "algo.ddp_vote_every_steps": 2,
-                "algo.min_workers": 2,
-                "algo.min_workers_timeout_s": 120,
-            }
-            d = tiny_train_config(cache, tmp_path, **over, total_steps=16, **kw)
-            return TrainConfig.model_validate({**d, "worker_index": i, "world": 2})
+            over = {"algo.mode": "ddp", "algo.ddp_vote_every_steps": 2, "total_steps": 16, **kw}
+            return pair_worker_config(cache, tmp_path, port, i, elastic=True, **over)
 
         procs.append(start_worker(cfg(0), secret))
         procs.append(start_worker(cfg(1, kill_at_step=6), secret))

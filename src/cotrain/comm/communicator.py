@@ -43,7 +43,7 @@ from cotrain.comm.quant import Codec, codec_for
 from cotrain.comm.ring import TransferStats
 from cotrain.comm.state import digest, fetch_from_sources, serve_state, views
 from cotrain.comm.tensors import Scratch, flat_view
-from cotrain.comm.transport import DataServer, close_quietly, dial
+from cotrain.comm.transport import DataServer, close_quietly, dial_peer
 from cotrain.core.clock import Deadline
 from cotrain.core.errors import TimeoutExpired
 
@@ -343,19 +343,8 @@ class Communicator:
 
         def one(j: int) -> None:
             try:
-                socks[j] = dial(
-                    nxt.host,
-                    nxt.port,
-                    self._secret,
-                    timeout_s=self.config.connect_timeout_s,
-                    tls=self.config.tls,
-                    hello={
-                        "type": "ring",
-                        "peer_id": self.peer_id,
-                        "epoch": self._epoch,
-                        "stream": j,
-                    },
-                )
+                hello = {"type": "ring", "peer_id": self.peer_id, "epoch": self._epoch, "stream": j}
+                socks[j] = dial_peer(nxt.host, nxt.port, self._secret, self.config, hello)
             except BaseException as e:
                 errors.append(e)
 

@@ -15,7 +15,7 @@ from cotrain.comm import messages as m
 from cotrain.comm.config import CommConfig
 from cotrain.comm.errors import CommError
 from cotrain.comm.frames import recv_exact
-from cotrain.comm.transport import close_quietly, dial
+from cotrain.comm.transport import close_quietly, dial_peer
 
 log = logging.getLogger("cotrain.comm")
 
@@ -25,19 +25,13 @@ MAX_PROBE_BYTES = 1 << 30
 def send(target: m.PeerAddr, nbytes: int, secret: bytes, config: CommConfig) -> float:
     """Megabits per second to ``target`` (0.0 if it cannot be reached)."""
     try:
-        sock = dial(
-            target.host,
-            target.port,
-            secret,
-            timeout_s=config.connect_timeout_s,
-            tls=config.tls,
-            hello={"type": "probe", "nbytes": nbytes},
+        sock = dial_peer(
+            target.host, target.port, secret, config, {"type": "probe", "nbytes": nbytes}
         )
     except (OSError, CommError) as e:
         log.warning("probe to %s failed: %s", target.peer_id, e)
         return 0.0
     try:
-        sock.settimeout(config.stall_timeout_s)
         payload = memoryview(bytes(min(nbytes, 1 << 20)))
         t0 = time.perf_counter()
         left = nbytes

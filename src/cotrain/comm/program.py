@@ -82,19 +82,30 @@ def make_input(
     return base + np.float32(rnd)
 
 
-def _tensor(values: np.ndarray, dtype: str, out: Any = None) -> Any:
-    """``values`` as the collective's tensor: fp32 is ``values`` itself; other dtypes are
-    converted into ``out`` (the previous round's tensor) when given. Every round then reduces
-    the same memory, as a trainer reducing its gradient buffers does (and as the
-    torch.distributed baseline in bench/allreduce.py does), not 64 fresh MiB."""
-    if dtype == "fp32":
-        return values
+def _buffers(cfg: PeerProgramConfig) -> tuple[np.ndarray, Any]:
+    """(fp32 values the round's input is written into, the tensor the collective reduces).
+
+    Both are allocated once: every round reduces the same memory, as a trainer reducing its
+    gradient buffers does (and as the torch.distributed baseline in bench/allreduce.py does),
+    not 64 fresh MiB. An fp32 tensor *is* the values (numpy's array, or a torch tensor sharing
+    its memory); fp16/bf16 tensors get the values converted in by ``_convert`` each round."""
+    if cfg.dtype == "fp32" and cfg.buffer == "numpy":
+        values = np.empty(cfg.numel, dtype=np.float32)
+        return values, values
     import torch
 
-    if out is None:
-        return torch.from_numpy(values).to(torch.float16 if dtype == "fp16" else torch.bfloat16)
-    out.copy_(torch.from_numpy(values))
-    return out
+    if cfg.dtype == "fp32":
+        tensor = torch.empty(cfg.numel, dtype=torch.float32)
+        return tensor.numpy(), tensor
+    dtype = torch.float16 if cfg.dtype == "fp16" else torch.bfloat16
+    return np.empty(cfg.numel, dtype=np.float32), torch.empty(cfg.numel, dtype=dtype)
+
+
+def _convert(values: np.ndarray, tensor: Any) -> None:
+    """Round the fp32 ``values`` into the fp16/bf16 torch ``tensor``."""
+    import torch
+
+    tensor.copy_(torch.from_numpy(values))
 
 
 def _as_fp32(t: Any) -> np.ndarray:
@@ -123,14 +134,7 @@ def run(cfg: PeerProgramConfig) -> int:
     rnd = 0
     first = True
     base = base_input(cfg.seed, cfg.index, cfg.numel)
-    tensor: Any = None
-    if cfg.dtype == "fp32" and cfg.buffer == "torch":
-        import torch
-
-        tensor = torch.empty(cfg.numel, dtype=torch.float32)
-        values = tensor.numpy()  # the same memory
-    else:
-        values = np.empty_like(base)
+    values, tensor = _buffers(cfg)
     ping = np.zeros(1, dtype=np.float32)
     while rnd < cfg.rounds:
         attempt = 0
@@ -150,8 +154,8 @@ def run(cfg: PeerProgramConfig) -> int:
                 rnd = int(counter[0])  # a joiner (or a peer that was dropped) learns the round
                 first = False
                 np.add(base, np.float32(rnd), out=values)  # make_input, in place
-                if cfg.dtype != "fp32" or cfg.buffer == "numpy":
-                    tensor = _tensor(values, cfg.dtype, tensor)
+                if cfg.dtype != "fp32":
+                    _convert(values, tensor)
                 collective = True
                 if cfg.barrier:
                     comm.all_reduce(ping, op="sum")

@@ -20,7 +20,7 @@ from cotrain.comm.config import CommConfig
 from cotrain.comm.errors import CommError, ProtocolError, StateSyncError
 from cotrain.comm.frames import recv_into_exact, recv_json, send_json
 from cotrain.comm.tensors import FlatView, state_view
-from cotrain.comm.transport import close_quietly, dial
+from cotrain.comm.transport import close_quietly, dial_peer
 
 log = logging.getLogger("cotrain.comm")
 
@@ -131,15 +131,8 @@ def fetch_from_sources(
     failures = []
     for src in plan.sources:
         try:
-            sock = dial(
-                src.host,
-                src.port,
-                secret,
-                timeout_s=config.connect_timeout_s,
-                tls=config.tls,
-                hello={"type": "state", "epoch": plan.epoch, "seq": plan.seq, "peer_id": peer_id},
-            )
-            sock.settimeout(config.stall_timeout_s)
+            hello = {"type": "state", "epoch": plan.epoch, "seq": plan.seq, "peer_id": peer_id}
+            sock = dial_peer(src.host, src.port, secret, config, hello)
             try:
                 received = fetch_state(
                     sock, flat, plan.names, plan.hashes, config.max_frame_kb * 1024

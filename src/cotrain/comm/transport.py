@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cotrain.comm.auth import client_handshake, server_handshake
-from cotrain.comm.config import TLSConfig
+from cotrain.comm.config import CommConfig, TLSConfig
 from cotrain.comm.errors import AuthError, ProtocolError
 from cotrain.comm.frames import recv_json, send_json
 from cotrain.comm.tls import client_context, server_context
@@ -59,6 +59,16 @@ def dial(
     except BaseException:
         sock.close()
         raise
+
+
+def dial_peer(
+    host: str, port: int, secret: bytes, config: CommConfig, hello: dict[str, Any]
+) -> socket.socket:
+    """``dial`` another peer's data server (ring, state or probe) with ``config``'s connect
+    timeout and TLS; the socket then times out after ``stall_timeout_s`` of silence."""
+    sock = dial(host, port, secret, timeout_s=config.connect_timeout_s, tls=config.tls, hello=hello)
+    sock.settimeout(config.stall_timeout_s)
+    return sock
 
 
 def close_quietly(sock: socket.socket | None) -> None:
