@@ -113,6 +113,30 @@ def _finish(procs: list[Proc], timeout_s: float) -> None:
             raise AssertionError(f"{p.name} did not finish: {' | '.join(p.lines[-5:])}") from None
 
 
+def _kill_and_replace(cache: Path, out: Path, kill_at_step: int, **over: Any) -> list[Proc]:
+    """Workers 0 and 1 start (elastic: a lone survivor waits for a replacement); worker 1 is
+    killed at ``kill_at_step``; a fresh worker 2 joins; 0 and 2 run to the end.
+    Returns the three processes, all ended."""
+    secret = secrets.token_hex(8)
+    master, port = start_master(secret)
+    procs: list[Proc] = []
+
+    def cfg(i: int, **kw: Any) -> TrainConfig:
+        return pair_worker_config(cache, out, port, i, elastic=True, **over, **kw)
+
+    try:
+        procs.append(start_worker(cfg(0), secret))
+        procs.append(start_worker(cfg(1, kill_at_step=kill_at_step), secret))
+        assert procs[1].popen.wait(360) == -9
+        procs.append(start_worker(cfg(2, join="join"), secret))
+        _finish([procs[0], procs[2]], 360)
+    finally:
+        for p in procs:
+            p.stop()
+        master.stop()
+    return procs
+
+
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize(
     ("overlap", "fragments"), [(False, 1), (True, 2)], ids=["diloco", "overlap-fragments"]
@@ -122,25 +146,8 @@ def test_diloco_kill_and_join_keeps_replicas_bit_identical(
 ) -> None:
     """A worker is killed mid-run (with overlap: while a synchronisation is in flight or about
     to start) and a fresh one joins; the outer state stays bit-identical by hash."""
-    secret = secrets.token_hex(8)
-    master, port = start_master(secret)
-    procs: list[Proc] = []
-    try:
-
-        def cfg(i: int, **kw: Any) -> TrainConfig:
-            # elastic: the survivor waits for the replacement (blocking join)
-            over = {"algo.overlap": overlap, "algo.fragments": fragments, **kw}
-            return pair_worker_config(cache, tmp_path, port, i, elastic=True, **over)
-
-        procs.append(start_worker(cfg(0), secret))
-        procs.append(start_worker(cfg(1, kill_at_step=10), secret))
-        assert procs[1].popen.wait(360) == -9  # killed in its third inner phase
-        procs.append(start_worker(cfg(2, join="join"), secret))
-        _finish([procs[0], procs[2]], 360)
-    finally:
-        for p in procs:
-            p.stop()
-        master.stop()
+    over = {"algo.overlap": overlap, "algo.fragments": fragments}
+    procs = _kill_and_replace(cache, tmp_path, 10, **over)  # killed in its third inner phase
     w0, w2 = _records(procs[0]), _records(procs[2])
     o0, o2 = _outer(w0), _outer(w2)
     last = 6 * fragments + fragments - 1  # sync points: 6 outer steps of 4, F - 1 final ones
@@ -343,24 +350,8 @@ def test_warm_start_continues_the_run_exactly(cache: Path, tmp_path: Path) -> No
 def test_ddp_kill_and_join(cache: Path, tmp_path: Path) -> None:
     """DDP: a worker is killed, a fresh one joins at a vote, fetches params, AdamW moments and
     step, and from then on is bit-identical to the survivor."""
-    secret = secrets.token_hex(8)
-    master, port = start_master(secret)
-    procs: list[Proc] = []
-    try:
-
-        def cfg(i: int, **kw: Any) -> TrainConfig:
-            over = {"algo.mode": "ddp", "algo.ddp_vote_every_steps": 2, "total_steps": 16, **kw}
-            return pair_worker_config(cache, tmp_path, port, i, elastic=True, **over)
-
-        procs.append(start_worker(cfg(0), secret))
-        procs.append(start_worker(cfg(1, kill_at_step=6), secret))
-        assert procs[1].popen.wait(360) == -9
-        procs.append(start_worker(cfg(2, join="join"), secret))
-        _finish([procs[0], procs[2]], 360)
-    finally:
-        for p in procs:
-            p.stop()
-        master.stop()
+    over = {"algo.mode": "ddp", "algo.ddp_vote_every_steps": 2, "total_steps": 16}
+    procs = _kill_and_replace(cache, tmp_path, 6, **over)
     o0, o2 = _outer(_records(procs[0])), _outer(_records(procs[2]))
     assert sorted(o0) == [1, 2, 3, 4] and o2 and max(o2) == 4
     for k in o2:
