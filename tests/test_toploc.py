@@ -298,7 +298,7 @@ def test_records_roundtrip_and_bad_lines(honest, tmp_path):
     assert [ln.rollout == r for ln, r in zip(lines[:2], res.rollouts, strict=False)] == [True] * 2
     assert [ln.line_no for ln in lines[2:]] == [3, 5, 6]
     errors = [ln.error for ln in lines[2:]]
-    assert "not JSON" in errors[0] and "missing field" in errors[1] and "base64" in errors[2]
+    assert "bad JSON" in errors[0] and "missing field" in errors[1] and "base64" in errors[2]
     with pytest.raises(RecordError, match="unknown fields"):
         Rollout.from_json(json.dumps({**json.loads(res.rollouts[0].to_json()), "extra": 1}))
 

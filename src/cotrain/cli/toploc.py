@@ -1,9 +1,17 @@
-"""``cotrain toploc``: generate rollouts with proofs, and verify rollout files."""
+"""``cotrain toploc``: generate rollouts with proofs, and verify rollout files.
+
+Exit codes: 0 all rollouts pass (or generation succeeded), 1 some rollout or the whole file is
+rejected, 2 a usage error (one ``error:`` line on stderr), 130 interrupted (Ctrl-C). Rollout
+files are untrusted: whatever is in them ends as a failing verdict, never a traceback.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import typer
 
@@ -12,13 +20,48 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+MAX_FILE_MB = 1024
+"""Default for ``verify --max-file-mb``."""
+
+F = TypeVar("F", bound=Callable[..., None])
+
 
 def _fail(msg: str) -> typer.Exit:
-    typer.secho(f"error: {msg}", err=True, fg="red")
+    """One ``error:`` line on stderr (multi-line messages are folded); exit code 2."""
+    line = "; ".join(part.strip() for part in msg.splitlines() if part.strip())
+    typer.secho(f"error: {line}", err=True, fg="red")
     return typer.Exit(2)
 
 
+def _interruptible(command: F) -> F:
+    """Ctrl-C ends the command with one line and exit code 130 (outputs are written
+    atomically, so nothing half-written is left behind)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.secho("interrupted", err=True, fg="red")
+            raise typer.Exit(130) from None
+
+    return run  # type: ignore[return-value]
+
+
+def _reject(msg: str, json_out: Path | None) -> typer.Exit:
+    """The whole file fails (too large, no records): one line on stderr, exit code 1."""
+    typer.secho(f"rejected: {msg}", err=True, fg="red")
+    if json_out is not None:
+        body = {"passed": 0, "failed": 0, "rejected": msg, "rollouts": []}
+        try:
+            json_out.write_text(json.dumps(body, indent=2))
+        except OSError as e:
+            return _fail(f"cannot write {json_out}: {e}")
+    return typer.Exit(1)
+
+
 @app.command()
+@_interruptible
 def generate(
     out: Path = typer.Option(..., "--out", help="JSONL file to write the rollouts to."),
     model: str = typer.Option(
@@ -32,31 +75,48 @@ def generate(
     batch_size: int = typer.Option(8, help="Prompts generated together."),
 ) -> None:
     """Generate one rollout per prompt, with its proof, into a JSONL file."""
+    from cotrain.toploc.capture import check_generation_args
+
+    try:
+        check_generation_args(
+            max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed
+        )
+    except ValueError as e:
+        raise _fail("--" + str(e).replace("_", "-")) from None
     texts = list(prompt or [])
+    for n, text in enumerate(texts, 1):
+        if not text.strip():
+            raise _fail(f"--prompt number {n} is empty")
     if prompts_file is not None:
         try:
             texts += [t for t in prompts_file.read_text().splitlines() if t.strip()]
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             raise _fail(f"cannot read {prompts_file}: {e}") from None
     if not texts:
         raise _fail("give at least one --prompt or a --prompts-file")
 
     from cotrain.models import ModelError, load_model
     from cotrain.toploc import generate_with_proofs, write_rollouts
+    from cotrain.toploc.capture import check_prompts
 
     try:
         lm = load_model(model)
     except ModelError as e:
         raise _fail(str(e)) from None
+    except ValueError as e:  # a spec that parses but torch cannot build (a seed over 64 bits)
+        raise _fail(f"model spec {model!r}: {e}") from None
+    prompts = [lm.encode_prompt(t) for t in texts]
+    try:
+        check_prompts(lm, prompts, max_new_tokens)
+    except ValueError as e:
+        raise _fail(str(e).replace("max_new_tokens=", "--max-new-tokens ")) from None
     res = generate_with_proofs(
-        lm,
-        [lm.encode_prompt(t) for t in texts],
-        max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-        batch_size=batch_size,
+        lm, prompts, max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size
     )
-    write_rollouts(out, res.rollouts)
+    try:
+        write_rollouts(out, res.rollouts)
+    except OSError as e:
+        raise _fail(f"cannot write {out}: {e}") from None
     proof_bytes = sum(len(r.proof) for r in res.rollouts)
     typer.echo(
         f"wrote {len(res.rollouts)} rollouts ({res.tokens} tokens, {proof_bytes} proof bytes) "
@@ -65,6 +125,7 @@ def generate(
 
 
 @app.command()
+@_interruptible
 def verify(
     file: Path = typer.Argument(..., help="JSONL rollout file."),
     model: str = typer.Option(..., "--model", help="The model to recompute with (its spec)."),
@@ -72,13 +133,16 @@ def verify(
     dtype: str = typer.Option("float32", help="Recompute precision: float32 or bfloat16."),
     config: Path | None = typer.Option(None, help="TOML file with a ValidatorConfig."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write verdicts as JSON."),
+    max_file_mb: int = typer.Option(MAX_FILE_MB, help="Reject rollout files larger than this."),
 ) -> None:
     """Recompute every rollout in FILE with MODEL and print a verdict per rollout.
 
-    Exits 0 when all rollouts pass, 1 when any fails, 2 on usage errors.
+    Exits 0 when all rollouts pass, 1 when any fails (or FILE holds none, or is too large),
+    2 on usage errors.
     """
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from cotrain.core.config import load_config
     from cotrain.core.errors import ConfigError
@@ -88,15 +152,30 @@ def verify(
     overrides = [f"batch_size={batch_size}", f"dtype={json.dumps(dtype)}"]
     try:
         cfg = load_config(ValidatorConfig, config, overrides)
-    except ConfigError as e:
+    except (ConfigError, OSError, UnicodeDecodeError) as e:
         raise _fail(str(e)) from None
+    if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()):
+        raise _fail(f"cannot write {json_out}: not a file in an existing directory")
+    if max_file_mb < 1:
+        raise _fail(f"--max-file-mb {max_file_mb} must be at least 1")
     if not file.is_file():
-        raise _fail(f"{file} does not exist")
-    lines = list(read_rollouts(file))
+        raise _fail(f"{file} does not exist or is not a file")
+    try:
+        size = file.stat().st_size
+        if size > max_file_mb << 20:
+            mb = size / 2**20
+            raise _reject(f"{file} is {mb:.1f} MB, over --max-file-mb {max_file_mb}", json_out)
+        lines = list(read_rollouts(file))
+    except OSError as e:
+        raise _fail(f"cannot read {file}: {e}") from None
+    if not lines:
+        raise _reject(f"{file} holds no rollout records", json_out)
     try:
         lm = load_model(model)
     except ModelError as e:
         raise _fail(str(e)) from None
+    except ValueError as e:  # a spec that parses but torch cannot build (a seed over 64 bits)
+        raise _fail(f"model spec {model!r}: {e}") from None
     rollouts = [ln.rollout for ln in lines if ln.rollout is not None]
     report = Validator(lm, cfg).validate(rollouts)
     verdicts = iter(report.verdicts)
@@ -107,32 +186,32 @@ def verify(
             if ln.rollout is not None
             else RolloutVerdict(f"line {ln.line_no}", False, f"bad record: {ln.error}")
         )
-    table = Table(title=f"{file} vs {lm.model_id}")
+    table = Table(title=Text(f"{file} vs {lm.model_id}"))
     for col in ("rollout", "verdict", "chunks", "reason"):
         table.add_column(col)
     for v in rows:
         n = len(v.proof.chunks) if v.proof else 0
-        table.add_row(v.id, "[green]pass[/]" if v.passed else "[red]FAIL[/]", str(n), v.reason)
+        verdict = Text("pass", style="green") if v.passed else Text("FAIL", style="red")
+        # Text, not markup: ids and reasons come from the file, and "[/x]" would be parsed.
+        table.add_row(Text(v.id), verdict, str(n), Text(v.reason))
     console = Console()
     console.print(table)
     n_pass = sum(v.passed for v in rows)
     tokens = sum(len(r.output_tokens) for r in rollouts)
     console.print(
         f"{n_pass}/{len(rows)} rollouts pass, {len(rows) - n_pass} fail; recomputed {tokens} "
-        f"output tokens in {report.prefill_s:.2f} s ({cfg.dtype}, batch {cfg.batch_size})"
+        f"output tokens in {report.prefill_s:.2f} s ({cfg.dtype}, batch {cfg.batch_size})",
+        markup=False,
     )
     if json_out is not None:
-        json_out.write_text(
-            json.dumps(
-                {
-                    "model": lm.model_id,
-                    "passed": n_pass,
-                    "failed": len(rows) - n_pass,
-                    "rollouts": [
-                        {"id": v.id, "passed": v.passed, "reason": v.reason} for v in rows
-                    ],
-                },
-                indent=2,
-            )
-        )
+        body = {
+            "model": lm.model_id,
+            "passed": n_pass,
+            "failed": len(rows) - n_pass,
+            "rollouts": [{"id": v.id, "passed": v.passed, "reason": v.reason} for v in rows],
+        }
+        try:
+            json_out.write_text(json.dumps(body, indent=2))
+        except OSError as e:
+            raise _fail(f"cannot write {json_out}: {e}") from None
     raise typer.Exit(0 if n_pass == len(rows) else 1)

@@ -8,6 +8,7 @@ decode step that consumes output token j produces the hidden state that samples 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -62,6 +63,41 @@ def _cut_at_eos(row: list[int], eos: int | None) -> list[int]:
     return row
 
 
+MAX_SEED = 2**62
+"""Seeds are in [-MAX_SEED, MAX_SEED] (torch takes 64 bits; batches add their offset)."""
+
+
+def check_generation_args(
+    max_new_tokens: int, *, batch_size: int, temperature: float, seed: int
+) -> None:
+    """ValueError, saying what to change, if generation settings cannot work."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy)")
+    if abs(seed) > MAX_SEED:
+        raise ValueError(f"seed={seed} must be within +-2**62")
+
+
+def check_prompts(lm: CausalLM, prompts: Sequence[list[int]], max_new_tokens: int) -> None:
+    """ValueError naming the first prompt (1-based) that ``lm`` cannot continue by
+    ``max_new_tokens`` tokens: empty, token ids outside its vocabulary, or too long."""
+    limit = lm.max_seq_len
+    for n, p in enumerate(prompts, 1):
+        if not p:
+            raise ValueError(f"prompt {n} is empty (it encodes to no tokens)")
+        if min(p) < 0 or max(p) >= lm.vocab_size:
+            raise ValueError(f"prompt {n} has token ids outside [0, {lm.vocab_size})")
+        if len(p) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {n} is {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
+                f"{len(p) + max_new_tokens}, over {lm.model_id}'s {limit}: shorten the prompt "
+                "or generate fewer tokens"
+            )
+
+
 def generate_with_proofs(
     lm: CausalLM,
     prompts: Sequence[list[int]],
@@ -80,12 +116,12 @@ def generate_with_proofs(
     Prompts are generated ``batch_size`` at a time (for models without left padding, in groups
     of one prompt length). Each batch uses seed ``seed + first prompt index``.
     ``min_new_tokens`` suppresses EOS until that many tokens exist (for fixed-length studies).
+    Settings or prompts that cannot work raise ValueError before anything runs
+    (``check_generation_args``, ``check_prompts``).
     """
     config = config or ProofConfig()
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be at least 1")
-    if any(not p for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+    check_generation_args(max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed)
+    check_prompts(lm, prompts, max_new_tokens)
     order = list(range(len(prompts)))
     if not lm.left_padding:  # group equal lengths; stable so seeds do not depend on the rest
         groups: dict[int, list[int]] = defaultdict(list)

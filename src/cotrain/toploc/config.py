@@ -83,3 +83,11 @@ class ValidatorConfig(ConfigModel):
     """Precision of the recomputation."""
     num_threads: int = 0
     """torch threads for the recomputation; 0 keeps torch's default."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ValidatorConfig:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be at least 1")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads={self.num_threads} must be >= 0 (0: torch's default)")
+        return self

@@ -3,7 +3,9 @@
 Rollouts are sorted by length so a batch pads little, right-padded (causal attention keeps the
 padding out of the real positions), and recomputed ``batch_size`` at a time. A rollout passes
 when every chunk passes; a rollout whose claims do not even parse (wrong model, malformed
-proof) fails with the reason, and the others are still checked.
+proof, token ids the model does not have, an empty prompt) fails with the reason, and the others
+are still checked. ``Rollout`` objects may be built by callers from anything, so the precheck
+trusts none of their fields' types.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
@@ -67,18 +70,31 @@ class Validator:
         """Why a rollout cannot pass before any compute, or None."""
         proof_cfg = self.config.proof
         if r.model != self.lm.model_id:
-            return f"claims model {r.model!r}, validator runs {self.lm.model_id!r}"
+            return f"claims model {_short(r.model)}, validator runs {self.lm.model_id!r}"
         if r.topk != proof_cfg.topk or r.chunk_tokens != proof_cfg.chunk_tokens:
             return (
-                f"proof uses chunk_tokens={r.chunk_tokens} topk={r.topk}; validator expects "
-                f"{proof_cfg.chunk_tokens}/{proof_cfg.topk}"
+                f"proof uses chunk_tokens={_short(r.chunk_tokens)} topk={_short(r.topk)}; "
+                f"validator expects {proof_cfg.chunk_tokens}/{proof_cfg.topk}"
             )
+        if not (_is_int(r.topk) and _is_int(r.chunk_tokens)):
+            return "chunk_tokens and topk must be integers"
+        for name, tokens in (
+            ("prompt_tokens", r.prompt_tokens),
+            ("output_tokens", r.output_tokens),
+        ):
+            if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+                return f"{name} must be a list of integers"
+        if not r.prompt_tokens:
+            return "empty prompt"
         if not r.output_tokens:
             return "no output tokens"
-        if max(r.prompt_tokens + r.output_tokens) >= self.lm.vocab_size:
-            return f"token ids outside the model's vocabulary of {self.lm.vocab_size}"
-        if len(r.prompt_tokens) + len(r.output_tokens) > self.lm.max_seq_len:
+        ids = r.prompt_tokens + r.output_tokens
+        if min(ids) < 0 or max(ids) >= self.lm.vocab_size:
+            return f"token ids outside the model's vocabulary [0, {self.lm.vocab_size})"
+        if len(ids) > self.lm.max_seq_len:
             return f"sequence longer than the model's {self.lm.max_seq_len} tokens"
+        if not isinstance(r.proof, bytes | bytearray):
+            return f"malformed proof: {type(r.proof).__name__}, not bytes"
         want = n_rollout_chunks(len(r.prompt_tokens), len(r.output_tokens), r.chunk_tokens)
         if len(r.proof) != want * (2 + 2 * r.topk):
             return f"malformed proof: {len(r.proof)} bytes, expected {want * (2 + 2 * r.topk)}"
@@ -103,25 +119,33 @@ class Validator:
         try:
             bs = self.config.batch_size
             for j in range(0, len(todo), bs):
-                batch = [rollouts[i] for i in todo[j : j + bs]]
                 t0 = time.perf_counter()
-                hidden = self._prefill(batch)  # (B, T_max, H)
+                hidden = self._prefill([rollouts[i] for i in todo[j : j + bs]])  # (B, T_max, H)
                 t1 = time.perf_counter()
-                lengths = [len(r.prompt_tokens) + len(r.output_tokens) - 1 for r in batch]
+                ids, batch, states = [], [], []
+                for i, h in zip(todo[j : j + bs], hidden, strict=True):
+                    r = rollouts[i]
+                    h = h[: len(r.prompt_tokens) + len(r.output_tokens) - 1]  # (L + n - 1, H)
+                    # Only our own model makes NaN here (a broken checkpoint, overflow in low
+                    # precision): that rollout cannot be judged; the rest of the batch can.
+                    if not bool(h.isfinite().all()):
+                        verdicts[i] = RolloutVerdict(r.id, False, "recomputed states not finite")
+                        continue
+                    ids.append(i)
+                    batch.append(r)
+                    states.append(h)
                 checked = check_many(
                     [r.proof for r in batch],
                     [
-                        rollout_chunks(h[:n], len(r.prompt_tokens), r.chunk_tokens)
-                        for r, h, n in zip(batch, hidden, lengths, strict=True)
+                        rollout_chunks(h, len(r.prompt_tokens), r.chunk_tokens)
+                        for r, h in zip(batch, states, strict=True)
                     ],
                     self.config.proof,
                 )
-                for i, r, h, n, v in zip(
-                    todo[j : j + bs], batch, hidden, lengths, checked, strict=True
-                ):
+                for i, r, h, v in zip(ids, batch, states, checked, strict=True):
                     verdicts[i] = self._verdict(r, v)
                     if keep_hidden:
-                        kept[i] = h[:n].float()
+                        kept[i] = h.float()
                 prefill_s += t1 - t0
                 check_s += time.perf_counter() - t1
         finally:
@@ -170,3 +194,13 @@ class Validator:
             f"match, a position misses {c.worst_row_misses}",
             verdict,
         )
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _short(x: object) -> str:
+    """A caller-supplied value for a reason line: repr'd (no control characters), cut short."""
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
