@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,8 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from cotrain.comm import CommConfig, Communicator, FaultPlan, Master, MasterConfig
+from cotrain.comm.auth import Credentials, client_handshake
+from cotrain.core.identity import Identity
 
 SECRET = "test-secret"
 T = TypeVar("T")
@@ -21,7 +24,8 @@ class MasterThread:
 
     def __init__(self, port: int = 0, **kwargs: Any) -> None:
         self.loop = asyncio.new_event_loop()
-        self.master = Master(MasterConfig(port=port, secret=SECRET, **kwargs))
+        kwargs.setdefault("secret", SECRET)
+        self.master = Master(MasterConfig(port=port, **kwargs))
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.port = asyncio.run_coroutine_threadsafe(self.master.start(), self.loop).result(10)
@@ -49,6 +53,20 @@ def peer_config(port: int, **kwargs: Any) -> CommConfig:
     )
     base.update(kwargs)
     return CommConfig(**base)
+
+
+def handshake(
+    sock: socket.socket,
+    secret: str | None = SECRET,
+    *,
+    identity: Identity | None = None,
+    expect_key: str | None = None,
+) -> Identity:
+    """Authenticate a raw socket as a client (a fresh key unless given); returns the key."""
+    ident = identity or Identity.generate()
+    creds = Credentials(ident, secret.encode() if secret else None)
+    client_handshake(sock, creds, expect_key=expect_key, timeout_s=5.0)
+    return ident
 
 
 def parallel(fns: list[Callable[[], T]], timeout_s: float = 60.0) -> list[T]:
@@ -80,7 +98,7 @@ def cluster(
     master = MasterThread(heartbeat_timeout_s=cfg.pop("heartbeat_timeout_s", 2.0))
     faults = faults or {}
     comms = [
-        Communicator(peer_config(master.port, **cfg), peer_id=f"p{i}", faults=faults.get(i))
+        Communicator(peer_config(master.port, **cfg), name=f"p{i}", faults=faults.get(i))
         for i in range(n)
     ]
     try:

@@ -33,7 +33,7 @@ def test_members_vote_when_the_master_announces_a_joiner() -> None:
                 for c, s in zip(comms, state, strict=True)
             ]
         )
-        joiner = Communicator(peer_config(master.port), peer_id="j")
+        joiner = Communicator(peer_config(master.port), name="j")
         try:
             joiner.connect()
             assert joiner.vote_wanted  # not in the ring yet
@@ -54,7 +54,7 @@ def test_a_member_that_skipped_the_vote_is_told_to_vote_and_stays_in_step() -> N
         a, b = comms
         voted = threading.Thread(target=a.update_topology, daemon=True)
         voted.start()
-        _until(lambda: master.call(lambda: "p0" in master.master._votes), "p0's vote")
+        _until(lambda: master.call(lambda: a.peer_id in master.master._votes), "p0's vote")
         state = {"w": np.ones(8, np.float32)}
         with pytest.raises(TopologyChangedError):
             b.sync_shared_state(state, revision=0)  # its phase number 0 is spent

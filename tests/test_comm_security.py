@@ -9,7 +9,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from comm_harness import SECRET, MasterThread, cluster, parallel, parallel_outcomes, peer_config
+from comm_harness import MasterThread, cluster, handshake, parallel, parallel_outcomes, peer_config
 
 from cotrain.comm import (
     AuthError,
@@ -20,7 +20,6 @@ from cotrain.comm import (
     RevisionError,
     TLSConfig,
 )
-from cotrain.comm.auth import client_handshake
 from cotrain.comm.frames import MAGIC, VERSION, pack_json, recv_json
 
 
@@ -40,7 +39,7 @@ def test_wrong_secret_is_refused_by_master_and_peers() -> None:
         port = comms[0]._server.port  # type: ignore[union-attr]
         s = _raw(port)
         with pytest.raises(AuthError):
-            client_handshake(s, b"wrong")
+            handshake(s, "wrong")
         s.close()
         # the run is unaffected
         xs = [np.ones(1000, np.float32) for _ in comms]
@@ -66,7 +65,7 @@ def test_garbage_oversized_and_half_open_connections_do_not_wedge_anything() -> 
             idle.append(_raw(port))
             # authenticated, then an oversized frame header
             s = _raw(port)
-            client_handshake(s, SECRET.encode())
+            handshake(s)
             s.sendall(struct.pack("!2sBBI", MAGIC, VERSION, 1, 1 << 31))
             s.settimeout(5)
             assert s.recv(1) == b""  # dropped
@@ -77,14 +76,14 @@ def test_garbage_oversized_and_half_open_connections_do_not_wedge_anything() -> 
                 b"XX" + b"\x01\x01\x00\x00\x00\x02{}",
             ):
                 s = _raw(port)
-                client_handshake(s, SECRET.encode())
+                handshake(s)
                 s.sendall(payload)
                 s.settimeout(5)
                 assert s.recv(1) == b""
                 s.close()
         # a schema-invalid hello to the master
         s = _raw(master.port)
-        client_handshake(s, SECRET.encode())
+        handshake(s)
         s.sendall(pack_json({"type": "hello", "peer_id": "x" * 500, "host": "h", "port": 0}))
         s.settimeout(5)
         assert s.recv(1) == b""
@@ -194,7 +193,7 @@ def _self_signed(tmp_path) -> TLSConfig:
 def test_tls_everywhere(tmp_path) -> None:
     tls = _self_signed(tmp_path)
     master = MasterThread(tls=tls)
-    comms = [Communicator(peer_config(master.port, tls=tls), peer_id=f"t{i}") for i in range(2)]
+    comms = [Communicator(peer_config(master.port, tls=tls), name=f"t{i}") for i in range(2)]
     try:
         for c in comms:
             c.connect()
@@ -252,7 +251,7 @@ def test_joiners_never_outvote_the_peers_that_hold_the_state() -> None:
         state = {"w": np.full(64, 5.0, np.float32)}
         old.sync_shared_state(state, revision=0)
         old.sync_shared_state(state, revision=1)
-        new = [Communicator(peer_config(master.port), peer_id=f"j{i}") for i in range(2)]
+        new = [Communicator(peer_config(master.port), name=f"j{i}") for i in range(2)]
         try:
             for c in new:
                 c.connect()

@@ -20,13 +20,15 @@ def register(app: typer.Typer) -> None:
         port: Annotated[int | None, typer.Option(help="TCP port (0 = any free port)")] = None,
         verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     ) -> None:
-        """Run the membership master (moves no tensor data). Secret: COTRAIN_SECRET or --secret=."""
+        """Run the membership master (moves no tensor data).
+
+        Admits keys on --allow_keys=[...], keys holding a token from --token_issuers=[...], or,
+        for quick local runs, any key that knows the run secret (COTRAIN_SECRET or --secret=)."""
         import asyncio
         import logging
 
-        from cotrain.comm.auth import resolve_secret
         from cotrain.comm.config import MasterConfig
-        from cotrain.comm.master import serve
+        from cotrain.comm.master import Master, serve
         from cotrain.core.config import load_config
 
         overrides = list(ctx.args)
@@ -35,7 +37,7 @@ def register(app: typer.Typer) -> None:
         if port is not None:
             overrides.append(f"port={port}")
         cfg = _or_exit(lambda: load_config(MasterConfig, config, overrides))
-        _or_exit(lambda: resolve_secret(cfg.secret))
+        _or_exit(lambda: Master(cfg))  # no admission rule, a bad key file: one line, exit 2
         logging.basicConfig(
             level=logging.INFO if verbose else logging.WARNING,
             format="%(asctime)s %(name)s %(levelname)s %(message)s",

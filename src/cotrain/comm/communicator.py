@@ -13,7 +13,6 @@ import logging
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +22,14 @@ import numpy as np
 
 from cotrain.comm import messages as m
 from cotrain.comm import probe, ring
-from cotrain.comm.auth import resolve_secret
+from cotrain.comm.auth import (
+    Admission,
+    Credentials,
+    fingerprint,
+    load_identity,
+    load_token,
+    resolve_secret,
+)
 from cotrain.comm.config import CommConfig, Quantization, ReduceOp
 from cotrain.comm.control import MasterLink
 from cotrain.comm.errors import (
@@ -43,9 +49,10 @@ from cotrain.comm.quant import Codec, codec_for
 from cotrain.comm.ring import TransferStats
 from cotrain.comm.state import digest, fetch_from_sources, serve_state, views
 from cotrain.comm.tensors import Scratch, flat_view
-from cotrain.comm.transport import DataServer, close_quietly, dial_peer
+from cotrain.comm.transport import DataServer, close_quietly, dial_peer, wait_deadline
 from cotrain.core.clock import Deadline
 from cotrain.core.errors import TimeoutExpired
+from cotrain.core.identity import Identity
 
 log = logging.getLogger("cotrain.comm")
 
@@ -92,11 +99,29 @@ class Communicator:
     """A peer of the run. ``connect()``, then ``update_topology()`` to join the ring."""
 
     def __init__(
-        self, config: CommConfig, *, peer_id: str | None = None, faults: FaultPlan | None = None
+        self,
+        config: CommConfig,
+        *,
+        name: str = "",
+        identity: Identity | None = None,
+        faults: FaultPlan | None = None,
     ) -> None:
         self.config = config
-        self.peer_id = peer_id or uuid.uuid4().hex[:12]
-        self._secret = resolve_secret(config.secret)
+        secret = resolve_secret(config.secret)
+        if secret is None and config.master_key is None:
+            raise ValueError(
+                "cannot authenticate the master: set master_key (printed by `cotrain master`) "
+                "or a run secret (`secret` or the COTRAIN_SECRET variable)"
+            )
+        ident = identity or load_identity(config.key_file)
+        self._creds = Credentials(ident, secret, load_token(config.token_file))
+        # Members are whoever the master announced; the secret, when there is one, must be
+        # proven on data connections too.
+        self._admission = Admission(secret=secret, open=True)
+        self.peer_id = ident.public_hex
+        """This peer's id: its ed25519 public key (64 hex)."""
+        self.name = name or fingerprint(self.peer_id)
+        """A label for logs; the master logs it beside the key."""
         self._max_frame = config.max_frame_kb * 1024
         self._faults = FaultInjector(faults)
         self._op_lock = threading.Lock()
@@ -115,6 +140,7 @@ class Communicator:
         self._scratch = Scratch()
         self._server: DataServer | None = None
         self._master: MasterLink | None = None
+        self._closing = False
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -135,7 +161,13 @@ class Communicator:
 
     @property
     def ring(self) -> list[str]:
+        """The members' ids (public keys) in ring order."""
         return [p.peer_id for p in self._ring]
+
+    @property
+    def ring_names(self) -> list[str]:
+        """The members' labels in ring order (for logs and scripts; ids are the keys)."""
+        return [p.name or fingerprint(p.peer_id) for p in self._ring]
 
     @property
     def vote_wanted(self) -> bool:
@@ -164,15 +196,16 @@ class Communicator:
         self._server = DataServer(
             cfg.listen_host,
             cfg.listen_port,
-            self._secret,
+            self._creds.identity,
+            self._admission,
             {"ring": self._on_ring, "state": self._on_state, "probe": self._on_probe},
-            handshake_timeout_s=cfg.connect_timeout_s,
+            handshake_timeout_s=cfg.handshake_timeout_s,
             max_frame=self._max_frame,
             tls=cfg.tls,
         )
         self._master = MasterLink(
             cfg,
-            self._secret,
+            self._creds,
             self._hello,
             self._on_abort,
             self._on_kicked,
@@ -189,6 +222,9 @@ class Communicator:
 
     def close(self) -> None:
         """Leave the run cleanly: the master drops us at once, without waiting for heartbeats."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
         if self._master is not None:
             self._master.close()
         if self._links is not None:
@@ -213,6 +249,7 @@ class Communicator:
             host=self.config.advertise_host or self.config.listen_host,
             port=self.config.advertise_port or self._server.port,
             resume=resume,
+            name=self.name,
         )
 
     def _link(self) -> MasterLink:
@@ -343,8 +380,8 @@ class Communicator:
 
         def one(j: int) -> None:
             try:
-                hello = {"type": "ring", "peer_id": self.peer_id, "epoch": self._epoch, "stream": j}
-                socks[j] = dial_peer(nxt.host, nxt.port, self._secret, self.config, hello)
+                hello = m.RingHello(epoch=self._epoch, stream=j)
+                socks[j] = dial_peer(nxt, self._creds, self.config, hello)
             except BaseException as e:
                 errors.append(e)
 
@@ -359,15 +396,26 @@ class Communicator:
             raise PeerFailedError(f"cannot reach ring neighbour {nxt.peer_id}: {errors[0]}")
         return [s for s in socks if s is not None]
 
-    def _on_ring(self, sock: socket.socket, hello: dict[str, Any]) -> None:
-        epoch, stream, pid = hello.get("epoch"), hello.get("stream"), hello.get("peer_id")
-        if not (isinstance(epoch, int) and isinstance(stream, int) and isinstance(pid, str)):
-            raise CommError("malformed ring hello")
-        if not 0 <= stream < self.config.streams or epoch < self._epoch:
-            raise CommError("ring hello for a stream or epoch we do not expect")
+    def _on_ring(self, sock: socket.socket, hello: m.RingHello, key: str) -> None:
+        """Keep a ring stream only from our previous neighbour (by its proven key) in the
+        epoch it names. A neighbour may dial as soon as it learns a new topology, before we do:
+        wait for ours, but only ``connect_timeout_s`` (and the data server's per-address
+        limits hold such waits), so neither strangers nor stale epochs are ever stored."""
+        epoch, stream = hello.epoch, hello.stream
+        if stream >= self.config.streams:
+            raise CommError(f"ring stream {stream} of {self.config.streams}")
+        deadline = Deadline.after(self.config.connect_timeout_s)
         with self._lock:
+            wait_deadline(self._lock, lambda: self._epoch >= epoch or self._closing, deadline)
+            n = len(self._ring)
+            expected = self._ring[(self._rank - 1) % n].peer_id if self._rank >= 0 else None
+            if epoch != self._epoch or key != expected:
+                raise CommError(
+                    f"ring stream from {fingerprint(key)} for epoch {epoch}: not our previous "
+                    f"neighbour in epoch {self._epoch}"
+                )
             old = self._incoming.get((epoch, stream))
-            self._incoming[(epoch, stream)] = (pid, sock)
+            self._incoming[(epoch, stream)] = (key, sock)
             self._lock.notify_all()
         if old is not None:
             close_quietly(old[1])
@@ -619,17 +667,21 @@ class Communicator:
                     self._serving = None
 
     def _fetch(self, flat: Any, plan: m.SyncPlan) -> tuple[str | None, int, str]:
-        return fetch_from_sources(
-            flat, plan, secret=self._secret, config=self.config, peer_id=self.peer_id
-        )
+        return fetch_from_sources(flat, plan, creds=self._creds, config=self.config)
 
-    def _on_state(self, sock: socket.socket, hello: dict[str, Any]) -> None:
+    def _is_member(self, key: str) -> bool:
+        with self._lock:
+            return any(p.peer_id == key for p in self._ring)
+
+    def _on_state(self, sock: socket.socket, hello: m.StateHello, key: str) -> None:
         with self._lock:
             serving = self._serving
         sock.settimeout(self.config.stall_timeout_s)
         try:
-            if serving is None or (hello.get("epoch"), hello.get("seq")) != serving[:2]:
-                send_json(sock, {"type": "missing", "name": "(not serving this sync)"})
+            if not self._is_member(key):
+                raise CommError(f"state request from {fingerprint(key)}, not a member")
+            if serving is None or (hello.epoch, hello.seq) != serving[:2]:
+                send_json(sock, m.StateMissing(name="(not serving this sync)").dump())
                 return
             serve_state(sock, serving[2], self._max_frame)
         finally:
@@ -666,9 +718,12 @@ class Communicator:
                 link.send(m.ProbeResult(epoch=epoch, target=msg.target.peer_id, mbps=mbps))
 
     def _probe(self, target: m.PeerAddr, nbytes: int) -> float:
-        return probe.send(target, nbytes, self._secret, self.config)
+        return probe.send(target, nbytes, self._creds, self.config)
 
-    def _on_probe(self, sock: socket.socket, hello: dict[str, Any]) -> None:
+    def _on_probe(self, sock: socket.socket, hello: m.ProbeHello, key: str) -> None:
+        if not self._is_member(key):
+            close_quietly(sock)
+            raise CommError(f"probe from {fingerprint(key)}, not a member")
         probe.serve(sock, hello, stall_timeout_s=self.config.stall_timeout_s)
 
 

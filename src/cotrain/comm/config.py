@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -10,10 +11,11 @@ from cotrain.core.config import ConfigModel
 
 Quantization = Literal["none", "fp16", "bf16", "int8", "int8_minmax", "int4"]
 ReduceOp = Literal["sum", "avg", "min", "max"]
+_KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
 class TLSConfig(ConfigModel):
-    """Optional TLS on every connection (on top of the secret's challenge-response)."""
+    """Optional TLS on every connection (on top of the key challenge-response)."""
 
     cert_file: str
     """PEM certificate this process presents."""
@@ -30,8 +32,21 @@ class MasterConfig(ConfigModel):
     """Address to listen on."""
     port: int = Field(default=48400, ge=0, le=65535)
     """TCP port (0 picks a free one and prints it)."""
+    key_file: str | None = None
+    """This master's ed25519 key (`cotrain keygen --key FILE`); none: a fresh key per start.
+    Give it a file when peers pin it with ``master_key`` and the master may restart."""
     secret: str = Field(default="", repr=False)
-    """Run secret every peer must prove it knows. Empty means the COTRAIN_SECRET variable."""
+    """Run secret for quick local runs: any key that proves it knows the secret is admitted.
+    Empty means the COTRAIN_SECRET variable, and if that is unset too, admission is by key only."""
+    allow_keys: list[str] = Field(default_factory=list)
+    """Public keys (64 hex) admitted to the run."""
+    token_issuers: list[str] = Field(default_factory=list)
+    """Public keys whose admission tokens (``cotrain token``) admit the key they name."""
+    run_id: str = Field(default="default", min_length=1, max_length=100)
+    """Name of the run; an admission token is valid only for the run it names."""
+    events_file: str | None = None
+    """Append one JSON line per membership event (which key joined, contributed to collective
+    N, left, failed) to this file, for crediting work to keys later."""
     heartbeat_timeout_s: float = Field(default=2.5, gt=0)
     """A peer silent for this long is declared dead and in-flight collectives are aborted."""
     vote_timeout_s: float = Field(default=600.0, gt=0)
@@ -43,6 +58,12 @@ class MasterConfig(ConfigModel):
     tls: TLSConfig | None = None
     """TLS settings, or none for plain TCP."""
 
+    @model_validator(mode="after")
+    def _check(self) -> MasterConfig:
+        for k in [*self.allow_keys, *self.token_issuers]:
+            _check_key(k, "allow_keys and token_issuers entries")
+        return self
+
 
 class CommConfig(ConfigModel):
     """One peer's communicator."""
@@ -51,8 +72,19 @@ class CommConfig(ConfigModel):
     """Master address."""
     master_port: int = Field(default=48400, ge=1, le=65535)
     """Master port."""
+    key_file: str | None = None
+    """This peer's ed25519 key (`cotrain keygen --key FILE`); its public key is the peer id.
+    None: a fresh key for this process (its membership cannot outlive the process)."""
     secret: str = Field(default="", repr=False)
-    """Run secret. Empty means the COTRAIN_SECRET variable."""
+    """Run secret for quick local runs. Empty means the COTRAIN_SECRET variable (if set)."""
+    token_file: str | None = None
+    """Admission token for this peer's key, signed by a key the run trusts (the coordinator)."""
+    master_key: str | None = None
+    """The master's public key (printed by `cotrain master`): the master must prove it holds
+    it. Required unless the run secret authenticates the master."""
+    handshake_timeout_s: float = Field(default=5.0, gt=0)
+    """A connection to this peer's data server that has not authenticated within this time is
+    closed (the whole handshake, however the bytes trickle in)."""
     listen_host: str = "127.0.0.1"
     """Address this peer's data server binds (ring, state and probe connections)."""
     listen_port: int = Field(default=0, ge=0, le=65535)
@@ -84,4 +116,11 @@ class CommConfig(ConfigModel):
     def _check(self) -> CommConfig:
         if self.advertise_port is not None and not (1 <= self.advertise_port <= 65535):
             raise ValueError("advertise_port must be a TCP port in 1..65535")
+        if self.master_key is not None:
+            _check_key(self.master_key, "master_key")
         return self
+
+
+def _check_key(key: str, what: str) -> None:
+    if not _KEY.match(key):
+        raise ValueError(f"{what} must be a 64-hex ed25519 public key (see `cotrain keygen`)")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cotrain.comm import messages as m
+from cotrain.comm.auth import Credentials
 from cotrain.comm.config import CommConfig
 from cotrain.comm.errors import (
     CommError,
@@ -38,7 +39,7 @@ class MasterLink:
     def __init__(
         self,
         config: CommConfig,
-        secret: bytes,
+        creds: Credentials,
         hello: Callable[[], m.Hello],
         on_abort: Callable[[m.Abort], None],
         on_kicked: Callable[[str], None],
@@ -46,7 +47,7 @@ class MasterLink:
         silenced: threading.Event,
     ) -> None:
         self.config = config
-        self._secret = secret
+        self._creds = creds
         self._hello = hello
         self._on_abort = on_abort
         self._on_kicked = on_kicked
@@ -84,7 +85,8 @@ class MasterLink:
         sock = dial(
             self.config.master_host,
             self.config.master_port,
-            self._secret,
+            self._creds,
+            expect_key=self.config.master_key,
             timeout_s=max(0.1, min(timeout_s, self.config.connect_timeout_s)),
             tls=self.config.tls,
             hello=self._hello().dump(),

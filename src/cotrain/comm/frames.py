@@ -17,6 +17,7 @@ import struct
 from typing import Any
 
 from cotrain.comm.errors import ProtocolError
+from cotrain.core import jsonsafe
 
 MAGIC = b"CT"
 VERSION = 1
@@ -50,9 +51,9 @@ def parse_header(header: bytes, max_bytes: int) -> tuple[int, int]:
 
 def decode_json(payload: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"frame is not valid JSON: {e}") from None
+        obj = jsonsafe.loads(payload)
+    except jsonsafe.MalformedJSON as e:
+        raise ProtocolError(f"bad control frame: {e}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
         raise ProtocolError("control frame must be a JSON object with a string 'type'")
     return obj

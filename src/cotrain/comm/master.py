@@ -23,13 +23,23 @@ master's heartbeat clock can tell). A restarted master rebuilds its state from t
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import logging
+import socket
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from cotrain.comm import messages as m
-from cotrain.comm.auth import async_server_handshake, resolve_secret
+from cotrain.comm.auth import (
+    admission_for,
+    async_server_handshake,
+    fingerprint,
+    load_identity,
+    resolve_secret,
+)
 from cotrain.comm.config import MasterConfig
 from cotrain.comm.errors import AuthError, ProtocolError
 from cotrain.comm.frames import async_recv_json, async_send_json
@@ -59,7 +69,18 @@ class Master:
 
     def __init__(self, config: MasterConfig) -> None:
         self.config = config
-        self._secret = resolve_secret(config.secret)
+        self.identity = load_identity(config.key_file)
+        self._admission = admission_for(
+            secret=resolve_secret(config.secret),
+            allow_keys=config.allow_keys,
+            token_issuers=config.token_issuers,
+            run_id=config.run_id,
+        )
+        self._events_file = config.events_file
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)
+        """The latest membership events (also logged, and appended to ``events_file``)."""
+        self._names: dict[str, str] = {}
+        self._unauthenticated: dict[str, int] = {}
         self._max_frame = config.max_frame_kb * 1024
         self.peers: dict[str, _Peer] = {}
         self.ring: list[str] = []
@@ -105,19 +126,36 @@ class Master:
 
     # ---- connections -------------------------------------------------------------------------
 
+    MAX_UNAUTHENTICATED_PER_ADDRESS = 256
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer_id: str | None = None
+        peer = writer.get_extra_info("peername")
+        ip = str(peer[0]) if peer else "?"
+        pending = self._unauthenticated.get(ip, 0)
+        if pending >= self.MAX_UNAUTHENTICATED_PER_ADDRESS:
+            writer.close()  # a flood from one address: each costs almost nothing, but not forever
+            return
+        self._unauthenticated[ip] = pending + 1
+        authenticated = False
         try:
             sock = writer.get_extra_info("socket")
             if sock is not None:
-                import socket as _s
-
-                sock.setsockopt(_s.IPPROTO_TCP, _s.TCP_NODELAY, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # one deadline for the whole handshake and hello, however slowly the bytes come
             async with asyncio.timeout(self.config.handshake_timeout_s):
-                await async_server_handshake(reader, writer, self._secret)
+                key = await async_server_handshake(reader, writer, self.identity, self._admission)
                 hello = m.parse_to_master(await async_recv_json(reader, self._max_frame))
+            self._release_unauthenticated(ip)
+            authenticated = True
             if not isinstance(hello, m.Hello):
                 raise ProtocolError("first message must be hello")
+            if hello.peer_id != key:
+                raise AuthError(
+                    f"hello names peer {hello.peer_id[:16]} but the connection proved key "
+                    f"{fingerprint(key)}: a peer's id is its key"
+                )
+            self._names[key] = hello.name
             peer_id = hello.peer_id
             if not self._admit_connection(hello, writer):
                 peer_id = None
@@ -141,16 +179,54 @@ class Master:
             OSError,
             ssl.SSLError,
         ) as e:
-            log.info("connection %s closed: %s", peer_id or "(unauthenticated)", e)
+            who = self._who(peer_id) if peer_id else f"(unauthenticated, {ip})"
+            (log.info if peer_id else log.debug)("connection %s closed: %s", who, e)
         finally:
+            if not authenticated:
+                self._release_unauthenticated(ip)
             if peer_id is not None:
                 p = self.peers.get(peer_id)
                 if p is not None and p.writer is writer:
                     self._drop(peer_id, "connection lost")
             writer.close()
 
+    def _release_unauthenticated(self, ip: str) -> None:
+        left = self._unauthenticated.get(ip, 1) - 1
+        if left > 0:
+            self._unauthenticated[ip] = left
+        else:
+            self._unauthenticated.pop(ip, None)
+
+    # ---- the event log: which key did what -------------------------------------------------
+
+    def _who(self, key: str) -> str:
+        name = self._names.get(key)
+        return f"{fingerprint(key)} ({name})" if name else fingerprint(key)
+
+    def _event(self, event: str, key: str | None = None, **fields: Any) -> None:
+        """Record that ``key`` (a peer's public key) did ``event``: joined, contributed to
+        collective N, left, failed. Kept in ``events``, logged, appended to ``events_file``."""
+        rec: dict[str, Any] = {"t": round(time.time(), 3), "event": event, "epoch": self.epoch}
+        if key is not None:
+            rec["key"] = key
+            if self._names.get(key):
+                rec["name"] = self._names[key]
+        rec.update(fields)
+        self.events.append(rec)
+        if event != "collective":
+            who = self._who(key) if key else ""
+            detail = " ".join(f"{k}={v}" for k, v in fields.items() if k != "keys")
+            log.info("%s %s %s", event, who, detail)
+        if self._events_file is not None:
+            try:
+                with open(self._events_file, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as e:
+                log.warning("cannot append to events_file %s: %s", self._events_file, e)
+                self._events_file = None
+
     def _admit_connection(self, hello: m.Hello, writer: asyncio.StreamWriter) -> bool:
-        addr = m.PeerAddr(peer_id=hello.peer_id, host=hello.host, port=hello.port)
+        addr = m.PeerAddr(peer_id=hello.peer_id, host=hello.host, port=hello.port, name=hello.name)
         old = self.peers.get(hello.peer_id)
         resumed = False
         if hello.resume is not None:
@@ -187,7 +263,7 @@ class Master:
         async_send_json(
             writer, m.Welcome(peer_id=hello.peer_id, epoch=self.epoch, resumed=resumed).dump()
         )
-        log.info("peer %s connected (%s)", hello.peer_id, "resumed" if resumed else "pending")
+        self._event("connected", hello.peer_id, resumed=resumed)
         return True
 
     def _now(self) -> float:
@@ -222,7 +298,7 @@ class Master:
         p = self.peers.pop(peer_id, None)
         if p is None:
             return
-        (log.info if reason == "left" else log.warning)("dropping peer %s: %s", peer_id, reason)
+        self._event("left" if reason == "left" else "failed", peer_id, reason=reason)
         self._dropped.add(peer_id)
         if p.writer is not None:
             p.writer.close()
@@ -345,6 +421,8 @@ class Master:
         addrs = []
         for pid in ring:
             p = self.peers[pid]
+            if not p.accepted:
+                self._event("joined", pid, epoch=self.epoch + 1)
             p.accepted = True
             assert p.addr is not None
             addrs.append(p.addr)
@@ -414,6 +492,7 @@ class Master:
             return
         for p in members:
             self._send(p, m.Go(epoch=self.epoch, seq=msg.seq))
+        self._event("collective", seq=msg.seq, kind=msg.desc.kind, keys=members)
         if msg.desc.kind == "optimize":
             self._spawn(self._optimize(self.epoch, msg.desc.count))
 
@@ -532,7 +611,10 @@ async def serve(config: MasterConfig, ready: asyncio.Event | None = None) -> Non
     """Run a master until cancelled; prints the bound port so scripts can find it."""
     master = Master(config)
     port = await master.start()
-    print(f"cotrain master listening on {config.host}:{port}", flush=True)
+    print(
+        f"cotrain master listening on {config.host}:{port} key {master.identity.public_hex}",
+        flush=True,
+    )
     if ready is not None:
         ready.set()
     try:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Any
 
 from cotrain.comm import messages as m
+from cotrain.comm.auth import Credentials
 from cotrain.comm.config import CommConfig
 from cotrain.comm.errors import CommError
 from cotrain.comm.frames import recv_exact
@@ -22,12 +22,10 @@ log = logging.getLogger("cotrain.comm")
 MAX_PROBE_BYTES = 1 << 30
 
 
-def send(target: m.PeerAddr, nbytes: int, secret: bytes, config: CommConfig) -> float:
+def send(target: m.PeerAddr, nbytes: int, creds: Credentials, config: CommConfig) -> float:
     """Megabits per second to ``target`` (0.0 if it cannot be reached)."""
     try:
-        sock = dial_peer(
-            target.host, target.port, secret, config, {"type": "probe", "nbytes": nbytes}
-        )
+        sock = dial_peer(target, creds, config, m.ProbeHello(nbytes=nbytes))
     except (OSError, CommError) as e:
         log.warning("probe to %s failed: %s", target.peer_id, e)
         return 0.0
@@ -47,12 +45,9 @@ def send(target: m.PeerAddr, nbytes: int, secret: bytes, config: CommConfig) -> 
         close_quietly(sock)
 
 
-def serve(sock: socket.socket, hello: dict[str, Any], *, stall_timeout_s: float) -> None:
+def serve(sock: socket.socket, hello: m.ProbeHello, *, stall_timeout_s: float) -> None:
     """Receive one probe on an accepted connection and acknowledge it."""
-    nbytes = hello.get("nbytes")
-    if not isinstance(nbytes, int) or not 0 < nbytes <= MAX_PROBE_BYTES:
-        close_quietly(sock)
-        raise CommError("malformed probe")
+    nbytes = hello.nbytes
     sock.settimeout(stall_timeout_s)
     buf = bytearray(1 << 20)
     view = memoryview(buf)

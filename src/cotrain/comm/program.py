@@ -123,14 +123,21 @@ def emit(**event: Any) -> None:
 
 
 def run(cfg: PeerProgramConfig) -> int:
-    comm = Communicator(cfg.comm, peer_id=f"p{cfg.index}", faults=cfg.faults)
+    comm = Communicator(cfg.comm, name=f"p{cfg.index}", faults=cfg.faults)
     comm.connect()
     counter = np.zeros(1, dtype=np.int64)
     if cfg.join:
         comm.update_topology()
     else:
         comm.wait_for_world(cfg.world)
-    emit(event="joined", index=cfg.index, rank=comm.rank, world=comm.world_size, epoch=comm.epoch)
+    emit(
+        event="joined",
+        index=cfg.index,
+        key=comm.peer_id,
+        rank=comm.rank,
+        world=comm.world_size,
+        epoch=comm.epoch,
+    )
     rnd = 0
     first = True
     base = base_input(cfg.seed, cfg.index, cfg.numel)
@@ -188,7 +195,8 @@ def run(cfg: PeerProgramConfig) -> int:
             round=rnd,
             world=res.world_size,
             epoch=res.epoch,
-            ring=comm.ring,
+            ring=comm.ring_names,
+            ring_keys=comm.ring,
             seconds=res.seconds,
             cpu_s=time.process_time() - cpu0,
             bytes_sent=res.bytes_sent,

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from cotrain.comm import messages as m
+from cotrain.comm.auth import Credentials
 from cotrain.comm.config import CommConfig
-from cotrain.comm.errors import CommError, ProtocolError, StateSyncError
+from cotrain.comm.errors import CommError, StateSyncError
 from cotrain.comm.frames import recv_into_exact, recv_json, send_json
 from cotrain.comm.tensors import FlatView, state_view
 from cotrain.comm.transport import close_quietly, dial_peer
@@ -51,27 +52,16 @@ def digest(flat: Mapping[str, FlatView], revision: int) -> StateDigest:
 
 def serve_state(sock: socket.socket, flat: Mapping[str, FlatView], max_frame: int) -> int:
     """Answer one fetch request on ``sock``; returns bytes sent."""
-    req = recv_json(sock, max_frame)
-    names = req.get("names")
-    if req.get("type") != "get" or not isinstance(names, list):
-        raise ProtocolError("state request must be {'type': 'get', 'names': [...]}")
+    req = m.parse_state_get(recv_json(sock, max_frame))
     sent = 0
-    for name in names:
-        v = flat.get(name) if isinstance(name, str) else None
+    for name in req.names:
+        v = flat.get(name)
         if v is None:
-            send_json(sock, {"type": "missing", "name": str(name)})
+            send_json(sock, m.StateMissing(name=name).dump())
             return sent
         data = np.ascontiguousarray(v.array).data.cast("B")
-        send_json(
-            sock,
-            {
-                "type": "tensor",
-                "name": name,
-                "dtype": v.dtype,
-                "shape": list(v.shape),
-                "nbytes": data.nbytes,
-            },
-        )
+        head = m.StateTensor(name=name, dtype=v.dtype, shape=list(v.shape), nbytes=data.nbytes)
+        send_json(sock, head.dump())
         sock.sendall(data)
         sent += data.nbytes
     return sent
@@ -85,22 +75,23 @@ def fetch_state(
     max_frame: int,
 ) -> int:
     """Fetch ``names`` into scratch buffers, verify each against ``expected``, then install all."""
-    send_json(sock, {"type": "get", "names": names})
+    for name in names:
+        if name not in flat:
+            raise StateSyncError(f"the majority's state has a tensor {name!r} this peer lacks")
+    send_json(sock, m.StateGet(names=names).dump())
     scratch: dict[str, np.ndarray] = {}
     received = 0
     for name in names:
-        mine = flat.get(name)
-        if mine is None:
-            raise StateSyncError(f"the majority's state has a tensor {name!r} this peer lacks")
-        head = recv_json(sock, max_frame)
-        if head.get("type") != "tensor" or head.get("name") != name:
-            raise StateSyncError(f"source answered {head.get('type')} for {name!r}")
-        if head.get("dtype") != mine.dtype or tuple(head.get("shape", ())) != mine.shape:
+        mine = flat[name]
+        head = m.parse_state_reply(recv_json(sock, max_frame))
+        if not isinstance(head, m.StateTensor) or head.name != name:
+            raise StateSyncError(f"source answered {head.type} {head.name[:60]!r} for {name!r}")
+        if head.dtype != mine.dtype or tuple(head.shape) != mine.shape:
             raise StateSyncError(
-                f"{name}: source has {head.get('dtype')}{head.get('shape')}, "
+                f"{name}: source has {head.dtype}{head.shape[:8]}, "
                 f"this peer {mine.dtype}{list(mine.shape)}"
             )
-        nbytes = int(head.get("nbytes", -1))
+        nbytes = head.nbytes
         if nbytes != mine.array.nbytes:
             raise StateSyncError(
                 f"{name}: source announced {nbytes} bytes, expected {mine.array.nbytes}"
@@ -122,17 +113,16 @@ def fetch_from_sources(
     flat: Mapping[str, FlatView],
     plan: m.SyncPlan,
     *,
-    secret: bytes,
+    creds: Credentials,
     config: CommConfig,
-    peer_id: str,
 ) -> tuple[str | None, int, str]:
     """Fetch the majority's state from the first of ``plan.sources`` that delivers it intact:
     (source peer id or None, bytes received, why every source failed)."""
     failures = []
     for src in plan.sources:
         try:
-            hello = {"type": "state", "epoch": plan.epoch, "seq": plan.seq, "peer_id": peer_id}
-            sock = dial_peer(src.host, src.port, secret, config, hello)
+            hello = m.StateHello(epoch=plan.epoch, seq=plan.seq)
+            sock = dial_peer(src, creds, config, hello)
             try:
                 received = fetch_state(
                     sock, flat, plan.names, plan.hashes, config.max_frame_kb * 1024

@@ -324,7 +324,7 @@ class Worker:
         try:
             if cfg.algo.mode != "single":
                 self.comm = Communicator(
-                    cfg.comm, peer_id=f"w{cfg.worker_index}-{os.getpid()}", faults=cfg.faults
+                    cfg.comm, name=f"w{cfg.worker_index}-{os.getpid()}", faults=cfg.faults
                 )
                 self.comm.connect()
                 if cfg.join == "join":
