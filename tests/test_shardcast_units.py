@@ -9,8 +9,14 @@ import pytest
 
 import cotrain.shardcast as sc
 from cotrain.core.identity import Identity
-from cotrain.shardcast.errors import ForgedManifestError, ManifestError, ReplayedManifestError
-from cotrain.shardcast.manifest import SignedManifest, TrustPolicy
+from cotrain.core.signed import Envelope, EnvelopeError
+from cotrain.shardcast.errors import (
+    ForgedManifestError,
+    ManifestError,
+    ReplayedManifestError,
+    StaleVersionError,
+)
+from cotrain.shardcast.manifest import DOMAIN, SignedManifest, TrustPolicy
 from cotrain.shardcast.selection import ServerSelector
 from cotrain.shardcast.store import VersionStore
 
@@ -74,22 +80,38 @@ def test_forged_manifests_are_rejected(published) -> None:
     raw = VersionStore(root).read_manifest(3) or b""
     policy = TrustPolicy(ident.public_hex)
     env = json.loads(raw)
-    body = json.loads(env["manifest"])
-    body["shards"][0]["sha256"] = "1" * 64
-    env["manifest"] = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    with pytest.raises(ForgedManifestError, match="bad signature"):
-        policy.check(SignedManifest.parse(json.dumps(env).encode()))
+    assert env["domain"] == "cotrain.shardcast.manifest/1" and env["signer"] == ident.public_hex
+    env["body"]["shards"][0]["sha256"] = "1" * 64
+    with pytest.raises(ForgedManifestError, match="does not verify"):
+        SignedManifest.parse(json.dumps(env).encode())
     # Signed by someone else who claims to be the publisher, or names itself: both refused.
     mallory = Identity.generate()
-    forged = SignedManifest(results[-1].manifest, results[-1].signed.text,
-                            mallory.sign(b"x").hex())  # fmt: skip
-    with pytest.raises(ForgedManifestError):
-        policy.check(forged)
+    genuine = results[-1].signed.envelope
+    claimed = Envelope(genuine.domain, genuine.signer, genuine.body, mallory.sign(b"x").hex())
+    with pytest.raises(ForgedManifestError, match="bad signature"):
+        policy.check(SignedManifest(results[-1].manifest, claimed))
     other = sc.publish(b"evil", dir=root / "m", identity=mallory)
     with pytest.raises(ForgedManifestError, match="names publisher"):
         policy.check(other.signed)
-    with pytest.raises(ManifestError, match="malformed"):
-        SignedManifest.parse(b'{"manifest": "{}", "signature": "00"}')
+    # A signature made for another kind of statement does not pass as a manifest.
+    elsewhere = Envelope.seal(ident, "cotrain.other/1", genuine.body).to_bytes()
+    with pytest.raises(ForgedManifestError, match=r"expected 'cotrain\.shardcast\.manifest/1'"):
+        SignedManifest.parse(elsewhere)
+    for junk in (
+        b'{"manifest": "{}", "signature": "00"}',
+        b"[" * 100_000,
+        b'{"a": Infinity}',
+        b"1" * 500,
+    ):
+        with pytest.raises(ManifestError, match="malformed"):
+            SignedManifest.parse(junk)
+    # Well signed but unsound: a version past 2^53 cannot even be signed (JCS refuses it), and
+    # shards that do not tile the file are refused after the signature checked out.
+    body = dict(genuine.body, shards=genuine.body["shards"][:1])
+    with pytest.raises(ManifestError, match=r"tile|add up"):
+        SignedManifest.parse(Envelope.seal(ident, DOMAIN, body).to_bytes())
+    with pytest.raises(EnvelopeError):
+        Envelope.seal(ident, DOMAIN, dict(genuine.body, version=2**60))
 
 
 def test_replayed_manifests_are_rejected(published) -> None:
@@ -101,7 +123,7 @@ def test_replayed_manifests_are_rejected(published) -> None:
         TrustPolicy(ident.public_hex, min_version=3).check(old)
     with pytest.raises(ReplayedManifestError, match="channel"):
         TrustPolicy(ident.public_hex, channel="run-2").check(old)
-    with pytest.raises(ReplayedManifestError, match="signed"):
+    with pytest.raises(StaleVersionError, match="signed"):
         TrustPolicy(ident.public_hex, max_age_s=-1.0).check(old)
 
 

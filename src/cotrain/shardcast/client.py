@@ -10,10 +10,11 @@
         load_into(model, result.path)       # each new version, as soon as it is published
 
 A fetch asks every server which versions it has (long-polling when told to wait), takes the
-newest one, gets its manifest from a server that offers it and accepts it only if the
-publisher signed it for that version and channel (``TrustPolicy``). Servers that offer forged
-or replayed manifests, or corrupt bytes, are skipped, listed in ``FetchResult.bad_servers``
-and reported to the others (``POST /v1/reports``).
+newest one whose manifest verifies: signed by the publisher for that version and channel
+(``TrustPolicy``) and, for the latest version, signed at most ``max_manifest_age_s`` ago, so
+a server that hides newer versions cannot hold a client on an old one. Servers that offer
+forged or replayed manifests, malformed answers, or corrupt bytes are skipped, listed in
+``FetchResult.bad_servers`` and reported to the others (``POST /v1/reports``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncGenerator, Iterator
@@ -31,10 +33,14 @@ from typing import Any, Literal
 import aiohttp
 
 from cotrain.core.errors import ConfigError
+from cotrain.shardcast import wire
 from cotrain.shardcast.config import ClientConfig
 from cotrain.shardcast.errors import (
     FetchTimeout,
+    MalformedResponse,
     ManifestError,
+    ShardcastError,
+    StaleVersionError,
     UpstreamUnavailable,
     VersionNotFound,
 )
@@ -71,30 +77,36 @@ def make_session(config: ClientConfig) -> aiohttp.ClientSession:
     )
 
 
-async def _get_json(session: aiohttp.ClientSession, url: str, timeout_s: float) -> Any:
-    async with asyncio.timeout(timeout_s), session.get(url) as resp:
-        resp.raise_for_status()
-        return await resp.json()
+@dataclass
+class _Offers:
+    """What the servers said they hold; ``malformed``: those whose answer was not a listing."""
+
+    versions: dict[str, list[int]]
+    malformed: dict[str, str]
 
 
 async def _offers(
     session: aiohttp.ClientSession, config: ClientConfig, *, after: int, wait_s: float
-) -> dict[str, list[int]]:
+) -> _Offers:
     """Ask every server (concurrently) for its versions; long-poll for one newer than ``after``."""
     budget = config.transfer.connect_timeout_s + wait_s + 5.0
+    malformed: dict[str, str] = {}
 
     async def ask(server: str) -> list[int] | None:
+        url = f"{server}/v1/versions?after={after}&wait_s={wait_s:g}"
         try:
-            body = await _get_json(
-                session, f"{server}/v1/versions?after={after}&wait_s={wait_s:g}", budget
-            )
-            return [int(v) for v in body["versions"]]
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
+            async with asyncio.timeout(budget):
+                return await wire.get_versions(session, url)
+        except MalformedResponse as e:
+            log.warning("%s: %s", server, e)
+            malformed[server] = str(e)[:300]
+        except (aiohttp.ClientError, TimeoutError) as e:
             log.info("cannot list versions at %s: %s", server, e)
-            return None
+        return None
 
     answers = await asyncio.gather(*(ask(s) for s in config.servers))
-    return {s: a for s, a in zip(config.servers, answers, strict=True) if a is not None}
+    versions = {s: a for s, a in zip(config.servers, answers, strict=True) if a is not None}
+    return _Offers(versions, malformed)
 
 
 async def _trusted_manifest(
@@ -105,30 +117,38 @@ async def _trusted_manifest(
     policy: TrustPolicy,
     version: int | None,
 ) -> SignedManifest:
-    """The newest acceptable manifest (or ``version``'s), banning servers that lie about it."""
+    """The newest acceptable manifest (or ``version``'s), banning servers that lie about it.
+
+    Versions are tried newest first; a server that cannot back a version it offered with its
+    manifest is not asked for older ones (so bogus offers cost one request each, at most).
+    """
     wanted = sorted({v for vs in offers.values() for v in vs if v >= policy.min_version})
     if version is not None:
         wanted = [v for v in wanted if v == version]
     if not wanted:
         have = sorted({v for vs in offers.values() for v in vs})
         want = f"v{version}" if version is not None else f"a version >= {policy.min_version}"
-        raise VersionNotFound(f"no server offers {want}; offered: {have or 'nothing'}")
+        raise VersionNotFound(f"no server offers {want}; offered: {have[-20:] or 'nothing'}")
+    failed: set[str] = set()
     for v in reversed(wanted):
-        for server in [s for s, vs in offers.items() if v in vs and s not in selector.report()]:
+        for server in [s for s, vs in offers.items() if v in vs]:
+            if server in failed or server in selector.report():
+                continue
             try:
                 async with asyncio.timeout(config.transfer.connect_timeout_s + 10.0):
-                    url = f"{server}/v1/versions/{v}/manifest"
-                    async with session.get(url) as resp:
-                        resp.raise_for_status()
-                        raw = await resp.read()
+                    raw = await wire.get_manifest(session, f"{server}/v1/versions/{v}/manifest")
                 signed = SignedManifest.parse(raw)
                 policy.check(signed, expected_version=v)
                 return signed
-            except ManifestError as e:
+            except StaleVersionError:
+                # Genuine, but older than we accept: so is every older version. Nobody lied.
+                raise
+            except (ManifestError, MalformedResponse) as e:
                 log.warning("%s served a bad manifest for v%d: %s", server, v, e)
                 selector.ban(server, f"bad manifest for v{v}: {e}")
             except (aiohttp.ClientError, TimeoutError) as e:
                 selector.record_failure(server, f"manifest v{v}: {e}")
+                failed.add(server)
     bad = selector.report()
     if bad:
         raise UpstreamUnavailable(f"no server served a trustworthy manifest; bad servers: {bad}")
@@ -144,8 +164,8 @@ async def _report_bad(
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
             async with asyncio.timeout(2.0):
                 body = {"server": url, "reason": reason}
-                async with session.post(f"{server}/v1/reports", json=body) as resp:
-                    await resp.read()
+                async with session.post(f"{server}/v1/reports", json=body):
+                    pass  # the answer is not needed (an unread body closes the connection)
 
     honest = [s for s in servers if s not in bad]
     await asyncio.gather(*(post(s, u, r) for s in honest for u, r in bad.items()))
@@ -188,15 +208,29 @@ async def _fetch(
     t0 = time.monotonic()
     exact = None if version == "latest" else int(version)
     floor = max(min_version, exact or 1)
-    policy = TrustPolicy(config.publisher_key, config.channel, floor, config.max_manifest_age_s)
+    # Freshness guards "latest"; a version asked for by number is wanted whatever its age.
+    max_age_s = config.max_manifest_age_s if exact is None else None
+    if max_age_s is not None and math.isinf(max_age_s):
+        max_age_s = None
+    policy = TrustPolicy(config.publisher_key, config.channel, floor, max_age_s)
     offers = await _offers(session, config, after=floor - 1, wait_s=wait_s)
-    if not offers:
-        raise UpstreamUnavailable(f"none of the servers answered: {config.servers}")
+    if not offers.versions:
+        why = f"; malformed answers: {offers.malformed}" if offers.malformed else ""
+        raise UpstreamUnavailable(f"none of the servers answered: {config.servers}{why}")
     selector = ServerSelector(
-        list(offers), exploration=config.transfer.exploration, seed=config.transfer.seed
+        [*offers.versions, *offers.malformed],
+        exploration=config.transfer.exploration,
+        seed=config.transfer.seed,
     )
+    for server, why in offers.malformed.items():
+        selector.ban(server, f"malformed versions listing: {why}")
     t_offers = time.monotonic()
-    signed = await _trusted_manifest(session, config, selector, offers, policy, exact)
+    try:
+        signed = await _trusted_manifest(session, config, selector, offers.versions, policy, exact)
+    except ShardcastError:
+        if selector.report():
+            await _report_bad(session, config.servers, selector.report())
+        raise
     manifest = signed.manifest
     t_manifest = time.monotonic()
     output = OutputFile(out, signed)
@@ -259,12 +293,17 @@ async def watch_async(
     last = after
     async with make_session(config) as session:
         while True:
+            t0 = time.monotonic()
             try:
                 result = await fetch_async(
                     config, out=out, min_version=last + 1, wait_s=poll_wait_s, session=session
                 )
             except VersionNotFound:
-                continue  # nothing newer within the long-poll window: ask again
+                # Nothing newer (or nothing fresh enough) within the long-poll window: ask
+                # again, after a pause if the servers answered at once (they hold, if honest).
+                if time.monotonic() - t0 < poll_wait_s / 2:
+                    await asyncio.sleep(min(1.0, poll_wait_s))
+                continue
             last = result.version
             yield result
 

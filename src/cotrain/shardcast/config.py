@@ -102,8 +102,14 @@ class ClientConfig(ConfigModel):
     """Only manifests of this channel are accepted."""
     timeout_s: float = Field(default=600.0, gt=0)
     """Deadline of one whole fetch."""
-    max_manifest_age_s: float | None = None
-    """Reject manifests signed longer ago than this (None: any age), a guard against replays."""
+    max_manifest_age_s: float = Field(default=3600.0, gt=0)
+    """Freshness bound of a fetch of the latest version: refuse it (``StaleVersionError``) if the
+    newest version any server offers was signed more than this many seconds ago. One relay
+    can show an old version as the newest, by hiding newer ones; this bounds how old (and the
+    client also asks every listed server and takes the newest version that verifies, so one
+    honest server with the real latest wins). Default 3600 s (one hour), meant for a run that
+    publishes more often than that; set it to ``inf`` (``--set max_manifest_age_s=inf``) to
+    accept any age. A version fetched by number (``--version N``) is never refused for age."""
     progress: Literal["bar", "none"] = "none"
     """Show a progress bar on stderr."""
     transfer: TransferConfig = TransferConfig()
@@ -149,6 +155,13 @@ class RelayConfig(ConfigModel):
     """Only versions of this channel are mirrored."""
     keep_versions: int = Field(default=5, ge=1)
     """How many of the newest versions are kept; older ones are retired."""
+    upstream_ban_s: float = Field(default=30.0, gt=0)
+    """How long an upstream caught lying (a forged manifest, a corrupt shard it alone sent, a
+    malformed answer) is avoided. Bans expire: each repeat doubles the next one, up to
+    ``upstream_ban_max_s``, and an upstream that behaves for ``upstream_ban_max_s`` after its
+    ban starts from ``upstream_ban_s`` again."""
+    upstream_ban_max_s: float = Field(default=3600.0, gt=0)
+    """Longest ban of a repeatedly lying upstream."""
     poll_wait_s: float = Field(default=30.0, gt=0)
     """Long-poll window asked of upstreams (they answer at once when a version appears)."""
     retry_interval_s: float = Field(default=1.0, gt=0)

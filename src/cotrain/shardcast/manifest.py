@@ -1,26 +1,51 @@
 """Signed manifests: what a version is made of, and whether to believe it.
 
 A manifest names the version, the channel, every shard's size and SHA-256, the whole file's
-SHA-256 and the time it was signed. On the wire (and on disk) it travels as an envelope::
+SHA-256 and the time it was signed. On the wire (and on disk) it travels as a core signed
+envelope (``cotrain.core.signed.Envelope``) of domain ``cotrain.shardcast.manifest/1``::
 
-    {"manifest": "<canonical JSON text>", "signature": "<ed25519 hex>"}
+    {"domain": "cotrain.shardcast.manifest/1", "signer": "<publisher key>",
+     "body": {"channel": ..., "version": 7, "created_unix": ..., "name": ..., "file_size": ...,
+              "file_sha256": ..., "shard_size": ..., "shards": [{"offset", "size", "sha256"}]},
+     "signature": "<ed25519 hex>"}
 
-The signature covers the exact manifest text (prefixed by a domain tag), so nobody needs to
-re-serialise JSON identically to check it.
+The signature covers the RFC 8785 canonical form of the body under the domain tag, so a
+signature made for anything else cannot pass as a manifest. Parsing is strict: every field has
+its type and range (integers within 2^53), the shards must tile the file, and anything else is
+``ManifestError``, never another exception.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import math
+import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from cotrain.core.identity import Identity, SignatureError, verify_signature
-from cotrain.shardcast.errors import ForgedManifestError, ManifestError, ReplayedManifestError
+from cotrain.core import jsonsafe
+from cotrain.core.identity import Identity
+from cotrain.core.signed import Envelope, EnvelopeError
+from cotrain.shardcast.errors import (
+    ForgedManifestError,
+    ManifestError,
+    ReplayedManifestError,
+    StaleVersionError,
+)
 
-FORMAT = "cotrain.shardcast/1"
-_DOMAIN = b"cotrain.shardcast.manifest\n"
+DOMAIN = "cotrain.shardcast.manifest/1"
+MAX_MANIFEST_BYTES = 8 << 20
+"""A manifest is read from the network only up to this size (about 80,000 shards)."""
+MAX_VERSION = 2**53
+"""Versions, sizes and offsets are JSON integers, exact in a double up to 2^53."""
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_BODY_KEYS = {
+    "channel", "version", "created_unix", "name", "file_size", "file_sha256", "shard_size",
+    "shards",
+}  # fmt: skip
+_ENVELOPE_KEYS = {"domain", "signer", "body", "signature"}
 
 
 @dataclass(frozen=True)
@@ -32,9 +57,23 @@ class ShardInfo:
     sha256: str
 
 
+def _int(body: dict[str, Any], key: str, lo: int) -> int:
+    value = body.get(key)
+    if type(value) is not int or not lo <= value <= MAX_VERSION:
+        raise ManifestError(f"malformed manifest: {key} must be an integer in [{lo}, 2^53]")
+    return value
+
+
+def _str(body: dict[str, Any], key: str, limit: int) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or len(value) > limit:
+        raise ManifestError(f"malformed manifest: {key} must be a string of <= {limit} chars")
+    return value
+
+
 @dataclass(frozen=True)
 class Manifest:
-    """What one version is made of."""
+    """What one version is made of; ``publisher`` is the key that signed it."""
 
     channel: str
     version: int
@@ -46,22 +85,56 @@ class Manifest:
     shard_size: int
     shards: tuple[ShardInfo, ...]
 
-    def text(self) -> str:
-        """The canonical JSON text that gets signed."""
-        body = asdict(self)
-        body["format"] = FORMAT
-        return json.dumps(body, sort_keys=True, separators=(",", ":"))
+    def body(self) -> dict[str, Any]:
+        """The signed statement (everything but the publisher, which is the envelope's signer)."""
+        return {
+            "channel": self.channel,
+            "version": self.version,
+            "created_unix": self.created_unix,
+            "name": self.name,
+            "file_size": self.file_size,
+            "file_sha256": self.file_sha256,
+            "shard_size": self.shard_size,
+            "shards": [
+                {"offset": s.offset, "size": s.size, "sha256": s.sha256} for s in self.shards
+            ],
+        }
 
     @classmethod
-    def from_text(cls, text: str) -> Manifest:
-        try:
-            body = json.loads(text)
-            if body.pop("format", None) != FORMAT:
-                raise ManifestError(f"malformed manifest: not a {FORMAT} manifest")
-            shards = tuple(ShardInfo(**s) for s in body.pop("shards"))
-            m = cls(shards=shards, **body)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise ManifestError(f"malformed manifest: {e}") from None
+    def from_body(cls, body: Any, *, publisher: str) -> Manifest:
+        """A manifest from an envelope body; ``ManifestError`` unless every field is sound."""
+        if not isinstance(body, dict) or set(body) != _BODY_KEYS:
+            raise ManifestError(
+                f"malformed manifest: the body must hold exactly {sorted(_BODY_KEYS)}"
+            )
+        created = body["created_unix"]
+        if type(created) not in (int, float) or not math.isfinite(created):
+            raise ManifestError("malformed manifest: created_unix must be a finite number")
+        digest = _str(body, "file_sha256", 64)
+        if not _SHA256.match(digest):
+            raise ManifestError("malformed manifest: file_sha256 must be 64 lowercase hex")
+        raw_shards = body["shards"]
+        if not isinstance(raw_shards, list):
+            raise ManifestError("malformed manifest: shards must be a list")
+        shards = []
+        for s in raw_shards:
+            if not isinstance(s, dict) or set(s) != {"offset", "size", "sha256"}:
+                raise ManifestError("malformed manifest: a shard is {offset, size, sha256}")
+            sha = _str(s, "sha256", 64)
+            if not _SHA256.match(sha):
+                raise ManifestError("malformed manifest: a shard's sha256 must be 64 hex")
+            shards.append(ShardInfo(_int(s, "offset", 0), _int(s, "size", 1), sha))
+        m = cls(
+            channel=_str(body, "channel", 200),
+            version=_int(body, "version", 1),
+            created_unix=float(created),
+            publisher=publisher,
+            name=_str(body, "name", 1000),
+            file_size=_int(body, "file_size", 1),
+            file_sha256=digest,
+            shard_size=_int(body, "shard_size", 1),
+            shards=tuple(shards),
+        )
         m._check_layout()
         return m
 
@@ -69,31 +142,30 @@ class Manifest:
         """The shards must tile the file exactly; a lie here could make us write out of bounds."""
         pos = 0
         for i, s in enumerate(self.shards):
-            if s.offset != pos or s.size <= 0 or len(s.sha256) != 64:
+            if s.offset != pos:
                 raise ManifestError(f"malformed manifest: shard {i} does not tile the file")
             pos += s.size
-        if pos != self.file_size or self.version < 1:
+        if pos != self.file_size:
             raise ManifestError("malformed manifest: shard sizes do not add up to the file size")
 
 
 @dataclass(frozen=True)
 class SignedManifest:
-    """A manifest with the publisher's signature, as served by origin and relays."""
+    """A manifest in the publisher's signed envelope, as served by origin and relays."""
 
     manifest: Manifest
-    text: str
-    signature: str
+    envelope: Envelope
+    raw: bytes = field(repr=False, default=b"")
 
     @classmethod
     def sign(cls, manifest: Manifest, identity: Identity) -> SignedManifest:
         if manifest.publisher != identity.public_hex:
             raise ValueError("the manifest's publisher field must be the signing key's public hex")
-        text = manifest.text()
-        sig = identity.sign(_DOMAIN + text.encode()).hex()
-        return cls(manifest, text, sig)
+        env = Envelope.seal(identity, DOMAIN, manifest.body())
+        return cls(manifest, env, env.to_bytes())
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"manifest": self.text, "signature": self.signature}).encode()
+        return self.raw or self.envelope.to_bytes()
 
     @property
     def digest(self) -> str:
@@ -102,15 +174,24 @@ class SignedManifest:
 
     @classmethod
     def parse(cls, raw: bytes) -> SignedManifest:
-        """Parse an envelope; does NOT check trust (use ``TrustPolicy.check``)."""
+        """Parse an envelope and check its signature against the key it names.
+
+        Whether that key is our publisher, and the version the one we want, is
+        ``TrustPolicy.check``'s business. Raises ``ForgedManifestError`` for an envelope whose
+        signature does not verify (or that was signed for another domain), ``ManifestError``
+        for anything malformed.
+        """
         try:
-            env = json.loads(raw)
-            text, sig = env["manifest"], env["signature"]
-            if not isinstance(text, str) or not isinstance(sig, str):
-                raise TypeError("manifest and signature must be strings")
-        except (ValueError, TypeError, KeyError) as e:
+            obj = jsonsafe.loads(raw, max_bytes=MAX_MANIFEST_BYTES)
+        except jsonsafe.MalformedJSON as e:
             raise ManifestError(f"malformed manifest envelope: {e}") from None
-        return cls(Manifest.from_text(text), text, sig)
+        if not isinstance(obj, dict) or set(obj) != _ENVELOPE_KEYS:
+            raise ManifestError("malformed manifest envelope: not a signed envelope")
+        try:
+            env = Envelope.from_json(obj, domain=DOMAIN)
+        except EnvelopeError as e:
+            raise ForgedManifestError(f"manifest envelope does not verify: {e}") from None
+        return cls(Manifest.from_body(env.body, publisher=env.signer), env, bytes(raw))
 
 
 @dataclass(frozen=True)
@@ -125,22 +206,24 @@ class TrustPolicy:
     def check(self, signed: SignedManifest, *, expected_version: int | None = None) -> Manifest:
         """Return the manifest if it is signed by our publisher for the version we asked for.
 
-        Raises ``ForgedManifestError`` for a bad signature or a foreign publisher, and
-        ``ReplayedManifestError`` for a genuine manifest offered out of place: another channel,
-        another version than the one requested, older than ``min_version`` or ``max_age_s``.
+        Raises ``ForgedManifestError`` for a bad signature or a foreign publisher,
+        ``ReplayedManifestError`` for a genuine manifest offered out of place (another channel,
+        another version than the one requested, older than ``min_version``), and
+        ``StaleVersionError`` for one signed longer than ``max_age_s`` ago.
         """
-        m = signed.manifest
-        if m.publisher != self.publisher_key:
+        env = signed.envelope
+        if env.signer != self.publisher_key:
             raise ForgedManifestError(
-                f"manifest v{m.version} names publisher {m.publisher[:16]}..., "
+                f"manifest names publisher {env.signer[:16]}..., "
                 f"expected {self.publisher_key[:16]}..."
             )
-        try:
-            verify_signature(
-                self.publisher_key, _DOMAIN + signed.text.encode(), bytes.fromhex(signed.signature)
-            )
-        except (SignatureError, ValueError) as e:
-            raise ForgedManifestError(f"manifest v{m.version}: {e}") from None
+        try:  # re-verified here: a SignedManifest may have been built by hand
+            Envelope.from_json(env.to_json(), domain=DOMAIN, signers=(self.publisher_key,))
+            m = Manifest.from_body(env.body, publisher=env.signer)
+        except EnvelopeError as e:
+            raise ForgedManifestError(f"manifest: bad signature: {e}") from None
+        if m != signed.manifest:
+            raise ForgedManifestError("manifest: bad signature (it does not cover this manifest)")
         if m.channel != self.channel:
             raise ReplayedManifestError(
                 f"manifest is for channel {m.channel!r}, not {self.channel!r}"
@@ -153,9 +236,10 @@ class TrustPolicy:
             raise ReplayedManifestError(
                 f"manifest v{m.version} is older than the minimum v{self.min_version}"
             )
-        if self.max_age_s is not None and time.time() - m.created_unix > self.max_age_s:
-            raise ReplayedManifestError(
-                f"manifest v{m.version} was signed {time.time() - m.created_unix:.0f} s ago, "
-                f"more than max_manifest_age_s={self.max_age_s:g}"
+        age = time.time() - m.created_unix
+        if self.max_age_s is not None and age > self.max_age_s:
+            raise StaleVersionError(
+                f"v{m.version} was signed {age:.0f} s ago, more than max_manifest_age_s="
+                f"{self.max_age_s:g} (raise it, or set it to inf, to accept older versions)"
             )
         return m

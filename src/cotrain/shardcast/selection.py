@@ -119,3 +119,44 @@ class ServerSelector:
     def report(self) -> dict[str, str]:
         """Banned servers and why."""
         return {u: s.banned for u, s in self.stats.items() if s.banned is not None}
+
+
+@dataclass
+class _Ban:
+    reason: str
+    until: float
+    length_s: float
+
+
+class BanList:
+    """Servers caught lying, each avoided for a while (a relay's memory of its upstreams).
+
+    The first ban lasts ``base_s``; a server banned again while it is banned or soon after
+    gets twice its previous ban, up to ``max_s``. A server that behaves for ``max_s`` after
+    its ban ended is forgiven entirely. So a relay neither trusts a liar again at once nor
+    forgets an upstream that was bad once (or was framed, or has been repaired) forever.
+    """
+
+    def __init__(self, *, base_s: float, max_s: float, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.base_s, self.max_s = base_s, max(base_s, max_s)
+        self._clock = clock
+        self._bans: dict[str, _Ban] = {}
+
+    def ban(self, url: str, reason: str) -> None:
+        now = self._clock.monotonic()
+        old = self._bans.get(url)
+        length = self.base_s
+        if old is not None and now < old.until + self.max_s:
+            length = min(self.max_s, old.length_s * 2)
+        self._bans[url] = _Ban(reason, now + length, length)
+
+    def active(self) -> dict[str, str]:
+        """The servers banned now, and why."""
+        now = self._clock.monotonic()
+        for url in [u for u, b in self._bans.items() if now >= b.until + self.max_s]:
+            del self._bans[url]  # forgiven
+        return {u: b.reason for u, b in self._bans.items() if now < b.until}
+
+    def __contains__(self, url: object) -> bool:
+        ban = self._bans.get(url) if isinstance(url, str) else None
+        return ban is not None and self._clock.monotonic() < ban.until

@@ -21,15 +21,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from cotrain.core import jsonsafe
 from cotrain.shardcast.config import FaultConfig, ServeConfig
-from cotrain.shardcast.manifest import Manifest, ManifestError, SignedManifest
+from cotrain.shardcast.manifest import MAX_VERSION, Manifest, ManifestError, SignedManifest
 from cotrain.shardcast.store import (
     RELAY_HEADER,
     UNVERIFIED_HEADER,
@@ -42,6 +45,7 @@ from cotrain.shardcast.store import (
 log = logging.getLogger("cotrain.shardcast.server")
 
 _FAULT_CHUNK = 256 * 1024
+_DIGITS = re.compile(r"^[0-9]{1,16}$")
 
 
 @dataclass
@@ -82,18 +86,25 @@ _STATE = web.AppKey("state", ServerState)
 
 
 def _wait_s(request: web.Request, state: ServerState) -> float:
+    text = request.query.get("wait_s", "0")
     try:
-        asked = float(request.query.get("wait_s", "0"))
+        asked = float(text) if len(text) <= 32 else math.nan
     except ValueError:
-        raise web.HTTPBadRequest(text="wait_s must be a number") from None
+        asked = math.nan
+    if not math.isfinite(asked):
+        raise web.HTTPBadRequest(text="wait_s must be a finite number of seconds")
     return max(0.0, min(asked, state.serve.max_wait_s))
 
 
+def _bounded_int(text: str, name: str) -> int:
+    """A version, index or bound from a request: decimal digits, at most 2^53 (else 400)."""
+    if not _DIGITS.match(text) or int(text) > MAX_VERSION:
+        raise web.HTTPBadRequest(text=f"{name} must be an integer in [0, 2^53]")
+    return int(text)
+
+
 def _int_param(request: web.Request, name: str) -> int:
-    try:
-        return int(request.match_info[name])
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"{name} must be an integer") from None
+    return _bounded_int(request.match_info[name], name)
 
 
 def _versions_body(state: ServerState) -> dict[str, Any]:
@@ -112,10 +123,7 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _versions(request: web.Request) -> web.Response:
     state: ServerState = request.app[_STATE]
-    try:
-        after = int(request.query.get("after", "0"))
-    except ValueError:
-        raise web.HTTPBadRequest(text="after must be an integer") from None
+    after = _bounded_int(request.query.get("after", "0"), "after")
     wait_s = _wait_s(request, state)
     state.waiting += 1
     try:
@@ -142,9 +150,7 @@ async def _manifest(request: web.Request) -> web.Response:
 def _forge(raw: bytes) -> bytes:
     """Keep the signature, change what it signed: point shard 0 at other bytes."""
     env = json.loads(raw)
-    body = json.loads(env["manifest"])
-    body["shards"][0]["sha256"] = "0" * 64
-    env["manifest"] = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    env["body"]["shards"][0]["sha256"] = "0" * 64
     return json.dumps(env).encode()
 
 
@@ -328,11 +334,14 @@ async def _faulty_shard(
 
 async def _report(request: web.Request) -> web.Response:
     state: ServerState = request.app[_STATE]
+    # The body is bounded by the app's client_max_size (64 KB) before it is read.
     try:
-        body = await request.json()
-        entry = {"server": str(body["server"]), "reason": str(body["reason"])[:500]}
-    except (ValueError, KeyError, TypeError):
-        raise web.HTTPBadRequest(text='expected JSON {"server": ..., "reason": ...}') from None
+        body = jsonsafe.loads(await request.read())
+    except jsonsafe.MalformedJSON:
+        body = None
+    if not isinstance(body, dict) or not {"server", "reason"} <= set(body):
+        raise web.HTTPBadRequest(text='expected JSON {"server": ..., "reason": ...}')
+    entry = {"server": str(body["server"])[:500], "reason": str(body["reason"])[:500]}
     entry["from"] = request.remote or "?"
     log.warning("report: %s misbehaved: %s", entry["server"], entry["reason"])
     state.reports.append(entry)

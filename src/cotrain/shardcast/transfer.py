@@ -12,8 +12,12 @@ Python). What can happen to an attempt:
   relay that was still receiving the shard itself (``UNVERIFIED_HEADER``: it cuts the stream
   off when its own hash check fails, so a cut stream's bytes are dropped, and the relay is not
   blamed for them);
-- the hash is wrong: the bytes are dropped and the server that sent them is banned (if several
-  servers contributed, each gets a strike and is banned at the second);
+- all the shard's bytes arrived: the shard is checked at once, whether or not the server ends
+  its response (one that sends every byte and then hangs gains nothing);
+- the hash is wrong: the bytes are dropped. If one server sent them all, it is banned: its
+  bytes are proven bad. If several contributed (a resumed download), nobody can tell whose
+  bytes were bad, so nobody is blamed and the shard is fetched again whole from one server
+  (``_Partial.solo``), which then alone answers for what it sends;
 - the server does not have the shard yet (503, a relay still mirroring) or not the version
   (404, a relay that has not heard of it), or is busy feeding relays (429, an origin): another
   server is asked, and once every server has said so the best one is asked to hold the
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -43,6 +48,7 @@ log = logging.getLogger("cotrain.shardcast.transfer")
 
 # A version every server has answered 404 for this many rounds in a row is gone (retired).
 _NOT_FOUND_ROUNDS = 3
+_CONTENT_RANGE = re.compile(r"^bytes (\d{1,16})-(\d{1,16})/(\d{1,16})$")
 
 
 class ShardSink(Protocol):
@@ -77,6 +83,9 @@ class _Partial:
     have: int = 0
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
     contributors: set[str] = field(default_factory=set)
+    # Set once bytes from several servers failed the hash: from then on every attempt starts
+    # from byte 0 and keeps nothing it does not finish, so a mismatch names one server.
+    solo: bool = False
 
     def reset(self) -> None:
         self.have, self.hasher, self.contributors = 0, hashlib.sha256(), set()
@@ -87,12 +96,14 @@ class _Retry(Exception):
 
     ``status`` 404/503 means the server does not have it (yet), 429 that it is busy: not a
     failure. ``None`` means a
-    real failure (error, stall, truncation, corruption) that counts toward the attempt limit.
+    real failure (error, stall, truncation, corruption) that counts toward the attempt limit;
+    ``innocent`` marks one that is no fault of the server asked (it may be asked again at once).
     """
 
-    def __init__(self, reason: str, *, status: int | None = None) -> None:
+    def __init__(self, reason: str, *, status: int | None = None, innocent: bool = False) -> None:
         super().__init__(reason)
         self.status = status
+        self.innocent = innocent
 
 
 class ShardPuller:
@@ -115,7 +126,6 @@ class ShardPuller:
         self.config = config
         self.on_bytes = on_bytes
         self.headers = dict(headers or {})  # sent with every shard request
-        self._strikes: dict[str, int] = {}
         self._failed = 0
         self._bytes = 0
 
@@ -183,7 +193,8 @@ class ShardPuller:
                 return
             except _Retry as r:
                 if r.status is None:
-                    failed.add(server)
+                    if not r.innocent:
+                        failed.add(server)
                     failures += 1
                     self._failed += 1
                     log.info("shard %d from %s: %s (failure %d)", index, server, r, failures)
@@ -222,25 +233,30 @@ class ShardPuller:
                 resp = await self.session.get(
                     url, params={"wait_s": f"{wait_s:g}"}, headers=headers
                 )
+            # Leaving this block before the body ended (the shard is whole; a server that never
+            # ends its response) closes the connection instead of returning it to the pool.
             async with resp:
                 if resp.status in (404, 429, 503):
                     raise _Retry(f"HTTP {resp.status}", status=resp.status)
                 if resp.status not in (200, 206):
                     raise _Retry(f"HTTP {resp.status}")
+                if resp.status == 206 and not _range_is(resp, part.have, shard.size):
+                    raise _Retry(f"answered Range {part.have}- with {_content_range(resp)!r}")
                 if resp.status == 200 and part.have:
                     self._discard(index, part)  # the server ignored our Range: start over
                 unverified = UNVERIFIED_HEADER in resp.headers
-                part.contributors.add(server)
                 t0 = time.monotonic()  # measure the transfer, not the wait for the shard
                 lowat = _LowWater(resp, cfg.rcvlowat_kb * 1024)
-                while True:
-                    lowat.before_read()
+                chunk_size = cfg.read_chunk_kb * 1024
+                # Never read past the shard's signed size: what a server sends beyond it is
+                # not ours to buffer, and the shard is checked as soon as it is whole.
+                while part.have < shard.size:
+                    lowat.before_read(stop_at=got + shard.size - part.have)
                     async with asyncio.timeout(cfg.stall_timeout_s):
-                        chunk = await resp.content.read(cfg.read_chunk_kb * 1024)
+                        chunk = await resp.content.read(min(chunk_size, shard.size - part.have))
                     if not chunk:
                         break
-                    if part.have + len(chunk) > shard.size:
-                        self._corrupt(index, part, f"sent more than the {shard.size} bytes")
+                    part.contributors.add(server)
                     part.hasher.update(chunk)
                     self.sink.write(index, part.have, chunk)
                     part.have += len(chunk)
@@ -250,14 +266,14 @@ class ShardPuller:
                 lowat.reset()
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
             self.selector.record_failure(server, f"{type(e).__name__}: {e}"[:200])
-            if unverified:
+            if unverified or part.solo:
                 self._discard(index, part)
             raise _Retry(f"{type(e).__name__}: {e}") from None
         finally:
             self.selector.finished(server)
         if part.have < shard.size:
             self.selector.record_failure(server, "truncated")
-            if unverified:
+            if unverified or part.solo:
                 self._discard(index, part)
             raise _Retry(f"truncated at {part.have}/{shard.size} bytes")
         if part.hasher.hexdigest() != shard.sha256:
@@ -267,17 +283,21 @@ class ShardPuller:
         self.sink.complete(index)
 
     def _corrupt(self, index: int, part: _Partial, what: str) -> None:
-        """Blame whoever sent these bytes, drop them, and make the caller retry elsewhere."""
+        """Drop the bytes; blame their sender if there was only one; make the caller retry."""
         reason = f"corrupt shard {index} of v{self.manifest.version} ({what})"
-        for server in part.contributors:
-            self._strikes[server] = self._strikes.get(server, 0) + 1
-            if len(part.contributors) == 1 or self._strikes[server] >= 2:
-                log.warning("banning %s: %s", server, reason)
-                self.selector.ban(server, reason)
-            else:
-                self.selector.record_failure(server, reason)
+        innocent = len(part.contributors) != 1
+        if innocent:
+            # A resumed download: the bad bytes may be the first server's, the resumer's, or
+            # both. Blame nobody; fetch the shard again whole from one server, which is then
+            # the only one its bytes can prove wrong.
+            log.info("%s from %s; fetching it whole from one server", reason, part.contributors)
+            part.solo = True
+        else:
+            (server,) = part.contributors
+            log.warning("banning %s: %s", server, reason)
+            self.selector.ban(server, reason)
         self._discard(index, part)
-        raise _Retry(reason)
+        raise _Retry(reason, innocent=innocent)
 
     def _discard(self, index: int, part: _Partial) -> None:
         if self.on_bytes is not None:
@@ -286,12 +306,23 @@ class ShardPuller:
         self.sink.discard(index)
 
 
+def _content_range(resp: aiohttp.ClientResponse) -> str:
+    return resp.headers.get("Content-Range", "")[:100]
+
+
+def _range_is(resp: aiohttp.ClientResponse, start: int, size: int) -> bool:
+    """Whether a 206 answer carries the bytes from ``start`` to the end of a ``size`` shard."""
+    m = _CONTENT_RANGE.match(_content_range(resp))
+    return m is not None and (int(m[1]), int(m[2]), int(m[3])) == (start, size - 1, size)
+
+
 class _LowWater:
     """SO_RCVLOWAT on the response's socket: wake us once per ``lowat`` bytes, not per packet.
 
     On a slow link packets arrive one by one, and waking the event loop for each costs more
-    CPU than the bytes themselves. The mark never exceeds what the body still has to deliver
-    (or the last bytes would never wake us), and is reset before the connection is reused.
+    CPU than the bytes themselves. The mark never exceeds what the body still has to deliver,
+    nor what we still want of it (or the last bytes would never wake us), and is reset before
+    the connection is reused.
     """
 
     def __init__(self, resp: aiohttp.ClientResponse, lowat: int) -> None:
@@ -302,11 +333,13 @@ class _LowWater:
             transport = resp.connection.transport
             self.sock = transport.get_extra_info("socket") if transport is not None else None
 
-    def before_read(self) -> None:
+    def before_read(self, *, stop_at: int) -> None:
+        """Set the mark for the next read; we read the body up to byte ``stop_at`` at most."""
         if self.sock is None:
             return
         assert self.resp.content_length is not None
-        on_the_wire = self.resp.content_length - self.resp.content.total_bytes
+        received = self.resp.content.total_bytes
+        on_the_wire = min(self.resp.content_length, stop_at) - received
         want = max(1, min(self.lowat, on_the_wire))
         if want != self.set_to:
             self._set(want)
