@@ -22,6 +22,7 @@ app = typer.Typer(
 # a group name adds its Typer as `cotrain <group>`.
 _GROUPS: dict[str, str] = {
     "comm": "commands",
+    "keys": "commands",
     "shardcast": "shardcast",
     "toploc": "toploc",
     "train": "commands",

@@ -299,7 +299,10 @@ class Master:
         if p is None:
             return
         self._event("left" if reason == "left" else "failed", peer_id, reason=reason)
-        self._dropped.add(peer_id)
+        if peer_id in self.ring:
+            self._dropped.add(peer_id)  # only a member's resume is at stake; bounded by the ring
+        else:
+            self._names.pop(peer_id, None)
         if p.writer is not None:
             p.writer.close()
         if peer_id in self._joiners:
@@ -414,6 +417,7 @@ class Master:
         self.ring = ring
         self.epoch += 1
         self._dropped.clear()
+        self._names = {k: v for k, v in self._names.items() if k in self.peers}
         self.broken = False
         self._colls.clear()
         self._syncs.clear()
