@@ -313,6 +313,7 @@ def test_cli_verify_rejects_whole_files(tmp_path):
         (b"", [], "holds no rollout records"),
         (b"\n\n  \n", [], "holds no rollout records"),
         (b"\n" * (2**20 + 1), ["--max-file-mb", "1"], "over --max-file-mb 1"),
+        (b"[]\n" * 100, ["--max-records", "99"], "over --max-records 99"),
     ]:
         res, report = _verdicts(tmp_path, content, *extra)
         assert res.exit_code == 1, res.output
@@ -390,3 +391,17 @@ def test_record_base64_of_garbage_proof_is_a_verdict(honest):
     line = _record(r, proof=base64.b64encode(junk).decode())
     v = Validator(lm).validate([Rollout.from_json(line)]).verdicts[0]
     assert not v.passed and ("malformed proof" in v.reason or "differs" in v.reason)
+
+
+@pytest.mark.parametrize("command", ["verify", "generate"])
+def test_process_closed_stdout_is_quiet(tmp_path, rollout_file, command):
+    """``cotrain toploc ... | head`` where head has gone: exit 141, nothing on stderr."""
+    args = {
+        "verify": ["verify", str(rollout_file)],
+        "generate": ["generate", "--out", str(tmp_path / "o"), "--prompt", "hi"],
+    }[command]
+    proc = _cotrain("toploc", *args, "--model", MODEL)
+    assert proc.stdout is not None
+    proc.stdout.close()  # before the command writes anything: its first write gets EPIPE
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 141 and err == "", err

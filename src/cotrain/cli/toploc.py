@@ -1,7 +1,8 @@
 """``cotrain toploc``: generate rollouts with proofs, and verify rollout files.
 
 Exit codes: 0 all rollouts pass (or generation succeeded), 1 some rollout or the whole file is
-rejected, 2 a usage error (one ``error:`` line on stderr), 130 interrupted (Ctrl-C). Rollout
+rejected, 2 a usage error (one ``error:`` line on stderr), 130 interrupted (Ctrl-C), 141 stdout
+closed by its reader. Rollout
 files are untrusted: whatever is in them ends as a failing verdict, never a traceback.
 """
 
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +26,10 @@ app = typer.Typer(
 
 MAX_FILE_MB = 1024
 """Default for ``verify --max-file-mb``."""
+MAX_RECORDS = 1_000_000
+"""Default for ``verify --max-records`` (a row of the verdict table is a few hundred bytes)."""
+_GROUP_RECORDS = 64
+"""Records ``verify`` reads before checking them (memory: at most 64 lines of 8 MiB)."""
 
 F = TypeVar("F", bound=Callable[..., None])
 
@@ -35,7 +43,8 @@ def _fail(msg: str) -> typer.Exit:
 
 def _interruptible(command: F) -> F:
     """Ctrl-C ends the command with one line and exit code 130 (outputs are written
-    atomically, so nothing half-written is left behind)."""
+    atomically, so nothing half-written is left behind); a reader that closed our stdout
+    (``| head``) ends it quietly with 141, as SIGPIPE would."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> None:
@@ -44,6 +53,10 @@ def _interruptible(command: F) -> F:
         except KeyboardInterrupt:
             typer.secho("interrupted", err=True, fg="red")
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
 
     return run  # type: ignore[return-value]
 
@@ -124,6 +137,17 @@ def generate(
     )
 
 
+@dataclass
+class _Row:
+    """One line of the verdict table: all ``verify`` keeps per record (no hidden states, no
+    per-chunk errors), so a file of many records is held in bounded memory."""
+
+    id: str
+    passed: bool
+    chunks: int
+    reason: str
+
+
 @app.command()
 @_interruptible
 def verify(
@@ -134,11 +158,12 @@ def verify(
     config: Path | None = typer.Option(None, help="TOML file with a ValidatorConfig."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write verdicts as JSON."),
     max_file_mb: int = typer.Option(MAX_FILE_MB, help="Reject rollout files larger than this."),
+    max_records: int = typer.Option(MAX_RECORDS, help="Reject files with more records than this."),
 ) -> None:
     """Recompute every rollout in FILE with MODEL and print a verdict per rollout.
 
-    Exits 0 when all rollouts pass, 1 when any fails (or FILE holds none, or is too large),
-    2 on usage errors.
+    Exits 0 when all rollouts pass, 1 when any fails (or FILE is rejected whole: no records,
+    too large, too many records), 2 on usage errors, 130 on Ctrl-C.
     """
     from rich.console import Console
     from rich.table import Table
@@ -147,7 +172,8 @@ def verify(
     from cotrain.core.config import load_config
     from cotrain.core.errors import ConfigError
     from cotrain.models import ModelError, load_model
-    from cotrain.toploc import RolloutVerdict, Validator, ValidatorConfig, read_rollouts
+    from cotrain.toploc import Validator, ValidatorConfig, read_rollouts
+    from cotrain.toploc.record import RecordLine
 
     overrides = [f"batch_size={batch_size}", f"dtype={json.dumps(dtype)}"]
     try:
@@ -156,51 +182,78 @@ def verify(
         raise _fail(str(e)) from None
     if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()):
         raise _fail(f"cannot write {json_out}: not a file in an existing directory")
-    if max_file_mb < 1:
-        raise _fail(f"--max-file-mb {max_file_mb} must be at least 1")
+    if max_file_mb < 1 or max_records < 1:
+        raise _fail("--max-file-mb and --max-records must be at least 1")
     if not file.is_file():
         raise _fail(f"{file} does not exist or is not a file")
     try:
         size = file.stat().st_size
-        if size > max_file_mb << 20:
-            mb = size / 2**20
-            raise _reject(f"{file} is {mb:.1f} MB, over --max-file-mb {max_file_mb}", json_out)
-        lines = list(read_rollouts(file))
     except OSError as e:
         raise _fail(f"cannot read {file}: {e}") from None
-    if not lines:
-        raise _reject(f"{file} holds no rollout records", json_out)
+    if size > max_file_mb << 20:
+        mb = size / 2**20
+        raise _reject(f"{file} is {mb:.1f} MB, over --max-file-mb {max_file_mb}", json_out)
     try:
         lm = load_model(model)
     except ModelError as e:
         raise _fail(str(e)) from None
     except ValueError as e:  # a spec that parses but torch cannot build (a seed over 64 bits)
         raise _fail(f"model spec {model!r}: {e}") from None
-    rollouts = [ln.rollout for ln in lines if ln.rollout is not None]
-    report = Validator(lm, cfg).validate(rollouts)
-    verdicts = iter(report.verdicts)
-    rows: list[RolloutVerdict] = []
-    for ln in lines:
-        rows.append(
-            next(verdicts)
-            if ln.rollout is not None
-            else RolloutVerdict(f"line {ln.line_no}", False, f"bad record: {ln.error}")
-        )
+    validator = Validator(lm, cfg)
+    rows: list[_Row] = []
+    tokens = 0
+    prefill_s = 0.0
+
+    def check(group: list[RecordLine]) -> None:
+        nonlocal tokens, prefill_s
+        rollouts = [ln.rollout for ln in group if ln.rollout is not None]
+        report = validator.validate(rollouts)
+        prefill_s += report.prefill_s
+        tokens += sum(len(r.output_tokens) for r in rollouts)
+        verdicts = iter(report.verdicts)
+        for ln in group:
+            if ln.rollout is None:
+                rows.append(_Row(f"line {ln.line_no}", False, 0, f"bad record: {ln.error}"))
+            else:
+                v = next(verdicts)
+                rows.append(_Row(v.id, v.passed, len(v.proof.chunks) if v.proof else 0, v.reason))
+
+    # Records are read and checked a group at a time, so memory stays bounded by the group
+    # (lines are capped at record.MAX_RECORD_BYTES) plus one small row per record.
+    group: list[RecordLine] = []
+    n_lines = 0
+    try:
+        for ln in read_rollouts(file):
+            n_lines += 1
+            if n_lines > max_records:
+                raise _reject(f"{file} has over --max-records {max_records} records", json_out)
+            group.append(ln)
+            if len(group) == _GROUP_RECORDS:
+                check(group)
+                group = []
+    except OSError as e:
+        raise _fail(f"cannot read {file}: {e}") from None
+    check(group)
+    if not rows:
+        raise _reject(f"{file} holds no rollout records", json_out)
     table = Table(title=Text(f"{file} vs {lm.model_id}"))
     for col in ("rollout", "verdict", "chunks", "reason"):
         table.add_column(col)
-    for v in rows:
-        n = len(v.proof.chunks) if v.proof else 0
-        verdict = Text("pass", style="green") if v.passed else Text("FAIL", style="red")
+    for row in rows:
+        verdict = Text("pass", style="green") if row.passed else Text("FAIL", style="red")
         # Text, not markup: ids and reasons come from the file, and "[/x]" would be parsed.
-        table.add_row(Text(v.id), verdict, str(n), Text(v.reason))
-    console = Console()
+        table.add_row(Text(row.id), verdict, str(row.chunks), Text(row.reason))
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:  # rich would exit 1, which here means "some fail"
+            raise BrokenPipeError
+
+    console = _Console()
     console.print(table)
-    n_pass = sum(v.passed for v in rows)
-    tokens = sum(len(r.output_tokens) for r in rollouts)
+    n_pass = sum(row.passed for row in rows)
     console.print(
         f"{n_pass}/{len(rows)} rollouts pass, {len(rows) - n_pass} fail; recomputed {tokens} "
-        f"output tokens in {report.prefill_s:.2f} s ({cfg.dtype}, batch {cfg.batch_size})",
+        f"output tokens in {prefill_s:.2f} s ({cfg.dtype}, batch {cfg.batch_size})",
         markup=False,
     )
     if json_out is not None:
@@ -208,7 +261,7 @@ def verify(
             "model": lm.model_id,
             "passed": n_pass,
             "failed": len(rows) - n_pass,
-            "rollouts": [{"id": v.id, "passed": v.passed, "reason": v.reason} for v in rows],
+            "rollouts": [{"id": r.id, "passed": r.passed, "reason": r.reason} for r in rows],
         }
         try:
             json_out.write_text(json.dumps(body, indent=2))
