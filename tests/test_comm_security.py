@@ -36,7 +36,7 @@ def test_wrong_secret_is_refused_by_master_and_peers() -> None:
             bad.connect(timeout_s=2)
         bad.close()
         # straight to a peer's data port, with the wrong secret
-        port = comms[0]._server.port  # type: ignore[union-attr]
+        port = comms[0].data_port
         s = _raw(port)
         with pytest.raises(AuthError):
             handshake(s, "wrong")
@@ -52,7 +52,7 @@ def test_wrong_secret_is_refused_by_master_and_peers() -> None:
 @pytest.mark.timeout(60)
 def test_garbage_oversized_and_half_open_connections_do_not_wedge_anything() -> None:
     with cluster(2, heartbeat_timeout_s=2.0) as (master, comms):
-        targets = [master.port, comms[0]._server.port]  # type: ignore[union-attr]
+        targets = [master.port, comms[0].data_port]
         idle = []
         for port in targets:
             # port scan: connect and leave at once

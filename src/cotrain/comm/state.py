@@ -1,7 +1,12 @@
-"""Shared state: hashing named tensors, serving them to peers, fetching and verifying them.
+"""Shared state, the peer's whole side of it: hashing named tensors, the sync protocol with the
+master, serving them to members, fetching and verifying them.
 
-A fetch is all-or-nothing: every tensor is received into a scratch buffer and checked against the
-majority's hash before any of the caller's tensors is touched, so a lying source loses nothing.
+``SharedState.sync``: send (revision, per-tensor hashes, digest, weight) to the master; it elects
+the majority and answers ``ok`` or ``fetch`` (from whom, which tensors, their hashes); a fetcher
+reports the outcome, and every member waits for ``sync_done`` (so holders keep serving until all
+fetchers are through). A fetch is all-or-nothing: every tensor is received into a scratch buffer
+and checked against the majority's hash before any of the caller's tensors is touched, so a
+lying source loses nothing.
 """
 
 from __future__ import annotations
@@ -16,14 +21,26 @@ from typing import Any
 import numpy as np
 
 from cotrain.comm import messages as m
-from cotrain.comm.auth import Credentials
+from cotrain.comm.auth import Credentials, fingerprint
 from cotrain.comm.config import CommConfig
 from cotrain.comm.errors import CommError, StateSyncError
 from cotrain.comm.frames import recv_into_exact, recv_json, send_json
+from cotrain.comm.membership import Membership, error_for, match_reply
 from cotrain.comm.tensors import FlatView, state_view
 from cotrain.comm.transport import close_quietly, dial_peer
+from cotrain.core.clock import Deadline
 
 log = logging.getLogger("cotrain.comm")
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    revision: int
+    fetched: bool
+    bytes_received: int
+    source: str | None
+    total_weight: float = 0.0
+    """Sum of the ``weight`` passed by the peers that kept their state (fetchers count zero)."""
 
 
 @dataclass(frozen=True)
@@ -137,3 +154,97 @@ def fetch_from_sources(
             log.warning("fetching shared state from %s failed: %s", src.peer_id, e)
             failures.append(f"{src.peer_id}: {e}")
     return None, 0, "; ".join(failures) or "no source"
+
+
+class SharedState:
+    """The shared-state protocol of one peer, over its ``Membership``."""
+
+    def __init__(self, ms: Membership, config: CommConfig) -> None:
+        self._ms = ms
+        self.config = config
+        self.revision: int | None = None
+        """Revision of the last shared state this peer synced."""
+        self._serving: tuple[int, int, Mapping[str, FlatView]] | None = None
+
+    def sync(
+        self,
+        state: Mapping[str, Any],
+        *,
+        revision: int,
+        weight: float = 0.0,
+        timeout_s: float | None = None,
+    ) -> SyncResult:
+        ms = self._ms
+        link = ms.link
+        flat = views(state)
+        mine = digest(flat, revision)
+        deadline = Deadline.after(timeout_s or self.config.request_timeout_s)
+        with ms.op_lock:
+            ms.check_ready()
+            epoch, seq = ms.next_seq()
+            with ms.lock:
+                self._serving = (epoch, seq, flat)
+            try:
+                gen = link.send(
+                    m.Sync(
+                        epoch=epoch,
+                        seq=seq,
+                        revision=revision,
+                        digest=mine.digest,
+                        hashes=mine.hashes,
+                        fresh=self.revision is None,
+                        weight=weight,
+                    )
+                )
+                plan = link.wait_for(
+                    match_reply(m.SyncPlan, epoch, seq),
+                    deadline,
+                    generation=gen,
+                    what="the shared-state plan",
+                    abort_check=ms.abort_reason,
+                )
+                if isinstance(plan, m.Error):
+                    raise error_for(plan)
+                source, received, failure = None, 0, ""
+                if plan.action == "fetch":
+                    source, received, failure = fetch_from_sources(
+                        flat, plan, creds=ms.creds, config=self.config
+                    )
+                    link.send(
+                        m.SyncResult(epoch=epoch, seq=seq, ok=source is not None, reason=failure)
+                    )
+                done = link.wait_for(
+                    match_reply(m.SyncDone, epoch, seq),
+                    deadline,
+                    generation=gen,
+                    what="the end of the shared-state sync",
+                    abort_check=ms.abort_reason,
+                )
+                if isinstance(done, m.Error):
+                    raise error_for(done)
+                if plan.action == "fetch" and source is None:
+                    raise StateSyncError(f"could not fetch the majority's state: {failure}")
+                self.revision = plan.revision
+                ms.bytes_received += received
+                return SyncResult(
+                    plan.revision, plan.action == "fetch", received, source, plan.total_weight
+                )
+            finally:
+                with ms.lock:
+                    self._serving = None
+
+    def on_state(self, sock: socket.socket, hello: m.StateHello, key: str) -> None:
+        """Data-server handler: serve the sync in progress to a member that asks for it."""
+        ms = self._ms
+        with ms.lock:
+            serving = self._serving
+        sock.settimeout(self.config.stall_timeout_s)
+        try:
+            if not ms.is_member(key):
+                raise CommError(f"state request from {fingerprint(key)}, not a member")
+            if serving is None or (hello.epoch, hello.seq) != serving[:2]:
+                send_json(sock, m.StateMissing(name="(not serving this sync)").dump())
+                return
+            serve_state(sock, serving[2], self.config.max_frame_kb * 1024)
+        finally:
+            close_quietly(sock)
