@@ -76,3 +76,39 @@ def test_bad_config_and_missing_secret_are_one_clear_line() -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _cotrain(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cotrain", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.timeout(120)
+def test_keygen_and_token(tmp_path: Path) -> None:
+    from cotrain.comm.auth import TOKEN_DOMAIN
+    from cotrain.core.identity import Identity
+    from cotrain.core.signed import Envelope
+
+    key = tmp_path / "issuer.pem"
+    made = _cotrain("keygen", "--key", str(key))
+    assert made.returncode == 0 and len(made.stdout.strip()) == 64
+    assert (key.stat().st_mode & 0o777) == 0o600
+    again = _cotrain("keygen", "--key", str(key))  # an existing key is read, never replaced
+    assert again.stdout == made.stdout and "exists" in again.stderr
+    assert Identity.load(key).public_hex == made.stdout.strip()
+    peer = Identity.generate().public_hex
+    out = tmp_path / "token.json"
+    tok = _cotrain("token", "--key", str(key), "--peer", peer, "--run", "r1", "--out", str(out))
+    assert tok.returncode == 0, tok.stderr
+    env = Envelope.from_bytes(out.read_bytes(), domain=TOKEN_DOMAIN, signers={made.stdout.strip()})
+    assert env.body["peer"] == peer and env.body["run"] == "r1"
+    # users' mistakes: one line, exit 2
+    for args in (
+        ("token", "--key", str(tmp_path / "missing.pem"), "--peer", peer, "--run", "r"),
+        ("token", "--key", str(key), "--peer", "abc", "--run", "r"),
+        ("keygen", "--key", str(tmp_path)),
+    ):
+        bad = _cotrain(*args)
+        assert bad.returncode == 2, (args, bad.stderr)
+        assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
