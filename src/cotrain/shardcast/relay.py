@@ -188,6 +188,9 @@ class Relay:
         cfg = self.config
         loop = asyncio.get_running_loop()
         while True:
+            if upstream in self._bans:  # not asked anything until its ban runs out
+                await asyncio.sleep(cfg.retry_interval_s)
+                continue
             # Only verified versions count: what an upstream merely claims moves nothing.
             after = self._held()
             url = f"{upstream}/v1/versions?after={after}&wait_s={cfg.poll_wait_s:g}"

@@ -157,6 +157,7 @@ def _forge(raw: bytes) -> bytes:
 async def _shard(request: web.Request) -> web.StreamResponse:
     state: ServerState = request.app[_STATE]
     version, index = _int_param(request, "version"), _int_param(request, "index")
+    _wait_s(request, state)  # a malformed wait is refused up front, not when first needed
     manifest = state.manifest(version)
     if manifest is None:
         raise web.HTTPNotFound(text=f"version {version} is not here (never seen, or retired)")
