@@ -11,6 +11,7 @@ timer: every wait is a long-poll or an event, under a hard bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -342,6 +343,42 @@ def test_response_that_never_ends(world: World, framing: str) -> None:
         assert got.bad_servers == {}
         assert got.bytes_by_server[hostile.url] > 0  # its bytes were right, and were used
         assert all(r == "" for r in hostile.ranges)  # nobody was asked for an empty range
+
+    run(main)
+
+
+@pytest.mark.timeout(30)
+def test_a_trickling_response_counts_as_stalled(world: World) -> None:
+    """A few bytes at a time, never a pause as long as the stall timeout: still a stall."""
+
+    async def main() -> None:
+        origin = await origin_for(world)
+        hostile = Hostile(world.origin_dir)
+
+        async def trickle(request: web.Request) -> web.StreamResponse:
+            data = hostile.shard_bytes(request)
+            resp = web.StreamResponse()  # chunked: no Content-Length, so no SO_RCVLOWAT either
+            await resp.prepare(request)
+            with contextlib.suppress(ConnectionError):
+                for pos in range(0, len(data), 64):  # 64 bytes per 20 ms: 200 KB in a minute
+                    await resp.write(data[pos : pos + 64])
+                    await asyncio.sleep(0.02)  # the hostile's pace, not a synchronisation
+            return resp
+
+        hostile.shard = trickle
+        await hostile.start()
+        try:
+            got = await world.fetch(
+                [hostile.url, origin.url],
+                "out.bin",
+                transfer={"parallel_downloads": 2, "stall_timeout_s": 0.5},
+            )
+        finally:
+            await hostile.close()
+            await origin.close()
+        assert got.path.read_bytes() == world.data[0]
+        assert got.bad_servers == {}  # slow is not a lie
+        assert hostile.hits["shard"] >= 1
 
     run(main)
 

@@ -76,6 +76,10 @@ class TransferConfig(ConfigModel):
     """Time allowed to open a connection to a server."""
     stall_timeout_s: float = Field(default=10.0, gt=0)
     """A transfer that delivers no byte for this long is abandoned and retried elsewhere."""
+    stall_min_kb: float = Field(default=64.0, ge=0)
+    """A transfer that delivers less than this many KB in any ``stall_timeout_s`` is abandoned
+    too (its bytes kept, the rest asked of another server): a server that trickles a byte at a
+    time is as stuck as one that sends none. 0: any byte counts as progress."""
     shard_wait_s: float = Field(default=20.0, ge=0)
     """How long a server may hold a shard request open while it is still mirroring that shard."""
     max_attempts_per_shard: int = Field(default=8, ge=1)

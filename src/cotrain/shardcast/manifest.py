@@ -191,7 +191,9 @@ class SignedManifest:
             env = Envelope.from_json(obj, domain=DOMAIN)
         except EnvelopeError as e:
             raise ForgedManifestError(f"manifest envelope does not verify: {e}") from None
-        return cls(Manifest.from_body(env.body, publisher=env.signer), env, bytes(raw))
+        # Kept in canonical form: what a relay stores and passes on is exactly what was signed,
+        # whatever padding or key order the server that sent it chose.
+        return cls(Manifest.from_body(env.body, publisher=env.signer), env, env.to_bytes())
 
 
 @dataclass(frozen=True)

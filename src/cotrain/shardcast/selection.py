@@ -5,7 +5,8 @@ its success. A choice scores ``rate × success / (1 + transfers in flight)``, so
 over servers in proportion to what they deliver; servers never measured score as the best one
 seen, so every server gets tried; and a fraction ``exploration`` of choices is uniform among
 healthy servers, so a server that got faster is noticed. A server caught serving corrupt bytes
-or forged manifests is banned for the rest of the fetch and listed in ``report()``.
+or forged manifests is banned for the rest of the fetch and listed in ``report()``. Relays,
+which run for months, keep a ``BanList`` instead: bans that expire, longer for repeat offenders.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ streams the shard, hashing every chunk as it arrives (hashlib, whole chunks: no 
 Python). What can happen to an attempt:
 
 - the bytes arrive and hash right: the shard is done and the server's rate is measured;
-- the connection fails or stalls (no byte for ``stall_timeout_s``): the bytes so far are kept
+- the connection fails or stalls (no byte for ``stall_timeout_s``, or less than
+  ``stall_min_kb`` in that time: a trickle is a stall): the bytes so far are kept
   and the next attempt asks another server for the rest (HTTP Range), unless they came from a
   relay that was still receiving the shard itself (``UNVERIFIED_HEADER``: it cuts the stream
   off when its own hash check fails, so a cut stream's bytes are dropped, and the relay is not
@@ -248,6 +249,8 @@ class ShardPuller:
                 t0 = time.monotonic()  # measure the transfer, not the wait for the shard
                 lowat = _LowWater(resp, cfg.rcvlowat_kb * 1024)
                 chunk_size = cfg.read_chunk_kb * 1024
+                # Progress is checked per stall_timeout_s window, so a trickle counts as a stall.
+                window_end, window_from = t0 + cfg.stall_timeout_s, got
                 # Never read past the shard's signed size: what a server sends beyond it is
                 # not ours to buffer, and the shard is checked as soon as it is whole.
                 while part.have < shard.size:
@@ -256,6 +259,13 @@ class ShardPuller:
                         chunk = await resp.content.read(min(chunk_size, shard.size - part.have))
                     if not chunk:
                         break
+                    now = time.monotonic()
+                    if now >= window_end:
+                        if got + len(chunk) - window_from < cfg.stall_min_kb * 1024:
+                            raise TimeoutError(
+                                f"under {cfg.stall_min_kb:g} KB in {cfg.stall_timeout_s:g} s"
+                            )
+                        window_end, window_from = now + cfg.stall_timeout_s, got + len(chunk)
                     part.contributors.add(server)
                     part.hasher.update(chunk)
                     self.sink.write(index, part.have, chunk)
