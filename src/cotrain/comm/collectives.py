@@ -1,9 +1,11 @@
 """All-reduce and broadcast: agree with the master, then move bytes around the ring.
 
-Every collective follows the same two phases: agree (each peer sends its descriptor to the
+Every collective follows the same three phases: agree (each peer sends its descriptor to the
 master; the master answers ``go`` once all members sent the same one, or a typed error to all),
-then move bytes peer to peer around the ring (``ring.py``). The caller's tensor is written only
-after the transfer succeeded, so any failure leaves it exactly as it was (commit or roll back).
+move bytes peer to peer around the ring (``ring.py``), then commit (each peer reports ``done``;
+the master answers ``commit`` to all once every member did, or ``peer_failed`` to all if one
+failed first). The caller's tensor keeps the result only on commit; any failure, including a
+member dying after this peer's transfer ended, leaves it exactly as it was on every survivor.
 Collectives are serialised per peer (``Membership.op_lock``); ``all_reduce_async`` runs them on
 a worker thread.
 """
@@ -139,6 +141,11 @@ class Collectives:
             except BaseException:
                 view.finish(work, backup, ok=False)
                 raise
+            try:
+                ms.commit(seq, deadline, "all-reduce")
+            except BaseException:
+                view.finish(work, backup, ok=False)
+                raise
             view.finish(work, backup, ok=True)
             return self._account(stats, t0)
 
@@ -172,6 +179,7 @@ class Collectives:
             links = ms.links
             assert links is not None
             if n == 1:
+                ms.commit(seq, deadline, "broadcast")
                 return self._account(TransferStats(), t0)
             try:
                 stats = ring.broadcast(
@@ -188,6 +196,7 @@ class Collectives:
                 reason = ms.broken or str(e)
                 ms.fail(seq, reason)
                 raise PeerFailedError(f"broadcast failed: {reason}") from None
+            ms.commit(seq, deadline, "broadcast")
             if not is_root:
                 src[...] = data
                 view.commit()

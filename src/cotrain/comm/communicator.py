@@ -187,7 +187,14 @@ class Communicator:
         ms = self._ms
         resume = None
         if ms.rank >= 0:
-            resume = m.Resume(epoch=ms.epoch, ring=ms.ids, revision=self._state.revision)
+            done = ms.outcome if ms.outcome and ms.outcome[0] == ms.epoch else None
+            resume = m.Resume(
+                epoch=ms.epoch,
+                ring=ms.ids,
+                revision=self._state.revision,
+                done_seq=done[1] if done else None,
+                committed=done[2] if done else False,
+            )
         return m.Hello(
             peer_id=self.peer_id,
             host=self.config.advertise_host or self.config.listen_host,

@@ -6,7 +6,11 @@ the ring sockets so a collective in flight fails now, not at its timeout); ``joi
 waiting for it picks it out by type, epoch and sequence.
 If the master connection drops, a reconnect thread dials again (with our epoch, ring and
 revision so a restarted master can rebuild its state) until ``master_reconnect_timeout_s``;
-requests that were waiting fail with a retryable error because the new master never saw them.
+requests that were waiting fail with a retryable error because the new master never saw them,
+except a collective's commit: the resume says which one this peer waits for, and the restarted
+master answers it. The communicator learns of the reconnection before any message of the new
+connection is read or sent: a topology the new master sends is then never followed by a late
+"reconnected" mark that would make this peer alone rebuild a ring the others keep.
 """
 
 from __future__ import annotations
@@ -81,7 +85,9 @@ class MasterLink:
             f"within {timeout_s:.0f}s ({last})"
         )
 
-    def _dial(self, timeout_s: float) -> m.Welcome:
+    def _dial(
+        self, timeout_s: float, on_welcome: Callable[[m.Welcome], None] | None = None
+    ) -> m.Welcome:
         sock = dial(
             self.config.master_host,
             self.config.master_port,
@@ -102,6 +108,8 @@ class MasterLink:
         if not isinstance(reply, m.Welcome):
             close_quietly(sock)
             raise ProtocolError(f"expected welcome, got {reply.type}")
+        if on_welcome is not None:
+            on_welcome(reply)  # before the connection is used (see the module docstring)
         sock.settimeout(None)  # the reader blocks until the master speaks or the link drops
         with self.cond:
             self._sock = sock
@@ -156,13 +164,14 @@ class MasterLink:
         deadline = Deadline.after(self.config.master_reconnect_timeout_s)
         while not self._closing.is_set() and not deadline.expired():
             try:
-                welcome = self._dial(deadline.remaining())
+                welcome = self._dial(
+                    deadline.remaining(), on_welcome=lambda w: self._on_reconnect(w.resumed)
+                )
             except (OSError, ConnectionError, CommError) as e:
                 log.debug("master reconnect failed: %s", e)
                 self._closing.wait(0.2)
                 continue
             log.info("reconnected to the master (resumed=%s)", welcome.resumed)
-            self._on_reconnect(welcome.resumed)
             return
         with self.cond:
             if not self._closing.is_set():
@@ -221,15 +230,18 @@ class MasterLink:
         generation: int,
         what: str,
         abort_check: Callable[[], str | None] | None = None,
+        across_reconnect: bool = False,
     ) -> Any:
-        """Pop the first inbox message matching ``pred``; a typed error for each way it cannot."""
+        """Pop the first inbox message matching ``pred``; a typed error for each way it cannot.
+        ``across_reconnect``: the answer may come from the next connection (a commit)."""
         with self.cond:
             while True:
                 for i, msg in enumerate(self._inbox):
                     if pred(msg):
                         return self._inbox.pop(i)
                 self._raise_state()
-                if self.generation != generation or self._sock is None:
+                lost = self.generation != generation or self._sock is None
+                if lost and not across_reconnect:
                     raise PeerFailedError(f"lost the master while waiting for {what}; retry")
                 if abort_check is not None and (reason := abort_check()) is not None:
                     raise PeerFailedError(reason)

@@ -6,18 +6,24 @@ Phases, all agreed by every accepted peer of the current *epoch* (one ring order
   are dropped, the epoch goes up and every member gets the new ring. A joiner's request is
   announced to the members (``joining``), so peers may vote only when there is something to do.
 * **collective**: every member sends the same ``(epoch, seq, descriptor)``; the master answers
-  ``go`` (or ``mismatch`` to all). Tensor bytes then flow peer to peer around the ring.
+  ``go`` (or ``mismatch`` to all). Tensor bytes then flow peer to peer around the ring; each
+  member reports ``done`` and keeps its result aside. Once every member reported, the master
+  sends ``commit`` to all; if a member fails first, ``peer_failed`` to all (and each restores
+  its input). One of the two goes to every survivor, so a collective is all-or-nothing: a peer
+  dying at the very end can no longer leave some survivors with the result and others without.
 * **sync_state**: members send tensor hashes, a revision and a weight; the master elects the
   majority, tells the others whom to fetch from and every peer the total weight of the majority
   (for a weighted average without a collective of its own); ``sync_done`` once every fetcher
-  has reported.
+  has reported. The revision counts as reached only then: a sync that fails half-way can be
+  retried with the same revision.
 * **optimize**: the master has each peer probe every other, then reorders the ring.
 
 Failure: a peer whose connection closes or that misses heartbeats for ``heartbeat_timeout_s`` is
 dropped; the epoch is marked broken and every member is sent ``abort`` so collectives in flight fail
 on all survivors at once (a peer stopped with SIGSTOP still holds its sockets open: only the
-master's heartbeat clock can tell). A restarted master rebuilds its state from the peers'
-``resume`` data (epoch, ring, revision) and the run goes on.
+master's heartbeat clock can tell). A restarted master collects the peers' ``resume`` reports
+and adopts the view (epoch, ring, revision) of the ring's majority (``recovery.py``), tells
+members that waited for a commit when the old master died how it ended, and the run goes on.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from cotrain.comm.auth import (
 from cotrain.comm.config import MasterConfig
 from cotrain.comm.errors import AuthError, ProtocolError
 from cotrain.comm.frames import async_recv_json, async_send_json
+from cotrain.comm.recovery import View, elect, outcomes
 from cotrain.comm.tls import server_context
 from cotrain.comm.topology import best_ring
 
@@ -56,11 +63,22 @@ class _Peer:
     writer: asyncio.StreamWriter | None
     last_seen: float
     accepted: bool = False
+    resume: m.Resume | None = None  # its report to a restarted master
+
+
+@dataclass
+class _Recovery:
+    """A restarted master's collection of resume reports (``recovery.py``)."""
+
+    votes: set[str] = field(default_factory=set)  # votes that arrived before the view
+    view: View | None = None
+    unreported: set[str] = field(default_factory=set)  # members of the view not back yet
 
 
 @dataclass
 class _SyncRound:
     plans: dict[str, m.SyncPlan]
+    revision: int
     waiting: set[str] = field(default_factory=set)
 
 
@@ -94,6 +112,9 @@ class Master:
         self._colls: dict[int, dict[str, m.Descriptor]] = {}
         self._syncs: dict[int, dict[str, m.Sync]] = {}
         self._sync_round: dict[int, _SyncRound] = {}
+        self._transfers: dict[int, set[str]] = {}  # seq -> members yet to report done
+        self._last_commit: tuple[int, int] | None = None
+        self._recovery: _Recovery | None = None
         self._probe_waiters: dict[tuple[str, str], asyncio.Future[float]] = {}
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -228,43 +249,117 @@ class Master:
     def _admit_connection(self, hello: m.Hello, writer: asyncio.StreamWriter) -> bool:
         addr = m.PeerAddr(peer_id=hello.peer_id, host=hello.host, port=hello.port, name=hello.name)
         old = self.peers.get(hello.peer_id)
-        resumed = False
-        if hello.resume is not None:
-            r = hello.resume
-            if not self.ring and self.epoch == 0 and hello.peer_id in r.ring:
-                # A fresh (restarted) master adopts the ring the peers report.
-                self.epoch, self.ring = r.epoch, list(r.ring)
-                self.broken = True  # peers reconnect their rings in a fresh epoch
-                now = self._now()
-                for pid in self.ring:
-                    self.peers.setdefault(pid, _Peer(pid, None, None, now, accepted=True))
-                log.info(
-                    "recovered epoch %d with ring of %d from %s",
-                    r.epoch,
-                    len(r.ring),
-                    hello.peer_id,
-                )
-            if (
-                r.epoch == self.epoch
-                and hello.peer_id in self.ring
-                and (hello.peer_id not in self._dropped)
-            ):
-                resumed = True
-                if r.revision is not None:
-                    self.state_revision = max(self.state_revision or r.revision, r.revision)
+        resumed = hello.resume is not None and self._resumable(hello.peer_id, hello.resume)
         if old is not None and old.writer is not None and not resumed:
             async_send_json(writer, m.Kicked(reason="duplicate peer id").dump())
             return False
         if old is not None and old.writer is not None:
             old.writer.close()
         self.peers[hello.peer_id] = _Peer(
-            hello.peer_id, addr, writer, self._now(), accepted=resumed
+            hello.peer_id, addr, writer, self._now(), accepted=resumed, resume=hello.resume
         )
         async_send_json(
             writer, m.Welcome(peer_id=hello.peer_id, epoch=self.epoch, resumed=resumed).dump()
         )
         self._event("connected", hello.peer_id, resumed=resumed)
+        if hello.resume is not None:
+            self._on_resume(hello.peer_id, hello.resume)
         return True
+
+    # ---- a restarted master ------------------------------------------------------------------
+
+    def _resumable(self, pid: str, r: m.Resume) -> bool:
+        """Whether a returning peer resumes its membership. A master that has no ring yet and
+        hears a resume was restarted: it hears every report until a view is elected."""
+        if self._recovery is None and not self.ring and self.epoch == 0:
+            self._recovery = _Recovery()
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.config.heartbeat_timeout_s, self._recovery_timeout)
+        if self._recovery is not None and self._recovery.view is None:
+            return True
+        return r.epoch == self.epoch and pid in self.ring and pid not in self._dropped
+
+    def _resumes(self) -> dict[str, m.Resume]:
+        return {pid: p.resume for pid, p in self.peers.items() if p.resume is not None}
+
+    def _on_resume(self, pid: str, r: m.Resume) -> None:
+        rec = self._recovery
+        if rec is not None and rec.view is None:
+            view = elect(self._resumes(), final=False)
+            if view is not None:
+                self._adopt(view)
+        elif rec is not None:
+            rec.unreported.discard(pid)
+            self._resolve_outcomes()
+        elif r.done_seq is not None and not r.committed:
+            self._tell_outcome(pid, r)
+
+    def _recovery_timeout(self) -> None:
+        rec = self._recovery
+        if rec is None or rec.view is not None:
+            return
+        view = elect(self._resumes(), final=True)
+        if view is None:  # every peer that reported has gone again: start afresh
+            self._recovery = None
+            for pid in rec.votes:
+                if pid in self.peers:
+                    self._on_vote(pid)
+            return
+        self._adopt(view)
+
+    def _adopt(self, view: View) -> None:
+        rec = self._recovery
+        assert rec is not None
+        rec.view = view
+        self.epoch, self.ring = view.epoch, list(view.ring)
+        self.broken = True  # peers reconnect their rings in a fresh epoch
+        self.state_revision = view.revision
+        now = self._now()
+        for pid in self.ring:
+            # members not back yet get a heartbeat timeout's grace before they are dropped
+            self.peers.setdefault(pid, _Peer(pid, None, None, now)).accepted = True
+        rec.unreported = {pid for pid in self.ring if self.peers[pid].writer is None}
+        log.info(
+            "recovered epoch %d (ring of %d, revision %s) from %d of its members",
+            view.epoch,
+            len(view.ring),
+            view.revision,
+            len(view.reporters),
+        )
+        self._resolve_outcomes()
+        votes, rec.votes = rec.votes, set()
+        for pid in votes:
+            if pid in self.peers:
+                self._on_vote(pid)
+
+    def _resolve_outcomes(self) -> None:
+        rec = self._recovery
+        if rec is None or rec.view is None:
+            return
+        decided = outcomes(rec.view, self._resumes(), all_reported=not rec.unreported)
+        for pid, (epoch, seq, commit) in decided.items():
+            self.peers[pid].resume = None  # answered
+            if commit:
+                self._send(pid, m.Commit(epoch=epoch, seq=seq))
+            else:
+                text = "the master restarted before every member reported its transfer done"
+                self._send(pid, m.Error(epoch=epoch, seq=seq, kind="peer_failed", message=text))
+
+    def _tell_outcome(self, pid: str, r: m.Resume) -> None:
+        """A peer reconnected (to this same master) while it waited for collective
+        ``(r.epoch, r.done_seq)``'s commit, which may have gone to its old connection."""
+        assert r.done_seq is not None
+        waiting = self._transfers.get(r.done_seq) if r.epoch == self.epoch else None
+        if waiting is not None:
+            waiting.discard(pid)  # its transfer finished; its done may have been lost
+            self._check_transfer(r.done_seq)
+        elif (r.epoch, r.done_seq) == self._last_commit:
+            self._send(pid, m.Commit(epoch=r.epoch, seq=r.done_seq))
+        else:
+            text = "the collective failed while this peer was reconnecting"
+            self._send(
+                pid, m.Error(epoch=r.epoch, seq=r.done_seq, kind="peer_failed", message=text)
+            )
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -308,6 +403,9 @@ class Master:
         if peer_id in self._joiners:
             self._joiners.remove(peer_id)
         self._votes.discard(peer_id)
+        if self._recovery is not None and self._recovery.view is not None:
+            self._recovery.unreported.discard(peer_id)
+            self._resolve_outcomes()
         if peer_id in self.ring:
             # A clean leave (bye) never interrupts transfers in flight: a peer only says bye
             # after its last collective finished, and its sockets then close after the data.
@@ -321,6 +419,7 @@ class Master:
         for pid in self._members():
             if abort:
                 self._send(pid, m.Abort(epoch=self.epoch, reason=reason))
+        self._fail_transfers(reason)
         for seq, got in list(self._colls.items()) + list(self._syncs.items()):
             for pid in got:
                 self._send(
@@ -339,7 +438,14 @@ class Master:
         if isinstance(msg, m.Heartbeat):
             return
         if isinstance(msg, m.Vote):
-            self._on_vote(pid)
+            if self._recovery is not None and self._recovery.view is None:
+                self._recovery.votes.add(pid)  # counted once a view is elected
+            else:
+                self._on_vote(pid)
+        elif isinstance(msg, m.Done):
+            if msg.epoch == self.epoch and (waiting := self._transfers.get(msg.seq)) is not None:
+                waiting.discard(pid)
+                self._check_transfer(msg.seq)
         elif isinstance(msg, m.Collective):
             self._on_collective(pid, msg)
         elif isinstance(msg, m.Sync):
@@ -372,7 +478,18 @@ class Master:
             self._vote_deadline = loop.call_later(self.config.vote_timeout_s, self._vote_timeout)
         self._check_votes()
 
+    def _fail_transfers(self, reason: str) -> None:
+        """Collectives moving bytes (or done, waiting for the others) fail on every member."""
+        for seq in self._transfers:
+            for pid in self._members():
+                self._send(
+                    pid, m.Error(epoch=self.epoch, seq=seq, kind="peer_failed", message=reason)
+                )
+        self._transfers.clear()
+
     def _reject_pending(self, message: str) -> None:
+        # a member that votes has left any collective it was in
+        self._fail_transfers(message)
         for seq, got in list(self._colls.items()) + list(self._syncs.items()):
             for p in got:
                 self._send(
@@ -422,6 +539,8 @@ class Master:
         self._colls.clear()
         self._syncs.clear()
         self._sync_round.clear()
+        self._transfers.clear()
+        self._recovery = None  # every member voted: none waits for an old outcome
         addrs = []
         for pid in ring:
             p = self.peers[pid]
@@ -497,8 +616,19 @@ class Master:
         for p in members:
             self._send(p, m.Go(epoch=self.epoch, seq=msg.seq))
         self._event("collective", seq=msg.seq, kind=msg.desc.kind, keys=members)
+        if msg.desc.kind in ("all_reduce", "broadcast"):
+            self._transfers[msg.seq] = set(members)
         if msg.desc.kind == "optimize":
             self._spawn(self._optimize(self.epoch, msg.desc.count))
+
+    def _check_transfer(self, seq: int) -> None:
+        waiting = self._transfers.get(seq)
+        if waiting is None or waiting:
+            return
+        del self._transfers[seq]
+        self._last_commit = (self.epoch, seq)
+        for p in self._members():
+            self._send(p, m.Commit(epoch=self.epoch, seq=seq))
 
     # ---- shared state ------------------------------------------------------------------------
 
@@ -529,11 +659,10 @@ class Master:
             for p in members:
                 self._send(p, m.Error(epoch=self.epoch, seq=msg.seq, kind="revision", message=text))
             return
-        self.state_revision = revision
         target = got[holders[0]].hashes
         # one sum, in ring order, sent to all: every peer divides by the same float
         total = sum(got[p].weight for p in members if p in holders)
-        rnd = _SyncRound(plans={})
+        rnd = _SyncRound(plans={}, revision=revision)
         for i, p in enumerate(members):
             if p in holders:
                 plan = m.SyncPlan(
@@ -565,6 +694,7 @@ class Master:
         if rnd.waiting:
             self._sync_round[msg.seq] = rnd
         else:
+            self.state_revision = revision
             for p in members:
                 self._send(p, m.SyncDone(epoch=self.epoch, seq=msg.seq))
 
@@ -577,6 +707,7 @@ class Master:
         rnd.waiting.discard(pid)
         if not rnd.waiting:
             del self._sync_round[msg.seq]
+            self.state_revision = rnd.revision  # reached only now: a failed sync may be retried
             for p in rnd.plans:
                 self._send(p, m.SyncDone(epoch=self.epoch, seq=msg.seq))
 

@@ -2,8 +2,9 @@
 
 ``Membership`` is the state every job of a peer shares (collectives, shared state, probing):
 the epoch, the ring (members' keys and addresses), this peer's rank, the next sequence number,
-whether the epoch is broken, and the ring sockets. It owns the first phase of every collective,
-agreement with the master (``begin``), and reporting a failure (``fail``).
+whether the epoch is broken, and the ring sockets. It owns the first and last phases of every
+collective, agreement with the master (``begin``) and its verdict (``commit``), and reporting a
+failure (``fail``).
 
 Ring links: after a topology change each peer dials ``streams`` connections to its next
 neighbour and waits for as many from its previous one. A neighbour may dial as soon as it learns
@@ -52,6 +53,9 @@ class Membership:
         self.seq = 0
         self.broken: str | None = None
         self.links: ring.Links | None = None
+        self.outcome: tuple[int, int, bool] | None = None
+        """(epoch, seq, committed) of the last collective reported done: a restarted master
+        learns it from our resume and tells us, or the others, how it ended."""
         self.closing = False
         self._incoming: dict[tuple[int, int], tuple[str, socket.socket]] = {}
         self._link: MasterLink | None = None
@@ -136,13 +140,23 @@ class Membership:
             # rejected because another voted had used one more than the others), and replies
             # of this epoch still in the inbox are stale.
             self.seq = 0
+            self.outcome = None
             self.link.purge(lambda x: getattr(x, "epoch", topo.epoch + 1) > topo.epoch)
             return
+        if topo.epoch == self.epoch and self.links is not None:
+            # Our ring connections are gone (or suspect) but the master saw nothing wrong, so
+            # the others keep theirs: rebuilding alone would wait for a neighbour that never
+            # dials (the ~10 s stall after a master restart). Have the master break the epoch
+            # instead; the next vote makes a new one.
+            reason = self.broken or "ring connections lost"
+            self.fail(0, reason)
+            raise PeerFailedError(f"{reason}; call update_topology() again")
         old = self.links
         with self.lock:
             self.links = None
             self.epoch, self.ring, self.rank = topo.epoch, list(topo.ring), ids.index(self.peer_id)
             self.seq = 0
+            self.outcome = None
             self.broken = None
             stale = [k for k in self._incoming if k[0] < topo.epoch]
             stale_socks = [self._incoming.pop(k)[1] for k in stale]
@@ -269,6 +283,34 @@ class Membership:
         if isinstance(reply, m.Error):
             raise error_for(reply)
         return seq
+
+    def commit(self, seq: int, deadline: Deadline, what: str) -> None:
+        """Phase three: report this peer's transfer done and wait for the master's verdict,
+        ``commit`` or a typed error (a member failed first). The wait outlives a master
+        restart: the resume sent on reconnecting names this collective, and the restarted
+        master answers it from the members' reports (``recovery.py``)."""
+        link = self.link
+        epoch = self.epoch
+        self.outcome = (epoch, seq, False)  # set before ``done`` leaves: a resume carries it
+        try:
+            gen = link.send(m.Done(epoch=epoch, seq=seq))
+        except PeerFailedError:
+            gen = link.generation  # lost the master: our resume reports the done instead
+        try:
+            reply = link.wait_for(
+                lambda x: isinstance(x, m.Commit | m.Error) and x.epoch == epoch and x.seq == seq,
+                deadline,
+                generation=gen,
+                what=f"the commit of the {what}",
+                across_reconnect=True,
+            )
+        except BaseException:
+            self.outcome = None
+            raise
+        if isinstance(reply, m.Error):
+            self.outcome = None
+            raise error_for(reply)
+        self.outcome = (epoch, seq, True)
 
     def fail(self, seq: int, reason: str) -> None:
         """This peer saw the collective ``seq`` fail: close the ring and tell the master."""

@@ -55,6 +55,10 @@ class Resume(_Msg):
     epoch: Count
     ring: list[PeerId] = Field(max_length=4096)
     revision: Count | None = None
+    done_seq: Count | None = None
+    """The collective of ``epoch`` whose transfer this peer last reported done, if any."""
+    committed: bool = False
+    """Whether the master's commit of ``done_seq`` arrived (False: still waiting for it)."""
 
 
 class Hello(_Msg):
@@ -275,12 +279,39 @@ def parse_state_reply(obj: dict[str, Any]) -> StateTensor | StateMissing:
     return _parse(_STATE_REPLY, obj, "state reply")
 
 
+class Done(_Msg):
+    """peer -> master: this peer's ring transfer of collective ``seq`` finished; it keeps the
+    result aside until the master's ``commit`` (or restores its input on an ``error``)."""
+
+    type: Literal["done"] = "done"
+    epoch: Count
+    seq: Count
+
+
+class Commit(_Msg):
+    """master -> peers: every member reported ``done`` for collective ``seq``: keep the result."""
+
+    type: Literal["commit"] = "commit"
+    epoch: Count
+    seq: Count
+
+
 ToMaster = Annotated[
-    Hello | Heartbeat | Vote | Collective | Failed | Sync | SyncResult | ProbeResult | Bye,
+    Hello | Heartbeat | Vote | Collective | Failed | Sync | SyncResult | ProbeResult | Bye | Done,
     Field(discriminator="type"),
 ]
 ToPeer = Annotated[
-    Welcome | Topology | Go | Error | Abort | SyncPlan | SyncDone | Joining | Probe | Kicked,
+    Welcome
+    | Topology
+    | Go
+    | Error
+    | Abort
+    | SyncPlan
+    | SyncDone
+    | Joining
+    | Probe
+    | Kicked
+    | Commit,
     Field(discriminator="type"),
 ]
 _TO_MASTER: TypeAdapter[Any] = TypeAdapter(ToMaster)

@@ -67,18 +67,35 @@ class PeerProgramConfig(ConfigModel):
     large arrays) or torch (as for model tensors; no huge pages unless the system default)."""
     digest: bool = True
     """Report a SHA-256 prefix of each result (costs a pass over the tensor)."""
+    compute_s: float = Field(default=0.0, ge=0)
+    """Emulated compute (an idle wait) before each round, as a trainer computes between two
+    synchronisations; retries of a failed round do not wait again."""
+    inputs: Literal["normal", "integer"] = "normal"
+    """Input values: seeded normal floats, or seeded integers in [-1000, 1000) (every sum is
+    then exact in fp32 and independent of the order of additions: a checker can recompute the
+    result's bytes)."""
 
 
-def base_input(seed: int, index: int, numel: int) -> np.ndarray:
-    return np.random.default_rng([seed, index]).standard_normal(numel, dtype=np.float32)
+def base_input(
+    seed: int, index: int, numel: int, inputs: Literal["normal", "integer"] = "normal"
+) -> np.ndarray:
+    rng = np.random.default_rng([seed, index])
+    if inputs == "integer":
+        return rng.integers(-1000, 1000, numel).astype(np.float32)
+    return rng.standard_normal(numel, dtype=np.float32)
 
 
 def make_input(
-    seed: int, index: int, rnd: int, numel: int, base: np.ndarray | None = None
+    seed: int,
+    index: int,
+    rnd: int,
+    numel: int,
+    base: np.ndarray | None = None,
+    inputs: Literal["normal", "integer"] = "normal",
 ) -> np.ndarray:
     """The tensor peer ``index`` contributes in round ``rnd``: fp32, seeded, reproducible."""
     if base is None:
-        base = base_input(seed, index, numel)
+        base = base_input(seed, index, numel, inputs)
     return base + np.float32(rnd)
 
 
@@ -140,19 +157,23 @@ def run(cfg: PeerProgramConfig) -> int:
     )
     rnd = 0
     first = True
-    base = base_input(cfg.seed, cfg.index, cfg.numel)
+    base = base_input(cfg.seed, cfg.index, cfg.numel, cfg.inputs)
     values, tensor = _buffers(cfg)
     ping = np.zeros(1, dtype=np.float32)
     while rnd < cfg.rounds:
+        if cfg.compute_s:
+            time.sleep(cfg.compute_s)
         attempt = 0
         failed_at: float | None = None
         budget = Deadline.after(cfg.retry_timeout_s)
         while True:
             started = time.perf_counter()
             collective = False  # failures before the collective (rejoining) are not retries
+            stage, epoch = "vote", comm.epoch
             try:
                 if not first:
                     comm.update_topology()
+                stage, epoch = "sync", comm.epoch
                 rev = comm.revision
                 counter[0] = rnd
                 comm.sync_shared_state(
@@ -164,6 +185,7 @@ def run(cfg: PeerProgramConfig) -> int:
                 if cfg.dtype != "fp32":
                     _convert(values, tensor)
                 collective = True
+                stage = "all_reduce"
                 if cfg.barrier:
                     comm.all_reduce(ping, op="sum")
                 started = time.perf_counter()
@@ -174,13 +196,20 @@ def run(cfg: PeerProgramConfig) -> int:
                 break
             except RETRYABLE as e:
                 failed_at = failed_at or time.time()
+                # a failed all-reduce must leave its input as it was (checked when rolled back)
+                restored = None
+                if stage == "all_reduce" and cfg.rollback and cfg.dtype == "fp32":
+                    restored = bool(np.array_equal(_as_fp32(tensor), base + np.float32(rnd)))
                 emit(
                     event="failed",
                     index=cfg.index,
                     round=rnd,
+                    stage=stage,
+                    epoch=epoch,
                     error=type(e).__name__,
                     message=str(e)[:300],
                     seconds=time.perf_counter() - started,
+                    restored=restored,
                 )
                 attempt += int(collective)
                 first = False
