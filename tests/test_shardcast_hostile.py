@@ -195,9 +195,9 @@ class World:
         )
 
     async def fetch(self, servers: list[str], name: str, **over: Any) -> FetchResult:
-        version = over.pop("version", "latest")
+        version, wait_s = over.pop("version", "latest"), over.pop("wait_s", 0.0)
         cfg = self.client(**over).model_copy(update={"servers": servers})
-        return await fetch_async(cfg, out=self.tmp / name, version=version)
+        return await fetch_async(cfg, out=self.tmp / name, version=version, wait_s=wait_s)
 
     def relay_config(self, upstreams: list[str], name: str, **over: Any) -> RelayConfig:
         return RelayConfig.model_validate(
@@ -304,6 +304,40 @@ def test_relay_survives_a_malformed_listing(world: World) -> None:
             await relay.close()
             await hostile.close()
             await origin.close()
+
+    run(main)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("route", ["versions", "manifest"])
+def test_a_server_that_holds_its_answer_holds_nobody(world: World, route: str) -> None:
+    """A listing or manifest request held open for good delays a fetch by a grace period, not
+    by the whole long-poll window or request timeout (15 s here, against 5 s allowed)."""
+
+    async def main() -> None:
+        origin = await origin_for(world)
+        hostile = Hostile(world.origin_dir)
+
+        async def hold(request: web.Request) -> web.StreamResponse:
+            await hostile.released.wait()
+            raise web.HTTPServiceUnavailable()
+
+        setattr(hostile, route, hold)
+        await hostile.start()
+        t0 = time.monotonic()
+        try:
+            got = await world.fetch(
+                [hostile.url, origin.url],
+                "out.bin",
+                wait_s=10.0,
+                transfer={"connect_timeout_s": 0.5},
+            )
+        finally:
+            await hostile.close()
+            await origin.close()
+        assert got.path.read_bytes() == world.data[0]
+        assert got.bad_servers == {}
+        assert time.monotonic() - t0 < 5.0
 
     run(main)
 

@@ -40,7 +40,6 @@ from cotrain.shardcast.errors import (
     MalformedResponse,
     ManifestError,
     ShardcastError,
-    StaleVersionError,
     UpstreamUnavailable,
     VersionNotFound,
 )
@@ -51,6 +50,9 @@ from cotrain.shardcast.selection import ServerSelector
 from cotrain.shardcast.transfer import ShardPuller
 
 log = logging.getLogger("cotrain.shardcast.client")
+
+# Asking for a manifest: the next server offering the version is asked after this long too.
+_MANIFEST_HEDGE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,12 @@ class _Offers:
 async def _offers(
     session: aiohttp.ClientSession, config: ClientConfig, *, after: int, wait_s: float
 ) -> _Offers:
-    """Ask every server (concurrently) for its versions; long-poll for one newer than ``after``."""
+    """Ask every server (concurrently) for its versions; long-poll for one newer than ``after``.
+
+    Once one server offers a version newer than ``after``, the others get ``connect_timeout_s``
+    more to answer: a server that holds its answer (or was slow to hear of the version) cannot
+    hold the fetch for the whole long-poll window.
+    """
     budget = config.transfer.connect_timeout_s + wait_s + 5.0
     malformed: dict[str, str] = {}
 
@@ -104,9 +111,28 @@ async def _offers(
             log.info("cannot list versions at %s: %s", server, e)
         return None
 
-    answers = await asyncio.gather(*(ask(s) for s in config.servers))
-    versions = {s: a for s, a in zip(config.servers, answers, strict=True) if a is not None}
-    return _Offers(versions, malformed)
+    tasks = {asyncio.create_task(ask(s)): s for s in config.servers}
+    versions: dict[str, list[int]] = {}
+    pending = set(tasks)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if (answer := t.result()) is not None:
+                    versions[tasks[t]] = answer
+            if any(v > after for vs in versions.values() for v in vs):
+                break
+        if pending:
+            done, pending = await asyncio.wait(pending, timeout=config.transfer.connect_timeout_s)
+            for t in done:
+                if (answer := t.result()) is not None:
+                    versions[tasks[t]] = answer
+    finally:
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    order = [s for s in config.servers if s in versions]  # deterministic: the caller's order
+    return _Offers({s: versions[s] for s in order}, malformed)
 
 
 async def _trusted_manifest(
@@ -121,6 +147,9 @@ async def _trusted_manifest(
 
     Versions are tried newest first; a server that cannot back a version it offered with its
     manifest is not asked for older ones (so bogus offers cost one request each, at most).
+    For one version the servers offering it are asked in turn, the next one as soon as the
+    previous failed or after ``_MANIFEST_HEDGE_S`` without an answer (one that holds the
+    request delays the fetch by that much, not by its timeout); the first that verifies wins.
     """
     wanted = sorted({v for vs in offers.values() for v in vs if v >= policy.min_version})
     if version is not None:
@@ -130,25 +159,42 @@ async def _trusted_manifest(
         want = f"v{version}" if version is not None else f"a version >= {policy.min_version}"
         raise VersionNotFound(f"no server offers {want}; offered: {have[-20:] or 'nothing'}")
     failed: set[str] = set()
+
+    async def ask(server: str, v: int) -> SignedManifest | None:
+        try:
+            async with asyncio.timeout(config.transfer.connect_timeout_s + 10.0):
+                raw = await wire.get_manifest(session, f"{server}/v1/versions/{v}/manifest")
+            signed = SignedManifest.parse(raw)
+            policy.check(signed, expected_version=v)
+            return signed
+        except (ManifestError, MalformedResponse) as e:
+            log.warning("%s served a bad manifest for v%d: %s", server, v, e)
+            selector.ban(server, f"bad manifest for v{v}: {e}")
+        except (aiohttp.ClientError, TimeoutError) as e:
+            selector.record_failure(server, f"manifest v{v}: {e}")
+            failed.add(server)
+        return None  # StaleVersionError propagates: genuine, but too old, as is all older
+
     for v in reversed(wanted):
-        for server in [s for s, vs in offers.items() if v in vs]:
-            if server in failed or server in selector.report():
-                continue
-            try:
-                async with asyncio.timeout(config.transfer.connect_timeout_s + 10.0):
-                    raw = await wire.get_manifest(session, f"{server}/v1/versions/{v}/manifest")
-                signed = SignedManifest.parse(raw)
-                policy.check(signed, expected_version=v)
-                return signed
-            except StaleVersionError:
-                # Genuine, but older than we accept: so is every older version. Nobody lied.
-                raise
-            except (ManifestError, MalformedResponse) as e:
-                log.warning("%s served a bad manifest for v%d: %s", server, v, e)
-                selector.ban(server, f"bad manifest for v{v}: {e}")
-            except (aiohttp.ClientError, TimeoutError) as e:
-                selector.record_failure(server, f"manifest v{v}: {e}")
-                failed.add(server)
+        queue = [s for s, vs in offers.items() if v in vs and s not in failed]
+        queue = [s for s in queue if s not in selector.report()]
+        pending: set[asyncio.Task[SignedManifest | None]] = set()
+        try:
+            while queue or pending:
+                if queue:
+                    pending.add(asyncio.create_task(ask(queue.pop(0), v)))
+                done, pending = await asyncio.wait(
+                    pending,
+                    timeout=_MANIFEST_HEDGE_S if queue else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for t in done:
+                    if (signed := t.result()) is not None:
+                        return signed
+        finally:
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
     bad = selector.report()
     if bad:
         raise UpstreamUnavailable(f"no server served a trustworthy manifest; bad servers: {bad}")
