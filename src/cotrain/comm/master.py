@@ -98,7 +98,8 @@ class Master:
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)
         """The latest membership events (also logged, and appended to ``events_file``)."""
         self._names: dict[str, str] = {}
-        self._unauthenticated: dict[str, int] = {}
+        # per address, oldest first: connections still in their handshake (and hello)
+        self._unauthenticated: dict[str, dict[asyncio.StreamWriter, None]] = {}
         self._max_frame = config.max_frame_kb * 1024
         self.peers: dict[str, _Peer] = {}
         self.ring: list[str] = []
@@ -153,11 +154,15 @@ class Master:
         peer_id: str | None = None
         peer = writer.get_extra_info("peername")
         ip = str(peer[0]) if peer else "?"
-        pending = self._unauthenticated.get(ip, 0)
-        if pending >= self.MAX_UNAUTHENTICATED_PER_ADDRESS:
-            writer.close()  # a flood from one address: each costs almost nothing, but not forever
-            return
-        self._unauthenticated[ip] = pending + 1
+        pending = self._unauthenticated.setdefault(ip, {})
+        if len(pending) >= self.MAX_UNAUTHENTICATED_PER_ADDRESS:
+            # A flood from one address: cut its oldest handshake, not this newcomer. Honest
+            # peers finish in milliseconds; strangers sharing their address (a NAT, loopback)
+            # that idle or trickle are the old ones, so they cannot lock the honest ones out.
+            oldest = next(iter(pending))
+            del pending[oldest]
+            oldest.transport.abort()
+        pending[writer] = None
         authenticated = False
         try:
             sock = writer.get_extra_info("socket")
@@ -167,7 +172,7 @@ class Master:
             async with asyncio.timeout(self.config.handshake_timeout_s):
                 key = await async_server_handshake(reader, writer, self.identity, self._admission)
                 hello = m.parse_to_master(await async_recv_json(reader, self._max_frame))
-            self._release_unauthenticated(ip)
+            self._release_unauthenticated(ip, writer)
             authenticated = True
             if not isinstance(hello, m.Hello):
                 raise ProtocolError("first message must be hello")
@@ -204,19 +209,20 @@ class Master:
             (log.info if peer_id else log.debug)("connection %s closed: %s", who, e)
         finally:
             if not authenticated:
-                self._release_unauthenticated(ip)
+                self._release_unauthenticated(ip, writer)
             if peer_id is not None:
                 p = self.peers.get(peer_id)
                 if p is not None and p.writer is writer:
                     self._drop(peer_id, "connection lost")
             writer.close()
 
-    def _release_unauthenticated(self, ip: str) -> None:
-        left = self._unauthenticated.get(ip, 1) - 1
-        if left > 0:
-            self._unauthenticated[ip] = left
-        else:
-            self._unauthenticated.pop(ip, None)
+    def _release_unauthenticated(self, ip: str, writer: asyncio.StreamWriter) -> None:
+        pending = self._unauthenticated.get(ip)
+        if pending is None:
+            return
+        pending.pop(writer, None)  # absent if it was cut to make room
+        if not pending:
+            del self._unauthenticated[ip]
 
     # ---- the event log: which key did what -------------------------------------------------
 

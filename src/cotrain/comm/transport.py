@@ -15,12 +15,13 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cotrain.comm import messages as m
 from cotrain.comm.auth import Admission, Credentials, client_handshake, server_handshake
 from cotrain.comm.config import CommConfig, TLSConfig
-from cotrain.comm.errors import AuthError, ProtocolError
+from cotrain.comm.errors import AuthError, CommError, ProtocolError
 from cotrain.comm.frames import recv_json, send_json
 from cotrain.comm.tls import client_context, server_context
 from cotrain.core.clock import Deadline
@@ -99,13 +100,29 @@ Handler = Callable[[socket.socket, Any, str], None]
 """Takes an authenticated connection, its parsed hello and the key the client proved."""
 
 
+@dataclass(eq=False)
+class _Slot:
+    """One accepted connection, from accept until its handler returns."""
+
+    ip: str
+    sock: socket.socket
+    handshaking: bool = True
+
+
 class DataServer:
     """Accepts authenticated peer connections and hands each to the handler for its kind.
 
     Strangers cannot starve it: every connection gets one deadline for its whole handshake (a
-    trickle of bytes does not extend it), at most ``MAX_PER_ADDRESS`` handshakes run per source
-    address and ``MAX_HANDSHAKES`` in all (large: a pending handshake costs a sleeping thread),
-    and accept errors (out of file descriptors) never stop the accept loop."""
+    trickle of bytes does not extend it), at most ``MAX_PER_ADDRESS`` connections are held per
+    source address and ``MAX_HANDSHAKES`` in all (large: one costs a sleeping thread), and
+    accept errors (out of file descriptors) never stop the accept loop.
+
+    A full address (or server) does not turn newcomers away: the *oldest* connection still in
+    its handshake there is cut instead. Honest peers finish a handshake in milliseconds, idle and
+    trickling strangers are the old ones, so strangers sharing the honest peers' address (a NAT,
+    loopback) cannot lock them out. Only connections whose handlers hold them (a proven key
+    waiting, bounded in time) are never cut; with every slot of an address held so, it refuses.
+    """
 
     MAX_HANDSHAKES = 4096
     MAX_PER_ADDRESS = 256
@@ -132,9 +149,11 @@ class DataServer:
         self.port: int = self._sock.getsockname()[1]
         self._closed = threading.Event()
         self._pending_lock = threading.Lock()
-        self._pending: dict[str, int] = {}
-        self._pending_total = 0
+        # oldest first (dicts keep insertion order); a slot leaves both when released or cut
+        self._pending: dict[str, dict[_Slot, None]] = {}
+        self._all: dict[_Slot, None] = {}
         self.refused = 0  # connections closed at once because a limit was reached
+        self.evicted = 0  # handshakes cut to make room for newer connections
         self._thread = threading.Thread(
             target=self._accept_loop, name="cotrain-accept", daemon=True
         )
@@ -150,58 +169,89 @@ class DataServer:
                 log.warning("data server accept failed: %s", e)  # EMFILE and friends
                 self._closed.wait(0.05)
                 continue
-            ip = str(addr[0])
-            if not self._reserve(ip):
+            slot = self._reserve(str(addr[0]), conn)
+            if slot is None:
                 self.refused += 1
                 close_quietly(conn)
                 continue
             try:
-                threading.Thread(target=self._serve, args=(conn, ip), daemon=True).start()
+                threading.Thread(target=self._serve, args=(slot,), daemon=True).start()
             except RuntimeError:  # cannot start a thread: drop this one, keep accepting
-                self._release(ip)
+                self._release(slot)
                 close_quietly(conn)
 
-    def _reserve(self, ip: str) -> bool:
+    def _reserve(self, ip: str, conn: socket.socket) -> _Slot | None:
         with self._pending_lock:
-            mine = self._pending.get(ip, 0)
-            if mine >= self.MAX_PER_ADDRESS or self._pending_total >= self.MAX_HANDSHAKES:
-                return False
-            self._pending[ip] = mine + 1
-            self._pending_total += 1
-            return True
+            mine = self._pending.get(ip, {})
+            if len(mine) >= self.MAX_PER_ADDRESS and not self._evict(mine):
+                return None
+            if len(self._all) >= self.MAX_HANDSHAKES and not self._evict(self._all):
+                return None
+            slot = _Slot(ip, conn)
+            self._pending.setdefault(ip, {})[slot] = None
+            self._all[slot] = None
+            return slot
 
-    def _release(self, ip: str) -> None:
+    def _evict(self, pool: dict[_Slot, None]) -> bool:
+        """Cut the oldest connection of ``pool`` still in its handshake (lock held)."""
+        victim = next((s for s in pool if s.handshaking), None)
+        if victim is None:
+            return False
+        self._forget(victim)
+        self.evicted += 1
+        # Its thread still owns the socket: a shutdown (never a close, whose descriptor number
+        # could be reused at once) makes its pending read fail now. Its owner closes it only
+        # after taking it out of the registry under this lock, so the socket is still open.
+        # ``socket.socket.shutdown`` also under TLS: SSLSocket's would drop the TLS state
+        # under the reading thread.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(victim.sock, socket.SHUT_RDWR)
+        return True
+
+    def _forget(self, slot: _Slot) -> None:
+        mine = self._pending.get(slot.ip)
+        if mine is None or slot not in mine:
+            return  # cut earlier
+        del mine[slot]
+        if not mine:
+            del self._pending[slot.ip]
+        del self._all[slot]
+
+    def _release(self, slot: _Slot) -> None:
         with self._pending_lock:
-            self._pending_total -= 1
-            left = self._pending[ip] - 1
-            if left:
-                self._pending[ip] = left
-            else:
-                del self._pending[ip]
+            self._forget(slot)
 
-    def _serve(self, conn: socket.socket, ip: str) -> None:
+    def _serve(self, slot: _Slot) -> None:
         # The slot is held until the handler returns: a proven key that is not (yet) a member
         # may be held by its handler for a bounded time, and counts against the same limits.
         try:
-            accepted = self._handshake(conn)
+            accepted = self._handshake(slot)
             if accepted is None:
                 return
             conn, handler, hello, key = accepted
             try:
                 handler(conn, hello, key)
-            except Exception as e:  # a misbehaving peer must not take the server down
-                log.debug("data connection handler failed: %s", e)
+            except (CommError, OSError) as e:  # a misbehaving peer must not take the server down
+                log.debug("data connection handler refused: %s", e)
+                close_quietly(conn)
+            except Exception:  # a bug: say so loudly, keep serving
+                log.warning("data connection handler failed", exc_info=True)
                 close_quietly(conn)
         finally:
-            self._release(ip)
+            self._release(slot)
 
-    def _handshake(self, conn: socket.socket) -> tuple[socket.socket, Handler, Any, str] | None:
+    def _handshake(self, slot: _Slot) -> tuple[socket.socket, Handler, Any, str] | None:
         deadline = Deadline.after(self._timeout)
+        conn = slot.sock
         try:
             conn.settimeout(self._timeout)
             tune(conn)
             if self._tls is not None:
-                conn = self._tls.wrap_socket(conn, server_side=True)
+                with self._pending_lock:  # the wrapper takes over the descriptor
+                    conn = slot.sock = self._tls.wrap_socket(
+                        conn, server_side=True, do_handshake_on_connect=False
+                    )
+                conn.do_handshake()
             key = server_handshake(
                 conn, self._identity, self._admission, timeout_s=deadline.remaining()
             )
@@ -210,9 +260,12 @@ class DataServer:
             handler = self._handlers.get(hello.type)
             if handler is None:
                 raise ProtocolError(f"this peer does not serve {hello.type} connections")
+            with self._pending_lock:
+                slot.handshaking = False
             return conn, handler, hello, key
         except (AuthError, ProtocolError, OSError, ConnectionError, ssl.SSLError) as e:
             log.debug("rejected a data connection: %s", e)
+            self._release(slot)  # out of the registry before the close: see _evict
             close_quietly(conn)
             return None
 
