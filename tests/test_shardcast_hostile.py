@@ -311,8 +311,11 @@ def test_relay_survives_a_malformed_listing(world: World) -> None:
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("route", ["versions", "manifest"])
 def test_a_server_that_holds_its_answer_holds_nobody(world: World, route: str) -> None:
-    """A listing or manifest request held open for good delays a fetch by a grace period, not
-    by the whole long-poll window or request timeout (15 s here, against 5 s allowed)."""
+    """A listing or manifest request held open for good delays a fetch by a grace period
+    (connect_timeout_s, or the 1 s manifest hedge), not by the whole long-poll window or the
+    request's timeout: 15 s or more here, against 8 s allowed."""
+    # The listing's grace is connect_timeout_s; the manifest's timeout is connect_timeout_s + 10.
+    connect_s = 0.5 if route == "versions" else 5.0
 
     async def main() -> None:
         origin = await origin_for(world)
@@ -330,14 +333,49 @@ def test_a_server_that_holds_its_answer_holds_nobody(world: World, route: str) -
                 [hostile.url, origin.url],
                 "out.bin",
                 wait_s=10.0,
-                transfer={"connect_timeout_s": 0.5},
+                transfer={"connect_timeout_s": connect_s},
             )
         finally:
             await hostile.close()
             await origin.close()
         assert got.path.read_bytes() == world.data[0]
         assert got.bad_servers == {}
-        assert time.monotonic() - t0 < 5.0
+        assert time.monotonic() - t0 < 8.0
+
+    run(main)
+
+
+@pytest.mark.timeout(30)
+def test_redirects_are_not_followed(world: World) -> None:
+    """A peer cannot point us at another address (an internal service, say)."""
+
+    async def main() -> None:
+        origin = await origin_for(world)
+        canary = Hostile(world.origin_dir)  # stands for an address nobody should be sent to
+        await canary.start()
+        hostile = Hostile(world.origin_dir)
+
+        async def redirect(request: web.Request) -> web.StreamResponse:
+            raise web.HTTPFound(location=canary.url + request.path_qs)
+
+        await hostile.start()
+        try:
+            hostile.shard = redirect
+            got = await world.fetch([hostile.url, origin.url], "shards.bin")
+            assert got.path.read_bytes() == world.data[0] and got.bad_servers == {}
+            hostile.versions = redirect
+            got = await world.fetch([hostile.url, origin.url], "listing.bin")
+            assert got.path.read_bytes() == world.data[0]
+            assert "HTTP 302" in got.bad_servers[hostile.url]
+            hostile.versions, hostile.manifest = hostile.honest_versions, redirect
+            got = await world.fetch([hostile.url, origin.url], "manifest.bin")
+            assert got.path.read_bytes() == world.data[0]
+            assert "HTTP 302" in got.bad_servers[hostile.url]
+        finally:
+            await hostile.close()
+            await canary.close()
+            await origin.close()
+        assert hostile.hits["shard"] >= 1 and sum(canary.hits.values()) == 0
 
     run(main)
 

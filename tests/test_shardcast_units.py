@@ -179,3 +179,10 @@ def test_shipped_configs_parse(name: str) -> None:
     model = sc.RelayConfig if "relay" in name else sc.ClientConfig
     cfg = load_config(model, path)
     assert cfg.transfer.stall_timeout_s == 10.0
+
+
+def test_store_lists_versions_past_eight_digits(tmp_path) -> None:
+    store = VersionStore(tmp_path)
+    for v in (7, 10**9, 2**53):
+        store.write_manifest(v, b"{}")
+    assert store.versions() == [7, 10**9, 2**53] and store.latest() == 2**53

@@ -206,11 +206,12 @@ async def _report_bad(
 ) -> None:
     """Tell the honest servers about the dishonest ones (best effort, bounded)."""
 
-    async def post(server: str, url: str, reason: str) -> None:
+    async def post(server: str, about: str, reason: str) -> None:
+        url = f"{server}/v1/reports"
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
             async with asyncio.timeout(2.0):
-                body = {"server": url, "reason": reason}
-                async with session.post(f"{server}/v1/reports", json=body):
+                body = {"server": about, "reason": reason}
+                async with session.post(url, json=body, allow_redirects=False):
                     pass  # the answer is not needed (an unread body closes the connection)
 
     honest = [s for s in servers if s not in bad]

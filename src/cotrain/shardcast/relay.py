@@ -189,6 +189,7 @@ class Relay:
         loop = asyncio.get_running_loop()
         while True:
             if upstream in self._bans:  # not asked anything until its ban runs out
+                self._upstream_status[upstream] = "banned (see bad_upstreams)"
                 await asyncio.sleep(cfg.retry_interval_s)
                 continue
             # Only verified versions count: what an upstream merely claims moves nothing.

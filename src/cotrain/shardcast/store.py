@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-_VERSION_DIR = re.compile(r"^v(\d{8})$")
+_VERSION_DIR = re.compile(r"^v(\d{8,16})$")  # v00000007; wider past 10^8 (up to 2^53)
 
 # Response header of a shard streamed while the relay is still receiving (and has not yet
 # verified) it: a client keeps such bytes only if the whole shard arrives and hashes right.

@@ -232,7 +232,7 @@ class ShardPuller:
         try:
             async with asyncio.timeout(cfg.connect_timeout_s + wait_s + cfg.stall_timeout_s):
                 resp = await self.session.get(
-                    url, params={"wait_s": f"{wait_s:g}"}, headers=headers
+                    url, params={"wait_s": f"{wait_s:g}"}, headers=headers, allow_redirects=False
                 )
             # Leaving this block before the body ended (the shard is whole; a server that never
             # ends its response) closes the connection instead of returning it to the pool.

@@ -4,6 +4,8 @@ Whatever a server sends (a listing of ``Infinity``, JSON nested a million deep, 
 gigabytes announced or not by ``Content-Length``) ends here as ``MalformedResponse`` or as a
 sound value, never as another exception or as memory we did not mean to spend. Shard bodies are
 not read here: ``transfer`` streams them and stops at the size the signed manifest gives.
+No request to a peer follows redirects (a peer could otherwise point us at any address our
+network reaches); a 3xx is a failed answer like any other.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ from cotrain.shardcast.manifest import MAX_MANIFEST_BYTES, MAX_VERSION
 MAX_LISTING_BYTES = 1 << 20
 """A versions listing is read only up to this size (tens of thousands of versions)."""
 _READ_CHUNK = 64 * 1024
+
+
+def _check_status(resp: aiohttp.ClientResponse, what: str) -> None:
+    """4xx/5xx: ``ClientResponseError`` (a failure, nobody lied); anything else but 200 (a
+    redirect, say) is outside the protocol: ``MalformedResponse``."""
+    resp.raise_for_status()
+    if resp.status != 200:
+        raise MalformedResponse(f"{what}: HTTP {resp.status} where 200 was due")
 
 
 async def read_bounded(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
@@ -47,13 +57,13 @@ def parse_versions(raw: bytes) -> list[int]:
 
 async def get_versions(session: aiohttp.ClientSession, url: str) -> list[int]:
     """GET a versions listing (the caller bounds the time)."""
-    async with session.get(url) as resp:
-        resp.raise_for_status()
+    async with session.get(url, allow_redirects=False) as resp:
+        _check_status(resp, "versions listing")
         return parse_versions(await read_bounded(resp, MAX_LISTING_BYTES, "versions listing"))
 
 
 async def get_manifest(session: aiohttp.ClientSession, url: str) -> bytes:
     """GET a signed manifest's bytes (the caller bounds the time and checks them)."""
-    async with session.get(url) as resp:
-        resp.raise_for_status()
+    async with session.get(url, allow_redirects=False) as resp:
+        _check_status(resp, "manifest")
         return await read_bounded(resp, MAX_MANIFEST_BYTES, "manifest")
