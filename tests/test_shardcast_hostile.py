@@ -196,8 +196,11 @@ class World:
 
     async def fetch(self, servers: list[str], name: str, **over: Any) -> FetchResult:
         version, wait_s = over.pop("version", "latest"), over.pop("wait_s", 0.0)
+        min_version = over.pop("min_version", 1)
         cfg = self.client(**over).model_copy(update={"servers": servers})
-        return await fetch_async(cfg, out=self.tmp / name, version=version, wait_s=wait_s)
+        return await fetch_async(
+            cfg, out=self.tmp / name, version=version, wait_s=wait_s, min_version=min_version
+        )
 
     def relay_config(self, upstreams: list[str], name: str, **over: Any) -> RelayConfig:
         return RelayConfig.model_validate(
@@ -620,6 +623,48 @@ def test_huge_advertised_version_stops_nobody(world: World) -> None:
         assert direct.bad_servers == {}  # a 404 is not a lie
         # The hostile's bogus version is given up, not chased in a loop.
         assert hostile.hits["manifest"] < 50, hostile.hits
+
+    run(main)
+
+
+@pytest.mark.timeout(30)
+def test_a_bogus_version_offered_at_once_cuts_no_long_poll_short(world: World) -> None:
+    """A client waiting for v2: the hostile answers at once with version 10^15 (no manifest),
+    the origin only once v2 exists. The fetch must wait for the origin, not give up."""
+
+    async def main() -> None:
+        origin = await origin_for(world)
+        hostile = Hostile(world.origin_dir)
+        asked = asyncio.Event()
+
+        async def huge(request: web.Request) -> web.StreamResponse:
+            return web.json_response({"versions": [10**15]})
+
+        async def none(request: web.Request) -> web.StreamResponse:
+            asked.set()
+            raise web.HTTPNotFound()
+
+        hostile.versions, hostile.manifest = huge, none
+        await hostile.start()
+        try:
+            fetching = asyncio.create_task(
+                world.fetch(
+                    [hostile.url, origin.url],
+                    "out.bin",
+                    min_version=2,
+                    wait_s=15.0,
+                    transfer={"connect_timeout_s": 0.5},
+                )
+            )
+            await asyncio.wait_for(asked.wait(), 10.0)  # the bogus version was tried first
+            world.publish(blob(3 * SHARD, seed=2))
+            origin.rescan()  # the origin's long-poll answers now
+            got = await asyncio.wait_for(fetching, 15.0)
+        finally:
+            await hostile.close()
+            await origin.close()
+        assert got.version == 2 and got.path.read_bytes() == world.data[1]
+        assert got.bad_servers == {}
 
     run(main)
 

@@ -79,60 +79,69 @@ def make_session(config: ClientConfig) -> aiohttp.ClientSession:
     )
 
 
-@dataclass
-class _Offers:
-    """What the servers said they hold; ``malformed``: those whose answer was not a listing."""
+class _Listings:
+    """The servers' answers to "which versions do you have?", taken in as they arrive.
 
-    versions: dict[str, list[int]]
-    malformed: dict[str, str]
-
-
-async def _offers(
-    session: aiohttp.ClientSession, config: ClientConfig, *, after: int, wait_s: float
-) -> _Offers:
-    """Ask every server (concurrently) for its versions; long-poll for one newer than ``after``.
-
-    Once one server offers a version newer than ``after``, the others get ``connect_timeout_s``
-    more to answer: a server that holds its answer (or was slow to hear of the version) cannot
-    hold the fetch for the whole long-poll window.
+    Every server is asked at once (long-polling for a version newer than ``after``). A fetch
+    goes ahead once one server offers a newer version and the others had ``connect_timeout_s``
+    more to answer, so a server that holds its answer cannot hold the fetch for the whole
+    long-poll window; if what has arrived by then leads to no trustworthy manifest (a bogus
+    version offered at once, say), the fetch waits for the rest before giving up.
     """
-    budget = config.transfer.connect_timeout_s + wait_s + 5.0
-    malformed: dict[str, str] = {}
 
-    async def ask(server: str) -> list[int] | None:
-        url = f"{server}/v1/versions?after={after}&wait_s={wait_s:g}"
+    def __init__(
+        self, session: aiohttp.ClientSession, config: ClientConfig, *, after: int, wait_s: float
+    ) -> None:
+        self.session, self.config, self.after, self.wait_s = session, config, after, wait_s
+        self.versions: dict[str, list[int]] = {}
+        self.malformed: dict[str, str] = {}
+        self._tasks = {asyncio.create_task(self._ask(s)): s for s in config.servers}
+        self._pending = set(self._tasks)
+
+    async def _ask(self, server: str) -> list[int] | None:
+        url = f"{server}/v1/versions?after={self.after}&wait_s={self.wait_s:g}"
         try:
-            async with asyncio.timeout(budget):
-                return await wire.get_versions(session, url)
+            async with asyncio.timeout(self.config.transfer.connect_timeout_s + self.wait_s + 5.0):
+                return await wire.get_versions(self.session, url)
         except MalformedResponse as e:
             log.warning("%s: %s", server, e)
-            malformed[server] = str(e)[:300]
+            self.malformed[server] = str(e)[:300]
         except (aiohttp.ClientError, TimeoutError) as e:
             log.info("cannot list versions at %s: %s", server, e)
         return None
 
-    tasks = {asyncio.create_task(ask(s)): s for s in config.servers}
-    versions: dict[str, list[int]] = {}
-    pending = set(tasks)
-    try:
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def offers(self) -> dict[str, list[int]]:
+        """Answers so far, in the caller's order of servers (choices stay deterministic)."""
+        return {s: self.versions[s] for s in self.config.servers if s in self.versions}
+
+    def _newer(self) -> bool:
+        return any(v > self.after for vs in self.versions.values() for v in vs)
+
+    async def wait(self, *, until_newer: bool, timeout_s: float | None) -> None:
+        """Take in answers until all are in, or (``until_newer``) one offers a newer version,
+        or ``timeout_s`` passed (each request is bounded by its own budget in any case)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while self._pending and not (until_newer and self._newer()):
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            done, self._pending = await asyncio.wait(
+                self._pending, timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                return
             for t in done:
                 if (answer := t.result()) is not None:
-                    versions[tasks[t]] = answer
-            if any(v > after for vs in versions.values() for v in vs):
-                break
-        if pending:
-            done, pending = await asyncio.wait(pending, timeout=config.transfer.connect_timeout_s)
-            for t in done:
-                if (answer := t.result()) is not None:
-                    versions[tasks[t]] = answer
-    finally:
-        for t in pending:
+                    self.versions[self._tasks[t]] = answer
+
+    async def close(self) -> None:
+        for t in self._pending:
             t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    order = [s for s in config.servers if s in versions]  # deterministic: the caller's order
-    return _Offers({s: versions[s] for s in order}, malformed)
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        self._pending.clear()
 
 
 async def _trusted_manifest(
@@ -260,24 +269,42 @@ async def _fetch(
     if max_age_s is not None and math.isinf(max_age_s):
         max_age_s = None
     policy = TrustPolicy(config.publisher_key, config.channel, floor, max_age_s)
-    offers = await _offers(session, config, after=floor - 1, wait_s=wait_s)
-    if not offers.versions:
-        why = f"; malformed answers: {offers.malformed}" if offers.malformed else ""
-        raise UpstreamUnavailable(f"none of the servers answered: {config.servers}{why}")
     selector = ServerSelector(
-        [*offers.versions, *offers.malformed],
-        exploration=config.transfer.exploration,
-        seed=config.transfer.seed,
+        config.servers, exploration=config.transfer.exploration, seed=config.transfer.seed
     )
-    for server, why in offers.malformed.items():
-        selector.ban(server, f"malformed versions listing: {why}")
-    t_offers = time.monotonic()
+    listings = _Listings(session, config, after=floor - 1, wait_s=wait_s)
     try:
-        signed = await _trusted_manifest(session, config, selector, offers.versions, policy, exact)
+        await listings.wait(until_newer=True, timeout_s=None)
+        await listings.wait(until_newer=False, timeout_s=config.transfer.connect_timeout_s)
+        t_offers = time.monotonic()
+        while True:
+            for server, why in listings.malformed.items():
+                if server not in selector.report():
+                    selector.ban(server, f"malformed versions listing: {why}")
+            try:
+                if not listings.versions:
+                    why = f"; malformed answers: {listings.malformed}" if listings.malformed else ""
+                    raise UpstreamUnavailable(
+                        f"none of the servers answered: {config.servers}{why}"
+                    )
+                signed = await _trusted_manifest(
+                    session, config, selector, listings.offers(), policy, exact
+                )
+                break
+            except (VersionNotFound, UpstreamUnavailable):
+                if not listings.pending:
+                    raise
+                # What arrived first led nowhere: hear the servers still answering.
+                await listings.wait(until_newer=False, timeout_s=None)
     except ShardcastError:
         if selector.report():
             await _report_bad(session, config.servers, selector.report())
         raise
+    finally:
+        await listings.close()
+    for server in config.servers:  # servers that never answered get no shard requests
+        if server not in listings.versions and server not in selector.report():
+            selector.drop(server)
     manifest = signed.manifest
     t_manifest = time.monotonic()
     output = OutputFile(out, signed)

@@ -110,6 +110,11 @@ class ServerSelector:
         s.faults.append(reason)
         del s.faults[:-20]
 
+    def drop(self, url: str) -> None:
+        """Leave a server out of this fetch without blame (it never answered, say)."""
+        if len(self.stats) > 1:
+            self.stats.pop(url, None)
+
     def ban(self, url: str, reason: str) -> None:
         """The server lied (corrupt bytes, forged manifest): never use it again in this fetch."""
         s = self.stats[url]
