@@ -95,8 +95,9 @@ class Master:
             run_id=config.run_id,
         )
         self._events_file = config.events_file
-        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)
-        """The latest membership events (also logged, and appended to ``events_file``)."""
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=1_000)
+        """The latest membership events (also logged, and appended to ``events_file``, which
+        keeps them all): every credentialed connection adds one, so this stays short."""
         self._names: dict[str, str] = {}
         # per address, oldest first: connections still in their handshake (and hello)
         self._unauthenticated: dict[str, dict[asyncio.StreamWriter, None]] = {}
