@@ -40,6 +40,7 @@ import os
 import random
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -214,6 +215,23 @@ def fire(
             f.result()
 
 
+def start_holders(cfg: FuzzConfig, world: World, tally: Tally) -> list[Holder]:
+    holders = []
+    for t in (world.master, world.data):
+        for src, idle in (("127.0.0.2", cfg.idle), (HONEST_ADDR, cfg.idle_honest_addr)):
+            h = Holder(t.port, src, idle=idle, slow=cfg.slow, tally=tally)
+            h.start()
+            holders.append(h)
+    return holders
+
+
+def stop_holders(holders: list[Holder]) -> None:
+    for h in holders:
+        h.stop.set()
+    for h in holders:
+        h.join(30)
+
+
 def tracebacks(procs: list[Proc]) -> list[str]:
     out = []
     for p in procs:
@@ -268,9 +286,13 @@ def run(cfg: FuzzConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
             "data": record_replay(world, ports[0], "data"),
         }
         tally = Tally()
-        # warm-up: every case once or more, so one-time allocations are in the baseline
-        warm = max(cfg.cases // 100, 300)
+        # Warm-up: every case, with the idle and slowloris connections held, so one-time
+        # allocations and the memory a peak of ~500 connection threads leaves with the
+        # allocator are in the baseline: growth past it is what a leak would add.
+        warm = max(cfg.cases // 50, 300)
+        warm_holders = start_holders(cfg, world, tally)
         fire(cfg, warm, world, tally, seed=cfg.seed + 1)
+        stop_holders(warm_holders)
         # handlers may hold a warm-up connection up to the peers' connect timeout
         settle(procs, None, cfg.settle_s, min_s=PEER_CONNECT_TIMEOUT_S + cfg.handshake_timeout_s)
         for p in peers:
@@ -278,21 +300,24 @@ def run(cfg: FuzzConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         before = snapshot(procs)
         log(f"baseline {before}")
         tally = Tally()
-        for t in (world.master, world.data):
-            for src, idle in (("127.0.0.2", cfg.idle), (HONEST_ADDR, cfg.idle_honest_addr)):
-                h = Holder(t.port, src, idle=idle, slow=cfg.slow, tally=tally)
-                h.start()
-                holders.append(h)
+        holders = start_holders(cfg, world, tally)
         honest = HonestClient(world)
         honest.start()
+        trace: list[dict[str, float]] = []
+        sampling = threading.Event()
+
+        def sample() -> None:  # RSS every 5 s: a plateau is fragmentation, a slope a leak
+            while not sampling.wait(5.0):
+                trace.append({k: round(v[1], 1) for k, v in snapshot(procs).items()})
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         t_start = time.time()
         fire(cfg, cfg.cases, world, tally, seed=cfg.seed, log=log)
         t_end = time.time()
+        sampling.set()
         honest.stop.set()
-        for h in holders:
-            h.stop.set()
-        for h in holders:
-            h.join(30)
+        stop_holders(holders)
         honest.join(30)
         gaps = []
         for p in peers:
@@ -323,6 +348,7 @@ def run(cfg: FuzzConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         return {
             "summary": summary,
             "processes": {k: {"before": before[k], "after": after[k]} for k in before},
+            "rss_trace_mb": trace,
             "cases_by_kind": dict(sorted(tally.cases.items())),
             "mean_case_s": {
                 k: round(v / tally.cases[k], 4) for k, v in sorted(tally.seconds.items())
