@@ -1,4 +1,4 @@
-"""`cotrain shardcast ...`: origin, publish, relay, fetch, keygen.
+"""`cotrain shardcast ...`: origin, publish, relay, fetch (keys: `cotrain keygen`).
 
 Servers print one JSON line ``{"event": "listening", "url": ...}`` on stdout once they serve;
 ``fetch`` prints one JSON line describing the verified file. Any config field can be set with
@@ -86,14 +86,6 @@ def _serve(make: Any, role: str) -> None:
         await serve_forever(server, stop)
 
     asyncio.run(main())
-
-
-@app.command()
-def keygen(key: Path = typer.Option(..., "--key", help="Private key file (created if absent).")):
-    """Create (or read) the publisher's ed25519 key; print its public key."""
-    from cotrain.core.identity import Identity
-
-    print(Identity.load_or_create(key).public_hex)
 
 
 @app.command()

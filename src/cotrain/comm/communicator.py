@@ -210,7 +210,7 @@ class Communicator:
         ms = self._ms
         link = ms.link
         deadline = Deadline.after(timeout_s or self.config.request_timeout_s)
-        with ms.op_lock:
+        with ms.op_lock, ms.awaiting_topology():
             # joiners announced before this vote reaches the master are admitted by it
             with link.cond:
                 link.joining_epoch = -1

@@ -115,6 +115,7 @@ class Master:
         self._syncs: dict[int, dict[str, m.Sync]] = {}
         self._sync_round: dict[int, _SyncRound] = {}
         self._transfers: dict[int, set[str]] = {}  # seq -> members yet to report done
+        self._transfer_kinds: dict[int, str] = {}
         self._last_commit: tuple[int, int] | None = None
         self._recovery: _Recovery | None = None
         self._probe_waiters: dict[tuple[str, str], asyncio.Future[float]] = {}
@@ -348,6 +349,7 @@ class Master:
             self.peers[pid].resume = None  # answered
             if commit:
                 self._send(pid, m.Commit(epoch=epoch, seq=seq))
+                self._event("collective", pid, seq=seq, recovered=True)
             else:
                 text = "the master restarted before every member reported its transfer done"
                 self._send(pid, m.Error(epoch=epoch, seq=seq, kind="peer_failed", message=text))
@@ -493,6 +495,7 @@ class Master:
                     pid, m.Error(epoch=self.epoch, seq=seq, kind="peer_failed", message=reason)
                 )
         self._transfers.clear()
+        self._transfer_kinds.clear()
 
     def _reject_pending(self, message: str) -> None:
         # a member that votes has left any collective it was in
@@ -547,6 +550,7 @@ class Master:
         self._syncs.clear()
         self._sync_round.clear()
         self._transfers.clear()
+        self._transfer_kinds.clear()
         self._recovery = None  # every member voted: none waits for an old outcome
         addrs = []
         for pid in ring:
@@ -622,9 +626,9 @@ class Master:
             return
         for p in members:
             self._send(p, m.Go(epoch=self.epoch, seq=msg.seq))
-        self._event("collective", seq=msg.seq, kind=msg.desc.kind, keys=members)
         if msg.desc.kind in ("all_reduce", "broadcast"):
             self._transfers[msg.seq] = set(members)
+            self._transfer_kinds[msg.seq] = msg.desc.kind
         if msg.desc.kind == "optimize":
             self._spawn(self._optimize(self.epoch, msg.desc.count))
 
@@ -634,8 +638,12 @@ class Master:
             return
         del self._transfers[seq]
         self._last_commit = (self.epoch, seq)
-        for p in self._members():
+        members = self._members()
+        for p in members:
             self._send(p, m.Commit(epoch=self.epoch, seq=seq))
+        # credited on commit, not on go: a collective that rolls back earned nobody anything
+        kind = self._transfer_kinds.pop(seq, "all_reduce")
+        self._event("collective", seq=seq, kind=kind, keys=members)
 
     # ---- shared state ------------------------------------------------------------------------
 

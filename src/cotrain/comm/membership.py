@@ -14,8 +14,10 @@ if its proven key is our previous neighbour's in that epoch.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from cotrain.comm import messages as m
@@ -57,6 +59,8 @@ class Membership:
         """(epoch, seq, committed) of the last collective reported done: a restarted master
         learns it from our resume and tells us, or the others, how it ended."""
         self.closing = False
+        self.expecting_topology = 0
+        """Votes or ring optimisations in flight: only then may a later epoch's ring arrive."""
         self._incoming: dict[tuple[int, int], tuple[str, socket.socket]] = {}
         self._link: MasterLink | None = None
 
@@ -233,6 +237,11 @@ class Membership:
             raise CommError(f"ring stream {stream} of {self.config.streams}")
         deadline = Deadline.after(self.config.connect_timeout_s)
         with self.lock:
+            if epoch > self.epoch and not self.expecting_topology:
+                # A new topology only ever answers a vote (or a ring optimisation) of ours:
+                # without one in flight nobody may dial us for a later epoch, so a stranger's
+                # future-epoch hellos are refused at once instead of holding a slot waiting.
+                raise CommError(f"ring stream for epoch {epoch}; no new topology is due")
             wait_deadline(self.lock, lambda: self.epoch >= epoch or self.closing, deadline)
             n = len(self.ring)
             expected = self.ring[(self.rank - 1) % n].peer_id if self.rank >= 0 else None
@@ -246,6 +255,17 @@ class Membership:
             self.lock.notify_all()
         if old is not None:
             close_quietly(old[1])
+
+    @contextlib.contextmanager
+    def awaiting_topology(self) -> Iterator[None]:
+        """Mark a vote or optimisation in flight (see ``on_ring``)."""
+        with self.lock:
+            self.expecting_topology += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.expecting_topology -= 1
 
     @property
     def pending_streams(self) -> int:

@@ -72,7 +72,7 @@ def serve(sock: socket.socket, hello: m.ProbeHello, *, stall_timeout_s: float) -
 def optimize(ms: Membership, *, probe_mb: float, deadline: Deadline) -> list[str]:
     """Measure peer-to-peer bandwidth as the master orders, then adopt its reordered ring."""
     link = ms.link
-    with ms.op_lock:
+    with ms.op_lock, ms.awaiting_topology():
         nbytes = max(1, int(probe_mb * (1 << 20)))
         ms.begin(m.Descriptor(kind="optimize", count=nbytes), deadline)
         epoch = ms.epoch

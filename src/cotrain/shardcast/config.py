@@ -17,7 +17,7 @@ def _check_key(value: str) -> str:
     if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
         raise ValueError(
             "publisher_key must be the publisher's ed25519 public key as 64 hex characters "
-            "(print it with `cotrain shardcast keygen --key KEY.pem`)"
+            "(print it with `cotrain keygen --key KEY.pem`)"
         )
     return value
 
