@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,4 +113,23 @@ def test_keygen_and_token(tmp_path: Path) -> None:
     ):
         bad = _cotrain(*args)
         assert bad.returncode == 2, (args, bad.stderr)
+        assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.timeout(60)
+def test_peer_without_a_key_or_a_way_to_check_the_master_is_one_line(tmp_path: Path) -> None:
+    for comm in (
+        {"master_port": 1, "secret": "x", "key_file": str(tmp_path / "missing.pem")},
+        {"master_port": 1, "secret": ""},  # neither master_key nor a run secret
+    ):
+        cfg = json.dumps({"comm": comm})
+        env = {k: v for k, v in os.environ.items() if k != "COTRAIN_SECRET"}
+        bad = subprocess.run(
+            [sys.executable, "-m", "cotrain", "peer", "--config-json", cfg],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert bad.returncode == 2, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

@@ -7,7 +7,6 @@ was written that does not match the publisher's bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import selectors
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from shardcast_harness import blob as payload
 
 from cotrain.core.identity import Identity
 from cotrain.shardcast import ClientConfig, PublishConfig, fetch, load_into, publish, watch
@@ -116,16 +116,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         c.close()
-
-
-def payload(n: int, seed: int = 0) -> bytes:
-    """Deterministic, incompressible-looking bytes."""
-    out = bytearray()
-    block = hashlib.sha256(str(seed).encode()).digest()
-    while len(out) < n:
-        block = hashlib.sha256(block).digest()
-        out += block * 64
-    return bytes(out[:n])
 
 
 def leftovers(d: Path) -> list[str]:

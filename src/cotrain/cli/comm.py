@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         """Run a scripted peer: rounds of all-reduce with JSON events on stdout."""
         import logging
 
-        from cotrain.comm.program import PeerProgramConfig, run
+        from cotrain.comm.program import PeerProgramConfig, make_communicator, run
         from cotrain.core.config import load_config
 
         logging.basicConfig(level=logging.WARNING)
@@ -64,7 +64,8 @@ def register(app: typer.Typer) -> None:
             cfg = _or_exit(lambda: PeerProgramConfig.model_validate_json(config_json))
         else:
             cfg = _or_exit(lambda: load_config(PeerProgramConfig, config, list(ctx.args)))
-        raise typer.Exit(run(cfg))
+        comm = _or_exit(lambda: make_communicator(cfg))  # a missing key file: one line, exit 2
+        raise typer.Exit(run(cfg, comm))
 
     @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def demo(

@@ -58,6 +58,14 @@ def register(app: typer.Typer) -> None:
             cfg = TrainConfig.model_validate_json(config_json)
         else:
             cfg = load_config(TrainConfig, config, list(ctx.args))
+        if cfg.algo.mode != "single":
+            from cotrain.comm import Communicator
+
+            try:  # a missing key or token file, no way to check the master: one line, exit 2
+                Communicator(cfg.comm).close()
+            except ValueError as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2) from None
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"config{cfg.worker_index}.json").write_text(cfg.dump_json())

@@ -139,8 +139,13 @@ def emit(**event: Any) -> None:
     sys.stdout.flush()
 
 
-def run(cfg: PeerProgramConfig) -> int:
-    comm = Communicator(cfg.comm, name=f"p{cfg.index}", faults=cfg.faults)
+def make_communicator(cfg: PeerProgramConfig) -> Communicator:
+    """This peer's communicator (``ValueError`` for a missing key, token or admission rule)."""
+    return Communicator(cfg.comm, name=f"p{cfg.index}", faults=cfg.faults)
+
+
+def run(cfg: PeerProgramConfig, comm: Communicator | None = None) -> int:
+    comm = comm or make_communicator(cfg)
     comm.connect()
     counter = np.zeros(1, dtype=np.int64)
     if cfg.join:
