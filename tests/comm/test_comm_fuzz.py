@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-_BENCH = Path(__file__).resolve().parents[1] / "bench" / "fuzz.py"
+_BENCH = Path(__file__).resolve().parents[2] / "bench" / "fuzz.py"
 
 
 def _fuzz():  # type: ignore[no-untyped-def]

@@ -175,7 +175,7 @@ def test_shipped_configs_parse(name: str) -> None:
 
     from cotrain.core.config import load_config
 
-    path = Path(__file__).resolve().parents[1] / "configs" / name
+    path = Path(__file__).resolve().parents[2] / "configs" / name
     model = sc.RelayConfig if "relay" in name else sc.ClientConfig
     cfg = load_config(model, path)
     assert cfg.transfer.stall_timeout_s == 10.0

@@ -63,7 +63,7 @@ def test_no_commit_seen_rolls_back_only_once_every_member_reported() -> None:
 
 @pytest.mark.timeout(150)
 def test_chaos_quick(tmp_path: Path) -> None:
-    bench = Path(__file__).resolve().parents[1] / "bench" / "chaos.py"
+    bench = Path(__file__).resolve().parents[2] / "bench" / "chaos.py"
     out = tmp_path / "chaos.json"
     proc = subprocess.run(
         [sys.executable, str(bench), "--quick", "--json", str(out)],

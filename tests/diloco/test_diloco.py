@@ -24,7 +24,7 @@ from cotrain.diloco.launch import start_worker
 from cotrain.diloco.metrics import Clocks, MetricsLog, read_log
 from cotrain.diloco.sync import Synchronizer, SyncOutcome
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_public_surface() -> None:
