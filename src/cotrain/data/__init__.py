@@ -1,8 +1,12 @@
-"""Real text for training: registry downloads, a local byte-level BPE, cached sharded tokens.
+"""Text for training: built-in texts or the user's own files, a tokenizer, cached sharded tokens.
 
 The public surface::
 
     DataConfig, prepare, Prepared, ShardReader, Batch, validation_batches, and the errors.
+
+Files: ``config.py`` (DataConfig), ``sources.py`` (built-in texts from the package registry),
+``local.py`` (.txt/.jsonl files and directories), ``tokenizer.py`` (trained BPE or a given
+tokenizer.json, end-of-text, token dtype), ``prepare.py`` (the cache), ``shards.py`` (batches).
 """
 
 from cotrain.data.config import DataConfig
