@@ -31,9 +31,13 @@ def test_public_surface_is_pinned():
             "GPTConfig",
             "GPTOutput",
             "KVCache",
+            "LoraConfig",
+            "ModelConfig",
             "ModelError",
             "ModelNotFoundError",
             "ModelSpecError",
+            "TrainableLM",
+            "build_model",
             "load_model",
         ]
     )
