@@ -34,10 +34,14 @@ def test_public_surface() -> None:
     assert sorted(cotrain.diloco.__all__) == [
         "AlgoConfig",
         "CheckpointError",
+        "ConfigChangedError",
+        "DDP",
+        "DiLoCo",
         "InnerConfig",
         "OuterConfig",
         "OuterState",
         "RoundFailedError",
+        "SyncReport",
         "TrainConfig",
         "TrainError",
         "Worker",
@@ -333,7 +337,7 @@ def test_warm_start_continues_the_run_exactly(cache: Path, tmp_path: Path) -> No
     first = tiny_train_config(cache, tmp_path / "a", **over, total_steps=16, stop_at_step=8)
     assert Worker(TrainConfig.model_validate(first), echo=False).run()["step"] == 8
     second = tiny_train_config(
-        cache, tmp_path / "b", **over, total_steps=16, init_from=str(tmp_path / "a/worker0.ckpt")
+        cache, tmp_path / "b", **over, total_steps=16, init_from=str(tmp_path / "a")
     )
     out = Worker(TrainConfig.model_validate(second), echo=False).run()
     assert out["tokens"] == ref["tokens"]

@@ -79,6 +79,9 @@ class Communicator:
         self._state = SharedState(self._ms, config)
         self._server: DataServer | None = None
         self._master: MasterLink | None = None
+        self.run_revision: int | None = None
+        """The run's shared-state revision when ``connect()`` reached the master: None while
+        the run has not started (no state synced), else this peer joins a run in progress."""
 
     # ---- properties --------------------------------------------------------------------------
 
@@ -159,7 +162,8 @@ class Communicator:
             self._faults.cut,
         )
         ms.attach(self._master)
-        self._master.connect(timeout_s or cfg.connect_timeout_s)
+        welcome = self._master.connect(timeout_s or cfg.connect_timeout_s)
+        self.run_revision = welcome.state_revision
         threading.Thread(
             target=self._master.heartbeat_loop,
             args=(cfg.heartbeat_interval_s,),

@@ -267,7 +267,13 @@ class Master:
             hello.peer_id, addr, writer, self._now(), accepted=resumed, resume=hello.resume
         )
         async_send_json(
-            writer, m.Welcome(peer_id=hello.peer_id, epoch=self.epoch, resumed=resumed).dump()
+            writer,
+            m.Welcome(
+                peer_id=hello.peer_id,
+                epoch=self.epoch,
+                resumed=resumed,
+                state_revision=self.state_revision,
+            ).dump(),
         )
         self._event("connected", hello.peer_id, resumed=resumed)
         if hello.resume is not None:

@@ -136,6 +136,9 @@ class Welcome(_Msg):
     peer_id: PeerId
     epoch: Count
     resumed: bool
+    state_revision: Count | None = None
+    """The run's shared-state revision (None: no state synced yet, the run has not started):
+    a newcomer that finds one is joining a run in progress."""
 
 
 class Topology(_Msg):

@@ -1,43 +1,241 @@
-"""Checkpoints: one file per worker, written atomically (temporary file, fsync, rename).
+"""Checkpoints: one directory per save, safetensors for tensors, one JSON file for the rest.
 
-A checkpoint is taken right after an outer step, when the local parameters equal the outer ones,
-so it holds the outer state, the inner optimizer, the data position and the step counters. A
-worker killed at any moment loses at most the outer step in progress.
+Layout of a checkpoint directory::
+
+    latest               the name of the newest complete save; written last, atomically
+    step-00000120/
+        model.safetensors      the model's state (shared tensors, e.g. tied embeddings, once)
+        optimizer.safetensors  the inner optimizer's tensors (``state.<param>.<key>``)
+        outer.safetensors      DiLoCo's outer state and its in-flight synchronisation
+        state.json             step, tokens, the run's config, the optimizer's hyperparameters,
+                               the caller's extra state and the sha256 of every file above
+    .tmp-<pid>-<n>/      a save in progress: removed on any error, Ctrl-C included; one left by
+                         a killed process is removed by the next save
+
+A save is complete once ``latest`` names it (``os.replace`` of a fully written, fsynced file),
+so a process killed at any moment leaves the previous save intact. Older saves are deleted
+after the new one is in place. ``load`` checks every file's hash before anything is used.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
 
 from cotrain.diloco.errors import CheckpointError
 
-
-def save(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+STATE = "state.json"
+LATEST = "latest"
+_FORMAT = 2
 
 
-def load(path: Path, *, fingerprint: str | None) -> dict[str, Any] | None:
-    """The checkpoint at ``path``, or None if there is none; errors if it is for another run
-    (``fingerprint`` None: any run's, for a warm start)."""
-    if not path.exists():
-        return None
+@dataclass(frozen=True)
+class Saved:
+    """A complete save, read from disk (its files' hashes checked)."""
+
+    path: Path
+    meta: dict[str, Any]
+    """``state.json``: ``step``, ``config``, ``extra`` and whatever the writer put there."""
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of ``<name>.safetensors`` (an empty dict when the save has none)."""
+        f = self.path / f"{name}.safetensors"
+        if name not in self.meta["files"]:
+            return {}
+        return load_file(f)
+
+    def load_model(self, module: nn.Module) -> None:
+        """Load the model's weights into ``module`` (same architecture)."""
+        missing, unexpected = load_model(module, self.path / "model.safetensors", strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint {self.path} holds another model: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}; use another out_dir or resume=never"
+            )
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Load the inner optimizer's state (tensors and hyperparameters)."""
+        saved = self.meta.get("optimizer")
+        if saved is None:
+            return
+        flat = self.tensors("optimizer")
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in flat.items():
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+        for idx, extra in saved["scalars"].items():
+            state.setdefault(int(idx), {}).update(extra)
+        try:
+            optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"checkpoint {self.path}: optimizer state does not fit: {e}"
+            ) from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _optimizer_parts(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in sd["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    groups = [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+        for g in sd["param_groups"]
+    ]
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a torn or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}; delete it to start over") from e
-    if fingerprint is not None and state.get("fingerprint") != fingerprint:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_stale(directory: Path) -> None:
+    """Remove ``.tmp-<pid>-*`` saves of processes that no longer run."""
+    for p in directory.glob(".tmp-*"):
+        try:
+            pid = int(p.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save(
+    directory: str | Path,
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    meta: dict[str, Any],
+) -> Path:
+    """Write a complete save of ``step`` into ``directory`` and point ``latest`` at it.
+
+    ``tensors`` maps a file name (``"outer"``) to the tensors it holds; ``meta`` (JSON) goes
+    into ``state.json`` beside ``step``, the file hashes and the optimizer's hyperparameters."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=root))
+    name = f"step-{step:08d}"
+    try:
+        files: dict[str, str] = {}
+        save_model(model, str(tmp / "model.safetensors"))
+        files["model"] = _sha256(tmp / "model.safetensors")
+        state: dict[str, Any] = {"format": _FORMAT, "step": step, **meta}
+        if optimizer is not None:
+            opt_tensors, opt_meta = _optimizer_parts(optimizer)
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            files["optimizer"] = _sha256(tmp / "optimizer.safetensors")
+            state["optimizer"] = opt_meta
+        for fname, group in tensors.items():
+            path = tmp / f"{fname}.safetensors"
+            save_file({k: v.detach().contiguous() for k, v in group.items()}, str(path))
+            files[fname] = _sha256(path)
+        state["files"] = files
+        with open(tmp / STATE, "w") as f:
+            json.dump(state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        final = root / name
+        if final.exists():  # the same step saved again (a retried synchronisation)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(root / LATEST, name.encode())
+        _fsync_dir(root)
+    except BaseException:  # Ctrl-C included: leave no temporary directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in root.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return root / name
+
+
+def load(directory: str | Path) -> Saved | None:
+    """The newest complete save in ``directory`` (None when there is none), hashes checked."""
+    root = Path(directory)
+    try:
+        name = (root / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {root / LATEST}: {e}") from None
+    path = root / name
+    try:
+        meta = json.loads((path / STATE).read_text())
+    except (OSError, ValueError) as e:
         raise CheckpointError(
-            f"checkpoint {path} was written by a run with another model, data or mode; "
-            "use another out_dir or resume=never"
-        )
-    return state
+            f"checkpoint {path} is unreadable ({e}); delete {root} to start over"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise CheckpointError(f"checkpoint {path} has an unknown format; delete {root}")
+    for fname, digest in meta.get("files", {}).items():
+        f = path / f"{fname}.safetensors"
+        if not f.is_file() or _sha256(f) != digest:
+            raise CheckpointError(
+                f"checkpoint file {f} is missing or corrupt (hash mismatch); delete {root} "
+                "to start over"
+            )
+    return Saved(path, meta)
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``["inner.lr: 0.003 -> 0.001", ...]``: the leaves that differ between two JSON trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                out.append(f"{where}: (none) -> {new[key]!r}")
+            elif key not in new:
+                out.append(f"{where}: {old[key]!r} -> (none)")
+            else:
+                out.extend(config_diff(old[key], new[key], where))
+        return out
+    return [] if old == new else [f"{prefix or 'config'}: {old!r} -> {new!r}"]

@@ -10,7 +10,8 @@ from cotrain.comm.config import CommConfig, Quantization
 from cotrain.comm.faults import FaultPlan
 from cotrain.core.config import ConfigModel
 from cotrain.data.config import DataConfig
-from cotrain.models.gpt import GPTConfig
+from cotrain.diloco.metrics import Sink
+from cotrain.models.train import ModelConfig
 
 Mode = Literal["diloco", "ddp", "single"]
 
@@ -83,8 +84,9 @@ class AlgoConfig(ConfigModel):
 class TrainConfig(ConfigModel):
     """One worker of a training run: ``cotrain train CONFIG.toml [--dotted.overrides]``."""
 
-    model: GPTConfig = Field(default_factory=GPTConfig)
-    """The GPT; its ``vocab_size`` is replaced by the tokenizer's."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The model: cotrain's GPT (``kind = "gpt"``, its ``vocab_size`` replaced by the
+    tokenizer's) or a Hugging Face causal LM (``kind = "hf"``, ``path``), optionally LoRA."""
     data: DataConfig = Field(default_factory=DataConfig)
     """Text, tokenizer, batches and shards."""
     inner: InnerConfig = Field(default_factory=InnerConfig)
@@ -110,9 +112,25 @@ class TrainConfig(ConfigModel):
     log_every_steps: int = Field(default=10, ge=1)
     """Write a step record every this many inner steps."""
     checkpoint: Literal["outer", "none"] = "outer"
-    """"outer": save (atomically) after every outer step (ddp: every ``inner_steps``)."""
+    """"outer": save (atomically: safetensors + state.json, under
+    ``out_dir/worker<i>/checkpoint``) as outer steps start (ddp, single: every
+    ``inner_steps``)."""
+    checkpoint_every: int = Field(default=1, ge=1)
+    """Save every this many sync points (diloco) or ``inner_steps`` blocks (ddp, single)."""
     resume: Literal["auto", "never"] = "auto"
     """"auto": continue from this worker's checkpoint in ``out_dir`` when there is one."""
+    allow_config_change: bool = False
+    """Resume a checkpoint (or use an ``out_dir``) written with another config; without it a
+    change of model, data, optimizer or algorithm is refused, the difference named."""
+    overwrite: bool = False
+    """Start over in an ``out_dir`` that holds another run: this worker's checkpoint, model
+    and logs there are deleted first."""
+    save_model: bool = True
+    """At the end, save the trained model under ``out_dir/worker<i>/model`` (a Hugging Face
+    model loads with ``from_pretrained``; the GPT as safetensors + config.json)."""
+    report_to: list[Sink] = Field(default_factory=list)
+    """Metrics sinks beside the JSON lines: "tensorboard" (``out_dir/tensorboard``), "wandb"
+    (when installed)."""
     threads: int = Field(default=1, ge=1)
     """torch intra-op threads of this worker."""
     init_from: str | None = None
@@ -126,9 +144,26 @@ class TrainConfig(ConfigModel):
     kill_at_step: int | None = Field(default=None, ge=0)
     """Fault injection: SIGKILL this worker when it reaches this inner step."""
 
+    def run_identity(self) -> dict[str, object]:
+        """What makes two workers part of the same run (recorded in ``out_dir/run.json`` and
+        every checkpoint, compared on resume): model, data, optimizers, algorithm, length."""
+        data = self.data.model_dump(
+            exclude={"cache_dir", "download_timeout_s", "lock_timeout_s", "num_shards"}
+        )
+        algo = self.algo.model_dump(
+            exclude={"retries", "min_workers", "min_workers_timeout_s", "ddp_vote_every_steps"}
+        )
+        return {
+            "model": self.model.model_dump(),
+            "data": data,
+            "inner": self.inner.model_dump(),
+            "algo": algo,
+            "total_steps": self.total_steps,
+        }
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.data.seq_len > self.model.block_size:
+        if self.model.kind == "gpt" and self.data.seq_len > self.model.block_size:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.block_size="
                 f"{self.model.block_size}: lower data.seq_len or raise model.block_size"

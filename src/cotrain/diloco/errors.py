@@ -4,21 +4,26 @@
 
     CotrainError
     └── TrainError                     anything the trainer raises on purpose
-        ├── CheckpointError            a checkpoint cannot be read or does not fit this run
+        ├── CheckpointError (UsageError)  a checkpoint cannot be read or does not fit this run
+        │   └── ConfigChangedError     resuming with a changed config (names the difference)
         └── RoundFailedError           an outer step (or DDP step) kept failing after its retries
 """
 
 from __future__ import annotations
 
-from cotrain.core.errors import CotrainError
+from cotrain.core.errors import CotrainError, UsageError
 
 
 class TrainError(CotrainError):
     """Base class of the trainer's errors."""
 
 
-class CheckpointError(TrainError):
+class CheckpointError(TrainError, UsageError):
     """A checkpoint is unreadable or was written by a different run configuration."""
+
+
+class ConfigChangedError(CheckpointError):
+    """The checkpoint (or the output directory) belongs to a run with another config."""
 
 
 class RoundFailedError(TrainError):

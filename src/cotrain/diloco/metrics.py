@@ -11,6 +11,11 @@ val loss, hash, world size, bytes, times), ``failed`` (a synchronisation failed 
                 (with overlap, comm_s and waiting_s run beside the compute instead)
     eval_s      validation (not counted in the wall time used for utilization)
     utilization compute_s / (wall_s - eval_s)
+
+``report_to`` adds other sinks behind one option: ``"tensorboard"`` (event files under
+``<out>/tensorboard/worker<i>``, through ``torch.utils.tensorboard``) and ``"wandb"`` (when the
+``wandb`` package is installed; its own settings come from the WANDB_* variables). Every numeric
+field of ``step`` and ``outer`` records becomes a scalar at the record's ``step``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from cotrain.core.errors import UsageError
+
+Sink = Literal["tensorboard", "wandb"]
 
 
 @dataclass
@@ -56,8 +65,34 @@ class Clocks:
 class MetricsLog:
     """Appends records to ``path`` (JSON lines) and, when ``echo``, to stdout."""
 
-    def __init__(self, path: Path, *, echo: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        echo: bool = True,
+        report_to: list[Sink] | None = None,
+        run_name: str = "",
+        config: dict[str, Any] | None = None,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._tb: Any = None
+        self._wandb: Any = None
+        sinks = report_to or []
+        if "tensorboard" in sinks:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UsageError(
+                    "report_to tensorboard: the tensorboard package is not installed "
+                    "(pip install 'cotrain[tensorboard]')"
+                ) from None
+            self._tb = SummaryWriter(str(path.parent / "tensorboard" / path.stem))
+        if "wandb" in sinks:
+            try:
+                import wandb
+            except ImportError:
+                raise UsageError("report_to wandb: the wandb package is not installed") from None
+            self._wandb = wandb.init(name=run_name or path.stem, config=config, reinit=True)
         # line-buffered: a killed worker loses at most its last line
         self._file = open(path, "a", buffering=1)  # noqa: SIM115
         self._echo = echo
@@ -68,9 +103,25 @@ class MetricsLog:
         if self._echo:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
+        if event in ("step", "outer") and (self._tb is not None or self._wandb is not None):
+            step = int(fields.get("step", 0))
+            scalars = {
+                f"{event}/{k}": float(v)
+                for k, v in fields.items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"
+            }
+            if self._tb is not None:
+                for k, v in scalars.items():
+                    self._tb.add_scalar(k, v, step)
+            if self._wandb is not None:
+                self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

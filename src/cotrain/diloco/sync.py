@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -35,9 +36,16 @@ from cotrain.comm.errors import PeerFailedError, RevisionError, TopologyChangedE
 from cotrain.core.clock import Deadline
 from cotrain.core.errors import TimeoutExpired
 from cotrain.diloco.errors import RoundFailedError
-from cotrain.diloco.metrics import Clocks, MetricsLog
+from cotrain.diloco.metrics import Clocks
 
 log = logging.getLogger("cotrain.diloco")
+
+
+class EventLog(Protocol):
+    """Where ``failed`` records go (``MetricsLog`` in the trainer)."""
+
+    def write(self, event: str, **fields: Any) -> None: ...
+
 
 _FOLLOW = re.compile(r"does not follow (\d+)")
 
@@ -60,7 +68,7 @@ class Synchronizer:
         comm: Communicator,
         *,
         clocks: Clocks,
-        log_: MetricsLog,
+        log_: EventLog | None,
         retries: int,
         revision_hint: int = 0,
         min_workers: int = 1,
@@ -107,9 +115,15 @@ class Synchronizer:
             # too: the vote that starts the retry realigns every member's phase numbers.
             except (PeerFailedError, TopologyChangedError, TimeoutExpired) as e:
                 self.clocks.waiting_s += time.perf_counter() - t0
-                self.log.write(
-                    "failed", step=step, attempt=k, error=type(e).__name__, message=str(e)[:200]
-                )
+                log.info("synchronisation at step %d failed (%s); retrying", step, e)
+                if self.log is not None:
+                    self.log.write(
+                        "failed",
+                        step=step,
+                        attempt=k,
+                        error=type(e).__name__,
+                        message=str(e)[:200],
+                    )
                 vote = True
         raise RoundFailedError(f"synchronisation at step {step} failed {self.retries + 1} times")
 

@@ -1,28 +1,32 @@
-"""One training worker: the inner loop, validation, checkpoints, and the three modes.
+"""``cotrain train``: one training worker, a thin program over ``DiLoCo`` and ``DDP``.
 
-* ``diloco``: H inner AdamW steps from the outer params, pseudo-gradient = outer - local,
-  token-weighted average over the workers (``sync.Synchronizer.outer``), one outer Nesterov step
-  on the fp32 outer state, which then replaces the local params. A joiner (``join = "join"``)
-  takes part in its first outer step with weight zero: it receives the outer state there and
-  trains from the next one.
-* ``ddp``: every step's gradients are averaged (same comm, same quantization options).
+The model (cotrain's GPT or a Hugging Face causal LM, optionally with LoRA) and the data (the
+built-in corpora or the user's text files) come from the config; the loop is the one a user
+would write around the library (see ``diloco.py``), plus validation, JSON-lines records,
+checkpoints, and the three modes:
+
+* ``diloco``: ``DiLoCo`` (H inner AdamW steps, then an outer step);
+* ``ddp``: ``DDP`` (every step's gradients averaged, same comm, same quantization options);
 * ``single``: one worker, no communicator (validation and checkpoints every H steps).
 
 The run length is counted in outer steps of H (``ceil(total_steps / H)``), so every worker,
-joiners included, stops at the same step.
+joiners included, stops at the same step. Files under ``out_dir``::
+
+    run.json                the run's identity (model, data, optimizers, algorithm, length)
+    worker<i>.jsonl         the worker's records (``metrics.py``)
+    worker<i>/checkpoint/   its latest checkpoint (``checkpoint.py``)
+    worker<i>/model/        the trained model (``save_pretrained``)
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import shutil
 import signal
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,33 +34,27 @@ import torch
 
 from cotrain.comm.communicator import Communicator
 from cotrain.data import Batch, ShardReader, prepare, validation_batches
-from cotrain.data.prepare import cache_key
 from cotrain.diloco import checkpoint
 from cotrain.diloco.config import TrainConfig
-from cotrain.diloco.errors import CheckpointError
-from cotrain.diloco.fragments import Schedule, split
+from cotrain.diloco.ddp import DDP
+from cotrain.diloco.diloco import DiLoCo, SyncReport
+from cotrain.diloco.errors import CheckpointError, ConfigChangedError
 from cotrain.diloco.metrics import Clocks, MetricsLog
-from cotrain.diloco.outer import OuterState, flatten, load_flat
-from cotrain.diloco.sync import Synchronizer, SyncOutcome
-from cotrain.models.gpt import GPT
+from cotrain.diloco.outer import flatten
+from cotrain.models.train import build_model
 
 
-@dataclass(frozen=True)
-class _InFlight:
-    """A DiLoCo synchronisation started (done already without overlap)."""
+class _Position:
+    """The data position as ``extra_state`` (saved with every checkpoint)."""
 
-    tokens: int
-    future: Future[SyncOutcome]
+    def __init__(self, reader: ShardReader) -> None:
+        self.reader = reader
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.reader.position}
 
-@dataclass(frozen=True)
-class _Applied:
-    """The outer update of a finished synchronisation, applied."""
-
-    fetched: bool
-    """Our outer state was replaced by the majority's."""
-    write_record: Callable[[], None]
-    """Validates and writes its ``outer`` record."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reader.position = int(state["position"])
 
 
 class Worker:
@@ -64,8 +62,15 @@ class Worker:
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.log = MetricsLog(self.out / f"worker{cfg.worker_index}.jsonl", echo=echo)
+        self.wdir = self.out / f"worker{cfg.worker_index}"
+        self.ckpt_dir = self.wdir / "checkpoint"
+        self._claim_out_dir()
+        self.log = MetricsLog(
+            self.out / f"worker{cfg.worker_index}.jsonl",
+            echo=echo,
+            report_to=cfg.report_to,
+            config=json.loads(cfg.dump_json()),
+        )
         last = [-1.0]
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -74,65 +79,106 @@ class Worker:
                 last[0] = now
                 self.log.write("prepare", stage=stage, done=done, total=total)
 
-        data = prepare(cfg.data, progress=progress)
-        self.model = GPT(cfg.model.model_copy(update={"vocab_size": data.vocab_size}))
-        self.params = list(self.model.parameters())
-        decay: list[torch.Tensor] = [p for p in self.params if p.dim() >= 2]
-        other: list[torch.Tensor] = [p for p in self.params if p.dim() < 2]
+        if cfg.model.kind == "hf":  # the model's own tokenizer prepares the data
+            self.lm = build_model(cfg.model)
+            data = prepare(cfg.data, tokenizer_file=self.lm.tokenizer_file, progress=progress)
+            if data.vocab_size > self.lm.vocab_size:
+                raise ConfigChangedError(
+                    f"data.tokenizer has {data.vocab_size} tokens, more than the model's "
+                    f"{self.lm.vocab_size}: leave data.tokenizer unset to use the model's own"
+                )
+        else:
+            data = prepare(cfg.data, progress=progress)
+            self.lm = build_model(cfg.model, vocab_size=data.vocab_size)
+        if cfg.data.seq_len > self.lm.max_seq_len:
+            raise ConfigChangedError(
+                f"data.seq_len={cfg.data.seq_len} exceeds the model's longest sequence "
+                f"({self.lm.max_seq_len}): lower data.seq_len"
+            )
+        self.model = self.lm.module
+        self.params = self.lm.parameters()
         inner = cfg.inner
+        decay = [p for p in self.params if p.dim() >= 2]
+        other = [p for p in self.params if p.dim() < 2]
         groups: list[dict[str, Any]] = [{"params": decay}, {"params": other, "weight_decay": 0.0}]
         self.opt = torch.optim.AdamW(
-            groups,
+            [g for g in groups if g["params"]],
             lr=inner.lr,
             betas=(inner.beta1, inner.beta2),
             weight_decay=inner.weight_decay,
         )
-        for p in self.params:  # eager state: the DDP shared state needs the tensors to exist
-            self.opt.state[p] = {
-                "step": torch.tensor(0.0),
-                "exp_avg": torch.zeros_like(p),
-                "exp_avg_sq": torch.zeros_like(p),
-            }
-        self.outer = OuterState(self.params, cfg.algo.outer)
         self.reader = ShardReader(data, cfg.data, worker_index=cfg.worker_index)
         self.val = validation_batches(data, cfg.data)
-        self.step = 0
-        self.tokens = 0
-        self.clocks = Clocks()
         self.H = cfg.algo.inner_steps
         self.rounds = math.ceil(cfg.total_steps / self.H)
-        # DiLoCo's sync points and the buffers of its pseudo-gradients, all (N,)
-        self.schedule = Schedule.for_run(
-            total_steps=cfg.total_steps, inner_steps=self.H, fragments=cfg.algo.fragments
-        )
-        self.frags = split(self.params, cfg.algo.fragments)
-        self.delta = torch.zeros(self.outer.numel)  # this worker's pseudo-gradient
-        self.avg = torch.zeros(self.outer.numel)  # the workers' token-weighted mean
-        self.anchor = torch.zeros(self.outer.numel)  # local params when delta was taken
-        self.since = [0] * cfg.algo.fragments  # tokens trained since each fragment was sent
-        self.pending_tokens: int | None = None  # resumed with a synchronisation to restart
-        self.pool: ThreadPoolExecutor | None = None
-        algo = cfg.algo
-        self.fingerprint = hashlib.sha256(
-            f"{cfg.model.model_dump_json()}|{cache_key(cfg.data)}|{algo.mode}|{self.H}|"
-            f"{algo.fragments}|{algo.overlap}".encode()
-        ).hexdigest()[:16]
-        self.ckpt_path = self.out / f"worker{cfg.worker_index}.ckpt"
-        self.revision_hint = 0
-        self.resumed = self._resume() if cfg.resume == "auto" else False
-        if not self.resumed and cfg.init_from is not None:
-            self._warm_start(Path(cfg.init_from))
+        self.tokens = 0
+        self.clocks = Clocks()
+        self.losses: list[float] = []
         self.comm: Communicator | None = None
+        self.warm: checkpoint.Saved | None = None
+        if cfg.resume == "never":
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        if cfg.init_from is not None:
+            self.warm = checkpoint.load(self._ckpt_path(Path(cfg.init_from)))
+            if self.warm is None:
+                raise CheckpointError(f"init_from: no checkpoint at {cfg.init_from}")
+        self.data = data
+
+    def _log_start(self, resumed_step: int | None) -> None:
         self.log.write(
             "start",
-            worker=cfg.worker_index,
-            mode=cfg.algo.mode,
-            params=self.model.num_params(),
-            vocab=data.vocab_size,
-            train_tokens=data.train_tokens,
+            worker=self.cfg.worker_index,
+            mode=self.cfg.algo.mode,
+            model=self.lm.describe(),
+            params=sum(p.numel() for p in self.model.parameters()),
+            trainable=sum(p.numel() for p in self.params),
+            vocab=self.data.vocab_size,
+            train_tokens=self.data.train_tokens,
             shard=self.reader.shard,
-            resumed_step=self.step if self.resumed else None,
+            resumed_step=resumed_step,
         )
+
+    # ---- the output directory -----------------------------------------------------------------
+
+    def _claim_out_dir(self) -> None:
+        """``out_dir`` belongs to one run: refuse another run's unless told to resume it with
+        the new config (``allow_config_change``) or to start over (``overwrite``)."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        ident = cfg.run_identity()
+        path = self.out / "run.json"
+        if cfg.overwrite:
+            shutil.rmtree(self.wdir, ignore_errors=True)
+            (self.out / f"worker{cfg.worker_index}.jsonl").unlink(missing_ok=True)
+        elif path.exists():
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError):
+                old = None
+            diff = checkpoint.config_diff(old, ident)
+            if not diff or cfg.allow_config_change:
+                if not diff:
+                    return
+            else:
+                raise ConfigChangedError(
+                    f"{self.out} holds a run with another config ({'; '.join(diff[:6])}): "
+                    "resume it with --allow_config_change, start over with --overwrite, or "
+                    "choose another out_dir"
+                )
+        tmp = path.with_name(f".run.json.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(ident, indent=1))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _ckpt_path(path: Path) -> Path:
+        """A checkpoint directory, or a worker directory / output directory holding one."""
+        for cand in (path, path / "checkpoint", path / "worker0" / "checkpoint"):
+            if (cand / checkpoint.LATEST).is_file():
+                return cand
+        return path
 
     # ---- pieces -------------------------------------------------------------------------------
 
@@ -154,37 +200,31 @@ class Worker:
         t0 = time.perf_counter()
         self.model.train()
         self.opt.zero_grad(set_to_none=False)
-        out = self.model(batch.inputs, batch.targets)
-        assert out.loss is not None
-        out.loss.backward()
-        loss = float(out.loss.detach())
-        # Release the step's logits here: freeing them (about 1% of a step at this size) is
-        # part of the step, not time between steps.
-        del out
+        loss = self.lm.loss(batch.inputs, batch.targets)
+        loss.backward()
+        value = float(loss.detach())
+        del loss
         self.clocks.compute_s += time.perf_counter() - t0
-        return loss
+        return value
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, step: int) -> None:
+        """The inner optimizer's step number ``step`` (0-based; sets its learning rate)."""
         t0 = time.perf_counter()
         for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(self.step)
+            g["lr"] = self.lr_at(step)
         if self.cfg.inner.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.inner.grad_clip)
         self.opt.step()
         self.clocks.compute_s += time.perf_counter() - t0
-        self.step += 1
-        if self.cfg.kill_at_step is not None and self.step >= self.cfg.kill_at_step:
+        kill = self.cfg.kill_at_step
+        if kill is not None and step + 1 >= kill:
             os.kill(os.getpid(), signal.SIGKILL)
 
     @torch.no_grad()
     def val_loss(self) -> float:
         t0 = time.perf_counter()
         self.model.eval()
-        losses = []
-        for b in self.val:
-            loss = self.model(b.inputs, b.targets).loss
-            assert loss is not None
-            losses.append(float(loss))
+        losses = [float(self.lm.loss(b.inputs, b.targets)) for b in self.val]
         self.clocks.eval_s += time.perf_counter() - t0
         return sum(losses) / len(losses)
 
@@ -201,121 +241,34 @@ class Worker:
             "bytes_received": c.bytes_received,
         }
 
-    def _record(
-        self, *, loss: float | None, fetched: bool = False, checkpoint: bool = True
-    ) -> None:
-        self._outer_record(loss=loss, fetched=fetched)()
-        if checkpoint and self.cfg.checkpoint == "outer":
-            self._save()
-
-    def _outer_record(self, *, loss: float | None, fetched: bool) -> Callable[[], None]:
-        """The ``outer`` record of the step just taken, as a call that writes it. The state it
-        reports is read now; its validation, the slow part, runs when it is called (DiLoCo with
-        overlap: after the next synchronisation started, so it delays no other worker)."""
-        if self.cfg.algo.mode == "diloco":
-            # one record per sync point; validation of the outer params (the consensus model)
-            rnd = int(self.outer.step[0])
-            every = self.cfg.eval_every_outer * self.cfg.algo.fragments
-            due = rnd % every == 0 or rnd == self.schedule.sync_points
-            digest = self.outer.digest()
-            outer = self.outer.params.clone() if due else None  # (N,)
-
-            def val() -> float | None:
-                return None if outer is None else self._outer_val_loss(outer)
-        else:
-            rnd = self.step // self.H
-            due = rnd % self.cfg.eval_every_outer == 0
-            digest = self.param_digest()
-
-            def val() -> float | None:
-                return self.val_loss() if due else None
-
-        head = {
-            "outer_step": rnd,
-            "step": self.step,
-            "loss": None if loss is None else round(loss, 5),
-        }
-        tail = {"tokens": self.tokens, "hash": digest, "fetched": fetched, **self._comm_fields()}
-
-        def write() -> None:
-            v = val()
-            vl = None if v is None else round(v, 5)
-            self.log.write("outer", **head, val_loss=vl, **tail, **self.clocks.as_dict())
-
-        return write
-
-    def _outer_val_loss(self, outer: torch.Tensor) -> float:
-        """Validation loss of outer params ``outer`` (N,) (the local ones differ with overlap)."""
-        local = flatten(self.params)
-        if torch.equal(local, outer):
-            return self.val_loss()
-        load_flat(self.params, outer)
-        try:
-            return self.val_loss()
-        finally:
-            load_flat(self.params, local)
-
-    def _save(self, *, pending_tokens: int | None = None) -> None:
-        state: dict[str, Any] = {
-            "fingerprint": self.fingerprint,
-            "step": self.step,
-            "tokens": self.tokens,
-            "position": self.reader.position,
-            "opt": self.opt.state_dict(),
-            "model": self.model.state_dict(),
-            "outer": self.outer.state_dict(),
-            "revision": self.comm.revision if self.comm and self.comm.revision is not None else -1,
-            # DiLoCo, taken as a synchronisation starts: what it sends, to start it again
-            "since": self.since,
-            "pending_tokens": pending_tokens,
-            "delta": self.delta,
-            "anchor": self.anchor,
-        }
-        checkpoint.save(self.ckpt_path, state)
-
-    def _resume(self) -> bool:
-        state = checkpoint.load(self.ckpt_path, fingerprint=self.fingerprint)
-        if state is None:
-            return False
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
-        self.outer.load_state_dict(state["outer"])
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.reader.position = state["position"]
-        self.revision_hint = state["revision"] + 1
-        self.since = list(state["since"])
-        self.pending_tokens = state["pending_tokens"]
-        self.delta.copy_(state["delta"])
-        self.anchor.copy_(state["anchor"])
-        return True
-
-    def _warm_start(self, path: Path) -> None:
-        state = checkpoint.load(path, fingerprint=None)
-        if state is None:
-            raise CheckpointError(f"init_from: no checkpoint at {path}")
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.reader.position = state["position"]
-        self.outer.params.copy_(flatten(self.params))
-        if self.step % self.schedule.every:
-            raise CheckpointError(
-                f"init_from: step {self.step} of {path} is not a sync point (a multiple of "
-                f"inner_steps / fragments = {self.schedule.every})"
-            )
-        self.outer.step[0] = self.step // self.schedule.every
-
-    def _log_step(self, loss: float, batch: Batch) -> None:
-        if self.step % self.cfg.log_every_steps == 0:
+    def _log_step(self, step: int, loss: float) -> None:
+        if step % self.cfg.log_every_steps == 0:
             self.log.write(
                 "step",
-                step=self.step,
+                step=step,
                 loss=round(loss, 5),
-                lr=self.lr_at(self.step - 1),
+                lr=self.lr_at(step - 1),
                 tokens=self.tokens,
                 **self._comm_fields(),
                 compute_s=round(self.clocks.compute_s, 4),
             )
+
+    def _outer_record(
+        self, *, outer_step: int, step: int, val: float | None, digest: str, fetched: bool
+    ) -> None:
+        loss = sum(self.losses) / len(self.losses) if self.losses else None
+        self.log.write(
+            "outer",
+            outer_step=outer_step,
+            step=step,
+            loss=None if loss is None else round(loss, 5),
+            val_loss=None if val is None else round(val, 5),
+            tokens=self.tokens,
+            hash=digest,
+            fetched=fetched,
+            **self._comm_fields(),
+            **self.clocks.as_dict(),
+        )
 
     # ---- the run ------------------------------------------------------------------------------
 
@@ -327,247 +280,184 @@ class Worker:
                     cfg.comm, name=f"w{cfg.worker_index}-{os.getpid()}", faults=cfg.faults
                 )
                 self.comm.connect()
-                if cfg.join == "join":
-                    self.comm.update_topology()
-                else:
-                    self.comm.wait_for_world(cfg.world, timeout_s=cfg.comm.request_timeout_s)
-                self.log.write("joined", rank=self.comm.rank, **self._comm_fields())
             self.clocks = Clocks()
-            if cfg.algo.mode == "diloco":
-                self._run_diloco()
-            else:
-                self._run_ddp()
-            summary = {"step": self.step, "tokens": self.tokens, **self._comm_fields()}
+            step = self._run_diloco() if cfg.algo.mode == "diloco" else self._run_stepwise()
+            summary = {"step": step, "tokens": self.tokens, **self._comm_fields()}
             self.log.write("done", **summary, **self.clocks.as_dict(), hash=self.param_digest())
+            if cfg.save_model:
+                self.lm.save_pretrained(self.wdir / "model")
             return summary
         finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=False, cancel_futures=True)
             if self.comm is not None:
                 self.comm.close()
             self.log.close()
 
-    def _run_diloco(self) -> None:
-        """Sync points (``fragments.Schedule``): train up to the next one, finish the
-        synchronisation in flight (apply its outer update), start this one's.
+    def _warm_start(self) -> tuple[int, int]:
+        """(step, tokens) of ``init_from``, loaded into the model, optimizer and reader."""
+        if self.warm is None:
+            return 0, 0
+        self.warm.load_model(self.model)
+        self.warm.load_optimizer(self.opt)
+        _Position(self.reader).load_state_dict(self.warm.meta["extra"])
+        return int(self.warm.meta["step"]), int(self.warm.meta["tokens"])
 
-        Per fragment the local params are ``outer - in_flight - since``: the outer params, minus
-        this worker's progress still being averaged, minus its progress since it was sent. A
-        pseudo-gradient is ``outer - local`` taken right after the previous update of that
-        fragment was applied; when the average comes back the local params become
-        ``new outer - since``. Without overlap the average comes back at once (``since`` = 0,
-        local = outer exactly), which is plain (streaming) DiLoCo.
-        """
+    def _run_diloco(self) -> int:
         assert self.comm is not None
-        algo = self.cfg.algo
-        self.sync = Synchronizer(
+        cfg, algo = self.cfg, self.cfg.algo
+        ckpt = self.ckpt_dir if cfg.checkpoint == "outer" else None
+
+        def on_sync(rep: SyncReport) -> None:
+            self._outer_record(
+                outer_step=rep.outer_step,
+                step=rep.step,
+                val=rep.val_loss,
+                digest=rep.digest,
+                fetched=rep.fetched,
+            )
+
+        d = DiLoCo(
             self.comm,
-            clocks=self.clocks,
-            log_=self.log,
-            retries=algo.retries,
-            revision_hint=self.revision_hint,
+            self.model,
+            self.opt,
+            sync_every=self.H,
+            outer_lr=algo.outer.lr,
+            outer_momentum=algo.outer.momentum,
+            outer_method=algo.outer.method,
+            quantization=algo.quantization,
+            fragments=algo.fragments,
+            overlap=algo.overlap,
+            inner_time_s=algo.inner_time_s,
+            total_steps=self.rounds * self.H,
+            world=cfg.world if cfg.join == "start" else None,
             min_workers=algo.min_workers,
             min_workers_timeout_s=algo.min_workers_timeout_s,
+            retries=algo.retries,
+            checkpoint_dir=ckpt,
+            checkpoint_every=cfg.checkpoint_every,
+            extra_state=_Position(self.reader),
+            run_config=cfg.run_identity(),
+            allow_config_change=cfg.allow_config_change,
+            evaluate=self.val_loss,
+            eval_every=cfg.eval_every_outer,
+            on_sync=on_sync,
+            params=self.params,
+            clocks=self.clocks,
+            log=self.log,
         )
-        self.pool = (
-            ThreadPoolExecutor(1, thread_name_prefix="cotrain-outer") if algo.overlap else None
-        )
-        sched = self.schedule
-        flight: _InFlight | None = None
-        if self.pending_tokens is not None:
-            # resumed from a checkpoint taken as a synchronisation started: start it again
-            # (if the others went on meanwhile, it fetches their state and starts over)
-            flight = self._launch(tokens=self.pending_tokens, vote=True)
-            if self.pool is None:
-                self._finish(flight).write_record()
-                flight = None
-        elif self.cfg.join == "join":
-            # A joiner has nothing to contribute: it takes part in the synchronisation in
-            # progress with weight zero (it voted in update_topology already), receives the
-            # outer state there, applies the same average as everyone and trains from the next.
-            self.delta.zero_()
-            self._finish(self._launch(tokens=0, vote=False)).write_record()
-        while True:
-            k = int(self.outer.step[0]) + (flight is not None)
-            if k >= sched.sync_points:
-                break
-            self.step = sched.start_step(k)
-            losses = self._inner_phase(sched.end_step(k))
-            applied = None
-            if flight is not None:
-                applied = self._finish(flight, losses=losses)
-                flight = None
-                if applied.fetched:  # our progress was measured from another state: start over
-                    applied.write_record()
-                    continue
-            fr = self.frags[sched.fragment(k)]
-            span = slice(fr.start, fr.stop)
-            local = flatten([self.params[i] for i in fr.params])  # (n,)
-            torch.sub(self.outer.params[span], local, out=self.delta[span])  # pseudo-gradient
-            self.anchor[span] = local
-            tokens, self.since[fr.index] = self.since[fr.index], 0
-            if self.cfg.checkpoint == "outer":
-                self._save(pending_tokens=tokens)
-            # no forced vote: the synchroniser votes when the membership has to change
-            flight = self._launch(tokens=tokens, vote=False)
-            if applied is not None:
-                # validate only now: the synchronisation just started waits for every worker
-                # to start it, so validating before would hold up the others too
-                applied.write_record()
-            if self.pool is None:
-                self._finish(flight, losses=losses).write_record()
-                flight = None
-        if flight is not None:
-            self._finish(flight).write_record()
-        if self.cfg.checkpoint == "outer":
-            self._save()
-
-    def _inner_phase(self, end: int) -> list[float]:
-        """Inner steps up to schedule step ``end`` (or for ``inner_time_s / fragments``)."""
-        bound = self.cfg.algo.inner_time_s
-        if bound is not None:
-            bound /= self.cfg.algo.fragments
-        t_end = time.perf_counter() + (bound or 0.0)
-        last = end - 1
-        losses: list[float] = []
-        if self.step >= end:  # the final sync points of the fragments: no inner steps
-            return losses
-        h = 0
-        while True:
-            if bound is None:
-                if self.step >= end:
-                    break
-            elif h > 0 and time.perf_counter() >= t_end:
-                break
-            else:  # a time-bounded phase may run past its steps: hold the schedule position
-                self.step = min(self.step, last)
-            batch = self.next_batch()
-            losses.append(self.forward_backward(batch))
-            self.optimizer_step()
-            h += 1
-            self.tokens += batch.tokens
-            self.since = [n + batch.tokens for n in self.since]
-            self._log_step(losses[-1], batch)
-        self.step = end
-        return losses
-
-    def _launch(self, *, tokens: int, vote: bool) -> _InFlight:
-        """Start the synchronisation of the next sync point (in the background with overlap).
-
-        Its fragment is the one of the outer step the shared-state sync settles on: a replica
-        that fetches the majority's state (a joiner, one that fell behind) reduces that
-        fragment, with weight zero, so every peer's all-reduce has the same size."""
-        job = partial(
-            self.sync.outer,
-            self.outer.shared(),
-            self.delta,
-            self.avg,
-            span=self._span,
-            tokens=tokens,
-            quantization=self.cfg.algo.quantization,
-            vote=vote,
-            step=self.step,
-        )
-        if self.pool is not None:
-            return _InFlight(tokens, self.pool.submit(job))
-        done: Future[SyncOutcome] = Future()
-        done.set_result(job())
-        return _InFlight(tokens, done)
-
-    def _span(self) -> slice:
-        """The flat slice of the fragment of the current outer step."""
-        fr = self.frags[self.schedule.fragment(int(self.outer.step[0]))]
-        return slice(fr.start, fr.stop)
-
-    def _finish(self, flight: _InFlight, *, losses: list[float] | None = None) -> _Applied:
-        """Wait for ``flight`` and apply its outer update (its record is the caller's to write)."""
-        t0 = time.perf_counter()
-        out = flight.future.result(timeout=self._sync_timeout_s)
-        if self.pool is not None:
-            self.clocks.blocked_s += time.perf_counter() - t0
-        # the outer step is still the one the synchronisation settled on (only we change it)
-        fr = self.frags[self.schedule.fragment(int(self.outer.step[0]))]
-        span = slice(fr.start, fr.stop)
-        if out.total_weight > 0:
-            self.outer.apply(self.avg[span], start=fr.start)
-        else:
-            self.outer.step += 1  # nobody trained: skip the update, keep the schedule
-        if out.fetched:
-            load_flat(self.params, self.outer.params)
-            self.since = [0] * len(self.frags)
-        else:
-            # local = new outer - progress since the pseudo-gradient was taken (exactly the
-            # outer params when there was none: no overlap, or the end of the run)
-            since = self.anchor[span] - flatten([self.params[i] for i in fr.params])
-            load_flat([self.params[i] for i in fr.params], self.outer.params[span] - since)
-        loss = sum(losses) / len(losses) if losses else None
-        return _Applied(out.fetched, self._outer_record(loss=loss, fetched=out.fetched))
-
-    @property
-    def _sync_timeout_s(self) -> float:
-        """Longest wait for a synchronisation: every attempt may run to its deadlines."""
-        algo, comm = self.cfg.algo, self.cfg.comm
-        return (algo.retries + 1) * 4 * comm.request_timeout_s + algo.min_workers_timeout_s
-
-    def _run_ddp(self) -> None:
-        shared = self._ddp_shared()
-        grads = torch.zeros(self.outer.numel)  # (N,) flat gradients
-        sync = None
-        if self.comm is not None:
-            sync = Synchronizer(
-                self.comm,
-                clocks=self.clocks,
-                log_=self.log,
-                retries=self.cfg.algo.retries,
-                revision_hint=self.revision_hint,
-                min_workers=self.cfg.algo.min_workers,
-                min_workers_timeout_s=self.cfg.algo.min_workers_timeout_s,
+        self.diloco = d
+        if self.warm is not None:
+            d.warm_start(*self._warm_start())
+        self._log_start(d.inner_step if d.resume() else None)
+        with d:
+            self.tokens = d.tokens
+            self.log.write(
+                "joined",
+                rank=self.comm.rank,
+                step=d.inner_step,
+                resumed=d.resumed,
+                joined_run=d.joined_run,
+                **self._comm_fields(),
             )
-        first = True
-        losses: list[float] = []
+            total = self.rounds * self.H
+            while d.inner_step < total and not d.finished:
+                step = d.inner_step
+                batch = self.next_batch()
+                loss = self.forward_backward(batch)
+                self.optimizer_step(step)
+                self.losses.append(loss)
+                self.tokens += batch.tokens
+                synced = d.step(tokens=batch.tokens)
+                self._log_step(step + 1, loss)
+                if synced:
+                    self.losses = []
+        return d.inner_step
+
+    def _run_stepwise(self) -> int:
+        """DDP (with a communicator) or a single worker: every step is an optimizer step."""
+        cfg = self.cfg
+        ident = {"run": cfg.run_identity()}
+        step, self.tokens = self._warm_start()
+        revision = -1
+        saved = checkpoint.load(self.ckpt_dir) if cfg.checkpoint == "outer" else None
+        if saved is not None:
+            diff = checkpoint.config_diff(saved.meta.get("config"), ident)
+            if diff and not cfg.allow_config_change:
+                raise ConfigChangedError(
+                    f"checkpoint {saved.path} is from a run with another config ("
+                    + "; ".join(diff[:6])
+                    + "): resume it with --allow_config_change, or start over in another "
+                    "out_dir"
+                )
+            saved.load_model(self.model)
+            saved.load_optimizer(self.opt)
+            step, self.tokens = int(saved.meta["step"]), int(saved.meta["tokens"])
+            _Position(self.reader).load_state_dict(saved.meta["extra"])
+            revision = int(saved.meta["revision"])
+        self._log_start(step if saved is not None else None)
+        ddp = None
+        if self.comm is not None:
+            algo = cfg.algo
+            ddp = DDP(
+                self.comm,
+                self.model,
+                self.opt,
+                quantization=algo.quantization,
+                vote_every=algo.ddp_vote_every_steps,
+                world=cfg.world if cfg.join == "start" else None,
+                retries=algo.retries,
+                min_workers=algo.min_workers,
+                min_workers_timeout_s=algo.min_workers_timeout_s,
+                revision_hint=revision + 1,
+                params=self.params,
+                clocks=self.clocks,
+                log=self.log,
+            )
+            ddp.step = step
+            ddp.__enter__()
+            self.log.write("joined", rank=self.comm.rank, step=step, **self._comm_fields())
         end = self.rounds * self.H
-        if self.cfg.stop_at_step is not None:
-            end = min(end, self.cfg.stop_at_step)
-        while self.step < end:
+        if cfg.stop_at_step is not None:
+            end = min(end, cfg.stop_at_step)
+        while step < end:
             batch = self.next_batch()
             loss = self.forward_backward(batch)
-            if sync is not None:
+            if ddp is not None:
 
                 def recompute(batch: Batch = batch) -> None:
-                    self.step = int(shared["step"][0])
-                    for p in self.params:
-                        self.opt.state[p]["step"] = torch.tensor(float(self.step))
                     self.forward_backward(batch)
-                    torch.cat([p.grad.reshape(-1) for p in self.params], out=grads)  # type: ignore[union-attr]
 
-                torch.cat([p.grad.reshape(-1) for p in self.params], out=grads)  # type: ignore[union-attr]
-                shared["step"][0] = self.step
-                vote = (self.step % self.cfg.algo.ddp_vote_every_steps == 0) and not (
-                    first and self.cfg.join == "join"
-                )
-                sync.gradients(
-                    shared,
-                    grads,
-                    recompute=recompute,
-                    quantization=self.cfg.algo.quantization,
-                    vote=vote,
-                    step=self.step,
-                )
-                load_flat([p.grad for p in self.params], grads)  # type: ignore[misc]
-            first = False
-            losses.append(loss)
+                ddp.step = step
+                ddp.sync_gradients(recompute=recompute)
+                step = ddp.step - 1
+            self.losses.append(loss)
             self.tokens += batch.tokens
-            self.optimizer_step()
-            self._log_step(loss, batch)
-            if self.step % self.H == 0:
-                self._record(loss=sum(losses) / len(losses))
-                losses = []
-
-    def _ddp_shared(self) -> dict[str, torch.Tensor]:
-        shared: dict[str, torch.Tensor] = {"step": torch.zeros(1, dtype=torch.int64)}
-        for i, p in enumerate(self.params):
-            st = self.opt.state[p]
-            shared[f"p{i:03d}"] = p.data
-            shared[f"m{i:03d}"] = st["exp_avg"]
-            shared[f"v{i:03d}"] = st["exp_avg_sq"]
-        return shared
+            self.optimizer_step(step)
+            step += 1
+            self._log_step(step, loss)
+            if step % self.H == 0:
+                rnd = step // self.H
+                due = rnd % cfg.eval_every_outer == 0
+                self._outer_record(
+                    outer_step=rnd,
+                    step=step,
+                    val=self.val_loss() if due else None,
+                    digest=self.param_digest(),
+                    fetched=False,
+                )
+                self.losses = []
+                if cfg.checkpoint == "outer" and rnd % cfg.checkpoint_every == 0:
+                    rev = self.comm.revision if self.comm is not None else None
+                    checkpoint.save(
+                        self.ckpt_dir,
+                        step=step,
+                        model=self.model,
+                        optimizer=self.opt,
+                        tensors={},
+                        meta={
+                            "tokens": self.tokens,
+                            "revision": rev if rev is not None else -1,
+                            "config": ident,
+                            "extra": _Position(self.reader).state_dict(),
+                        },
+                    )
+        return step
