@@ -42,8 +42,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cotrain.comm.config import CommConfig
-from cotrain.comm.launch import Proc, start_master, start_peer
-from cotrain.comm.program import PeerProgramConfig, base_input
+from cotrain.demo.peer import PeerProgramConfig, base_input
+from cotrain.launch.procs import Proc, start_master, start_peer
 from cotrain.netem import DelayProxy, Host, WanNetwork, netns_unavailable_reason
 from cotrain.netem.netns import in_ns
 

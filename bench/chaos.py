@@ -41,8 +41,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cotrain.comm import CommConfig
-from cotrain.comm.launch import Proc, start_master, start_peer
-from cotrain.comm.program import PeerProgramConfig, base_input
+from cotrain.demo.peer import PeerProgramConfig, base_input
+from cotrain.launch.procs import Proc, start_master, start_peer
 
 SECRET = "chaos"
 KINDS = ("kill", "join", "stop", "master")  # in this order, again and again

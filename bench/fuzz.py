@@ -74,9 +74,9 @@ from fuzz_cases import (
 )
 
 from cotrain.comm import CommConfig
-from cotrain.comm.launch import Proc, start_master, start_peer
-from cotrain.comm.program import PeerProgramConfig
 from cotrain.core.identity import Identity
+from cotrain.demo.peer import PeerProgramConfig
+from cotrain.launch.procs import Proc, start_master, start_peer
 
 SECRET = "fuzz-secret"
 PEERS = 3

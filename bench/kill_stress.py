@@ -26,8 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cotrain.comm import CommConfig, Fault, FaultPlan
-from cotrain.comm.launch import start_master, start_peer
-from cotrain.comm.program import PeerProgramConfig, make_input
+from cotrain.demo.peer import PeerProgramConfig, make_input
+from cotrain.launch.procs import start_master, start_peer
 
 SECRET = "stress"
 NUMEL = 1 << 20

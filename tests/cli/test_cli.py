@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -36,8 +35,8 @@ COMM_CONFIGS = sorted(
 @pytest.mark.parametrize("path", COMM_CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_parse(path: Path) -> None:
     from cotrain.comm.config import MasterConfig
-    from cotrain.comm.program import PeerProgramConfig
     from cotrain.core.config import load_config
+    from cotrain.demo.peer import PeerProgramConfig
 
     model = MasterConfig if path.name.startswith("master") else PeerProgramConfig
     load_config(model, path)
@@ -72,7 +71,7 @@ def test_bad_config_and_missing_secret_are_one_clear_line() -> None:
     )
     assert no_secret.returncode == 2 and "COTRAIN_SECRET" in no_secret.stderr
     bad = subprocess.run(
-        [sys.executable, "-m", "cotrain", "peer", "--config-json", '{"nope": 1}'],
+        [sys.executable, "-m", "cotrain", "peer", "--nope=1"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -122,10 +121,10 @@ def test_peer_without_a_key_or_a_way_to_check_the_master_is_one_line(tmp_path: P
         {"master_port": 1, "secret": "x", "key_file": str(tmp_path / "missing.pem")},
         {"master_port": 1, "secret": ""},  # neither master_key nor a run secret
     ):
-        cfg = json.dumps({"comm": comm})
+        args = [f"--comm.{k}={v}" for k, v in comm.items()]
         env = {k: v for k, v in os.environ.items() if k != "COTRAIN_SECRET"}
         bad = subprocess.run(
-            [sys.executable, "-m", "cotrain", "peer", "--config-json", cfg],
+            [sys.executable, "-m", "cotrain", "peer", *args],
             capture_output=True,
             text=True,
             timeout=60,

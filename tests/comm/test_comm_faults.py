@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from cotrain.comm import CommConfig, Fault, FaultPlan
-from cotrain.comm.launch import Proc, start_master, start_peer
-from cotrain.comm.program import PeerProgramConfig, make_input
+from cotrain.demo.peer import PeerProgramConfig, make_input
+from cotrain.launch.procs import Proc, start_master, start_peer
 
 SECRET = "fault-secret"
 NUMEL = 1 << 20  # 4 MiB fp32; with 64 KiB chunks each stream sends several chunks per step

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from cotrain.comm.config import CommConfig
-from cotrain.comm.launch import Proc, start_master, start_peer
-from cotrain.comm.program import PeerProgramConfig, base_input, make_input
 from cotrain.comm.ring import bounds
+from cotrain.demo.peer import PeerProgramConfig, base_input, make_input
+from cotrain.launch.procs import Proc, start_master, start_peer
 from cotrain.netem import WanNetwork
 from cotrain.netem.netns import in_ns, list_netns
 

@@ -15,14 +15,13 @@ import torch
 from diloco_harness import pair_worker_config, tiny_train_config, write_fake_shakespeare
 
 from cotrain.comm.communicator import Communicator
-from cotrain.comm.launch import Proc, start_master
 from cotrain.core.config import load_config
 from cotrain.core.errors import ConfigError, TimeoutExpired
 from cotrain.data import prepare
 from cotrain.diloco import OuterConfig, OuterState, TrainConfig, Worker
-from cotrain.diloco.launch import start_worker
 from cotrain.diloco.metrics import Clocks, MetricsLog, read_log
 from cotrain.diloco.sync import Synchronizer, SyncOutcome
+from cotrain.launch.procs import Proc, start_master, start_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,70 +2,97 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, TypeVar
+import sys
+from typing import Annotated, Any
 
 import typer
 
-T = TypeVar("T")
+from cotrain.cli.role import Role, add_role, binding, cannot_join, connect_errors, user_inputs
+
+
+def _master_model() -> Any:
+    from cotrain.comm.config import MasterConfig
+
+    return MasterConfig
+
+
+def _run_master(cfg: Any) -> int:
+    import asyncio
+
+    from cotrain.comm.master import Master
+    from cotrain.core.service import Service
+
+    with user_inputs():  # no admission rule, a bad key file
+        master = Master(cfg)
+
+    def summary() -> str:
+        joined = {e.get("key") for e in master.events if e.get("event") == "joined"}
+        return f"{len(joined)} peers joined, epoch {master.epoch}, {len(master.peers)} connected"
+
+    async def serve(svc: Service) -> None:
+        try:
+            with binding(cfg.host, cfg.port, flag="--port"):
+                port = await master.start()
+            key = master.identity.public_hex
+            svc.ready(host=cfg.host, port=port, key=key, run_id=cfg.run_id)
+            print(f"cotrain master listening on {cfg.host}:{port} key {key}", file=sys.stderr)
+            await svc.stopped()
+        finally:
+            await master.close()
+
+    with Service("master") as svc:
+        svc.summary = summary
+        asyncio.run(serve(svc))
+    return svc.exit_code
+
+
+MASTER = Role(
+    name="master",
+    help="""Run the membership master (moves no tensor data).
+
+    Admits keys on --allow_keys '["..."]', keys holding a token from --token_issuers '["..."]',
+    or, for quick local runs, any key that knows the run secret (COTRAIN_SECRET). Prints its
+    ready line {"event": "ready", "role": "master", "port": ..., "key": ...} on stdout.""",
+    model=_master_model,
+    run=_run_master,
+)
+
+
+def _peer_model() -> Any:
+    from cotrain.demo.peer import PeerProgramConfig
+
+    return PeerProgramConfig
+
+
+def _run_peer(cfg: Any) -> int:
+    from cotrain.core.service import Service
+    from cotrain.demo.peer import make_communicator, run
+
+    with user_inputs():  # a missing key or token file, no way to check the master
+        comm = make_communicator(cfg)
+    with Service("peer") as svc:
+        svc.summary = lambda: f"epoch {comm.epoch}, {comm.bytes_sent} bytes sent"
+        try:
+            comm.connect()
+        except connect_errors() as e:
+            comm.close()
+            raise cannot_join(cfg.comm, e) from None
+        svc.ready(index=cfg.index, key=comm.peer_id)
+        run(cfg, comm)
+    return svc.exit_code
+
+
+PEER = Role(
+    name="peer",
+    help="""Run a scripted peer: rounds of all-reduce with JSON events on stdout.""",
+    model=_peer_model,
+    run=_run_peer,
+)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def master(
-        ctx: typer.Context,
-        config: Annotated[Path | None, typer.Option(help="TOML file with master settings")] = None,
-        host: Annotated[str | None, typer.Option(help="address to listen on")] = None,
-        port: Annotated[int | None, typer.Option(help="TCP port (0 = any free port)")] = None,
-        verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
-    ) -> None:
-        """Run the membership master (moves no tensor data).
-
-        Admits keys on --allow_keys=[...], keys holding a token from --token_issuers=[...], or,
-        for quick local runs, any key that knows the run secret (COTRAIN_SECRET or --secret=)."""
-        import asyncio
-        import logging
-
-        from cotrain.comm.config import MasterConfig
-        from cotrain.comm.master import Master, serve
-        from cotrain.core.config import load_config
-
-        overrides = list(ctx.args)
-        if host is not None:
-            overrides.append(f"host={host}")
-        if port is not None:
-            overrides.append(f"port={port}")
-        cfg = _or_exit(lambda: load_config(MasterConfig, config, overrides))
-        _or_exit(lambda: Master(cfg))  # no admission rule, a bad key file: one line, exit 2
-        logging.basicConfig(
-            level=logging.INFO if verbose else logging.WARNING,
-            format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        )
-        try:
-            asyncio.run(serve(cfg))
-        except KeyboardInterrupt:
-            pass
-
-    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def peer(
-        ctx: typer.Context,
-        config: Annotated[Path | None, typer.Option(help="TOML file (PeerProgramConfig)")] = None,
-        config_json: Annotated[str | None, typer.Option(help="the whole config as JSON")] = None,
-    ) -> None:
-        """Run a scripted peer: rounds of all-reduce with JSON events on stdout."""
-        import logging
-
-        from cotrain.comm.program import PeerProgramConfig, make_communicator, run
-        from cotrain.core.config import load_config
-
-        logging.basicConfig(level=logging.WARNING)
-        if config_json is not None:
-            cfg = _or_exit(lambda: PeerProgramConfig.model_validate_json(config_json))
-        else:
-            cfg = _or_exit(lambda: load_config(PeerProgramConfig, config, list(ctx.args)))
-        comm = _or_exit(lambda: make_communicator(cfg))  # a missing key file: one line, exit 2
-        raise typer.Exit(run(cfg, comm))
+    add_role(app, MASTER)
+    add_role(app, PEER)
 
     @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def demo(
@@ -100,14 +127,3 @@ def register(app: typer.Typer) -> None:
             kill_round=kill_round,
             join_round=join_round,
         )
-
-
-def _or_exit(make: Callable[[], T]) -> T:
-    """Run ``make``; a bad config or missing secret is one clear line and exit code 2."""
-    from pydantic import ValidationError
-
-    try:
-        return make()
-    except (ValueError, ValidationError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None

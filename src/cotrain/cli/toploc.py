@@ -2,139 +2,118 @@
 
 Exit codes: 0 all rollouts pass (or generation succeeded), 1 some rollout or the whole file is
 rejected, 2 a usage error (one ``error:`` line on stderr), 130 interrupted (Ctrl-C), 141 stdout
-closed by its reader. Rollout
-files are untrusted: whatever is in them ends as a failing verdict, never a traceback.
+closed by its reader (the last three from the one handler in ``cotrain.cli``). Rollout files
+are untrusted: whatever is in them ends as a failing verdict, never a traceback.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
+
+from cotrain.cli.role import Alias, Role, add_role
+from cotrain.core.errors import UsageError
 
 app = typer.Typer(
     help="TOPLOC proofs: generate rollouts with proofs; verify them.",
     no_args_is_help=True,
 )
 
-MAX_FILE_MB = 1024
-"""Default for ``verify --max-file-mb``."""
-MAX_RECORDS = 1_000_000
-"""Default for ``verify --max-records`` (a row of the verdict table is a few hundred bytes)."""
 _GROUP_RECORDS = 64
 """Records ``verify`` reads before checking them (memory: at most 64 lines of 8 MiB)."""
 
-F = TypeVar("F", bound=Callable[..., None])
+
+def _flag(message: str) -> str:
+    """``max_new_tokens=0 must ...`` -> ``--max-new-tokens=0 must ...`` (the alias users type)."""
+    key, sep, rest = message.partition("=")
+    return f"--{key.replace('_', '-')}{sep}{rest}" if sep and " " not in key else message
 
 
-def _fail(msg: str) -> typer.Exit:
-    """One ``error:`` line on stderr (multi-line messages are folded); exit code 2."""
-    line = "; ".join(part.strip() for part in msg.splitlines() if part.strip())
-    typer.secho(f"error: {line}", err=True, fg="red")
-    return typer.Exit(2)
+def _load_model(spec: str) -> Any:
+    from cotrain.models import ModelError, load_model
+
+    try:
+        return load_model(spec)
+    except ModelError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:  # a spec that parses but torch cannot build (a seed over 64 bits)
+        raise UsageError(f"model spec {spec!r}: {e}") from None
 
 
-def _interruptible(command: F) -> F:
-    """Ctrl-C ends the command with one line and exit code 130 (outputs are written
-    atomically, so nothing half-written is left behind); a reader that closed our stdout
-    (``| head``) ends it quietly with 141, as SIGPIPE would."""
+def _generate_model() -> Any:
+    from cotrain.cli.toploc_jobs import GenerateJob
 
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> None:
-        try:
-            command(*args, **kwargs)
-        except KeyboardInterrupt:
-            typer.secho("interrupted", err=True, fg="red")
-            raise typer.Exit(130) from None
-        except BrokenPipeError:
-            # Point stdout at /dev/null so the interpreter's final flush does not fail again.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(141) from None
-
-    return run  # type: ignore[return-value]
+    return GenerateJob
 
 
-def _reject(msg: str, json_out: Path | None) -> typer.Exit:
-    """The whole file fails (too large, no records): one line on stderr, exit code 1."""
-    typer.secho(f"rejected: {msg}", err=True, fg="red")
-    if json_out is not None:
-        body = {"passed": 0, "failed": 0, "rejected": msg, "rollouts": []}
-        try:
-            json_out.write_text(json.dumps(body, indent=2))
-        except OSError as e:
-            return _fail(f"cannot write {json_out}: {e}")
-    return typer.Exit(1)
-
-
-@app.command()
-@_interruptible
-def generate(
-    out: Path = typer.Option(..., "--out", help="JSONL file to write the rollouts to."),
-    model: str = typer.Option(
-        "smollm2-135m-instruct", "--model", help="smollm2-135m-instruct, gpt-debug-seed0, a dir."
-    ),
-    prompt: list[str] = typer.Option(None, "--prompt", help="A user message (repeatable)."),
-    prompts_file: Path | None = typer.Option(None, help="Text file, one user message a line."),
-    max_new_tokens: int = typer.Option(64, help="Output tokens per rollout at most."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature; 0 is greedy."),
-    seed: int = typer.Option(0, help="Sampling seed."),
-    batch_size: int = typer.Option(8, help="Prompts generated together."),
-) -> None:
-    """Generate one rollout per prompt, with its proof, into a JSONL file."""
+def _run_generate(cfg: Any) -> int:
+    from cotrain.cli.train import write_config
     from cotrain.toploc.capture import check_generation_args
 
     try:
         check_generation_args(
-            max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed
+            cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
         )
     except ValueError as e:
-        raise _fail("--" + str(e).replace("_", "-")) from None
-    texts = list(prompt or [])
+        raise UsageError(_flag(str(e))) from None
+    texts = list(cfg.prompts)
     for n, text in enumerate(texts, 1):
         if not text.strip():
-            raise _fail(f"--prompt number {n} is empty")
-    if prompts_file is not None:
+            raise UsageError(f"--prompt number {n} is empty")
+    if cfg.prompts_file is not None:
         try:
-            texts += [t for t in prompts_file.read_text().splitlines() if t.strip()]
+            texts += [t for t in cfg.prompts_file.read_text().splitlines() if t.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            raise _fail(f"cannot read {prompts_file}: {e}") from None
+            raise UsageError(f"cannot read {cfg.prompts_file}: {e}") from None
     if not texts:
-        raise _fail("give at least one --prompt or a --prompts-file")
+        raise UsageError("give at least one --prompt or a --prompts-file")
 
-    from cotrain.models import ModelError, load_model
     from cotrain.toploc import generate_with_proofs, write_rollouts
     from cotrain.toploc.capture import check_prompts
 
-    try:
-        lm = load_model(model)
-    except ModelError as e:
-        raise _fail(str(e)) from None
-    except ValueError as e:  # a spec that parses but torch cannot build (a seed over 64 bits)
-        raise _fail(f"model spec {model!r}: {e}") from None
+    lm = _load_model(cfg.model)
     prompts = [lm.encode_prompt(t) for t in texts]
     try:
-        check_prompts(lm, prompts, max_new_tokens)
+        check_prompts(lm, prompts, cfg.max_new_tokens)
     except ValueError as e:
-        raise _fail(str(e).replace("max_new_tokens=", "--max-new-tokens ")) from None
+        raise UsageError(str(e).replace("max_new_tokens=", "--max-new-tokens ")) from None
     res = generate_with_proofs(
-        lm, prompts, max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size
+        lm,
+        prompts,
+        cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
     )
     try:
-        write_rollouts(out, res.rollouts)
+        write_rollouts(cfg.out, res.rollouts)
     except OSError as e:
-        raise _fail(f"cannot write {out}: {e}") from None
+        raise UsageError(f"cannot write {cfg.out}: {e}") from None
+    write_config(cfg.out.with_name(cfg.out.name + ".config.json"), cfg.dump_json())
     proof_bytes = sum(len(r.proof) for r in res.rollouts)
-    typer.echo(
+    print(
         f"wrote {len(res.rollouts)} rollouts ({res.tokens} tokens, {proof_bytes} proof bytes) "
-        f"to {out}; generation {res.generate_s:.2f} s, proofs {res.build_s * 1000:.1f} ms"
+        f"to {cfg.out}; generation {res.generate_s:.2f} s, proofs {res.build_s * 1000:.1f} ms"
     )
+    return 0
+
+
+GENERATE = Role(
+    name="toploc generate",
+    help="""Generate one rollout per prompt, with its proof, into a JSONL file.
+
+    The resolved config is written beside the output (OUT.config.json).""",
+    model=_generate_model,
+    run=_run_generate,
+    aliases=(Alias("--prompt", "prompts", "append"),),
+)
 
 
 @dataclass
@@ -148,57 +127,49 @@ class _Row:
     reason: str
 
 
-@app.command()
-@_interruptible
-def verify(
-    file: Path = typer.Argument(..., help="JSONL rollout file."),
-    model: str = typer.Option(..., "--model", help="The model to recompute with (its spec)."),
-    batch_size: int = typer.Option(8, help="Rollouts per prefill."),
-    dtype: str = typer.Option("float32", help="Recompute precision: float32 or bfloat16."),
-    config: Path | None = typer.Option(None, help="TOML file with a ValidatorConfig."),
-    json_out: Path | None = typer.Option(None, "--json", help="Also write verdicts as JSON."),
-    max_file_mb: int = typer.Option(MAX_FILE_MB, help="Reject rollout files larger than this."),
-    max_records: int = typer.Option(MAX_RECORDS, help="Reject files with more records than this."),
-) -> None:
-    """Recompute every rollout in FILE with MODEL and print a verdict per rollout.
+def _reject(msg: str, json_out: Path | None) -> int:
+    """The whole file fails: one line on stderr, exit code 1."""
+    import sys
 
-    Exits 0 when all rollouts pass, 1 when any fails (or FILE is rejected whole: no records,
-    too large, too many records), 2 on usage errors, 130 on Ctrl-C.
-    """
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
+    print(f"rejected: {msg}", file=sys.stderr, flush=True)
+    if json_out is not None:
+        body = {"passed": 0, "failed": 0, "rejected": msg, "rollouts": []}
+        try:
+            json_out.write_text(json.dumps(body, indent=2))
+        except OSError as e:
+            raise UsageError(f"cannot write {json_out}: {e}") from None
+    return 1
 
-    from cotrain.core.config import load_config
-    from cotrain.core.errors import ConfigError
-    from cotrain.models import ModelError, load_model
-    from cotrain.toploc import Validator, ValidatorConfig, read_rollouts
+
+def _verify_model() -> Any:
+    from cotrain.cli.toploc_jobs import VerifyJob
+
+    return VerifyJob
+
+
+def _run_verify(cfg: Any) -> int:
+    """Recompute every rollout in the file with the model; print a verdict per rollout.
+
+    Exits 0 when all rollouts pass, 1 when any fails (or the file is rejected whole: no
+    records, too large, too many records)."""
+    from cotrain.toploc import Validator, read_rollouts
     from cotrain.toploc.record import RecordLine
 
-    overrides = [f"batch_size={batch_size}", f"dtype={json.dumps(dtype)}"]
-    try:
-        cfg = load_config(ValidatorConfig, config, overrides)
-    except (ConfigError, OSError, UnicodeDecodeError) as e:
-        raise _fail(str(e)) from None
+    file, json_out = cfg.file, cfg.json_out
     if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()):
-        raise _fail(f"cannot write {json_out}: not a file in an existing directory")
-    if max_file_mb < 1 or max_records < 1:
-        raise _fail("--max-file-mb and --max-records must be at least 1")
+        raise UsageError(f"cannot write {json_out}: not a file in an existing directory")
+    if cfg.max_file_mb < 1 or cfg.max_records < 1:
+        raise UsageError("--max-file-mb and --max-records must be at least 1")
     if not file.is_file():
-        raise _fail(f"{file} does not exist or is not a file")
+        raise UsageError(f"{file} does not exist or is not a file")
     try:
         size = file.stat().st_size
     except OSError as e:
-        raise _fail(f"cannot read {file}: {e}") from None
-    if size > max_file_mb << 20:
+        raise UsageError(f"cannot read {file}: {e}") from None
+    if size > cfg.max_file_mb << 20:
         mb = size / 2**20
-        raise _reject(f"{file} is {mb:.1f} MB, over --max-file-mb {max_file_mb}", json_out)
-    try:
-        lm = load_model(model)
-    except ModelError as e:
-        raise _fail(str(e)) from None
-    except ValueError as e:  # a spec that parses but torch cannot build (a seed over 64 bits)
-        raise _fail(f"model spec {model!r}: {e}") from None
+        return _reject(f"{file} is {mb:.1f} MB, over --max-file-mb {cfg.max_file_mb}", json_out)
+    lm = _load_model(cfg.model)
     validator = Validator(lm, cfg)
     rows: list[_Row] = []
     tokens = 0
@@ -225,18 +196,26 @@ def verify(
     try:
         for ln in read_rollouts(file):
             n_lines += 1
-            if n_lines > max_records:
-                raise _reject(f"{file} has over --max-records {max_records} records", json_out)
+            if n_lines > cfg.max_records:
+                return _reject(f"{file} has over --max-records {cfg.max_records} records", json_out)
             group.append(ln)
             if len(group) == _GROUP_RECORDS:
                 check(group)
                 group = []
     except OSError as e:
-        raise _fail(f"cannot read {file}: {e}") from None
+        raise UsageError(f"cannot read {file}: {e}") from None
     check(group)
     if not rows:
-        raise _reject(f"{file} holds no rollout records", json_out)
-    table = Table(title=Text(f"{file} vs {lm.model_id}"))
+        return _reject(f"{file} holds no rollout records", json_out)
+    return _report(cfg, rows, lm.model_id, tokens=tokens, prefill_s=prefill_s)
+
+
+def _report(cfg: Any, rows: list[_Row], model_id: str, *, tokens: int, prefill_s: float) -> int:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"{cfg.file} vs {model_id}"))
     for col in ("rollout", "verdict", "chunks", "reason"):
         table.add_column(col)
     for row in rows:
@@ -256,15 +235,31 @@ def verify(
         f"output tokens in {prefill_s:.2f} s ({cfg.dtype}, batch {cfg.batch_size})",
         markup=False,
     )
-    if json_out is not None:
+    if cfg.json_out is not None:
         body = {
-            "model": lm.model_id,
+            "model": model_id,
             "passed": n_pass,
             "failed": len(rows) - n_pass,
             "rollouts": [{"id": r.id, "passed": r.passed, "reason": r.reason} for r in rows],
         }
         try:
-            json_out.write_text(json.dumps(body, indent=2))
+            cfg.json_out.write_text(json.dumps(body, indent=2))
         except OSError as e:
-            raise _fail(f"cannot write {json_out}: {e}") from None
-    raise typer.Exit(0 if n_pass == len(rows) else 1)
+            raise UsageError(f"cannot write {cfg.json_out}: {e}") from None
+    return 0 if n_pass == len(rows) else 1
+
+
+VERIFY = Role(
+    name="toploc verify",
+    help="""Recompute every rollout in ROLLOUTS with --model; print a verdict per rollout.
+
+    Exits 0 when all rollouts pass, 1 when any fails (or the file is rejected whole: no
+    records, too large, too many records), 2 on usage errors, 130 on Ctrl-C.""",
+    model=_verify_model,
+    run=_run_verify,
+    positionals=(("file", "ROLLOUTS.jsonl"),),
+    aliases=(Alias("--json", "json_out"),),
+)
+
+add_role(app, GENERATE)
+add_role(app, VERIFY)

@@ -16,8 +16,8 @@ from rich.table import Table
 
 from cotrain.comm.config import CommConfig
 from cotrain.comm.faults import Fault, FaultPlan
-from cotrain.comm.launch import Proc, start_master, start_peer
-from cotrain.comm.program import PeerProgramConfig
+from cotrain.demo.peer import PeerProgramConfig
+from cotrain.launch.procs import Proc, start_master, start_peer
 
 
 @dataclass

@@ -18,9 +18,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from cotrain.comm.launch import Proc, start_master
 from cotrain.diloco.config import TrainConfig
-from cotrain.diloco.launch import start_worker
+from cotrain.launch.procs import Proc, start_master, start_worker
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""A scripted peer: the process that tests, the demo and the benchmark start (`cotrain peer`).
+"""A scripted peer: the process that tests, the demos and the benchmarks start (`cotrain peer`).
 
 Each round it (1) calls ``update_topology()`` so joiners get in, (2) syncs a tiny shared state
 (the round counter, revision = round + 1) so a joiner learns where the run is, and (3) all-reduces
@@ -28,6 +28,8 @@ from cotrain.core.config import ConfigModel
 
 
 class PeerProgramConfig(ConfigModel):
+    """A scripted peer: ``cotrain peer [CONFIG.toml] [--section.key value]``."""
+
     comm: CommConfig = Field(default_factory=CommConfig)
     """How to reach the master and the ring."""
     faults: FaultPlan = Field(default_factory=FaultPlan)
@@ -144,9 +146,15 @@ def make_communicator(cfg: PeerProgramConfig) -> Communicator:
     return Communicator(cfg.comm, name=f"p{cfg.index}", faults=cfg.faults)
 
 
-def run(cfg: PeerProgramConfig, comm: Communicator | None = None) -> int:
-    comm = comm or make_communicator(cfg)
-    comm.connect()
+def run(cfg: PeerProgramConfig, comm: Communicator) -> int:
+    """The rounds, with ``comm`` connected (``comm.connect()``); closes it at the end."""
+    try:
+        return _rounds(cfg, comm)
+    finally:
+        comm.close()
+
+
+def _rounds(cfg: PeerProgramConfig, comm: Communicator) -> int:
     counter = np.zeros(1, dtype=np.int64)
     if cfg.join:
         comm.update_topology()
@@ -249,5 +257,4 @@ def run(cfg: PeerProgramConfig, comm: Communicator | None = None) -> int:
         cpu_user_s=ru.ru_utime,
         cpu_sys_s=ru.ru_stime,
     )
-    comm.close()
     return 0
