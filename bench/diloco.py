@@ -7,23 +7,14 @@
                                                    # network namespace (root): 100 Mbit/s,
                                                    # 50 ms one-way between two workers
 
-    python bench/diloco.py --model hf-small        # a Hugging Face model (a small Llama with
-                                                   # SmolLM2's tokenizer, random init): DDP (4)
-                                                   # against DiLoCo int8 (4); --quick: smoke run
-    python bench/diloco.py --model hf-smollm2      # SmolLM2-135M fine-tuned from its pretrained
-                                                   # weights (no warm start; slow on CPU)
-
-Every run trains the same model from the same seed on Shakespeare (real processes: a master and
-``cotrain train`` workers); a Hugging Face model reads it through its own tokenizer. Equal tokens: DDP and DiLoCo workers take ``--steps`` steps of
+Every run trains the same GPT from the same seed on Shakespeare (real processes: a master and
+``cotrain train`` workers). Equal tokens: DDP and DiLoCo workers take ``--steps`` steps of
 ``--batch`` sequences each; the single worker takes ``--steps`` steps of ``workers x batch``
 (from its one shard). Warm start (the DiLoCo paper's protocol): one DDP run of
 ``--warm-steps`` steps is shared, DDP and DiLoCo both continue from its checkpoint, so bytes
 and utilization cover the steps after it; tokens and the learning-rate schedule cover the run.
-Printed: a table; written: ``--json`` rows (model, mode, quant, workers, inner_steps, tokens,
-final_val_loss, bytes_sent_per_worker, utilization, wan, wall_s, val_loss_vs_ddp,
-bytes_fewer_than_ddp, ...) and ``--png`` loss curves. The ratios compare each row with the
-loopback DDP row of the same run (target for DiLoCo int8: val loss <= 1.05x DDP's with >= 100x
-fewer bytes sent per worker).
+Printed: a table; written: ``--json`` rows (mode, quant, workers, inner_steps, tokens,
+final_val_loss, bytes_sent_per_worker, utilization, wan, wall_s, ...) and ``--png`` loss curves.
 """
 
 from __future__ import annotations
