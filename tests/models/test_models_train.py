@@ -6,6 +6,9 @@ save_pretrained output that transformers loads back to the same logits.
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,6 +131,27 @@ def test_hf_random_and_lora_builds_are_bit_identical(small: Path) -> None:
     }
     assert la.identity() == lb.identity() != a.identity()
     assert "LoRA r=4" in la.describe()
+
+
+def test_another_process_builds_the_same_bytes(small: Path) -> None:
+    cfg = _hf(small, seed=7, lora={"r": 2})
+    digest = hashlib.sha256(b"".join(_bytes(build_model(cfg)).values())).hexdigest()
+    code = (
+        "import hashlib, sys, torch\n"
+        "from cotrain.models import ModelConfig, build_model\n"
+        "torch.manual_seed(999)  # other RNG use before the build must not matter\n"
+        "lm = build_model(ModelConfig.model_validate_json(sys.argv[1]))\n"
+        "data = b''.join(v.numpy().tobytes() for v in lm.module.state_dict().values())\n"
+        "print(hashlib.sha256(data).hexdigest())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, cfg.model_dump_json()],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    )
+    assert out.stdout.strip() == digest
 
 
 def test_small_hf_model_trains_and_lora_moves_only_adapters(small: Path) -> None:
