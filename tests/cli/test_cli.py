@@ -1,4 +1,4 @@
-"""The CLI: fast help, every shipped config parses."""
+"""The CLI: the roles in `cotrain --help`, overrides, keys and tokens, one-line mistakes."""
 
 from __future__ import annotations
 
@@ -21,25 +21,8 @@ def test_help_lists_the_roles() -> None:
         timeout=60,
         check=True,
     ).stdout
-    for word in ("master", "peer", "demo"):
+    for word in ("master", "peer", "train", "launch", "shardcast", "toploc", "demo"):
         assert word in out
-
-
-# Other components' configs are parsed by their own tests (test_shardcast_units, test_diloco).
-COMM_CONFIGS = sorted(
-    [*(ROOT / "configs").glob("master*.toml"), *(ROOT / "configs").glob("peer*.toml")]
-)
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("path", COMM_CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_parse(path: Path) -> None:
-    from cotrain.comm.config import MasterConfig
-    from cotrain.core.config import load_config
-    from cotrain.demo.peer import PeerProgramConfig
-
-    model = MasterConfig if path.name.startswith("master") else PeerProgramConfig
-    load_config(model, path)
 
 
 def test_config_overrides_and_errors(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ LAUNCH = Role(
 )
 
 
-def _split(argv: Sequence[str], launch_keys: set[str]) -> tuple[list[str], str | None, list[str]]:
+def _split(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
     """(launch's tokens, the target, the tokens after it)."""
     mine: list[str] = []
     i = 0
@@ -60,9 +60,8 @@ def _split(argv: Sequence[str], launch_keys: set[str]) -> tuple[list[str], str |
         if not tok.startswith("-"):
             return mine, tok, list(argv[i + 1 :])
         mine.append(tok)
-        key = tok.partition("=")[0][2:].replace("-", "_")
-        valued = launch_keys | {"config", "log_level"}
-        takes_value = "=" not in tok and tok not in _VALUELESS and key in valued
+        # every launch field takes a value (so does a mistyped one: its error names the key)
+        takes_value = "=" not in tok and tok not in _VALUELESS
         if takes_value and i + 1 < len(argv):
             mine.append(argv[i + 1])
             i += 1
@@ -78,7 +77,7 @@ def _run(argv: Sequence[str]) -> int:
 
     model = _launch_model()
     keys = set(model.model_fields)
-    mine, target, rest = _split(argv, keys)
+    mine, target, rest = _split(argv)
     inv = parse_args(LAUNCH, model, mine)
     if inv.help:
         print(render_help(LAUNCH, model))

@@ -250,7 +250,9 @@ class Launch:
             except subprocess.TimeoutExpired:
                 self.say(f"{c.name} did not stop within {self.cfg.stop_timeout_s} s: killed")
             self._signal_group(c, signal.SIGKILL)  # and anything it left in its group
-            c.popen.wait()
+            rc = _status(c.popen.wait())
+            if c is not self._master:
+                self.codes.setdefault(c.name, rc)
             for t in c.threads:
                 t.join(timeout=self.cfg.stop_timeout_s)
 
