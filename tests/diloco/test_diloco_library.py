@@ -237,3 +237,15 @@ def test_misuse_is_a_clear_error() -> None:
         DiLoCo(comm, model, opt).step()
     with pytest.raises(UsageError, match="not supported"):
         DDP(comm, model, torch.optim.Adagrad(model.parameters()))
+
+
+def test_joining_a_run_that_ended_is_refused() -> None:
+    from cotrain.diloco.errors import RunEndedError
+
+    master = MasterThread()
+    try:
+        _train(master.port, 0, 8, world=1, kw={"sync_every": 4})
+        with pytest.raises(RunEndedError, match="no other worker"):
+            _train(master.port, 1, 8, world=1, kw={"sync_every": 4})
+    finally:
+        master.stop()

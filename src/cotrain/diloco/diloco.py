@@ -49,7 +49,7 @@ from cotrain.comm.config import Quantization
 from cotrain.core.errors import UsageError
 from cotrain.diloco import checkpoint
 from cotrain.diloco.config import OuterConfig
-from cotrain.diloco.errors import ConfigChangedError
+from cotrain.diloco.errors import ConfigChangedError, RunEndedError
 from cotrain.diloco.fragments import Schedule, split
 from cotrain.diloco.metrics import Clocks
 from cotrain.diloco.outer import OuterState, flatten, load_flat
@@ -299,7 +299,15 @@ class DiLoCo:
             # apply the same average as everyone and train from the next phase.
             self.joined_run = True
             self.delta.zero_()
-            self._report(self._finish(self._launch(tokens=0, vote=False)))
+            applied = self._finish(self._launch(tokens=0, vote=False))
+            if not applied.fetched and comm.world_size == 1:
+                raise RunEndedError(
+                    f"the run at {comm.config.master_host}:{comm.config.master_port} has no "
+                    "other worker left to take its state from (it ended, or all its workers "
+                    "are gone): start a new run with a new master, or resume a worker from "
+                    "its checkpoint"
+                )
+            self._report(applied)
         self._begin_phase()
         return self
 

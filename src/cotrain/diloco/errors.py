@@ -6,7 +6,8 @@
     └── TrainError                     anything the trainer raises on purpose
         ├── CheckpointError (UsageError)  a checkpoint cannot be read or does not fit this run
         │   └── ConfigChangedError     resuming with a changed config (names the difference)
-        └── RoundFailedError           an outer step (or DDP step) kept failing after its retries
+        ├── RoundFailedError           an outer step (or DDP step) kept failing after its retries
+        └── RunEndedError (UsageError) joining a run that has no worker left to learn from
 """
 
 from __future__ import annotations
@@ -28,3 +29,7 @@ class ConfigChangedError(CheckpointError):
 
 class RoundFailedError(TrainError):
     """A synchronisation kept failing (peers dying faster than retries could recover)."""
+
+
+class RunEndedError(TrainError, UsageError):
+    """A worker joined a run in progress, but no other worker is left to receive its state from."""

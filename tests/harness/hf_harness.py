@@ -1,0 +1,64 @@
+"""A small real Hugging Face causal LM with a real (small) tokenizer, for fast tests.
+
+A Llama-architecture model of a few hundred thousand parameters, seeded, saved with
+``save_pretrained``, beside a byte-level BPE trained on the test text and saved as a
+``PreTrainedTokenizerFast``: ``AutoModelForCausalLM.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` load the directory as they would any model's. (SmolLM2's
+49,152-token vocabulary makes every step cost a 49k-wide softmax; tests that need SmolLM2
+itself use it directly.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diloco_harness import _texts
+
+
+def write_text(path: Path) -> Path:
+    """Real English prose (the standard library's docstrings), about 300 kB."""
+    path.write_text("\n\n".join(_texts().values()))
+    return path
+
+
+def small_hf_model(directory: Path, text: Path, *, vocab: int = 512, hidden: int = 32) -> Path:
+    """Write a seeded small Llama model and its BPE tokenizer into ``directory``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text.read_text()], trainer=trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "model_max_length": 1024,
+            }
+        )
+    )
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tok.token_to_id("<|endoftext|>"),
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
