@@ -23,6 +23,12 @@ def test_help_lists_the_roles() -> None:
     ).stdout
     for word in ("master", "peer", "train", "launch", "shardcast", "toploc", "demo"):
         assert word in out
+    # thin entry points: the command tree imports no config model (pydantic) and no torch
+    code = "import sys, cotrain.cli; print(sorted({'pydantic', 'torch'} & set(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert loaded.stdout.strip() == "[]"
 
 
 def test_config_overrides_and_errors(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ class Running:
                 self.err.append(line.rstrip("\n"))
             else:
                 self.out.put(line.rstrip("\n"))
+        stream.close()
         if sink is not None:
             self.out.put(None)
 

@@ -18,8 +18,7 @@ from typing import Any
 
 import typer
 
-from cotrain.cli.role import Role, parse_args, render_help
-from cotrain.core.errors import UsageError
+from cotrain.cli.role import Role, parse_args, render_help, usage
 
 _VALUELESS = {"-h", "--help", "--print-config", "-v", "--verbose"}
 
@@ -83,7 +82,7 @@ def _run(argv: Sequence[str]) -> int:
         print(render_help(LAUNCH, model))
         return 0
     if target is None:
-        raise UsageError("give a CONFIG.toml or a script.py to launch (see cotrain launch --help)")
+        raise usage("give a CONFIG.toml or a script.py to launch (see cotrain launch --help)")
     path = Path(target)
     if path.suffix == ".toml":
         from cotrain.cli.train import TRAIN
@@ -126,7 +125,7 @@ def _run(argv: Sequence[str]) -> int:
             print(cfg.dump_json())
             return 0
         if not path.is_file():
-            raise UsageError(f"{path} does not exist (launch takes a CONFIG.toml or a script.py)")
+            raise usage(f"{path} does not exist (launch takes a CONFIG.toml or a script.py)")
         tgt = Target("script", path, tuple(rest))
     configure_logging(inv.log_level)
     code = 0

@@ -7,7 +7,8 @@ A role is a config model plus a function. Its command line, in any order:
   ``_``). A bool field alone (``--algo.overlap``) is true; ``--algo.overlap=false`` is false.
   A list field takes TOML (``'["a", "b"]'``) or a comma list (``a,b``).
 * the role's positionals (``cotrain toploc verify ROLLOUTS.jsonl``), each a field too.
-* the role's aliases: short flags, each exactly one field (``--port`` is ``--serve.port``).
+* the role's aliases: short flags, each exactly one field (``--port`` is ``--serve.port``);
+  ``--set key=value`` is ``--key=value`` (the old shardcast spelling, kept for scripts).
 * ``--print-config`` (print the resolved config as JSON, exit 0), ``--log-level LEVEL``
   (``-v``: info), ``-h``/``--help`` (every field: dotted name, type, default, docstring).
 
@@ -25,15 +26,22 @@ import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import typer
-from pydantic import BaseModel
 
-from cotrain.core.errors import UsageError
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
+
+
+def usage(message: str) -> Exception:
+    """A ``UsageError`` (imported when needed: ``cotrain --help`` imports no pydantic)."""
+    from cotrain.core.errors import UsageError
+
+    return UsageError(message)
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,7 @@ def parse_args(role: Role, model: type[BaseModel], argv: Sequence[str]) -> Invoc
         if inline is not None:
             return inline
         if i + 1 >= len(args):
-            raise UsageError(f"{flag} needs a value")
+            raise usage(f"{flag} needs a value")
         i += 1
         return args[i]
 
@@ -123,12 +131,12 @@ def parse_args(role: Role, model: type[BaseModel], argv: Sequence[str]) -> Invoc
         elif name == "--log-level":
             level = value_of(name, inline).lower()
             if level not in LOG_LEVELS:
-                raise UsageError(f"--log-level {level!r}: use one of {', '.join(LOG_LEVELS)}")
+                raise usage(f"--log-level {level!r}: use one of {', '.join(LOG_LEVELS)}")
             inv.log_level = level
         elif name in ("--set", "-s"):  # the old shardcast spelling of an override
             key, sep, raw = value_of(name, inline).partition("=")
             if not sep:
-                raise UsageError(f"{name} takes KEY=VALUE, e.g. {name} serve.port=0")
+                raise usage(f"{name} takes KEY=VALUE, e.g. {name} serve.port=0")
             key = key.strip().replace("-", "_")
             field_for(model, key)
             inv.overrides[key] = raw
@@ -136,7 +144,7 @@ def parse_args(role: Role, model: type[BaseModel], argv: Sequence[str]) -> Invoc
             alias = aliases[name]
             if alias.form == "const":
                 if inline is not None:
-                    raise UsageError(f"{name} takes no value")
+                    raise usage(f"{name} takes no value")
                 inv.overrides[alias.key] = alias.const
             elif alias.form == "append":
                 inv.overrides.setdefault(alias.key, []).append(value_of(name, inline))
@@ -151,14 +159,14 @@ def parse_args(role: Role, model: type[BaseModel], argv: Sequence[str]) -> Invoc
                     inline = "true"
             inv.overrides[key] = value_of(name, inline)
         elif tok.startswith("-") and tok != "-":
-            raise UsageError(f"unknown option {tok!r} (options set config fields: --KEY VALUE)")
+            raise usage(f"unknown option {tok!r} (options set config fields: --KEY VALUE)")
         elif tok.endswith(".toml") and inv.config is None:
             inv.config = Path(tok)
         elif positionals:
             key, _ = positionals.pop(0)
             inv.overrides[key] = tok
         else:
-            raise UsageError(f"unexpected argument {tok!r} (see cotrain {role.name} --help)")
+            raise usage(f"unexpected argument {tok!r} (see cotrain {role.name} --help)")
         i += 1
     return inv
 
@@ -182,6 +190,7 @@ def render_help(role: Role, model: type[BaseModel]) -> str:
         "  CONFIG.toml, --config PATH   TOML file with the fields below",
         "  --KEY VALUE, --KEY=VALUE     set a field (a bool field alone is true; lists: a,b or",
         '                               TOML \'["a", "b"]\'); env: COTRAIN_KEY with __ for dots',
+        "  --set KEY=VALUE              the same as --KEY=VALUE (kept for old scripts)",
         "  --print-config               print the resolved config as JSON and exit",
         "  --log-level LEVEL            debug, info, warning (default) or error; -v: info",
         "  -h, --help                   this help",
@@ -236,12 +245,14 @@ def run_role(role: Role, argv: Sequence[str]) -> int:
 def user_inputs(what: str = "") -> Iterator[None]:
     """A ``ValueError`` or ``OSError`` raised inside came from what the user gave (a key file,
     an address, a value a library refused): re-raised as a ``UsageError``."""
+    from cotrain.core.errors import UsageError
+
     try:
         yield
     except UsageError:
         raise
     except (ValueError, OSError) as e:
-        raise UsageError(f"{what}: {e}" if what else str(e)) from None
+        raise usage(f"{what}: {e}" if what else str(e)) from None
 
 
 @contextlib.contextmanager
@@ -251,10 +262,10 @@ def binding(host: str, port: int, *, flag: str) -> Iterator[None]:
         yield
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            raise UsageError(
+            raise usage(
                 f"port {port} on {host} is in use: pick another with {flag} (0: any free port)"
             ) from None
-        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise usage(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def add_role(app: typer.Typer, role: Role, name: str | None = None) -> None:
@@ -285,9 +296,9 @@ def connect_errors() -> tuple[type[BaseException], ...]:
     return (MasterUnreachableError, AuthError, KickedError)
 
 
-def cannot_join(comm: Any, e: BaseException) -> UsageError:
+def cannot_join(comm: Any, e: BaseException) -> Exception:
     """A peer or worker that never got into the run: the user's address, secret or key."""
-    return UsageError(
+    return usage(
         f"cannot join the run at {comm.master_host}:{comm.master_port}: {e} (check "
         f"comm.master_host, comm.master_port and the secret or key; comm.connect_timeout_s="
         f"{comm.connect_timeout_s:g} bounds the wait)"

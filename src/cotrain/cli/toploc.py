@@ -15,8 +15,7 @@ from typing import Any
 
 import typer
 
-from cotrain.cli.role import Alias, Role, add_role
-from cotrain.core.errors import UsageError
+from cotrain.cli.role import Alias, Role, add_role, usage
 
 app = typer.Typer(
     help="TOPLOC proofs: generate rollouts with proofs; verify them.",
@@ -39,9 +38,9 @@ def _load_model(spec: str) -> Any:
     try:
         return load_model(spec)
     except ModelError as e:
-        raise UsageError(str(e)) from None
+        raise usage(str(e)) from None
     except ValueError as e:  # a spec that parses but torch cannot build (a seed over 64 bits)
-        raise UsageError(f"model spec {spec!r}: {e}") from None
+        raise usage(f"model spec {spec!r}: {e}") from None
 
 
 def _generate_model() -> Any:
@@ -62,18 +61,18 @@ def _run_generate(cfg: Any) -> int:
             seed=cfg.seed,
         )
     except ValueError as e:
-        raise UsageError(_flag(str(e))) from None
+        raise usage(_flag(str(e))) from None
     texts = list(cfg.prompts)
     for n, text in enumerate(texts, 1):
         if not text.strip():
-            raise UsageError(f"--prompt number {n} is empty")
+            raise usage(f"--prompt number {n} is empty")
     if cfg.prompts_file is not None:
         try:
             texts += [t for t in cfg.prompts_file.read_text().splitlines() if t.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read {cfg.prompts_file}: {e}") from None
+            raise usage(f"cannot read {cfg.prompts_file}: {e}") from None
     if not texts:
-        raise UsageError("give at least one --prompt or a --prompts-file")
+        raise usage("give at least one --prompt or a --prompts-file")
 
     from cotrain.toploc import generate_with_proofs, write_rollouts
     from cotrain.toploc.capture import check_prompts
@@ -83,7 +82,7 @@ def _run_generate(cfg: Any) -> int:
     try:
         check_prompts(lm, prompts, cfg.max_new_tokens)
     except ValueError as e:
-        raise UsageError(str(e).replace("max_new_tokens=", "--max-new-tokens ")) from None
+        raise usage(str(e).replace("max_new_tokens=", "--max-new-tokens ")) from None
     res = generate_with_proofs(
         lm,
         prompts,
@@ -95,7 +94,7 @@ def _run_generate(cfg: Any) -> int:
     try:
         write_rollouts(cfg.out, res.rollouts)
     except OSError as e:
-        raise UsageError(f"cannot write {cfg.out}: {e}") from None
+        raise usage(f"cannot write {cfg.out}: {e}") from None
     write_config(cfg.out.with_name(cfg.out.name + ".config.json"), cfg.dump_json())
     proof_bytes = sum(len(r.proof) for r in res.rollouts)
     print(
@@ -137,7 +136,7 @@ def _reject(msg: str, json_out: Path | None) -> int:
         try:
             json_out.write_text(json.dumps(body, indent=2))
         except OSError as e:
-            raise UsageError(f"cannot write {json_out}: {e}") from None
+            raise usage(f"cannot write {json_out}: {e}") from None
     return 1
 
 
@@ -157,15 +156,15 @@ def _run_verify(cfg: Any) -> int:
 
     file, json_out = cfg.file, cfg.json_out
     if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()):
-        raise UsageError(f"cannot write {json_out}: not a file in an existing directory")
+        raise usage(f"cannot write {json_out}: not a file in an existing directory")
     if cfg.max_file_mb < 1 or cfg.max_records < 1:
-        raise UsageError("--max-file-mb and --max-records must be at least 1")
+        raise usage("--max-file-mb and --max-records must be at least 1")
     if not file.is_file():
-        raise UsageError(f"{file} does not exist or is not a file")
+        raise usage(f"{file} does not exist or is not a file")
     try:
         size = file.stat().st_size
     except OSError as e:
-        raise UsageError(f"cannot read {file}: {e}") from None
+        raise usage(f"cannot read {file}: {e}") from None
     if size > cfg.max_file_mb << 20:
         mb = size / 2**20
         return _reject(f"{file} is {mb:.1f} MB, over --max-file-mb {cfg.max_file_mb}", json_out)
@@ -203,7 +202,7 @@ def _run_verify(cfg: Any) -> int:
                 check(group)
                 group = []
     except OSError as e:
-        raise UsageError(f"cannot read {file}: {e}") from None
+        raise usage(f"cannot read {file}: {e}") from None
     check(group)
     if not rows:
         return _reject(f"{file} holds no rollout records", json_out)
@@ -245,7 +244,7 @@ def _report(cfg: Any, rows: list[_Row], model_id: str, *, tokens: int, prefill_s
         try:
             cfg.json_out.write_text(json.dumps(body, indent=2))
         except OSError as e:
-            raise UsageError(f"cannot write {cfg.json_out}: {e}") from None
+            raise usage(f"cannot write {cfg.json_out}: {e}") from None
     return 0 if n_pass == len(rows) else 1
 
 

@@ -92,8 +92,9 @@ def _run_prepare(cfg: Any) -> int:
 
 PREPARE = Role(
     name="data prepare",
-    help="""Download the texts, train the BPE and cache the tokens (what training does on first
-    use); reads the [data] section of a train config.""",
+    help="""Download the texts, train the BPE and cache the tokens (what training does first).
+
+    Reads the [data] section of a train config.""",
     model=_train_model,
     run=_run_prepare,
 )

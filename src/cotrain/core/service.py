@@ -94,16 +94,28 @@ class Service:
     # ---- what a role calls -----------------------------------------------------------------
 
     def ready(self, **fields: Any) -> None:
-        """Announce that the role serves: one JSON line on stdout."""
+        """Announce that the role serves: one JSON line on stdout. Called in an event loop, from
+        here on a signal sets what ``stopped()`` waits for (nothing is interrupted)."""
+        self._attach()
         line = json.dumps({"event": "ready", "role": self.role, "pid": os.getpid(), **fields})
         print(line, flush=True)
 
     async def stopped(self) -> None:
         """Wait (in the role's event loop) until SIGINT or SIGTERM."""
-        self._loop = asyncio.get_running_loop()
+        self._attach()
+        assert self._stop is not None
+        await self._stop.wait()
+
+    def _attach(self) -> None:
+        if self._stop is not None:
+            return
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a synchronous role: signals raise KeyboardInterrupt
         self._stop = asyncio.Event()
-        if self.stop_signal is None:
-            await self._stop.wait()
+        if self.stop_signal is not None:
+            self._stop.set()
 
     @property
     def elapsed_s(self) -> float:
