@@ -1,10 +1,11 @@
 """``cotrain launch`` and the one service lifecycle: a run of two workers that completes, Ctrl-C
-that leaves no process behind, workers added to a running master, and SIGINT/SIGTERM on a
-server (ready line, one stop line, exit code)."""
+that leaves no process behind, workers added to a running master, a dead master that stops the
+workers, and SIGINT/SIGTERM on a server (ready line, one stop line, exit code)."""
 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import signal
@@ -130,6 +131,26 @@ def test_ctrl_c_stops_everything_and_workers_join_a_running_master(tmp_path: Pat
     assert tagged(tag) == [], "processes left behind"
     assert first.err[-1].startswith("launch stopped after") and "(SIGINT)" in first.err[-1]
     assert host == "127.0.0.1"
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_master_stops_the_workers(tmp_path: Path) -> None:
+    script = tmp_path / "user_script.py"
+    script.write_text(SCRIPT)
+    tag = uuid.uuid4().hex
+    run = Running(["launch", "--nproc", "2", str(script), "--stay"], child_env(tag))
+    try:
+        master = json.loads(run.expect(r'^\[master\] \{"event": "ready"').split(" ", 1)[1])
+        for _ in range(2):
+            run.expect('"event": "connected"')
+        os.kill(master["pid"], signal.SIGKILL)
+        code = run.finish()
+    finally:
+        run.popen.kill()
+        run.popen.wait(timeout=30)
+    assert code == 1
+    assert run.err[-1] == "error: the master exited with code 137 during the run", run.err[-5:]
+    assert tagged(tag) == [], "processes left behind"
 
 
 @pytest.mark.timeout(60)

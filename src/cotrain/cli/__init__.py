@@ -124,4 +124,4 @@ _register()
 
 
 def main() -> None:
-    app()
+    app(prog_name="cotrain")

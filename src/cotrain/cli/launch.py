@@ -107,6 +107,10 @@ def _run(argv: Sequence[str]) -> int:
             inv.overrides.update(more.overrides)
         cfg = load_config(model, inv.config, inv.overrides)
         train_inv = parse_args(TRAIN, TrainConfig, [str(path), *worker_args])
+        if train_inv.help:
+            print(render_help(LAUNCH, model))
+            return 0
+        inv.print_config = inv.print_config or train_inv.print_config
         first = {"join": "join"} if cfg.master is not None else {"world": str(cfg.nproc)}
         worker0 = load_config(
             TrainConfig,

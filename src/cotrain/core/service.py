@@ -98,7 +98,8 @@ class Service:
         here on a signal sets what ``stopped()`` waits for (nothing is interrupted)."""
         self._attach()
         line = json.dumps({"event": "ready", "role": self.role, "pid": os.getpid(), **fields})
-        print(line, flush=True)
+        sys.stdout.write(line + "\n")  # one write: no other thread's line lands inside it
+        sys.stdout.flush()
 
     async def stopped(self) -> None:
         """Wait (in the role's event loop) until SIGINT or SIGTERM."""
