@@ -47,6 +47,8 @@ LAUNCH = Role(
     [master] and [w0]; Ctrl-C or SIGTERM stops everything; the exit code is the workers'.""",
     model=_launch_model,
     run=_unused,
+    usage="launch [--nproc N --master HOST:PORT --first-index K] CONFIG.toml [--KEY VALUE ...]"
+    "\n   or: cotrain launch [--nproc N ...] script.py [ARGS ...]",
 )
 
 
@@ -68,6 +70,46 @@ def _split(argv: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
     return mine, None, []
 
 
+def _train_target(inv: Any, model: Any, path: Path, rest: list[str]) -> tuple[Any, Any, list[str]]:
+    """(launch's config, the workers' Target, what --print-config prints) for a CONFIG.toml:
+    launch's own fields may follow the config too; the rest is checked as worker 0's config."""
+    from cotrain.cli.train import TRAIN
+    from cotrain.core.config import load_config
+    from cotrain.diloco.config import TrainConfig
+    from cotrain.launch.runner import Target
+
+    worker_args: list[str] = []
+    launch_args: list[str] = []
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        key = tok.partition("=")[0][2:].replace("-", "_")
+        if (
+            tok.startswith("--")
+            and key in model.model_fields
+            and key not in TrainConfig.model_fields
+        ):
+            launch_args.append(tok)
+            if "=" not in tok and i + 1 < len(rest):
+                launch_args.append(rest[i + 1])
+                i += 1
+        else:
+            worker_args.append(tok)
+        i += 1
+    inv.overrides.update(parse_args(LAUNCH, model, launch_args).overrides)
+    cfg = load_config(model, inv.config, inv.overrides)
+    train_inv = parse_args(TRAIN, TrainConfig, [str(path), *worker_args])
+    inv.help = inv.help or train_inv.help
+    inv.print_config = inv.print_config or train_inv.print_config
+    first = {"join": "join"} if cfg.master is not None else {"world": str(cfg.nproc)}
+    worker0 = load_config(
+        TrainConfig, path, {**first, **train_inv.overrides, "worker_index": str(cfg.first_index)}
+    )
+    single = worker0.algo.mode == "single"
+    target = Target("config", path, tuple(worker_args), single=single)
+    return cfg, target, [cfg.dump_json(), worker0.dump_json()]
+
+
 def _run(argv: Sequence[str]) -> int:
     from cotrain.cli.role import configure_logging
     from cotrain.core.config import load_config
@@ -75,66 +117,27 @@ def _run(argv: Sequence[str]) -> int:
     from cotrain.launch.runner import Launch, Target
 
     model = _launch_model()
-    keys = set(model.model_fields)
-    mine, target, rest = _split(argv)
+    mine, name, rest = _split(argv)
     inv = parse_args(LAUNCH, model, mine)
+    if not inv.help and name is None:
+        raise usage("give a CONFIG.toml or a script.py to launch (see cotrain launch --help)")
+    if name is not None and Path(name).suffix == ".toml":
+        cfg, target, resolved = _train_target(inv, model, Path(name), rest)
+    else:
+        cfg = load_config(model, inv.config, inv.overrides)
+        target, resolved = Target("script", Path(name or "-"), tuple(rest)), [cfg.dump_json()]
     if inv.help:
         print(render_help(LAUNCH, model))
         return 0
-    if target is None:
-        raise usage("give a CONFIG.toml or a script.py to launch (see cotrain launch --help)")
-    path = Path(target)
-    if path.suffix == ".toml":
-        from cotrain.cli.train import TRAIN
-        from cotrain.diloco.config import TrainConfig
-
-        worker_args: list[str] = []
-        launch_args: list[str] = []
-        i = 0
-        while i < len(rest):  # launch's own fields may follow the config too
-            tok = rest[i]
-            key = tok.partition("=")[0][2:].replace("-", "_")
-            if tok.startswith("--") and key in keys and key not in TrainConfig.model_fields:
-                launch_args.append(tok)
-                if "=" not in tok and i + 1 < len(rest):
-                    launch_args.append(rest[i + 1])
-                    i += 1
-            else:
-                worker_args.append(tok)
-            i += 1
-        if launch_args:
-            more = parse_args(LAUNCH, model, launch_args)
-            inv.overrides.update(more.overrides)
-        cfg = load_config(model, inv.config, inv.overrides)
-        train_inv = parse_args(TRAIN, TrainConfig, [str(path), *worker_args])
-        if train_inv.help:
-            print(render_help(LAUNCH, model))
-            return 0
-        inv.print_config = inv.print_config or train_inv.print_config
-        first = {"join": "join"} if cfg.master is not None else {"world": str(cfg.nproc)}
-        worker0 = load_config(
-            TrainConfig,
-            path,
-            {**first, **train_inv.overrides, "worker_index": str(cfg.first_index)},
-        )
-        if inv.print_config:
-            print(cfg.dump_json())
-            print(worker0.dump_json())
-            return 0
-        single = worker0.algo.mode == "single"
-        tgt = Target("config", path, tuple(worker_args), single=single)
-    else:
-        cfg = load_config(model, inv.config, inv.overrides)
-        if inv.print_config:
-            print(cfg.dump_json())
-            return 0
-        if not path.is_file():
-            raise usage(f"{path} does not exist (launch takes a CONFIG.toml or a script.py)")
-        tgt = Target("script", path, tuple(rest))
+    if inv.print_config:
+        print("\n".join(resolved))
+        return 0
+    if target.kind == "script" and not target.path.is_file():
+        raise usage(f"{target.path} does not exist (launch takes a CONFIG.toml or a script.py)")
     configure_logging(inv.log_level)
     code = 0
     with Service("launch") as svc:
-        code = Launch(cfg, tgt).run(svc)
+        code = Launch(cfg, target).run(svc)
     return svc.exit_code if svc.stop_signal is not None else code
 
 

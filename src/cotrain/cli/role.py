@@ -74,6 +74,8 @@ class Role:
     positionals: tuple[tuple[str, str], ...] = ()
     """(field, METAVAR) filled by positional arguments, in order."""
     aliases: tuple[Alias, ...] = ()
+    usage: str = ""
+    """The usage line after ``cotrain``, when not the usual one."""
 
 
 @dataclass
@@ -179,9 +181,10 @@ def render_help(role: Role, model: type[BaseModel]) -> str:
     from cotrain.core.config import describe
 
     pos = " ".join(meta for _, meta in role.positionals)
-    usage = f"Usage: cotrain {role.name} {pos + ' ' if pos else ''}[CONFIG.toml] [--KEY VALUE ...]"
+    usual = f"{role.name} {pos + ' ' if pos else ''}[CONFIG.toml] [--KEY VALUE ...]"
+    first = f"Usage: cotrain {role.usage or usual}"
     head, _, body = role.help.partition("\n")
-    out = [usage, "", head.strip()]
+    out = [first, "", head.strip()]
     if body.strip():
         out += ["", textwrap.dedent(body).strip()]
     out += [
