@@ -148,6 +148,7 @@ SHIPPED: dict[str, tuple[Role, list[str]]] = {
     "peer-debug.toml": (PEER, []),
     "shardcast_client.toml": (FETCH, ["--out", "model.safetensors"]),
     "shardcast_relay.toml": (RELAY, []),
+    "smollm2-lora.toml": (TRAIN, []),
     "train-debug.toml": (TRAIN, []),
 }
 
