@@ -94,18 +94,52 @@ def register(app: typer.Typer) -> None:
     add_role(app, MASTER)
     add_role(app, PEER)
 
-    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    @app.command(
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        help="Train a GPT on Shakespeare with DiLoCo: N workers, one killed, a fresh one joins."
+        "\n\nA live table follows the workers (outside a terminal: one line per event); the "
+        "closing table, the summary (OUT_DIR/summary.json) and the loss plot (OUT_DIR/loss.png) "
+        "are read from the workers' logs. Extra --dotted.overrides change the worker config, "
+        "e.g. --algo.inner_steps=20, --model.n_embd=256, --algo.outer.momentum=0.9.",
+    )
     def demo(
         ctx: typer.Context,
-        workers: Annotated[int, typer.Option(help="DiLoCo workers at the start")] = 4,
-        kill_outer: Annotated[int, typer.Option(help="outer step at which one is killed")] = 2,
+        out_dir: Annotated[
+            str,
+            typer.Option(
+                help="where the workers' logs (worker<i>.jsonl), checkpoints and models, "
+                "summary.json and loss.png go (a previous demo's files there are replaced)"
+            ),
+        ] = "runs/demo",
+        quick: Annotated[
+            bool,
+            typer.Option(
+                "--quick", help="a short run: 2 workers x 120 steps (about 30 s on 2 idle cores)"
+            ),
+        ] = False,
+        workers: Annotated[
+            int | None,
+            typer.Option(help="DiLoCo workers at the start (default 4; --quick: 2)"),
+        ] = None,
+        steps: Annotated[
+            int | None,
+            typer.Option(
+                help="inner steps of the run, an outer step every 10 (default 240; --quick: 120)"
+            ),
+        ] = None,
+        kill_outer: Annotated[
+            int | None,
+            typer.Option(
+                help="outer step after which the last worker is killed (default: a quarter "
+                "of the run)"
+            ),
+        ] = None,
     ) -> None:
-        """Train a GPT on Shakespeare with DiLoCo: N workers, one killed, a fresh one joins.
+        from cotrain.demo.diloco import DEFAULT_WORKERS, QUICK_WORKERS, demo_config, run_demo
 
-        Extra --dotted.overrides change the worker config (e.g. --total_steps=400)."""
-        from cotrain.demo.diloco import demo_config, run_demo
-
-        run_demo(demo_config(list(ctx.args)), workers=workers, kill_outer=kill_outer)
+        cfg = demo_config(list(ctx.args), quick=quick, steps=steps, out_dir=out_dir)
+        n = workers if workers is not None else QUICK_WORKERS if quick else DEFAULT_WORKERS
+        run_demo(cfg, workers=n, kill_outer=kill_outer)
 
     @app.command("demo-collective")
     def demo_collective(
