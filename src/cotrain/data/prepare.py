@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cotrain.core.files import write_atomic
 from cotrain.data import local
 from cotrain.data.config import BUILTIN_SOURCES, DataConfig
 from cotrain.data.errors import CacheBusyError
@@ -245,7 +246,7 @@ def _build(plan: _Plan, out: Path, report: Progress) -> Prepared:
     dtype = token_dtype(vocab)
 
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_bytes(out / "tokenizer.json", tok_bytes)
+    write_atomic(out / "tokenizer.json", tok_bytes)
     train_n = _encode_to(out / "train.bin", tok, train_texts, eot_id, dtype, report, "train")
     val_n = _encode_to(out / "val.bin", tok, val_texts, eot_id, dtype, report, "val")
     meta = {
@@ -261,7 +262,7 @@ def _build(plan: _Plan, out: Path, report: Progress) -> Prepared:
         "val_tokens": val_n,
         "train_chars": sum(len(t) for t in train_texts),
     }
-    _atomic_bytes(out / "meta.json", json.dumps(meta, indent=2).encode())
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2).encode())
     loaded = _load(out)
     assert loaded is not None
     return loaded
@@ -317,16 +318,3 @@ def _pieces(text: str) -> Iterator[str]:
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from cotrain.diloco.errors import CheckpointError
+from cotrain.core.files import write_atomic
+from cotrain.diloco.errors import CheckpointError, ConfigChangedError
 
 STATE = "state.json"
 LATEST = "latest"
@@ -118,18 +119,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _remove_stale(directory: Path) -> None:
     """Remove ``.tmp-<pid>-*`` saves of processes that no longer run."""
     for p in directory.glob(".tmp-*"):
@@ -186,7 +175,7 @@ def save(
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
-        _write_atomic(root / LATEST, name.encode())
+        write_atomic(root / LATEST, name.encode())
         _fsync_dir(root)
     except BaseException:  # Ctrl-C included: leave no temporary directory behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -223,6 +212,19 @@ def load(directory: str | Path) -> Saved | None:
                 "to start over"
             )
     return Saved(path, meta)
+
+
+def check_config(saved: Saved, current: Any, *, allow_change: bool) -> None:
+    """Refuse a save written with another config than ``current`` (the difference named),
+    unless ``allow_change``."""
+    diff = config_diff(saved.meta.get("config"), current)
+    if diff and not allow_change:
+        raise ConfigChangedError(
+            f"checkpoint {saved.path} is from a run with another config ("
+            + "; ".join(diff[:6])
+            + "): resume it with --allow_config_change (allow_config_change=True), or start "
+            "over in another out_dir"
+        )
 
 
 def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:

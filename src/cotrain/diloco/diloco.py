@@ -49,7 +49,7 @@ from cotrain.comm.config import Quantization
 from cotrain.core.errors import UsageError
 from cotrain.diloco import checkpoint
 from cotrain.diloco.config import OuterConfig
-from cotrain.diloco.errors import ConfigChangedError, RunEndedError
+from cotrain.diloco.errors import RunEndedError
 from cotrain.diloco.fragments import Schedule, split
 from cotrain.diloco.metrics import Clocks
 from cotrain.diloco.outer import OuterState, flatten, load_flat
@@ -558,14 +558,7 @@ class DiLoCo:
         saved = checkpoint.load(self.checkpoint_dir)
         if saved is None:
             return False
-        diff = checkpoint.config_diff(saved.meta.get("config"), self.run_config)
-        if diff and not self.allow_config_change:
-            raise ConfigChangedError(
-                f"checkpoint {saved.path} is from a run with another config ("
-                + "; ".join(diff[:6])
-                + "): resume it with allow_config_change (--allow_config_change), or start "
-                "over in another output directory"
-            )
+        checkpoint.check_config(saved, self.run_config, allow_change=self.allow_config_change)
         saved.load_model(self.model)
         saved.load_optimizer(self.optimizer)
         outer = saved.tensors("outer")

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from cotrain.comm.communicator import Communicator
+from cotrain.core.files import write_atomic
 from cotrain.data import Batch, ShardReader, prepare, validation_batches
 from cotrain.diloco import checkpoint
 from cotrain.diloco.config import TrainConfig
@@ -165,12 +166,7 @@ class Worker:
                     "resume it with --allow_config_change, start over with --overwrite, or "
                     "choose another out_dir"
                 )
-        tmp = path.with_name(f".run.json.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(ident, indent=1))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(path, json.dumps(ident, indent=1).encode())
 
     @staticmethod
     def _ckpt_path(path: Path) -> Path:
@@ -380,14 +376,7 @@ class Worker:
         revision = -1
         saved = checkpoint.load(self.ckpt_dir) if cfg.checkpoint == "outer" else None
         if saved is not None:
-            diff = checkpoint.config_diff(saved.meta.get("config"), ident)
-            if diff and not cfg.allow_config_change:
-                raise ConfigChangedError(
-                    f"checkpoint {saved.path} is from a run with another config ("
-                    + "; ".join(diff[:6])
-                    + "): resume it with --allow_config_change, or start over in another "
-                    "out_dir"
-                )
+            checkpoint.check_config(saved, ident, allow_change=cfg.allow_config_change)
             saved.load_model(self.model)
             saved.load_optimizer(self.opt)
             step, self.tokens = int(saved.meta["step"]), int(saved.meta["tokens"])
