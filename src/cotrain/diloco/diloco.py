@@ -119,7 +119,8 @@ class DiLoCo:
     * ``checkpoint_dir`` / ``checkpoint_every`` (sync points) / ``extra_state`` /
       ``run_config`` (recorded and compared on resume) / ``allow_config_change``;
     * ``evaluate`` / ``eval_every`` (outer steps): a validation loss of the consensus model,
-      reported to ``on_sync`` after each synchronisation;
+      reported to ``on_sync`` after each synchronisation (and, at the start of a fresh run, of
+      the initial model as outer step 0); its time is counted in ``clocks.eval_s``;
     * ``params``: the parameters to train together (default: those that require grad, in
       ``model.parameters()`` order; frozen ones, e.g. a LoRA base, must be equal everywhere);
     * ``clocks`` / ``log``: time accounting and a sink for ``failed`` records (the trainer's).
@@ -308,6 +309,13 @@ class DiLoCo:
                     "its checkpoint"
                 )
             self._report(applied)
+        elif self.evaluate is not None and not self.resumed and self.inner_step == 0:
+            # a fresh run: the consensus model before any training, as outer step 0
+            val = self._evaluate_at(self.outer.params)
+            if self.on_sync is not None:
+                self.on_sync(
+                    SyncReport(0, 0, False, comm.world_size, 0.0, self.outer.digest(), val, 0)
+                )
         self._begin_phase()
         return self
 

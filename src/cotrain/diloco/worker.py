@@ -217,12 +217,18 @@ class Worker:
             os.kill(os.getpid(), signal.SIGKILL)
 
     @torch.no_grad()
-    def val_loss(self) -> float:
-        t0 = time.perf_counter()
+    def _val(self) -> float:
         self.model.eval()
         losses = [float(self.lm.loss(b.inputs, b.targets)) for b in self.val]
-        self.clocks.eval_s += time.perf_counter() - t0
         return sum(losses) / len(losses)
+
+    def val_loss(self) -> float:
+        """The validation loss, its time counted in ``eval_s`` (DiLoCo counts its own)."""
+        t0 = time.perf_counter()
+        try:
+            return self._val()
+        finally:
+            self.clocks.eval_s += time.perf_counter() - t0
 
     def param_digest(self) -> str:
         return hashlib.sha256(flatten(self.params).numpy().tobytes()).hexdigest()[:16]
@@ -333,7 +339,7 @@ class Worker:
             extra_state=_Position(self.reader),
             run_config=cfg.run_identity(),
             allow_config_change=cfg.allow_config_change,
-            evaluate=self.val_loss,
+            evaluate=self._val,
             eval_every=cfg.eval_every_outer,
             on_sync=on_sync,
             params=self.params,
