@@ -249,3 +249,44 @@ def test_joining_a_run_that_ended_is_refused() -> None:
             _train(master.port, 1, 8, world=1, kw={"sync_every": 4})
     finally:
         master.stop()
+
+
+def test_a_worker_with_other_settings_is_refused() -> None:
+    from cotrain.diloco import ConfigMismatchError
+
+    master = MasterThread()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            futures = [
+                pool.submit(_train, master.port, i, 20, world=2, kw={"sync_every": 4 + i})
+                for i in range(2)
+            ]
+            outcomes = []
+            for f in futures:
+                try:
+                    outcomes.append(f.result(timeout=100)[1])
+                except ConfigMismatchError as e:
+                    outcomes.append(str(e))
+    finally:
+        master.stop()
+    refused = [o for o in outcomes if isinstance(o, str)]
+    assert len(refused) == 1 and "sync_every" in refused[0]
+    assert 20 in outcomes  # the other one finished the run
+
+
+def test_a_total_that_is_not_a_multiple_of_sync_every_ends_with_a_short_phase() -> None:
+    master = MasterThread()
+    try:
+        reports: list[SyncReport] = []
+        out = _run_all(
+            [
+                lambda i=i: _train(  # type: ignore[misc]
+                    master.port, i, 10, world=2, kw={"sync_every": 4}, on_sync=reports.append
+                )
+                for i in range(2)
+            ]
+        )
+    finally:
+        master.stop()
+    assert [o[1] for o in out] == [10, 10] and out[0][0] == out[1][0]
+    assert sorted({r.step for r in reports}) == [4, 8, 10]

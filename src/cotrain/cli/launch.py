@@ -134,6 +134,8 @@ def _run(argv: Sequence[str]) -> int:
         return 0
     if target.kind == "script" and not target.path.is_file():
         raise usage(f"{target.path} does not exist (launch takes a CONFIG.toml or a script.py)")
+    if target.kind == "script" and target.path.suffix != ".py":
+        raise usage(f"{target.path} is neither a CONFIG.toml nor a script.py: launch takes one")
     configure_logging(inv.log_level)
     code = 0
     with Service("launch") as svc:

@@ -231,7 +231,9 @@ class Communicator:
         """Call ``update_topology`` until at least ``n`` peers are in the ring."""
         deadline = Deadline.after(timeout_s)
         while self.world_size < n:
-            self.update_topology(timeout_s=deadline.check(f"{n} peers"))
+            self.update_topology(
+                timeout_s=deadline.check(f"{n} peers ({self.world_size} in the ring so far)")
+            )
 
     # ---- the jobs ----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 ::
 
     CommError (CotrainError)
+    ├── ListenError (UsageError)  this peer's data server cannot bind its address
     ├── AuthError                 the other side does not know the run secret (or we do not)
     ├── ProtocolError             malformed, oversized or unexpected frame; connection dropped
     ├── MasterUnreachableError    no master answered within the connect/reconnect timeout
@@ -19,11 +20,15 @@
 ``update_topology()`` and run the collective again with the survivors.
 """
 
-from cotrain.core.errors import CotrainError
+from cotrain.core.errors import CotrainError, UsageError
 
 
 class CommError(CotrainError):
     """Base class of communication errors."""
+
+
+class ListenError(CommError, UsageError):
+    """This peer's data server cannot bind its address (in use, not this host's)."""
 
 
 class AuthError(CommError):

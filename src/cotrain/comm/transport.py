@@ -21,7 +21,7 @@ from typing import Any
 from cotrain.comm import messages as m
 from cotrain.comm.auth import Admission, Credentials, client_handshake, server_handshake
 from cotrain.comm.config import CommConfig, TLSConfig
-from cotrain.comm.errors import AuthError, CommError, ProtocolError
+from cotrain.comm.errors import AuthError, CommError, ListenError, ProtocolError
 from cotrain.comm.frames import recv_json, send_json
 from cotrain.comm.tls import client_context, server_context
 from cotrain.core.clock import Deadline
@@ -145,7 +145,13 @@ class DataServer:
         self._timeout = handshake_timeout_s
         self._max_frame = max_frame
         self._tls = server_context(tls) if tls is not None else None
-        self._sock = socket.create_server((host, port), backlog=1024)
+        try:
+            self._sock = socket.create_server((host, port), backlog=1024)
+        except OSError as e:
+            raise ListenError(
+                f"cannot listen for peers on {host}:{port}: {e.strerror or e} (set "
+                "comm.listen_host / comm.listen_port, or 0 for any free port)"
+            ) from None
         self.port: int = self._sock.getsockname()[1]
         self._closed = threading.Event()
         self._pending_lock = threading.Lock()

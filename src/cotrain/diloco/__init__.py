@@ -13,7 +13,9 @@ from cotrain.diloco.diloco import DiLoCo, SyncReport
 from cotrain.diloco.errors import (
     CheckpointError,
     ConfigChangedError,
+    ConfigMismatchError,
     RoundFailedError,
+    RunEndedError,
     TrainError,
 )
 from cotrain.diloco.outer import OuterState
@@ -39,11 +41,13 @@ __all__ = [
     "AlgoConfig",
     "CheckpointError",
     "ConfigChangedError",
+    "ConfigMismatchError",
     "DiLoCo",
     "InnerConfig",
     "OuterConfig",
     "OuterState",
     "RoundFailedError",
+    "RunEndedError",
     "SyncReport",
     "TrainConfig",
     "TrainError",

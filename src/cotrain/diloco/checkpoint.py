@@ -22,8 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,15 +119,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _remove_stale(directory: Path) -> None:
-    """Remove ``.tmp-<pid>-*`` saves of processes that no longer run."""
+def _remove_stale(directory: Path, *, own: bool = False) -> None:
+    """Remove ``.tmp-<pid>-*`` saves of processes that no longer run (``own``: this
+    process's too, when it is done saving)."""
     for p in directory.glob(".tmp-*"):
         try:
             pid = int(p.name.split("-")[1])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+        mine = pid == os.getpid()
+        if (own and mine) or (not mine and not Path(f"/proc/{pid}").exists()):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_temporary(directory: str | Path) -> None:
+    """Remove every unfinished save of this process in ``directory`` (for a ``finally``: a
+    save cut short by a second Ctrl-C during its own clean-up)."""
+    if Path(directory).is_dir():
+        _remove_stale(Path(directory), own=True)
 
 
 def save(
@@ -146,9 +155,11 @@ def save(
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=root))
+    # named before it exists: an interrupt at any point after this line can remove it
+    tmp = root / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
     name = f"step-{step:08d}"
     try:
+        tmp.mkdir()
         files: dict[str, str] = {}
         save_model(model, str(tmp / "model.safetensors"))
         files["model"] = _sha256(tmp / "model.safetensors")

@@ -106,7 +106,8 @@ class TrainConfig(ConfigModel):
     join: Literal["start", "join"] = "start"
     """"start": wait for ``world`` workers; "join": enter a running ring and receive its state."""
     out_dir: str = "runs/debug"
-    """Metrics (worker<i>.jsonl), checkpoints (worker<i>.ckpt) and the resolved config."""
+    """The run's directory: run.json, each worker's records (worker<i>.jsonl), resolved config
+    (config<i>.json), checkpoint (worker<i>/checkpoint/) and final model (worker<i>/model/)."""
     eval_every_outer: int = Field(default=1, ge=1)
     """Validation loss every this many outer steps (diloco) or ``inner_steps`` steps (ddp)."""
     log_every_steps: int = Field(default=10, ge=1)

@@ -32,6 +32,7 @@ for bit (``outer.py``), so all workers that finish the run hold bit-identical pa
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -49,7 +50,7 @@ from cotrain.comm.config import Quantization
 from cotrain.core.errors import UsageError
 from cotrain.diloco import checkpoint
 from cotrain.diloco.config import OuterConfig
-from cotrain.diloco.errors import RunEndedError
+from cotrain.diloco.errors import ConfigMismatchError, RunEndedError
 from cotrain.diloco.fragments import Schedule, split
 from cotrain.diloco.metrics import Clocks
 from cotrain.diloco.outer import OuterState, flatten, load_flat
@@ -112,8 +113,9 @@ class DiLoCo:
     * ``sync_every`` (H), ``fragments``, ``overlap``, ``inner_time_s``, ``quantization``:
       the algorithm (see ``AlgoConfig`` for each);
     * ``outer_lr``, ``outer_momentum``, ``outer_method``: the outer SGD;
-    * ``total_steps``: the run's length in inner steps (rounded up to a multiple of H); needed
-      for the final synchronisation of every fragment when ``fragments > 1``;
+    * ``total_steps``: the run's length in inner steps (the last phase is shorter when it is
+      not a multiple of H); needed for the final synchronisation of every fragment when
+      ``fragments > 1``;
     * ``world``: at the start of a run, wait for this many workers before the first step;
     * ``min_workers`` / ``min_workers_timeout_s`` / ``retries``: elasticity;
     * ``checkpoint_dir`` / ``checkpoint_every`` (sync points) / ``extra_state`` /
@@ -198,7 +200,8 @@ class DiLoCo:
             self.params, OuterConfig(lr=outer_lr, momentum=outer_momentum, method=outer_method)
         )
         rounds = math.ceil(total_steps / sync_every) if total_steps else (1 << 40) // sync_every
-        self.schedule = Schedule(sync_every, fragments, rounds)
+        # a total that is not a multiple of H ends with a shorter phase
+        self.schedule = Schedule(sync_every, fragments, rounds, stop=total_steps)
         self.frags = split(self.params, fragments)
         n = self.outer.numel
         self.delta = torch.zeros(n)  # this worker's pseudo-gradient (N,)
@@ -226,6 +229,13 @@ class DiLoCo:
             "params": _shapes_digest(model, self.params),
             "run": run_config or {},
         }
+        # The settings every worker must share, hashed into the shared state: a worker whose
+        # settings differ from the majority's gets theirs at its first synchronisation, and
+        # stops with ConfigMismatchError instead of drifting away from the others.
+        blob = json.dumps(self.run_config, sort_keys=True, default=str).encode()
+        code = int.from_bytes(hashlib.sha256(blob).digest()[:7], "big")
+        self._config_code = torch.tensor([code], dtype=torch.int64)
+        self._expected_code = code
         self._pending: int | None = None  # resumed with a synchronisation to start again
         self._revision_hint = 0
         self._flight: _InFlight | None = None
@@ -439,7 +449,7 @@ class DiLoCo:
         assert self._sync is not None
         job = partial(
             self._sync.outer,
-            self.outer.shared(),
+            {**self.outer.shared(), "diloco.config": self._config_code},
             self.delta,
             self.avg,
             span=self._span,
@@ -464,6 +474,14 @@ class DiLoCo:
         out = flight.future.result(timeout=self._sync_timeout_s)
         if self._pool is not None:
             self.clocks.blocked_s += time.perf_counter() - t0
+        if int(self._config_code[0]) != self._expected_code:
+            raise ConfigMismatchError(
+                "this worker's settings differ from the run's (the other workers'): every "
+                "worker of a run must use the same sync_every, fragments, overlap, "
+                "inner_time_s, quantization, outer optimizer, total_steps, model and "
+                "run_config (cotrain train: the same model, data, inner, algo and "
+                "total_steps)"
+            )
         # the outer step is still the one the synchronisation settled on (only we change it)
         fr = self.frags[self.schedule.fragment(int(self.outer.step[0]))]
         span = slice(fr.start, fr.stop)

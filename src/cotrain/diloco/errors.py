@@ -6,6 +6,7 @@
     └── TrainError                     anything the trainer raises on purpose
         ├── CheckpointError (UsageError)  a checkpoint cannot be read or does not fit this run
         │   └── ConfigChangedError     resuming with a changed config (names the difference)
+        ├── ConfigMismatchError (UsageError)  a worker's settings differ from the run's
         ├── RoundFailedError           an outer step (or DDP step) kept failing after its retries
         └── RunEndedError (UsageError) joining a run that has no worker left to learn from
 """
@@ -33,3 +34,7 @@ class RoundFailedError(TrainError):
 
 class RunEndedError(TrainError, UsageError):
     """A worker joined a run in progress, but no other worker is left to receive its state from."""
+
+
+class ConfigMismatchError(TrainError, UsageError):
+    """This worker's DiLoCo settings (or run config) differ from the other workers'."""

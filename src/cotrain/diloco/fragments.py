@@ -73,6 +73,9 @@ class Schedule:
     inner_steps: int
     fragments: int
     rounds: int
+    stop: int | None = None
+    """The run's last inner step when it is not a multiple of ``inner_steps`` (the last
+    phase is then shorter); default ``rounds x inner_steps``."""
 
     @property
     def every(self) -> int:
@@ -81,7 +84,7 @@ class Schedule:
 
     @property
     def total_steps(self) -> int:
-        return self.rounds * self.inner_steps
+        return self.stop if self.stop is not None else self.rounds * self.inner_steps
 
     @property
     def sync_points(self) -> int:

@@ -20,6 +20,7 @@ joiners included, stops at the same step. Files under ``out_dir``::
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from cotrain.comm.communicator import Communicator
+from cotrain.core.errors import UsageError
 from cotrain.core.files import write_atomic
 from cotrain.data import Batch, ShardReader, prepare, validation_batches
 from cotrain.diloco import checkpoint
@@ -65,7 +67,16 @@ class Worker:
         self.out = Path(cfg.out_dir)
         self.wdir = self.out / f"worker{cfg.worker_index}"
         self.ckpt_dir = self.wdir / "checkpoint"
-        self._claim_out_dir()
+        self._lock = self._lock_worker()
+        try:
+            self._setup(echo)
+        except BaseException:
+            self._release()
+            raise
+
+    def _setup(self, echo: bool) -> None:
+        cfg = self.cfg
+        write_run = self._check_out_dir()
         self.log = MetricsLog(
             self.out / f"worker{cfg.worker_index}.jsonl",
             echo=echo,
@@ -96,6 +107,8 @@ class Worker:
                 f"data.seq_len={cfg.data.seq_len} exceeds the model's longest sequence "
                 f"({self.lm.max_seq_len}): lower data.seq_len"
             )
+        if write_run:  # the model and data are fine: this out_dir is this run's now
+            write_atomic(self.out / "run.json", json.dumps(cfg.run_identity(), indent=1).encode())
         self.model = self.lm.module
         self.params = self.lm.parameters()
         inner = cfg.inner
@@ -141,32 +154,54 @@ class Worker:
 
     # ---- the output directory -----------------------------------------------------------------
 
-    def _claim_out_dir(self) -> None:
-        """``out_dir`` belongs to one run: refuse another run's unless told to resume it with
-        the new config (``allow_config_change``) or to start over (``overwrite``)."""
-        cfg = self.cfg
+    def _lock_worker(self) -> int:
+        """Hold ``out_dir/worker<i>.lock`` while this worker runs: a second process with the
+        same out_dir and worker index is refused instead of writing into the same files."""
         self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"worker{self.cfg.worker_index}.lock"
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(
+                f"worker {self.cfg.worker_index} of {self.out} is already running (another "
+                "process holds its lock): use another worker_index or out_dir"
+            ) from None
+        return fd
+
+    def _release(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)  # closing the descriptor releases the lock
+            self._lock = -1
+
+    def _check_out_dir(self) -> bool:
+        """``out_dir`` belongs to one run: refuse another run's unless told to resume it with
+        the new config (``allow_config_change``) or to start over (``overwrite``). Returns
+        whether ``run.json`` is to be (re)written, once the model and data have loaded."""
+        cfg = self.cfg
         ident = cfg.run_identity()
         path = self.out / "run.json"
         if cfg.overwrite:
             shutil.rmtree(self.wdir, ignore_errors=True)
             (self.out / f"worker{cfg.worker_index}.jsonl").unlink(missing_ok=True)
-        elif path.exists():
-            try:
-                old = json.loads(path.read_text())
-            except (OSError, ValueError):
-                old = None
-            diff = checkpoint.config_diff(old, ident)
-            if not diff or cfg.allow_config_change:
-                if not diff:
-                    return
-            else:
-                raise ConfigChangedError(
-                    f"{self.out} holds a run with another config ({'; '.join(diff[:6])}): "
-                    "resume it with --allow_config_change, start over with --overwrite, or "
-                    "choose another out_dir"
-                )
-        write_atomic(path, json.dumps(ident, indent=1).encode())
+            return True
+        if not path.exists():
+            return True
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None
+        diff = checkpoint.config_diff(old, ident)
+        if not diff:
+            return False
+        if cfg.allow_config_change:
+            return True
+        raise ConfigChangedError(
+            f"{self.out} holds a run with another config ({'; '.join(diff[:6])}): "
+            "resume it with --allow_config_change, start over with --overwrite, or "
+            "choose another out_dir"
+        )
 
     @staticmethod
     def _ckpt_path(path: Path) -> Path:
@@ -290,9 +325,11 @@ class Worker:
                 self.lm.save_pretrained(self.wdir / "model")
             return summary
         finally:
+            checkpoint.remove_temporary(self.ckpt_dir)
             if self.comm is not None:
                 self.comm.close()
             self.log.close()
+            self._release()
 
     def _warm_start(self) -> tuple[int, int]:
         """(step, tokens) of ``init_from``, loaded into the model, optimizer and reader."""
