@@ -424,7 +424,18 @@ def describe(model: type[BaseModel] | BaseModel, prefix: str = "") -> list[Field
             default = info.get_default(call_default_factory=True)
         sub = _model_of(info.annotation)
         if sub is not None:  # a section (one that is off by default lists its fields too)
-            out += describe(default if isinstance(default, BaseModel) else sub, key + ".")
+            if not isinstance(default, BaseModel):  # off by default: say how to turn it on
+                doc = " ".join((info.description or sub.__doc__ or "").split())
+                on = "Off by default: setting any of its fields turns it on; null turns it off."
+                out.append(FieldDoc(key, f"{sub.__name__} | null", "null", f"{doc} {on}"))
+                out += [
+                    FieldDoc(d.key, d.type, "(required when on)", d.doc)
+                    if d.default == "(required)"
+                    else d
+                    for d in describe(sub, key + ".")
+                ]
+                continue
+            out += describe(default, key + ".")
             continue
         doc = (info.description or (sub.__doc__ if sub else "") or "").strip()
         if info.is_required() and not isinstance(model, BaseModel):

@@ -106,6 +106,7 @@ class Synchronizer:
         step: int,
     ) -> SyncOutcome:
         """Call ``attempt(vote)`` until it succeeds, voting before every retry."""
+        last: Exception | None = None
         for k in range(self.retries + 1):
             t0 = time.perf_counter()
             try:
@@ -114,6 +115,7 @@ class Synchronizer:
             # A timeout (the master or a peer stayed silent past request_timeout_s) is retried
             # too: the vote that starts the retry realigns every member's phase numbers.
             except (PeerFailedError, TopologyChangedError, TimeoutExpired) as e:
+                last = e
                 self.clocks.waiting_s += time.perf_counter() - t0
                 log.info("synchronisation at step %d failed (%s); retrying", step, e)
                 if self.log is not None:
@@ -125,7 +127,10 @@ class Synchronizer:
                         message=str(e)[:200],
                     )
                 vote = True
-        raise RoundFailedError(f"synchronisation at step {step} failed {self.retries + 1} times")
+        raise RoundFailedError(
+            f"synchronisation at step {step} failed {self.retries + 1} times, the last with "
+            f"{type(last).__name__}: {last}"
+        )
 
     def _vote(self, vote: bool) -> None:
         if not (vote or self.comm.vote_wanted or self.comm.world_size < self.min_workers):
