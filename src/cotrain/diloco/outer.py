@@ -18,8 +18,9 @@ from cotrain.diloco.config import OuterConfig
 
 
 def flatten(params: list[nn.Parameter]) -> torch.Tensor:
-    """(N,) fp32 copy of the parameters, in order."""
-    return torch.cat([p.detach().reshape(-1).float() for p in params])
+    """(N,) fp32 copy of the parameters, in order, on the CPU (where the outer state and the
+    wire buffers live, whatever device the model trains on)."""
+    return torch.cat([p.detach().reshape(-1).float().cpu() for p in params])
 
 
 def load_flat(params: list[nn.Parameter], flat: torch.Tensor) -> None:
