@@ -206,7 +206,9 @@ class DiLoCo:
         n = self.outer.numel
         self.delta = torch.zeros(n)  # this worker's pseudo-gradient (N,)
         self.avg = torch.zeros(n)  # the workers' token-weighted mean (N,)
-        self.anchor = torch.zeros(n)  # local params when delta was taken (N,)
+        # local params when delta was taken (N,): only overlap trains between taking a
+        # pseudo-gradient and applying its average (without, that is N floats saved)
+        self.anchor = torch.zeros(n if overlap else 0)
         self.since = [0] * fragments  # tokens trained since each fragment was sent
         self.tokens = 0
         """Tokens this worker trained on (all phases)."""
@@ -422,7 +424,8 @@ class DiLoCo:
         span = slice(fr.start, fr.stop)
         local = flatten([self.params[i] for i in fr.params])  # (n,)
         torch.sub(self.outer.params[span], local, out=self.delta[span])  # pseudo-gradient
-        self.anchor[span] = local
+        if self.overlap:
+            self.anchor[span] = local
         tokens, self.since[fr.index] = self.since[fr.index], 0
         if self.checkpoint_dir is not None and self._k % self.checkpoint_every == 0:
             self._save(pending=tokens)
@@ -492,11 +495,13 @@ class DiLoCo:
         if out.fetched:
             load_flat(self.params, self.outer.params)
             self.since = [0] * len(self.frags)
-        else:
+        elif self.overlap:
             # local = new outer - progress since the pseudo-gradient was taken (exactly the
-            # outer params when there was none: no overlap, or the end of the run)
+            # outer params when there was none, as at the end of the run)
             since = self.anchor[span] - flatten([self.params[i] for i in fr.params])
             load_flat([self.params[i] for i in fr.params], self.outer.params[span] - since)
+        else:  # no inner step since the pseudo-gradient was taken: local = the new outer
+            load_flat([self.params[i] for i in fr.params], self.outer.params[span])
         if out.fetched:
             # where the run is: the start of the phase after the outer step we received
             self.inner_step = self.schedule.start_step(int(self.outer.step[0]))
@@ -590,7 +595,10 @@ class DiLoCo:
         outer = saved.tensors("outer")
         self.outer.load_state_dict(outer)
         self.delta.copy_(outer["delta"])
-        self.anchor.copy_(outer["anchor"])
+        if outer["anchor"].numel() == self.anchor.numel():
+            self.anchor.copy_(outer["anchor"])
+        elif self.overlap:  # overlap switched on: a save is taken as the params were sent
+            self.anchor.copy_(flatten(self.params))
         meta = saved.meta
         self.inner_step, self.tokens = int(meta["step"]), int(meta["tokens"])
         self.since = [int(x) for x in meta["since"]]
