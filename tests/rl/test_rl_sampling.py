@@ -1,0 +1,95 @@
+"""Seeded Gumbel-max sampling: exact samples, replayed by a validator on its own prefill at
+another thread count, and every cheat on the sampling fails the replay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_harness import small_hf_model, write_text
+
+from cotrain.rl import sampling
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
+    from transformers import AutoModelForCausalLM
+
+    tmp = tmp_path_factory.mktemp("rl")
+    text = write_text(tmp / "text.txt")
+    honest = AutoModelForCausalLM.from_pretrained(small_hf_model(tmp / "a", text)).eval()
+    torch.manual_seed(1)  # another model of the same shape
+    other = AutoModelForCausalLM.from_config(honest.config).eval()
+    return honest, other
+
+
+PROMPT = [5, 17, 42, 99, 3, 250, 7]
+
+
+def _sample(model: object, seed: int, temperature: float = 1.0, n: int = 24) -> sampling.Sampled:
+    return sampling.generate(
+        model, PROMPT, max_new_tokens=n, temperature=temperature, seed=seed, eos_token_id=None
+    )
+
+
+def test_seeds_are_fixed_by_task_worker_and_counter() -> None:
+    s = sampling.derive_seed(7, "ab" * 32, 0)
+    assert s == sampling.derive_seed(7, "ab" * 32, 0) and 0 <= s < 2**63
+    others = {sampling.derive_seed(7, "cd" * 32, 0), sampling.derive_seed(8, "ab" * 32, 0)}
+    assert s not in others and sampling.derive_seed(7, "ab" * 32, 1) != s
+
+
+def test_gumbel_max_samples_the_softmax() -> None:
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    counts = torch.zeros(4)
+    n = 4000
+    for k in range(n):
+        counts[int(torch.argmax(sampling.scores(logits, 1.0, k, 0)))] += 1
+    expected = torch.softmax(logits, 0) * n
+    assert torch.all((counts - expected).abs() < 4 * expected.sqrt() + 5), (counts, expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_honest_completions_replay_at_another_thread_count(
+    models: tuple[object, object], threads: int
+) -> None:
+    honest, _ = models
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        outs = [(seed, _sample(honest, seed)) for seed in range(6)]
+        torch.set_num_threads(threads)  # the validator's machine
+        for seed, out in outs:
+            logits = sampling.prefill_logits(honest, PROMPT, out.tokens)
+            r = sampling.replay(logits, out.tokens, temperature=1.0, seed=seed)
+            assert r.ok, (seed, r)
+            lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(out.tokens)[:, None])
+            assert torch.allclose(lp[:, 0], torch.tensor(out.logprobs), atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cheats_on_the_sampling_fail_the_replay(models: tuple[object, object]) -> None:
+    honest, other = models
+    seed = 11
+    out = _sample(honest, seed)
+
+    def check(tokens: list[int], seed: int = seed) -> sampling.Replay:
+        logits = sampling.prefill_logits(honest, PROMPT, tokens)
+        return sampling.replay(logits, tokens, temperature=1.0, seed=seed)
+
+    assert check(out.tokens).ok
+    greedy = _sample(honest, seed, temperature=0.0).tokens  # greedy instead of sampling
+    assert not check(greedy).ok
+    assert not check(_sample(other, seed).tokens).ok  # another model's tokens
+    assert not check(_sample(honest, seed + 1).tokens).ok  # a seed the worker chose
+    swapped = [*out.tokens[:-1], (out.tokens[-1] + 1) % 512]  # the last token swapped
+    r = check(swapped)
+    assert not r.ok and r.first_mismatch == len(swapped) - 1
+    # best-of-N: the most likely of 8 samples, claimed under the assigned seed
+    best = max((_sample(honest, s) for s in range(100, 108)), key=lambda o: sum(o.logprobs)).tokens
+    assert not check(best).ok
+    with pytest.raises(ValueError, match="do not match"):
+        sampling.replay(torch.zeros(3, 512), [1, 2], temperature=1.0, seed=0)
+    assert not sampling.replay(torch.zeros(1, 512), [9999], temperature=1.0, seed=0).ok
