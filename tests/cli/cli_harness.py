@@ -12,26 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from proc_harness import processes_with
+
 TAG = "COTRAIN_TEST_TAG"
 
 
 def tagged(tag: str) -> list[int]:
     """Live processes whose environment carries ``TAG=tag`` (ours and their descendants)."""
-    needle = f"{TAG}={tag}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in env and state != b"Z":
-            found.append(int(entry))
-    return found
+    return processes_with(f"{TAG}={tag}")
 
 
 def child_env(tag: str, **extra: str) -> dict[str, str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from proc_harness import processes_with
 
 from cotrain.diloco.metrics import read_log
 
@@ -103,25 +104,6 @@ def write_corpus(cache: Path, docs: int = 48) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def _tagged(tag: str) -> list[int]:
-    """Live processes whose environment carries ``DEMO_TEST_TAG=tag``."""
-    needle = f"DEMO_TEST_TAG={tag}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in env and state != b"Z":
-            found.append(int(entry))
-    return found
-
-
 def _row(text: str, label: str) -> str:
     """The value cell of the summary row whose label starts with ``label``."""
     for line in text.splitlines():
@@ -147,7 +129,7 @@ def test_demo_quick_figures_are_the_logs(tmp_path: Path) -> None:
     text = run.stdout
     (tmp_path / "stdout.txt").write_text(text)
     assert run.returncode == 0, text[-4000:] + run.stderr[-4000:]
-    assert _tagged(tag) == []  # no master or worker left behind
+    assert processes_with(f"DEMO_TEST_TAG={tag}") == []  # no master or worker left behind
     check_figures(out, text)
 
 

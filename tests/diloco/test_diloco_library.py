@@ -235,6 +235,10 @@ def test_misuse_is_a_clear_error() -> None:
         DiLoCo(comm, model, opt, quantization="int9")  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="context manager"):
         DiLoCo(comm, model, opt).step()
+    entered = DiLoCo(comm, model, opt)
+    entered._entered = True  # past __enter__ (no master here): the argument check alone
+    with pytest.raises(UsageError, match="negative"):
+        entered.step(tokens=-5)
     with pytest.raises(UsageError, match="not supported"):
         DDP(comm, model, torch.optim.Adagrad(model.parameters()))
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from hf_harness import small_hf_model, write_text
+from proc_harness import processes_with
 
 from cotrain.core.clock import Deadline
 
@@ -48,19 +49,7 @@ def _launch(cmd: list[str], env: dict[str, str], lines: queue.Queue[str]) -> sub
 
 def _pids(port: int, index: int) -> list[int]:
     """The script processes of worker ``index`` of the run whose master is on ``port``."""
-    want = {f"COTRAIN_WORKER_INDEX={index}", f"COTRAIN_COMM__MASTER_PORT={port}"}
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            env = set((d / "environ").read_bytes().decode(errors="replace").split("\0"))
-            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if want <= env and str(SCRIPT) in cmd:
-            found.append(int(d.name))
-    return found
+    return processes_with(f"COTRAIN_WORKER_INDEX={index}", f"COTRAIN_COMM__MASTER_PORT={port}")
 
 
 @pytest.mark.timeout(300)

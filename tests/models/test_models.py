@@ -12,14 +12,6 @@ from cotrain.models.hf import cache_dir
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: one thread per test is faster and steadier
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_public_surface_is_pinned():
     assert sorted(models.__all__) == sorted(
         [

@@ -114,7 +114,10 @@ class DDP:
                 shared[f"s{i:04d}.{key}"] = st[key]
         return shared
 
-    def __enter__(self) -> DDP:
+    def join(self) -> None:
+        """Enter the ring: at the start of a run, wait for ``world`` workers; in a run in
+        progress (the master reports a shared state), join at the others' next vote and
+        receive their state at the first step. ``with DDP(...)`` calls it."""
         comm = self.comm
         self._joining = comm.run_revision is not None
         if comm.rank < 0:
@@ -122,10 +125,13 @@ class DDP:
                 comm.wait_for_world(self.world, timeout_s=self._sync.min_workers_timeout_s)
             else:
                 comm.update_topology()
+
+    def __enter__(self) -> DDP:
+        self.join()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        pass
+        """Nothing to finish: every step's all-reduce completed within ``sync_gradients``."""
 
     def sync_gradients(self, recompute: Callable[[], None] | None = None) -> SyncOutcome:
         """Average the gradients of ``params`` over the workers, in place; counts the step.

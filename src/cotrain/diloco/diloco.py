@@ -377,6 +377,8 @@ class DiLoCo:
             raise UsageError("use DiLoCo as a context manager: with DiLoCo(...) as diloco:")
         if self.finished:
             raise UsageError(f"the run is over: total_steps={self.total_steps} reached")
+        if tokens < 0:
+            raise UsageError(f"step(tokens={tokens}): a step's weight cannot be negative")
         self._h += 1
         self.tokens += tokens
         self.since = [n + tokens for n in self.since]

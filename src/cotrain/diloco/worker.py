@@ -445,7 +445,7 @@ class Worker:
                 log=self.log,
             )
             ddp.step = step
-            ddp.__enter__()
+            ddp.join()
             self.log.write("joined", rank=self.comm.rank, step=step, **self._comm_fields())
         end = self.rounds * self.H
         if cfg.stop_at_step is not None:
