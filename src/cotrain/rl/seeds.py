@@ -1,0 +1,30 @@
+"""Every seed of a run, derived so that nobody but the orchestrator's schedule picks one.
+
+A task is fixed by ``(run seed, step, slot, attempt)``; the sampling seed of each sample of its
+group by ``(task seed, run, slot, sample index)``. A slot issued again (its worker died or
+cheated) gets the same task and seeds, so any honest worker produces the same completions, and
+the synchronous loop and an async run at level 0 draw identical batches. Held-out tasks use
+seeds no run draws.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from cotrain.rl.sampling import derive_seed
+
+HELDOUT_BASE = 1 << 52
+"""Held-out task seeds are ``HELDOUT_BASE + i``; ``task_seed`` stays below it."""
+
+
+def task_seed(run_seed: int, step: int, slot: int, attempt: int) -> int:
+    h = hashlib.sha256(f"cotrain.rl.task/1|{run_seed}|{step}|{slot}|{attempt}".encode()).digest()
+    return int.from_bytes(h[:8], "big") % HELDOUT_BASE
+
+
+def sample_seeds(task: int, run: str, slot_key: str, group_size: int) -> list[int]:
+    return [derive_seed(task, f"{run}/{slot_key}", i) for i in range(group_size)]
+
+
+def heldout_seeds(n: int) -> list[int]:
+    return [HELDOUT_BASE + i for i in range(n)]
