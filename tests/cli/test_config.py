@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from cotrain.cli import app
 from cotrain.cli.comm import MASTER, PEER
 from cotrain.cli.launch import LAUNCH
+from cotrain.cli.rl import ROLES as RL_ROLES
 from cotrain.cli.role import Role, parse_args
 from cotrain.cli.shardcast import FETCH, ORIGIN, PUBLISH, RELAY
 from cotrain.cli.toploc import GENERATE, VERIFY
@@ -29,7 +30,10 @@ from cotrain.core.errors import ConfigError
 from cotrain.demo.peer import PeerProgramConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-ROLES: list[Role] = [MASTER, PEER, TRAIN, ORIGIN, PUBLISH, RELAY, FETCH, GENERATE, VERIFY, LAUNCH]
+ROLES: list[Role] = [
+    *[MASTER, PEER, TRAIN, ORIGIN, PUBLISH, RELAY, FETCH, GENERATE, VERIFY, LAUNCH],
+    *RL_ROLES,
+]
 
 
 @pytest.fixture(autouse=True)
@@ -146,6 +150,7 @@ SHIPPED: dict[str, tuple[Role, list[str]]] = {
     "diloco-10m.toml": (TRAIN, []),
     "master.toml": (MASTER, []),
     "peer-debug.toml": (PEER, []),
+    "rl-debug.toml": (RL_ROLES[-1], []),
     "shardcast_client.toml": (FETCH, ["--out", "model.safetensors"]),
     "shardcast_relay.toml": (RELAY, []),
     "smollm2-lora.toml": (TRAIN, []),

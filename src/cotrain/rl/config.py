@@ -60,7 +60,9 @@ class EnvSpec(ConfigModel):
     """on: raise the level once the pass rate over ``curriculum_window`` rewards exceeds
     ``curriculum_threshold``."""
     curriculum_threshold: float = Field(default=0.8, gt=0, le=1)
+    """Pass rate over the window above which the level goes up."""
     curriculum_window: int = Field(default=64, ge=1)
+    """Rewards (samples) the pass rate is measured over."""
     heldout_items: int = Field(default=100, ge=0)
     """Held-out tasks (seeds no run draws) for the trainer's greedy accuracy after each step."""
 
@@ -69,20 +71,25 @@ class SamplingConfig(ConfigModel):
     """How workers sample (assigned by the orchestrator, checked by validators)."""
 
     temperature: float = Field(default=1.0, gt=0, le=10)
+    """Sampling temperature of every rollout (logprobs are taken at it too)."""
     max_new_tokens: int = Field(default=16, ge=1, le=4096)
+    """Longest completion; a completion that reaches it ends with finish_reason length."""
 
 
 class ProofSpec(ConfigModel):
     """TOPLOC proof sizes (workers and validators must agree)."""
 
     chunk_tokens: int = Field(default=32, ge=1)
+    """Positions committed to by one proof chunk."""
     topk: int = Field(default=128, ge=1)
+    """Entries per proof chunk."""
 
 
 class OrchestratorConfig(ConfigModel):
     """The trusted scheduler: tasks, assignments, verdicts, rewards, batches."""
 
     host: str = "127.0.0.1"
+    """Address to listen on."""
     port: int = Field(default=8480, ge=0, le=65535)
     """0 picks a free port (printed in the ready line)."""
     url: str = ""
@@ -96,6 +103,7 @@ class OrchestratorConfig(ConfigModel):
     admission: Literal["open", "list"] = "open"
     """open: any key may work; list: only ``worker_keys``."""
     worker_keys: list[str] = Field(default_factory=list)
+    """Workers admitted when admission is list (64-hex public keys)."""
     assignment_timeout_s: float = Field(default=120.0, gt=0)
     """An assignment not answered by then is issued to another worker."""
     validation_timeout_s: float = Field(default=60.0, gt=0)
@@ -108,6 +116,7 @@ class OrchestratorConfig(ConfigModel):
     """Where rollouts and verdicts go: a directory (default run.out_dir/rollouts) or an
     fsspec URL such as s3://bucket/prefix."""
     max_body_mb: float = Field(default=8.0, gt=0)
+    """Largest request body accepted, in MB."""
 
 
 class TrainerConfig(ConfigModel):
@@ -116,23 +125,31 @@ class TrainerConfig(ConfigModel):
     key: Path = Path("keys/trainer.pem")
     """Signs shardcast manifests and version notices."""
     lr: float = Field(default=1e-5, gt=0)
+    """AdamW learning rate (1e-5 measured at 135M; about 1e-6 from 0.5B)."""
     betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay."""
     grad_clip: float = Field(default=1.0, gt=0)
+    """Gradient norm clip."""
     micro_batch: int = Field(default=16, ge=1)
     """Sequences per forward/backward (gradients accumulate over the batch)."""
     eps_low: float = Field(default=0.2, gt=0, lt=1)
+    """Lower clip of the ratio: 1 - eps_low."""
     eps_high: float = Field(default=0.28, gt=0)
+    """Upper clip of the ratio: 1 + eps_high (clip-higher)."""
     delta: float = Field(default=4.0, gt=1)
     """Cap on the ratio when the advantage is negative (two-sided clip)."""
     kl_tau: float = Field(default=1e-3, ge=0)
     """Weight of log^2(pi/mu)."""
     host: str = "127.0.0.1"
+    """Address of the shardcast origin."""
     port: int = Field(default=8490, ge=0, le=65535)
     """The shardcast origin serving policy versions."""
     keep_versions: int = Field(default=0, ge=0)
     """Versions kept on the origin (0: async_level + 2, enough for validators to re-check)."""
     checkpoint_every: int = Field(default=1, ge=1)
+    """Checkpoint every this many steps (the run resumes from the last)."""
     batch_timeout_s: float = Field(default=600.0, gt=0)
     """Longest wait for one step's batch before giving up with an error."""
     eval_every: int = Field(default=1, ge=0)
@@ -143,12 +160,14 @@ class WorkerConfig(ConfigModel):
     """An untrusted inference worker."""
 
     key: Path = Path("keys/worker.pem")
+    """This worker's key (relative paths are under run.out_dir; created if missing)."""
     batch_size: int = Field(default=8, ge=1)
     """Samples generated together (left-padded batch)."""
     cheat: str = "none"
     """For tests and benchmarks only: behave as one of the cheating workers of
     ``cotrain.rl.cheats`` (validators must catch it)."""
     request_timeout_s: float = Field(default=30.0, gt=0)
+    """Deadline of one request to the orchestrator."""
     idle_wait_s: float = Field(default=2.0, gt=0)
     """How long the orchestrator may hold a request when there is no work."""
     max_assignments: int = Field(default=0, ge=0)
@@ -159,7 +178,9 @@ class ValidatorConfig(ConfigModel):
     """A validator: checks rollouts cheapest first and signs verdicts."""
 
     key: Path = Path("keys/validator.pem")
+    """This validator's key (its public key must be in orchestrator.validator_keys)."""
     batch_size: int = Field(default=8, ge=1)
+    """Rollouts claimed per request."""
     logprob_tolerance: float = Field(default=0.10, gt=0)
     """Median of exp(|lp_claimed - lp_prefill|) - 1 over checked positions must stay below."""
     eos_min_prob: float = Field(default=0.02, gt=0, lt=1)
@@ -167,8 +188,23 @@ class ValidatorConfig(ConfigModel):
     sampling_tolerance: float = Field(default=0.02, gt=0)
     """Near-tie tolerance of the sampling replay (honest CPU noise is ~1e-5)."""
     reward_tolerance: float = Field(default=0.02, ge=0)
+    """A claimed reward further than this from the recomputed one is a forgery."""
     max_median_rel_err: float | None = None
     """TOPLOC median threshold (None: calibrated for the model)."""
+
+
+class LaunchConfig(ConfigModel):
+    """What ``cotrain rl run`` starts on this machine."""
+
+    workers: int = Field(default=2, ge=0, le=64)
+    """Honest inference workers."""
+    validators: int = Field(default=1, ge=1, le=16)
+    """Validators (each with its own key)."""
+    cheaters: list[str] = Field(default_factory=list)
+    """Cheating workers to add, one per name (see ``cotrain.rl.cheats``): the validators
+    must catch them."""
+    timeout_s: float = Field(default=7200.0, gt=0)
+    """Give up (stop everything, exit 1) if the run has not finished by then."""
 
 
 class RLConfig(ConfigModel):
@@ -183,6 +219,7 @@ class RLConfig(ConfigModel):
     trainer: TrainerConfig = TrainerConfig()
     worker: WorkerConfig = WorkerConfig()
     validator: ValidatorConfig = ValidatorConfig()
+    launch: LaunchConfig = LaunchConfig()
 
     @model_validator(mode="after")
     def _check(self) -> RLConfig:

@@ -43,8 +43,11 @@ class Task:
 
 
 class Env(Protocol):
-    id: str
-    levels: int
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def levels(self) -> int: ...
 
     def task(self, seed: int, level: int = 0) -> Task: ...
 

@@ -1,0 +1,182 @@
+"""What workers, validators and the trainer use to reach the orchestrator and the weights.
+
+``OrchestratorClient``: signed requests over one aiohttp session, every call bounded by a
+timeout, connection failures retried until a deadline and then ``OrchestratorUnreachable``.
+``Weights``: policy versions through shardcast (the trainer's signed manifests), kept on disk
+under the role's cache directory and loaded into the model when the version changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from cotrain.core.identity import Identity
+from cotrain.core.signed import Envelope
+from cotrain.rl import wire
+from cotrain.rl.errors import OrchestratorUnreachable, RLError
+
+log = logging.getLogger("cotrain.rl.client")
+
+
+class Refused(RLError):
+    """The orchestrator refused a request (4xx): the message is its reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"orchestrator refused ({status}): {reason}")
+        self.status = status
+
+
+class OrchestratorClient:
+    def __init__(
+        self,
+        url: str,
+        *,
+        identity: Identity,
+        run: str,
+        role: str,
+        timeout_s: float = 30.0,
+        unreachable_after_s: float = 120.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.identity = identity
+        self.run = run
+        self.role = role
+        self.timeout_s = timeout_s
+        self.unreachable_after_s = unreachable_after_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> OrchestratorClient:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s + 35.0, connect=5.0)
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def call(
+        self, method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """One JSON call; connection errors and 5xx are retried with backoff until
+        ``unreachable_after_s`` has passed since the first failure."""
+        assert self._session is not None, "use the client as an async context manager"
+        first_failure: float | None = None
+        delay = 0.2
+        while True:
+            try:
+                async with self._session.request(
+                    method, self.url + path, json=body, params=params
+                ) as resp:
+                    if 400 <= resp.status < 500:
+                        try:
+                            reason = (await resp.json()).get("error", resp.reason)
+                        except (aiohttp.ContentTypeError, ValueError):
+                            reason = resp.reason
+                        raise Refused(resp.status, str(reason))
+                    if resp.status >= 500:
+                        raise aiohttp.ClientResponseError(
+                            resp.request_info, (), status=resp.status, message=resp.reason or ""
+                        )
+                    got = await resp.json()
+                    if not isinstance(got, dict):
+                        raise aiohttp.ClientPayloadError("expected a JSON object")
+                    return got
+            except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure > self.unreachable_after_s:
+                    raise OrchestratorUnreachable(
+                        f"no answer from the orchestrator at {self.url} for "
+                        f"{self.unreachable_after_s:g} s ({type(e).__name__}: {e})"
+                    ) from None
+                log.info("orchestrator %s: %s; retrying in %.1f s", self.url, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def request(self, *, have_version: int, max_items: int) -> dict[str, Any]:
+        body = wire.Request(
+            self.run, self.role, wire.new_nonce(), time.time(), have_version, max_items
+        ).to_body()
+        return Envelope.seal(self.identity, wire.REQUEST, body).to_json()
+
+    async def info(self) -> dict[str, Any]:
+        return await self.call("GET", "/v1/info")
+
+    async def work(self, *, have_version: int, max_items: int = 1, wait_s: float = 2.0) -> dict:
+        req = self.request(have_version=have_version, max_items=max_items)
+        return await self.call("POST", "/v1/work", body=req, params={"wait_s": wait_s})
+
+    async def submit(self, rollouts: list[dict[str, Any]]) -> dict[str, Any]:
+        return await self.call("POST", "/v1/rollouts", body={"rollouts": rollouts})
+
+    async def claim(self, *, max_items: int, wait_s: float = 2.0) -> dict[str, Any]:
+        req = self.request(have_version=0, max_items=max_items)
+        return await self.call("POST", "/v1/claim", body=req, params={"wait_s": wait_s})
+
+    async def verdicts(self, verdicts: list[dict[str, Any]]) -> dict[str, Any]:
+        return await self.call("POST", "/v1/verdicts", body={"verdicts": verdicts})
+
+
+class Weights:
+    """Policy versions fetched through shardcast into ``dir`` (checked against the trainer's
+    key), and which one the model holds."""
+
+    def __init__(self, dir: Path, *, publisher_key: str, channel: str, keep: int = 4) -> None:
+        self.dir = dir
+        self.publisher_key = publisher_key
+        self.channel = channel
+        self.keep = keep
+        self.files: dict[int, tuple[Path, str]] = {}
+        """version -> (file, manifest file_sha256)"""
+        self.loaded = 0
+        dir.mkdir(parents=True, exist_ok=True)
+
+    async def fetch(self, servers: list[str], version: int | None = None) -> int:
+        """Fetch ``version`` (None: the newest) unless held; returns the version."""
+        from cotrain.shardcast import ClientConfig, fetch_async
+
+        if version is not None and version in self.files:
+            return version
+        cfg = ClientConfig(
+            servers=servers,
+            publisher_key=self.publisher_key,
+            channel=self.channel,
+            timeout_s=300.0,
+            max_manifest_age_s=float("inf"),
+        )
+        target = self.dir / f"tmp-{time.monotonic_ns()}.safetensors"
+        got = await fetch_async(cfg, out=target, version=version if version else "latest")
+        path = self.dir / f"v{got.version}.safetensors"
+        got.path.replace(path)
+        self.files[got.version] = (path, got.manifest.file_sha256)
+        for old in sorted(self.files)[: -self.keep]:
+            if old != self.loaded:
+                self.files.pop(old)[0].unlink(missing_ok=True)
+        return got.version
+
+    def sha256(self, version: int) -> str:
+        return self.files[version][1]
+
+    def load_into(self, model: Any, version: int) -> None:
+        """Put ``version``'s weights into ``model`` (tied weights: the file holds both names,
+        or one of them; either loads)."""
+        if self.loaded == version:
+            return
+        from safetensors.torch import load_file
+
+        state = load_file(str(self.files[version][0]))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {k for k in missing if k.endswith("lm_head.weight")}
+        if set(missing) - tied or unexpected:
+            raise RLError(
+                f"version {version} does not fit the model: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}"
+            )
+        self.loaded = version

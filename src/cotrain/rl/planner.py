@@ -1,0 +1,329 @@
+"""The orchestrator's schedule: which task goes to whom, what a verdict means, when a batch is
+whole. A pure state machine with no I/O and no clock of its own, so that the orchestrator can
+journal every event and rebuild the same state by replaying them after a restart, and so that
+the synchronous loop and an async run at level 0 form identical batches.
+
+Steps, slots, attempts::
+
+    trainer step n   -> B slots (one group each)
+    slot j           -> attempt 0, 1, ... (a new task when a group had no signal)
+    attempt a        -> issued to one worker at a time; re-issued (same task, same seeds) when
+                        its deadline passes or one of its rollouts is rejected
+
+Pacing (the async bound k): slots of step n are issued only once version n - k is published,
+and their rollouts must use a version >= n - k, so nothing generated is ever discarded as too
+stale. With k = 0 step n's rollouts all come from version n: the synchronous loop.
+
+A slot is complete when all G samples of one attempt are accepted; if their rewards are all
+equal (zero advantage) the slot moves to its next attempt, up to ``max_resample``, then is
+dropped. Batches form strictly in step order once every slot of the step is complete or
+dropped; the curriculum and the zero-batch counter move only then, so their effect does not
+depend on the order in which rollouts arrive.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from cotrain.rl import seeds
+from cotrain.rl.config import RLConfig
+from cotrain.rl.env import Curriculum
+from cotrain.rl.wire import Assignment, Batch, Sample
+
+
+@dataclass
+class Accepted:
+    """An accepted sample, with the reward the orchestrator computed for it."""
+
+    rollout_id: str
+    worker: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    reward: float
+    version: int
+
+
+@dataclass
+class Issue:
+    assignment: Assignment
+    received: set[int] = field(default_factory=set)
+    """Sample indices this issue's worker has submitted."""
+    failed: bool = False
+    """One of its rollouts was rejected: the slot is issued again."""
+
+
+@dataclass
+class Slot:
+    step: int
+    index: int
+    attempt: int = 0
+    issues: list[Issue] = field(default_factory=list)
+    accepted: dict[int, Accepted] = field(default_factory=dict)
+    """Accepted samples of the current attempt, by sample index."""
+    done: bool = False
+    dropped: bool = False
+    rewards: list[list[float]] = field(default_factory=list)
+    """Rewards of each completed attempt, in order."""
+    excluded: set[str] = field(default_factory=set)
+    """Workers that had a rollout of this slot rejected: never given it again."""
+
+    @property
+    def key(self) -> str:
+        return f"s{self.step}.j{self.index}.a{self.attempt}"
+
+
+@dataclass
+class StepState:
+    step: int
+    level: int
+    slots: list[Slot]
+    batch: Batch | None = None
+
+
+class RunAborted(Exception):
+    """Internal: raised by ``form_batches`` when too many batches in a row had no signal."""
+
+
+class Planner:
+    """Every decision of the orchestrator, replayable from its events."""
+
+    def __init__(self, cfg: RLConfig, *, run_id: str, levels: int) -> None:
+        self.cfg = cfg
+        self.run_id = run_id
+        r = cfg.run
+        self.k = r.async_level
+        self.G, self.B = r.group_size, r.groups_per_step
+        self.curriculum = Curriculum(
+            levels,
+            threshold=cfg.env.curriculum_threshold,
+            window=cfg.env.curriculum_window,
+        )
+        self.curriculum.level = min(cfg.env.start_level, levels - 1)
+        self.curriculum_on = cfg.env.curriculum == "on"
+        self.versions: dict[int, str] = {}
+        """Published policy versions -> manifest file_sha256."""
+        self.servers: list[str] = []
+        self.trainer_step = 0
+        self.steps: dict[int, StepState] = {}
+        self.next_batch = 1
+        """The first step whose batch is not formed yet."""
+        self.zero_batches = 0
+        self.aborted: str | None = None
+        self.issued = 0
+        self.assignments: dict[str, Issue] = {}
+        self.slot_of: dict[str, Slot] = {}
+        self.strikes: Counter[str] = Counter()
+        """Hard rejects per worker."""
+
+    # ---- versions ------------------------------------------------------------------------------
+
+    @property
+    def latest_version(self) -> int:
+        return max(self.versions, default=0)
+
+    @property
+    def done(self) -> bool:
+        return self.latest_version > self.cfg.run.total_steps
+
+    def apply_version(self, version: int, sha256: str, step: int, servers: list[str]) -> None:
+        self.versions[version] = sha256
+        self.servers = list(servers)
+        self.trainer_step = max(self.trainer_step, step)
+
+    # ---- issuing -------------------------------------------------------------------------------
+
+    def _step(self, n: int) -> StepState:
+        st = self.steps.get(n)
+        if st is None:
+            level = self.curriculum.level if self.curriculum_on else self.cfg.env.start_level
+            st = StepState(n, level, [Slot(n, j) for j in range(self.B)])
+            self.steps[n] = st
+        return st
+
+    def open_steps(self) -> range:
+        """Steps whose slots may be issued now: not yet batched, within the async bound of the
+        latest version, and within the run."""
+        last = min(self.latest_version + self.k, self.cfg.run.total_steps)
+        return range(self.next_batch, last + 1)
+
+    def plan(self, worker: str, now: float, *, prompt_of: Any) -> Assignment | None:
+        """The next assignment for ``worker`` (None: nothing to do within the bound).
+        ``prompt_of(task_seed, level)`` -> prompt ids (the env and the tokenizer)."""
+        if self.aborted or self.latest_version == 0:
+            return None
+        for n in self.open_steps():
+            st = self._step(n)
+            for slot in st.slots:
+                if slot.done or worker in slot.excluded or self._busy(slot, now):
+                    continue
+                return self._assignment(st, slot, worker, now, prompt_of)
+        return None
+
+    def _busy(self, slot: Slot, now: float) -> bool:
+        """Whether the slot's current attempt has a live issue (not failed, not expired)."""
+        for issue in slot.issues:
+            a = issue.assignment
+            if a.attempt == slot.attempt and not issue.failed and a.deadline_unix > now:
+                return True
+        return False
+
+    def _assignment(
+        self, st: StepState, slot: Slot, worker: str, now: float, prompt_of: Any
+    ) -> Assignment:
+        cfg = self.cfg
+        task = seeds.task_seed(cfg.run.seed, st.step, slot.index, slot.attempt)
+        return Assignment(
+            run=self.run_id,
+            id=f"{slot.key}.i{self.issued}",
+            worker=worker,
+            step=st.step,
+            slot=slot.index,
+            attempt=slot.attempt,
+            env=cfg.env.name,
+            task_seed=task,
+            level=st.level,
+            prompt_ids=prompt_of(task, st.level),
+            seeds=seeds.sample_seeds(task, self.run_id, slot.key, self.G),
+            min_version=max(1, st.step - self.k),
+            temperature=cfg.sampling.temperature,
+            max_new_tokens=cfg.sampling.max_new_tokens,
+            issued_unix=now,
+            deadline_unix=now + cfg.orchestrator.assignment_timeout_s,
+        )
+
+    def apply_issue(self, a: Assignment) -> None:
+        st = self._step(a.step)
+        slot = st.slots[a.slot]
+        issue = Issue(a)
+        slot.issues.append(issue)
+        self.assignments[a.id] = issue
+        self.slot_of[a.id] = slot
+        self.issued += 1
+
+    # ---- rollouts and verdicts -----------------------------------------------------------------
+
+    def slot_needs(self, assignment_id: str, sample: int) -> bool:
+        """Whether a rollout for this issue and sample can still count (False: superseded)."""
+        slot = self.slot_of.get(assignment_id)
+        if slot is None:
+            return False
+        a = self.assignments[assignment_id].assignment
+        return not slot.done and a.attempt == slot.attempt and sample not in slot.accepted
+
+    def apply_received(self, assignment_id: str, sample: int) -> None:
+        issue = self.assignments.get(assignment_id)
+        if issue is not None:
+            issue.received.add(sample)
+
+    def apply_reject(self, assignment_id: str, worker: str, *, hard: bool = True) -> None:
+        """A rollout of this issue failed validation: the slot goes to someone else."""
+        issue = self.assignments.get(assignment_id)
+        if issue is not None:
+            issue.failed = True
+            self.slot_of[assignment_id].excluded.add(worker)
+        if hard:
+            self.strikes[worker] += 1
+
+    def banned(self, worker: str) -> bool:
+        limit = self.cfg.orchestrator.ban_after_rejects
+        return limit > 0 and self.strikes[worker] >= limit
+
+    def apply_accept(self, assignment_id: str, sample: int, accepted: Accepted) -> None:
+        """An accepted rollout; completes its slot's attempt when it is the last one."""
+        if not self.slot_needs(assignment_id, sample):
+            return
+        slot = self.slot_of[assignment_id]
+        slot.accepted[sample] = accepted
+        if len(slot.accepted) < self.G:
+            return
+        rewards = [slot.accepted[i].reward for i in range(self.G)]
+        slot.rewards.append(rewards)
+        if max(rewards) > min(rewards):
+            slot.done = True
+        elif slot.attempt < self.cfg.run.max_resample:
+            slot.attempt += 1  # no signal: a new task for this slot
+            slot.accepted = {}
+        else:
+            slot.done = slot.dropped = True
+            slot.accepted = {}
+
+    # ---- batches -------------------------------------------------------------------------------
+
+    def form_batches(self) -> list[Batch]:
+        """Form every batch that is whole, in step order; ``RunAborted`` after too many
+        batches in a row with no signal."""
+        formed = []
+        while self.next_batch <= self.cfg.run.total_steps:
+            st = self.steps.get(self.next_batch)
+            if st is None or not all(s.done for s in st.slots):
+                break
+            st.batch = self._batch(st)
+            formed.append(st.batch)
+            self.next_batch += 1
+            if st.batch.groups == 0:
+                self.zero_batches += 1
+                if self.zero_batches >= self.cfg.run.abort_after_zero_batches:
+                    self.aborted = (
+                        f"{self.zero_batches} batches in a row had no signal (every group's "
+                        "samples got the same reward): check the environment's scoring, the "
+                        "prompt and max_new_tokens, or lower the difficulty"
+                    )
+                    raise RunAborted(self.aborted)
+            else:
+                self.zero_batches = 0
+        return formed
+
+    def _batch(self, st: StepState) -> Batch:
+        samples: list[Sample] = []
+        all_rewards: list[float] = []
+        groups = dropped = 0
+        for slot in st.slots:
+            for rewards in slot.rewards:
+                all_rewards.extend(rewards)
+            if slot.dropped:
+                dropped += 1
+                continue
+            groups += 1
+            mean = sum(slot.rewards[-1]) / self.G
+            for i in range(self.G):
+                acc = slot.accepted[i]
+                samples.append(
+                    Sample(
+                        rollout_id=acc.rollout_id,
+                        prompt_ids=acc.prompt_ids,
+                        completion_ids=acc.completion_ids,
+                        logprobs=acc.logprobs,
+                        advantage=acc.reward - mean,
+                        reward=acc.reward,
+                        version=acc.version,
+                        temperature=self.cfg.sampling.temperature,
+                    )
+                )
+        if self.curriculum_on:
+            self.curriculum.record(st.level, all_rewards)
+        mean_reward = sum(all_rewards) / len(all_rewards) if all_rewards else 0.0
+        return Batch(st.step, samples, groups, dropped, mean_reward, self.curriculum.level)
+
+    def batch(self, step: int) -> Batch | None:
+        st = self.steps.get(step)
+        return st.batch if st is not None else None
+
+    def progress(self, step: int) -> dict[str, Any]:
+        st = self.steps.get(step)
+        if st is None:
+            return {
+                "step": step,
+                "slots_done": 0,
+                "slots": self.B,
+                "open": step in self.open_steps(),
+            }
+        return {
+            "step": step,
+            "slots_done": sum(s.done for s in st.slots),
+            "slots": self.B,
+            "samples_accepted": sum(len(s.accepted) for s in st.slots if not s.done),
+            "open": step in self.open_steps(),
+        }

@@ -1,0 +1,161 @@
+"""The validator: claims rollouts from the orchestrator, checks each cheapest first
+(``checks``: schema, signature, assignment, staleness, then one prefill shared by TOPLOC,
+logprob agreement, termination and the sampling replay, then the reward), signs its verdict.
+
+It fetches the exact version each rollout claims through shardcast (the trainer keeps
+``async_level + 2`` versions), so a rollout is checked against the weights it says it used.
+Killed, its claims expire and another validator (or this one, restarted) takes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cotrain.core.identity import Identity
+from cotrain.core.signed import Envelope
+from cotrain.rl import wire
+from cotrain.rl.client import OrchestratorClient, Weights
+from cotrain.rl.config import RLConfig
+from cotrain.rl.wire import Verdict, WireError
+
+log = logging.getLogger("cotrain.rl.validator")
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+class Validator:
+    def __init__(self, cfg: RLConfig, *, log_line: Callable[[str], None] | None = None) -> None:
+        from cotrain.rl import checks, policy
+        from cotrain.rl.env import make_env, self_test
+
+        self.cfg = cfg
+        self.identity = Identity.load_or_create(cfg.path(cfg.validator.key))
+        say = log_line or (lambda m: print(m, file=sys.stderr, flush=True))
+        policy.check_memory("validator", cfg.model, log=say)
+        self.policy = policy.load_policy(cfg.model)
+        self.env = make_env(cfg.env.name)
+        self_test(self.env)
+        p = self.policy
+        self.ctx = checks.CheckContext(
+            run=cfg.run.id,
+            run_seed=cfg.run.seed,
+            env=self.env,
+            encode_prompt=p.encode_prompt,
+            decode=p.decode,
+            eos_token_id=p.eos_token_id,
+            vocab_size=p.vocab_size,
+            model_id=p.model_id,
+            config=cfg.validator,
+            proof=cfg.proof,
+            group_size=cfg.run.group_size,
+        )
+        self.checked = 0
+        self.rejected = 0
+        self.check_s = 0.0
+
+    @property
+    def key(self) -> str:
+        return self.identity.public_hex
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        async with OrchestratorClient(
+            cfg.orchestrator_url, identity=self.identity, run=cfg.run.id, role="validator"
+        ) as client:
+            info = await client.info()
+            orchestrator = info["orchestrator_key"]
+            cache = cfg.run.out_dir / "cache" / f"validator-{self.key[:12]}"
+            weights = Weights(
+                cache,
+                publisher_key=info["trainer_key"],
+                channel=cfg.run.id,
+                keep=cfg.keep_versions + 1,
+            )
+            while True:
+                got = await client.claim(max_items=cfg.validator.batch_size, wait_s=2.0)
+                if not got["items"]:
+                    if got["status"] != "running":
+                        emit("finished", status=got["status"], **self.summary())
+                        return
+                    continue
+                items = sorted(got["items"], key=lambda it: it["rollout"]["body"]["version"])
+                verdicts = []
+                for item in items:
+                    v = await self._check(item, orchestrator, weights, got["servers"])
+                    if v is not None:
+                        sealed = Envelope.seal(self.identity, wire.VERDICT, v.to_body())
+                        verdicts.append(sealed.to_json())
+                if verdicts:
+                    await client.verdicts(verdicts)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "checked": self.checked,
+            "rejected": self.rejected,
+            "check_s": round(self.check_s, 3),
+        }
+
+    async def _check(
+        self, item: dict[str, Any], orchestrator: str, weights: Weights, servers: list[str]
+    ) -> Verdict | None:
+        from cotrain.rl import checks
+        from cotrain.shardcast import ShardcastError
+
+        try:
+            signed = wire.parse_rollout(item["rollout"], orchestrator=orchestrator)
+        except WireError as e:  # the orchestrator let through what we cannot read: say so
+            log.warning("unreadable rollout from the orchestrator: %s", e)
+            return None
+        r = signed.rollout
+        expected = item.get("expected_sha256")
+        latest = int(item["latest_version"])
+        # Fetch only a version that can pass the staleness check; the others fail before
+        # the model is used.
+        if expected and signed.assignment.min_version <= r.version <= latest:
+            try:
+                await weights.fetch(servers, r.version)
+                await asyncio.to_thread(weights.load_into, self.policy.model, r.version)
+            except ShardcastError as e:
+                log.warning("version %d unavailable (%s): judged as stale", r.version, e)
+                expected = None
+        t0 = time.monotonic()
+        verdict = await asyncio.to_thread(
+            checks.check_rollout,
+            self.policy.model,
+            signed,
+            self.ctx,
+            expected_sha256=expected,
+            latest_version=latest,
+        )
+        self.check_s += time.monotonic() - t0
+        self.checked += 1
+        self.rejected += not verdict.ok
+        emit(
+            "verdict",
+            id=signed.id,
+            ok=verdict.ok,
+            check=verdict.check,
+            reason=verdict.reason[:200],
+            check_s=round(time.monotonic() - t0, 4),
+        )
+        return verdict
+
+
+def run_validator(cfg: RLConfig) -> int:
+    """The validator role's program (``cotrain rl validator``)."""
+    from cotrain.core.service import Service
+
+    with Service("rl validator") as svc:
+        v = Validator(cfg)
+        svc.summary = lambda: json.dumps(v.summary())
+        svc.ready(validator=v.key)
+        asyncio.run(v.run())
+    return svc.exit_code

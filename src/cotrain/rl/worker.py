@@ -1,0 +1,289 @@
+"""The inference worker (untrusted): asks for work, fetches the newest policy through shardcast,
+generates each assigned group with the seeded sampler, proves it, signs it, submits it.
+
+A worker holds no state the run needs: killed at any moment, its assignment expires and goes to
+another worker; started late, it fetches the newest version and joins. ``worker.cheat`` turns
+it into one of the cheating workers the validators must catch (tests and benchmarks): the
+generation-level cheats live in ``cheats``, the ones on the envelope here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cotrain.core.identity import Identity
+from cotrain.core.signed import Envelope
+from cotrain.rl import wire
+from cotrain.rl.client import OrchestratorClient, Refused, Weights
+from cotrain.rl.config import RLConfig
+from cotrain.rl.errors import RLError
+from cotrain.rl.wire import Assignment, Rollout
+
+log = logging.getLogger("cotrain.rl.worker")
+
+ENVELOPE_CHEATS = (
+    "stale",
+    "unfetched_version",
+    "replay_own",
+    "copy_other",
+    "bad_signature",
+    "forge_reward",
+    "own_task",
+)
+"""Cheats on what is claimed or signed rather than on the tokens (see ``cheats`` for those)."""
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+@dataclass
+class WorkerStats:
+    started: float = field(default_factory=time.monotonic)
+    assignments: int = 0
+    rollouts: int = 0
+    gen_s: float = 0.0
+    fetch_s: float = 0.0
+    wait_s: float = 0.0
+
+    @property
+    def idle_fraction(self) -> float:
+        total = time.monotonic() - self.started
+        return (total - self.gen_s) / total if total > 0 else 0.0
+
+
+class Worker:
+    def __init__(self, cfg: RLConfig, *, log_line: Callable[[str], None] | None = None) -> None:
+        from cotrain.rl import cheats, policy
+        from cotrain.rl.env import make_env
+
+        self.cfg = cfg
+        self.cheat = cfg.worker.cheat
+        if self.cheat != "none" and self.cheat not in ENVELOPE_CHEATS + tuple(cheats.CHEATS):
+            raise RLError(
+                f"worker.cheat={self.cheat!r} is not a known cheat: "
+                f"{', '.join(ENVELOPE_CHEATS + tuple(cheats.CHEATS))}"
+            )
+        self.identity = Identity.load_or_create(cfg.path(cfg.worker.key))
+        say = log_line or (lambda m: print(m, file=sys.stderr, flush=True))
+        policy.check_memory("worker", cfg.model, log=say)
+        self.policy = policy.load_policy(cfg.model)
+        self.env = make_env(cfg.env.name)
+        self.stats = WorkerStats()
+        self.weights: Weights | None = None
+        self._first_version = 0
+
+    @property
+    def key(self) -> str:
+        return self.identity.public_hex
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        async with OrchestratorClient(
+            cfg.orchestrator_url,
+            identity=self.identity,
+            run=cfg.run.id,
+            role="worker",
+            timeout_s=cfg.worker.request_timeout_s,
+        ) as client:
+            info = await client.info()
+            self.orchestrator_key = info["orchestrator_key"]
+            cache = cfg.run.out_dir / "cache" / f"worker-{self.key[:12]}"
+            self.weights = Weights(cache, publisher_key=info["trainer_key"], channel=cfg.run.id)
+            emit("joined", worker=self.key, run=cfg.run.id)
+            while True:
+                t0 = time.monotonic()
+                got = await client.work(
+                    have_version=self.weights.loaded, wait_s=cfg.worker.idle_wait_s
+                )
+                self.stats.wait_s += time.monotonic() - t0
+                if got["status"] != "running" and not got["assignments"]:
+                    emit("finished", status=got["status"], **self.summary())
+                    return
+                for raw in got["assignments"]:
+                    await self._one(client, raw, got)
+                    limit = cfg.worker.max_assignments
+                    if limit and self.stats.assignments >= limit:
+                        emit("finished", status="max_assignments", **self.summary())
+                        return
+
+    def summary(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "assignments": s.assignments,
+            "rollouts": s.rollouts,
+            "gen_s": round(s.gen_s, 3),
+            "fetch_s": round(s.fetch_s, 3),
+            "idle_fraction": round(s.idle_fraction, 4),
+        }
+
+    async def _ensure_version(self, got: dict[str, Any], a: Assignment) -> int:
+        """The newest version (or, for the stale cheat, the first one ever held)."""
+        assert self.weights is not None
+        w = self.weights
+        latest = int(got["latest_version"])
+        want: int | None = None
+        if self.cheat in ("stale", "unfetched_version") and self._first_version:
+            want = self._first_version
+            if self.cheat == "stale" and a.min_version > 1:
+                want = a.min_version - 1  # older than the bound allows
+        elif w.loaded >= latest:
+            return w.loaded
+        t0 = time.monotonic()
+        v = await w.fetch(got["servers"], want)
+        await asyncio.to_thread(w.load_into, self.policy.model, v)
+        self.stats.fetch_s += time.monotonic() - t0
+        self._first_version = self._first_version or v
+        return v
+
+    async def _one(self, client: OrchestratorClient, raw: dict[str, Any], got: dict) -> None:
+        env = Envelope.from_json(raw, domain=wire.ASSIGNMENT, signers={self.orchestrator_key})
+        a = Assignment.from_body(env.body)
+        version = await self._ensure_version(got, a)
+        assert self.weights is not None
+        t0 = time.monotonic()
+        t_unix = time.time()
+        gens = await asyncio.to_thread(self._generate, a)
+        self.stats.gen_s += time.monotonic() - t0
+        self.stats.assignments += 1
+        claimed_version, sha = version, self.weights.sha256(version)
+        cheating = self.cheat != "none"
+        if self.cheat == "stale" and version >= a.min_version:
+            cheating = False  # the run is too young to be stale in: an honest rollout
+        if self.cheat == "unfetched_version":
+            latest = int(got["latest_version"])
+            claimed_version = latest if latest != version else latest + 1
+        envelopes = []
+        for i, g in enumerate(gens):
+            reward = None
+            if self.cheat == "forge_reward":
+                task = self.env.task(a.task_seed, a.level)
+                reward = 1.0 - float(self.env.score(task, self.policy.decode(g.tokens)))
+            body = Rollout(
+                assignment=raw,
+                sample=i,
+                version=claimed_version,
+                manifest_sha256=sha,
+                prompt_ids=list(a.prompt_ids),
+                completion_ids=list(g.tokens),
+                logprobs=list(g.logprobs),
+                finish_reason=g.finish_reason,
+                proof=base64.b64encode(g.proof).decode(),
+                proof_chunk=self.cfg.proof.chunk_tokens,
+                proof_topk=self.cfg.proof.topk,
+                claimed_reward=reward,
+                t_start_unix=t_unix,
+                t_end_unix=time.time(),
+                nonce=wire.new_nonce(),
+            ).to_body()
+            if self.cheat == "own_task":
+                tampered = dict(raw, body=dict(raw["body"], task_seed=0, level=0))
+                body["assignment"] = tampered
+            sealed = Envelope.seal(self.identity, wire.ROLLOUT, body).to_json()
+            if self.cheat == "bad_signature":
+                sig = sealed["signature"]
+                sealed["signature"] = ("0" if sig[0] != "0" else "1") + sig[1:]
+            envelopes.append(sealed)
+        if self.cheat == "copy_other":
+            copied = await self._copies(client, a, raw, len(gens))
+            cheating = copied is not None
+            envelopes = copied or envelopes
+        await self._submit(client, envelopes, a, cheating=cheating and self.cheat != "replay_own")
+        if self.cheat == "replay_own":
+            await self._submit(client, envelopes, a, cheating=True)
+
+    def _generate(self, a: Assignment) -> list[Any]:
+        from cotrain.rl import cheats, inference
+
+        p = self.policy
+        kw = {
+            "temperature": a.temperature,
+            "max_new_tokens": a.max_new_tokens,
+            "eos_token_id": p.eos_token_id,
+            "batch_size": self.cfg.worker.batch_size,
+            "proof_chunk": self.cfg.proof.chunk_tokens,
+            "proof_topk": self.cfg.proof.topk,
+        }
+        if self.cheat in cheats.CHEATS:
+            task = self.env.task(a.task_seed, a.level)
+            other = self.env.task(a.task_seed + 1, a.level)
+            ctx = cheats.CheatContext(
+                model=p.model,
+                prompt_ids=list(a.prompt_ids),
+                seeds=list(a.seeds),
+                answer_ids=[int(i) for i in p.tokenizer(task.answer)["input_ids"]],
+                other_prompt_ids=p.encode_prompt(other.prompt),
+                **kw,
+            )
+            return list(cheats.cheat_group(self.cheat, ctx))
+        return list(inference.generate_group(p.model, list(a.prompt_ids), list(a.seeds), **kw))
+
+    async def _copies(
+        self, client: OrchestratorClient, a: Assignment, raw: dict[str, Any], n: int
+    ) -> list[dict[str, Any]] | None:
+        """Other workers' accepted rollouts of the last formed step, re-signed as ours."""
+        status = await client.call("GET", "/v1/status")
+        step = int(status["next_batch"]) - 1
+        if step < 1:
+            return None
+        records = (await client.call("GET", "/v1/rollouts", params={"step": step}))["records"]
+        theirs = [r for r in records if r["status"] == "accepted" and r["worker"] != self.key]
+        if not theirs:
+            return None
+        out = []
+        for i in range(n):
+            body = dict(theirs[i % len(theirs)]["rollout"]["body"])
+            body.update(assignment=raw, sample=i, nonce=wire.new_nonce())
+            out.append(Envelope.seal(self.identity, wire.ROLLOUT, body).to_json())
+        return out
+
+    async def _submit(
+        self,
+        client: OrchestratorClient,
+        envelopes: list[dict[str, Any]],
+        a: Assignment,
+        *,
+        cheating: bool,
+    ) -> None:
+        try:
+            got = await client.submit(envelopes)
+        except Refused as e:
+            emit("refused", assignment=a.id, reason=str(e))
+            if e.status == 403:
+                raise
+            return
+        self.stats.rollouts += len(envelopes)
+        for r in got["results"]:
+            emit(
+                "submitted",
+                id=r.get("id"),
+                status=r.get("status"),
+                check=r.get("check"),
+                cheat=self.cheat if cheating else None,
+                step=a.step,
+            )
+
+
+def run_worker(cfg: RLConfig) -> int:
+    """The worker role's program (``cotrain rl worker``)."""
+    from cotrain.core.service import Service
+
+    with Service("rl worker") as svc:
+        worker = Worker(cfg)
+        svc.summary = lambda: json.dumps(worker.summary())
+        svc.ready(worker=worker.key, cheat=worker.cheat)
+        try:
+            asyncio.run(worker.run())
+        except Refused as e:
+            if e.status == 403:
+                raise RLError(str(e)) from None
+            raise
+    return svc.exit_code
