@@ -1,0 +1,266 @@
+"""The learner: its log-probabilities match the workers' (ratio 1 on fresh rollouts), a step
+raises positive-advantage completions and lowers negative ones, steps are bit-identical and
+survive a checkpoint, an empty batch changes nothing, and held-out greedy accuracy is the batched
+decoding of every task."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hf_harness import small_hf_model, write_text
+
+from cotrain.rl import sampling, wire
+from cotrain.rl.config import TrainerConfig
+from cotrain.rl.env import Task
+from cotrain.rl.learner import CheckpointError, Learner, heldout_accuracy, weights_bytes
+
+pytest.importorskip("transformers")
+
+CFG = TrainerConfig(lr=3e-3, micro_batch=3)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("rl_learner")
+    return small_hf_model(tmp / "m", write_text(tmp / "text.txt"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _load(model_dir: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def _batch(
+    model: Any, step: int, *, temperature: float = 1.0, version: int | None = None
+) -> wire.Batch:
+    """Two groups of four honest samples (prompts of different lengths), advantages r - mean
+    with made-up rewards."""
+    prompts = [[5, 17, 42, 99, 3], [7, 250, 31, 8, 64, 12, 90, 4]]
+    samples = []
+    for g, prompt in enumerate(prompts):
+        rewards = [1.0, 0.0, 1.0, 0.0] if g == 0 else [0.0, 0.0, 1.0, 0.0]
+        mean = sum(rewards) / len(rewards)
+        for j, r in enumerate(rewards):
+            out = sampling.generate(
+                model,
+                prompt,
+                max_new_tokens=4 + j,
+                temperature=temperature,
+                seed=100 * step + 10 * g + j,
+                eos_token_id=None,
+            )
+            samples.append(
+                wire.Sample(
+                    rollout_id=f"s{step}.j{g}.a0.i0/{j}",
+                    prompt_ids=prompt,
+                    completion_ids=out.tokens,
+                    logprobs=out.logprobs,
+                    advantage=r - mean,
+                    reward=r,
+                    version=step if version is None else version,
+                    temperature=temperature,
+                )
+            )
+    return wire.Batch(step, samples, groups=2, dropped_groups=0, mean_reward=0.375, level=0)
+
+
+def _seq_logprob(model: Any, s: wire.Sample) -> float:
+    logits = sampling.prefill_logits(model, s.prompt_ids, s.completion_ids)  # (T, V)
+    lp = torch.log_softmax(logits / s.temperature, -1)
+    return float(lp.gather(-1, torch.tensor(s.completion_ids)[:, None]).sum())
+
+
+def _weights(model: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_step_agrees_with_the_workers_and_follows_the_advantages(model_dir: Path) -> None:
+    model = _load(model_dir)
+    batch = _batch(model, 1, temperature=0.7)
+    before = [_seq_logprob(model, s) for s in batch.samples]
+    learner = Learner(model, CFG)
+    stats = learner.step(batch)
+    # fresh rollouts of the same weights: the trainer's log-probabilities are the worker's
+    assert stats.mismatch_kl < 1e-8 and stats.clip_fraction == 0.0
+    assert 0.9999 < stats.ratio_min <= stats.ratio_max < 1.0001
+    assert stats.tokens == sum(len(s.completion_ids) for s in batch.samples)
+    assert stats.samples == 8 and stats.micro_batches == 3 and stats.applied
+    assert stats.staleness == {0: 8} and stats.grad_norm > 0
+
+    after = [_seq_logprob(model, s) for s in batch.samples]
+    for s, b, a in zip(batch.samples, before, after, strict=True):
+        if s.advantage > 0:
+            assert a > b, s.rollout_id
+        elif s.advantage < 0:
+            assert a < b, s.rollout_id
+    # the same batch again is now off-policy: ratios move, the loss is lower
+    again = learner.step(batch)
+    assert again.loss < stats.loss and again.mismatch_kl > 0
+
+
+def test_micro_batching_does_not_change_the_step(model_dir: Path) -> None:
+    base = _load(model_dir)
+    batch = _batch(base, 1)
+    results = []
+    for mb in (1, 3, 16):
+        model = copy.deepcopy(base)
+        stats = Learner(model, TrainerConfig(lr=3e-3, micro_batch=mb)).step(batch)
+        results.append((stats, _weights(model)))
+    (s1, w1), (_, w3), (s16, w16) = results
+    assert s1.loss == pytest.approx(s16.loss, rel=1e-5)
+    assert s1.grad_norm == pytest.approx(s16.grad_norm, rel=1e-4)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w16[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(w3[k], w16[k], rtol=1e-4, atol=1e-6)
+
+
+def test_steps_are_bit_identical_and_resume_exactly(model_dir: Path, tmp_path: Path) -> None:
+    ref = _load(model_dir)
+    b1 = _batch(ref, 1)
+    b2 = _batch(ref, 2, version=1)  # a stale batch: rollouts of v1 at step 2
+
+    def run(model: Any) -> dict[str, torch.Tensor]:
+        learner = Learner(model, CFG)
+        learner.step(b1)
+        stats = learner.step(b2)
+        assert stats.staleness == {1: 8} and stats.mean_staleness == 1.0
+        return _weights(model)
+
+    straight = run(_load(model_dir))
+    assert _equal(straight, run(_load(model_dir)))  # twice: bit-identical
+
+    first = Learner(_load(model_dir), CFG)
+    first.step(b1)
+    first.save(tmp_path / "ckpt", 1, {"version": 2})
+    first.save(tmp_path / "ckpt", 1, {"version": 2})  # saved again: still one complete save
+    resumed = Learner(_load(model_dir), CFG)
+    saved = resumed.load(tmp_path / "ckpt")
+    assert saved is not None and saved.step == 1 and saved.extra == {"version": 2}
+    assert resumed.steps == 1
+    resumed.step(b2)
+    assert _equal(straight, _weights(resumed.model))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step-00000001"]
+
+
+def test_a_corrupt_or_missing_checkpoint(model_dir: Path, tmp_path: Path) -> None:
+    learner = Learner(_load(model_dir), CFG)
+    assert learner.load(tmp_path / "none") is None
+    path = learner.save(tmp_path / "ckpt", 3)
+    data = bytearray((path / "optimizer.safetensors").read_bytes())
+    data[-1] ^= 1
+    (path / "optimizer.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Learner(_load(model_dir), CFG).load(tmp_path / "ckpt")
+
+
+def test_an_empty_batch_changes_nothing(model_dir: Path) -> None:
+    model = _load(model_dir)
+    learner = Learner(model, CFG)
+    before = _weights(model)
+    stats = learner.step(wire.Batch(1, [], groups=0, dropped_groups=4, mean_reward=1.0, level=0))
+    assert not stats.applied and stats.samples == 0 and stats.tokens == 0
+    assert learner.steps == 1 and _equal(before, _weights(model))
+
+
+def test_published_weights_load_into_a_tied_model(tmp_path: Path) -> None:
+    from safetensors.torch import load_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(3)
+    a = AutoModelForCausalLM.from_config(cfg)
+    torch.manual_seed(4)
+    b = AutoModelForCausalLM.from_config(cfg)
+    data = weights_bytes(a)
+    assert weights_bytes(a) == data  # the same weights, the same bytes (and manifest hash)
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(data)
+    load_model(b, f, strict=True)
+    assert _equal(_weights(a), _weights(b))
+    # what save_pretrained keeps; a plain load_state_dict misses only the tied output name
+    from safetensors.torch import load_file
+
+    state = load_file(f)
+    assert "model.embed_tokens.weight" in state and "lm_head.weight" not in state
+    torch.manual_seed(5)
+    c = AutoModelForCausalLM.from_config(cfg)
+    missing, unexpected = c.load_state_dict(state, strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected
+
+
+class _CopyEnv:
+    """Scores 1 exactly when the reply is the one unbatched greedy decoding gives."""
+
+    id = "copy@1"
+    levels = 1
+
+    def __init__(self, expected: dict[int, str]) -> None:
+        self.expected = expected
+
+    def task(self, seed: int, level: int = 0) -> Task:
+        return Task(self.id, seed, level, "the number " * (1 + seed % 4) + str(seed), "", {})
+
+    def score(self, task: Task, reply: str) -> float:
+        return 1.0 if reply == self.expected[task.seed] else 0.0
+
+
+def test_heldout_accuracy_decodes_every_task_greedily_in_batches(model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from cotrain.rl.policy import encode_prompt
+
+    model = _load(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    seeds = list(range(7))
+    env = _CopyEnv({})
+    for s in seeds:  # one at a time, no padding
+        ids = encode_prompt(tok, env.task(s).prompt)
+        out = sampling.generate(
+            model, ids, max_new_tokens=6, temperature=0.0, seed=0, eos_token_id=tok.eos_token_id
+        )
+        env.expected[s] = tok.decode(out.tokens, skip_special_tokens=True)
+    kw: dict[str, Any] = {"level": 0, "max_new_tokens": 6}
+    assert heldout_accuracy(model, tok, env, seeds, batch_size=3, **kw) == 1.0
+    env.expected[5] = "something else"
+    assert heldout_accuracy(model, tok, env, seeds, batch_size=4, **kw) == pytest.approx(6 / 7)
+
+
+def test_heldout_accuracy_on_a_real_environment(model_dir: Path) -> None:
+    pytest.importorskip("reasoning_gym")
+    from transformers import AutoTokenizer
+
+    from cotrain.rl.env import make_env
+    from cotrain.rl.seeds import heldout_seeds
+
+    model = _load(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    env = make_env("chain_sum")
+    seeds = heldout_seeds(6)
+    a = heldout_accuracy(model, tok, env, seeds, level=0, max_new_tokens=4, batch_size=4)
+    b = heldout_accuracy(model, tok, env, seeds, level=0, max_new_tokens=4, batch_size=4)
+    assert 0.0 <= a <= 1.0 and a == b
