@@ -22,8 +22,12 @@ def task_seed(run_seed: int, step: int, slot: int, attempt: int) -> int:
     return int.from_bytes(h[:8], "big") % HELDOUT_BASE
 
 
+JSON_SAFE = 1 << 53
+"""Seeds travel in signed JSON, whose canonical form (RFC 8785) holds integers below 2^53."""
+
+
 def sample_seeds(task: int, run: str, slot_key: str, group_size: int) -> list[int]:
-    return [derive_seed(task, f"{run}/{slot_key}", i) for i in range(group_size)]
+    return [derive_seed(task, f"{run}/{slot_key}", i) % JSON_SAFE for i in range(group_size)]
 
 
 def heldout_seeds(n: int) -> list[int]:

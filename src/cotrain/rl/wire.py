@@ -193,9 +193,9 @@ class Assignment:
         _exact_keys(body, set(cls.__dataclass_fields__), what)
         seeds = _get(body, "seeds", list, what)
         if not 1 <= len(seeds) <= MAX_GROUP or not all(
-            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in seeds
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**53 for s in seeds
         ):
-            raise WireError(f"{what}: 'seeds' must be 1..{MAX_GROUP} ints in [0, 2^63)")
+            raise WireError(f"{what}: 'seeds' must be 1..{MAX_GROUP} ints in [0, 2^53)")
         return cls(
             run=_str(body, "run", what),
             id=_str(body, "id", what),

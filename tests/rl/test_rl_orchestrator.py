@@ -1,0 +1,248 @@
+"""The orchestrator over real HTTP on loopback: hostile input is refused at the door with the
+check it failed and nothing lost, requests cannot be replayed, accepted rollouts become a
+batch with group advantages, and a restarted orchestrator rebuilds its state from the journal.
+
+Rollout contents are not validated here (that is ``checks``, run by real validators in the
+end-to-end tests); this test signs the verdicts with a validator key itself."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from cotrain.core.identity import Identity
+from cotrain.core.signed import Envelope
+from cotrain.rl import wire
+from cotrain.rl.config import RLConfig
+from cotrain.rl.orchestrator import Orchestrator
+
+pytest.importorskip("reasoning_gym")
+
+ORCH, TRAINER, VALIDATOR = Identity.generate(), Identity.generate(), Identity.generate()
+W1, W2 = Identity.generate(), Identity.generate()
+
+
+def _cfg(tmp: Path) -> RLConfig:
+    cfg = RLConfig()
+    cfg.run.out_dir = tmp
+    cfg.run.group_size, cfg.run.groups_per_step, cfg.run.total_steps = 2, 1, 3
+    cfg.run.async_level = 0
+    cfg.orchestrator.port = 0
+    cfg.orchestrator.trainer_key = TRAINER.public_hex
+    cfg.orchestrator.validator_keys = [VALIDATOR.public_hex]
+    cfg.orchestrator.ban_after_rejects = 3
+    cfg.env.curriculum = "off"
+    return cfg
+
+
+def _orchestrator(cfg: RLConfig) -> Orchestrator:
+    from cotrain.rl.env import make_env
+
+    return Orchestrator(
+        cfg,
+        identity=ORCH,
+        env=make_env("chain_sum"),
+        encode_prompt=lambda text: list(text.encode())[:64],
+        decode=lambda ids: bytes(ids).decode(errors="replace"),
+    )
+
+
+def serve(
+    cfg: RLConfig, body: Callable[[Orchestrator, aiohttp.ClientSession], Awaitable[None]]
+) -> None:
+    async def main() -> None:
+        orch = _orchestrator(cfg)
+        await orch.start()
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+                await body(orch, s)
+        finally:
+            await orch.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def _request(who: Identity, role: str = "worker", **over: Any) -> dict[str, Any]:
+    body = wire.Request("rl", role, wire.new_nonce(), time.time(), 0, 1).to_body()
+    body.update(over)
+    return Envelope.seal(who, wire.REQUEST, body).to_json()
+
+
+def _version(v: int, step: int = 0) -> dict[str, Any]:
+    notice = wire.VersionNotice("rl", v, f"{v:064x}", step, time.time(), ["http://127.0.0.1:1"])
+    return Envelope.seal(TRAINER, wire.VERSION, notice.to_body()).to_json()
+
+
+def _rollout(who: Identity, assignment: dict[str, Any], sample: int, answer: str) -> dict:
+    a = wire.Assignment.from_body(assignment["body"])
+    ids = list(answer.encode())
+    body = wire.Rollout(
+        assignment=assignment,
+        sample=sample,
+        version=1,
+        manifest_sha256=f"{1:064x}",
+        prompt_ids=a.prompt_ids,
+        completion_ids=ids,
+        logprobs=[-0.5] * len(ids),
+        finish_reason="length",
+        proof=base64.b64encode(b"\0" * 8).decode(),
+        proof_chunk=32,
+        proof_topk=128,
+        claimed_reward=None,
+        t_start_unix=time.time(),
+        t_end_unix=time.time(),
+        nonce=wire.new_nonce(),
+    ).to_body()
+    return Envelope.seal(who, wire.ROLLOUT, body).to_json()
+
+
+def _verdict(rollout: dict[str, Any], assignment_id: str, sample: int, ok: bool) -> dict:
+    sha = __import__("hashlib").sha256(Envelope.from_json(rollout, domain=wire.ROLLOUT).to_bytes())
+    v = wire.Verdict(
+        f"{assignment_id}/{sample}", sha.hexdigest(), ok, None if ok else "sampling", "t", None, {}
+    )
+    return Envelope.seal(VALIDATOR, wire.VERDICT, v.to_body()).to_json()
+
+
+async def _post(s: aiohttp.ClientSession, orch: Orchestrator, path: str, body: Any) -> tuple:
+    async with s.post(orch.url + path, json=body, params={"wait_s": "0"}) as r:
+        return r.status, await r.json()
+
+
+def test_a_step_from_assignment_to_batch(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+
+    async def body(orch: Orchestrator, s: aiohttp.ClientSession) -> None:
+        code, got = await _post(s, orch, "/v1/work", _request(W1))
+        assert code == 200 and got["assignments"] == [] and got["latest_version"] == 0
+        assert (await _post(s, orch, "/v1/version", _version(1)))[0] == 200
+        code, got = await _post(s, orch, "/v1/work", _request(W1))
+        [a] = got["assignments"]
+        task = orch.env.task(a["body"]["task_seed"], 0)
+        r0 = _rollout(W1, a, 0, task.answer)
+        r1 = _rollout(W1, a, 1, "no idea")
+        code, got = await _post(s, orch, "/v1/rollouts", {"rollouts": [r0, r1]})
+        assert [r["status"] for r in got["results"]] == ["queued", "queued"]
+        code, got = await _post(s, orch, "/v1/claim", _request(VALIDATOR, "validator", max_items=8))
+        assert len(got["items"]) == 2 and got["items"][0]["expected_sha256"] == f"{1:064x}"
+        aid = a["body"]["id"]
+        verdicts = [_verdict(r0, aid, 0, True), _verdict(r1, aid, 1, True)]
+        code, got = await _post(s, orch, "/v1/verdicts", {"verdicts": verdicts})
+        assert [r["status"] for r in got["results"]] == ["accepted", "accepted"]
+        async with s.get(orch.url + "/v1/batch", params={"step": "1", "wait_s": "0"}) as r:
+            got = await r.json()
+        assert got["status"] == "ready"
+        batch = wire.Batch.from_json(got["batch"])
+        assert [x.reward for x in batch.samples] == [1.0, 0.0]
+        assert [x.advantage for x in batch.samples] == [0.5, -0.5]
+        records = orch.store.read_step(1)
+        assert {r["status"] for r in records} == {"accepted"} and len(records) == 2
+
+    serve(cfg, body)
+
+
+def test_hostile_input_is_refused_at_the_door(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    cfg.run.groups_per_step = 2
+
+    async def body(orch: Orchestrator, s: aiohttp.ClientSession) -> None:
+        await _post(s, orch, "/v1/version", _version(1))
+        # garbage bodies: 400 with a reason, never a 500
+        for raw in [
+            b"{",
+            b"[]",
+            b'{"rollouts": 5}',
+            b"\xff\xfe",
+            b'{"a": ' * 100 + b"1" + b"}" * 100,
+        ]:
+            async with s.post(orch.url + "/v1/rollouts", data=raw) as r:
+                assert r.status == 400, raw
+        # a replayed request (same nonce) and a stale one
+        req = _request(W1)
+        assert (await _post(s, orch, "/v1/work", req))[0] == 200
+        code, got = await _post(s, orch, "/v1/work", req)
+        assert code == 400 and "replay" in got["error"]
+        code, got = await _post(s, orch, "/v1/work", _request(W1, unix=time.time() - 3600))
+        assert code == 400 and "stale" in got["error"]
+        # a stranger's verdicts and version notices do not count
+        code, _ = await _post(s, orch, "/v1/claim", _request(W1, "validator"))
+        assert code == 403
+        notice = wire.VersionNotice("rl", 9, "9" * 64, 0, time.time(), ["http://x:1"]).to_body()
+        forged = Envelope.seal(W1, wire.VERSION, notice).to_json()
+        assert (await _post(s, orch, "/v1/version", forged))[0] == 403
+        assert orch.planner.latest_version == 1
+        # rollouts: bad signature, someone else's assignment, tampered assignment, duplicates
+        code, got = await _post(s, orch, "/v1/work", _request(W1))
+        [a] = got["assignments"]
+        good = _rollout(W1, a, 0, "1")
+        bad_sig = dict(good, signature="0" * 128)
+        stolen = _rollout(W2, a, 1, "2")
+        tampered_a = dict(a, body=dict(a["body"], task_seed=1))
+        tampered = _rollout(W1, tampered_a, 1, "3")
+        code, got = await _post(
+            s, orch, "/v1/rollouts", {"rollouts": [bad_sig, stolen, tampered, good, good, "x"]}
+        )
+        checks = [(r["status"], r.get("check")) for r in got["results"]]
+        assert checks == [
+            ("rejected", "signature"),
+            ("rejected", "signature"),
+            ("rejected", "signature"),
+            ("queued", None),
+            ("rejected", "duplicate"),
+            ("rejected", "schema"),
+        ], checks
+        code, got = await _post(s, orch, "/v1/work", _request(W2))
+        assert got["assignments"] == []  # both slots of the step are W1's, and live
+        status = orch.status()
+        assert status["rejected_by_check"] == {"signature": 3, "duplicate": 1, "schema": 1}
+        # W1 has 3 strikes (bad signature, tampered, duplicate): banned
+        code, got = await _post(s, orch, "/v1/work", _request(W1))
+        assert code == 403 and "banned" in got["error"]
+
+    serve(cfg, body)
+
+
+def test_restart_replays_the_journal(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    saved: dict[str, Any] = {}
+
+    async def first(orch: Orchestrator, s: aiohttp.ClientSession) -> None:
+        await _post(s, orch, "/v1/version", _version(1))
+        [a] = (await _post(s, orch, "/v1/work", _request(W1)))[1]["assignments"]
+        answer = orch.env.task(a["body"]["task_seed"], 0).answer
+        r0, r1 = _rollout(W1, a, 0, answer), _rollout(W1, a, 1, "no idea")
+        await _post(s, orch, "/v1/rollouts", {"rollouts": [r0, r1]})
+        await _post(s, orch, "/v1/claim", _request(VALIDATOR, "validator", max_items=8))
+        aid = a["body"]["id"]
+        await _post(s, orch, "/v1/verdicts", {"verdicts": [_verdict(r0, aid, 0, True)]})
+        saved.update(a=a, r1=r1, status=orch.status())
+
+    serve(cfg, first)
+    # torn last line, as if killed mid-write
+    journal = tmp_path / "orchestrator" / "journal.jsonl"
+    with open(journal, "a") as f:
+        f.write('{"e": "verdict", "envelo')
+
+    async def second(orch: Orchestrator, s: aiohttp.ClientSession) -> None:
+        before, now = saved["status"], orch.status()
+        for key in ("issued", "submitted", "accepted", "latest_version", "queued"):
+            assert now[key] == before[key], key
+        # the same assignment is still known; its pending rollout can be judged
+        r1 = saved["r1"]
+        got = await _post(s, orch, "/v1/claim", _request(VALIDATOR, "validator", max_items=8))
+        assert len(got[1]["items"]) == 1
+        aid = saved["a"]["body"]["id"]
+        await _post(s, orch, "/v1/verdicts", {"verdicts": [_verdict(r1, aid, 1, True)]})
+        assert orch.planner.batch(1) is not None
+        # a rollout submitted again after the restart is still a duplicate
+        _, got = await _post(s, orch, "/v1/rollouts", {"rollouts": [r1]})
+        assert got["results"][0]["check"] == "duplicate"
+
+    serve(cfg, second)

@@ -1,0 +1,134 @@
+"""The orchestrator's schedule as a pure state machine: the async bound gates dispatch, slots are
+re-issued with the same task after a timeout or a rejection, zero-advantage groups are
+resampled then dropped, batches form in step order whatever order rollouts arrive in, and a
+run with no signal aborts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cotrain.rl.config import RLConfig
+from cotrain.rl.planner import Accepted, Planner, RunAborted
+
+W1, W2 = "a" * 64, "b" * 64
+
+
+def _cfg(**run: object) -> RLConfig:
+    cfg = RLConfig()
+    cfg.run.group_size, cfg.run.groups_per_step, cfg.run.total_steps = 2, 2, 6
+    for k, v in run.items():
+        setattr(cfg.run, k, v)
+    cfg.env.curriculum = "off"
+    return cfg
+
+
+def _planner(**run: object) -> Planner:
+    p = Planner(_cfg(**run), run_id="t", levels=3)
+    p.apply_version(1, "0" * 64, 0, ["http://x"])
+    return p
+
+
+def _prompt(seed: int, level: int) -> list[int]:
+    return [seed % 1000, level]
+
+
+def _issue(p: Planner, worker: str = W1, now: float = 0.0):  # type: ignore[no-untyped-def]
+    a = p.plan(worker, now, prompt_of=_prompt)
+    if a is not None:
+        p.apply_issue(a)
+    return a
+
+
+def _answer(p: Planner, a, rewards: list[float], version: int = 1) -> None:  # type: ignore[no-untyped-def]
+    for i, r in enumerate(rewards):
+        p.apply_received(a.id, i)
+        p.apply_accept(a.id, i, Accepted(f"{a.id}/{i}", a.worker, [1], [2], [-0.1], r, version))
+
+
+def test_async_bound_gates_dispatch() -> None:
+    p = _planner(async_level=1)
+    issued = [_issue(p) for _ in range(5)]
+    # steps 1 and 2 are open with version 1 (1 + k); step 3 is not
+    assert [a.step for a in issued if a] == [1, 1, 2, 2]
+    assert issued[-1] is None
+    assert {a.min_version for a in issued if a} == {1}
+    p.apply_version(2, "1" * 64, 1, ["http://x"])
+    p.next_batch = 2  # as if batch 1 were formed
+    a = _issue(p)
+    assert a is not None and a.step == 3 and a.min_version == 2
+
+
+def test_synchronous_level_zero_waits_for_each_version() -> None:
+    p = _planner(async_level=0)
+    a1, a2 = _issue(p), _issue(p)
+    assert (a1.step, a2.step) == (1, 1) and _issue(p) is None
+    _answer(p, a1, [0.0, 1.0])
+    _answer(p, a2, [1.0, 0.0])
+    [batch] = p.form_batches()
+    assert batch.step == 1 and batch.groups == 2 and len(batch.samples) == 4
+    assert _issue(p) is None  # step 2 needs version 2
+    p.apply_version(2, "1" * 64, 1, ["http://x"])
+    a = _issue(p)
+    assert a.step == 2 and a.min_version == 2
+
+
+def test_expired_and_rejected_slots_are_reissued_with_the_same_task() -> None:
+    p = _planner(async_level=0)
+    a = _issue(p, W1, now=0.0)
+    b = _issue(p, W1, now=0.0)
+    assert _issue(p, W2, now=1.0) is None  # both slots live
+    late = _issue(p, W2, now=1e6)  # past the deadline
+    assert late.slot == a.slot and late.task_seed == a.task_seed and late.seeds == a.seeds
+    assert late.id != a.id
+    p.apply_reject(b.id, W1)
+    again = _issue(p, W2, now=1e6 + 1)  # slot a is live with W2's issue; slot b is free
+    assert again.slot == b.slot and again.seeds == b.seeds
+    assert p.strikes[W1] == 1
+
+
+def test_rejected_worker_never_gets_the_slot_back() -> None:
+    p = _planner(async_level=0)
+    p.cfg.run.groups_per_step = 1
+    p.B = 1
+    a = _issue(p, W1)
+    p.apply_reject(a.id, W1)
+    assert _issue(p, W1) is None
+    assert _issue(p, W2).slot == a.slot
+
+
+def test_zero_advantage_groups_are_resampled_then_dropped() -> None:
+    p = _planner(async_level=0, max_resample=1)
+    a, b = _issue(p), _issue(p)
+    _answer(p, a, [1.0, 1.0])  # no signal: attempt 1, a new task
+    _answer(p, b, [0.0, 1.0])
+    a2 = _issue(p)
+    assert a2.slot == a.slot and a2.attempt == 1 and a2.task_seed != a.task_seed
+    _answer(p, a2, [0.0, 0.0])  # no signal again: dropped
+    [batch] = p.form_batches()
+    assert batch.groups == 1 and batch.dropped_groups == 1
+    assert batch.mean_reward == pytest.approx(3 / 6)
+    assert sorted(s.advantage for s in batch.samples) == [-0.5, 0.5]
+
+
+def test_abort_after_batches_without_signal() -> None:
+    p = _planner(async_level=2, max_resample=0, abort_after_zero_batches=2)
+    for _ in range(4):
+        _answer(p, _issue(p), [1.0, 1.0])
+    with pytest.raises(RunAborted, match="no signal"):
+        p.form_batches()
+    assert p.aborted and _issue(p) is None
+
+
+def test_batches_do_not_depend_on_arrival_order() -> None:
+    def run(order_seed: int) -> list[tuple[str, float]]:
+        p = _planner(async_level=2, total_steps=3)
+        issued = [_issue(p) for _ in range(6)]
+        rewards = {a.id: [float(a.slot), float(a.step % 2)] for a in issued}
+        random.Random(order_seed).shuffle(issued)
+        for a in issued:
+            _answer(p, a, rewards[a.id])
+        return [(s.rollout_id, s.advantage) for b in p.form_batches() for s in b.samples]
+
+    assert run(0) == run(1) == run(2)
