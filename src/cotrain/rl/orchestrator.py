@@ -112,6 +112,8 @@ class Orchestrator:
         self.by_sha: set[str] = set()
         self.by_completion: dict[str, str] = {}
         self.stats = Stats()
+        self.door: dict[str, dict[str, Any]] = {}
+        """Rollouts rejected at the door, by id (the last one per id)."""
         self.nonces: dict[str, float] = {}
         self.validators = set(cfg.orchestrator.validator_keys)
         self.workers = set(cfg.orchestrator.worker_keys)
@@ -142,7 +144,7 @@ class Orchestrator:
                     )
                     self._apply_received(signed)
                 elif kind == "door":
-                    self._count_reject(ev["worker"], ev["check"])
+                    self._apply_door(ev)
                 elif kind == "verdict":
                     self._apply_verdict(
                         Verdict.from_body(ev["envelope"]["body"]), ev["envelope"]["signer"]
@@ -551,6 +553,30 @@ class Orchestrator:
     async def _h_status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())
 
+    def record(self, rid: str) -> dict[str, Any] | None:
+        """Where one rollout stands: queued, accepted or rejected (at the door or by a
+        validator), with the check that failed and why."""
+        rec = self.received.get(rid)
+        if rec is not None:
+            v = rec.verdict or {}
+            return {
+                "id": rid,
+                "worker": rec.signed.worker,
+                "status": rec.status,
+                "check": v.get("check"),
+                "reason": v.get("reason"),
+                "reward": rec.reward,
+                "validator": rec.validator,
+            }
+        door = self.door.get(rid)
+        return dict(door) if door is not None else None
+
+    async def _h_record(self, request: web.Request) -> web.Response:
+        got = self.record(request.query.get("id", ""))
+        if got is None:
+            return web.json_response({"error": "no such rollout"}, status=404)
+        return web.json_response(got)
+
     async def _h_step_rollouts(self, request: web.Request) -> web.Response:
         try:
             step = int(request.query["step"])
@@ -586,6 +612,7 @@ class Orchestrator:
                 web.get("/v1/batch", self._h_batch),
                 web.get("/v1/status", self._h_status),
                 web.get("/v1/rollouts", self._h_step_rollouts),
+                web.get("/v1/record", self._h_record),
             ]
         )
         return app
