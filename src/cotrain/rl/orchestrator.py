@@ -445,6 +445,7 @@ class Orchestrator:
             "run": self.run_id,
             **self._head(),
             "trainer_step": p.trainer_step,
+            "latest_sha256": p.versions.get(p.latest_version),
             "next_batch": p.next_batch,
             "level": p.curriculum.level,
             "issued": p.issued,

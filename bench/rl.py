@@ -1,0 +1,354 @@
+"""Asynchronous RL against the synchronous on-policy loop, same seeds, same machine, one run.
+
+    python bench/rl.py --quick                # smoke run: few steps, small batches (~10 min)
+    python bench/rl.py --json rl.json         # SmolLM2-135M on chain_sum (2 terms, 1 digit):
+                                              # sync (k=0), async k=1 and k=2, each with
+                                              # honest workers and one cheater; then every
+                                              # cheat on its own against a short run
+
+Every run is real processes (``cotrain rl run``'s ``LocalRun``): the orchestrator, the trainer
+(a shardcast origin), a validator, honest workers and one cheating worker (a different cheat
+per run). In the k=2 run one honest worker is killed (SIGKILL) a third of the way in and a new
+one joins halfway. The trainer measures greedy accuracy on held-out tasks after every step;
+its wall clock excludes evaluation time. Printed: a table; written (``--json``): ``runs``
+(``mode``, ``async_level``, ``curve`` [{``step``, ``wall_s``, ``heldout_accuracy``,
+``mean_reward``}], ``trainer_idle_fraction``, ``inference_idle_fraction``, ``rollouts``
+{``submitted``, ``accepted``, ``rejected_by_check``}, ``peak_memory_bytes``), ``cheats``
+(``case``, ``submitted``, ``detected``), ``honest_rejected``, ``honest_total``, and
+``async2_time_to_sync_final_ratio`` (wall time for k=2 to reach the sync run's final accuracy
+over the sync run's wall time; target <= 0.77).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from cotrain.core.errors import TimeoutExpired
+from cotrain.rl.config import RLConfig
+from cotrain.rl.launch import LocalRun
+
+RUN_CHEATS = {0: "greedy", 1: "swap_last", 2: "forge_logprobs"}
+ALL_CHEATS = [
+    "other_model",
+    "by_hand",
+    "swap_last",
+    "truncate",
+    "early_eos",
+    "smaller_model",
+    "quantized",
+    "other_prompt",
+    "forge_logprobs",
+    "forge_reward",
+    "greedy",
+    "best_of_n",
+    "stale",
+    "unfetched_version",
+    "replay_own",
+    "copy_other",
+    "bad_signature",
+    "own_task",
+]
+
+
+def base_config(args: argparse.Namespace, out: Path, k: int) -> RLConfig:
+    cfg = RLConfig()
+    r = cfg.run
+    r.id, r.out_dir, r.seed = f"bench-k{k}", out, args.seed
+    r.total_steps, r.async_level = args.steps, k
+    r.group_size, r.groups_per_step = args.group_size, args.groups
+    cfg.model.path, cfg.model.threads = args.model, 1
+    cfg.env.name, cfg.env.heldout_items = "chain_sum", args.heldout
+    cfg.env.curriculum = "on"
+    cfg.sampling.max_new_tokens = args.max_new_tokens
+    cfg.trainer.micro_batch = 16
+    cfg.worker.batch_size = args.group_size
+    cfg.orchestrator.assignment_timeout_s = args.assignment_timeout
+    cfg.orchestrator.ban_after_rejects = 0  # keep the cheater submitting: every one is judged
+    cfg.launch.validators = 1
+    return cfg
+
+
+def _events(proc: Any) -> list[dict[str, Any]]:
+    out = []
+    for line in proc.lines:
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def _get(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return dict(json.loads(r.read()))
+
+
+def judge_cheater(run: LocalRun, name: str, deadline_s: float) -> tuple[int, int]:
+    """(cheating submissions, detected) of the cheater process ``name``: each one must end
+    rejected, at the door or by a validator."""
+    subs = [e for e in _events(run.procs[name]) if e.get("event") == "submitted" and e.get("cheat")]
+    detected = 0
+    base = run.cfg.orchestrator.url
+    end = time.monotonic() + deadline_s
+    for e in subs:
+        if e.get("status") == "rejected":
+            detected += 1
+            continue
+        while True:
+            rec = _get(f"{base}/v1/record?id={urllib.request.quote(e['id'])}")
+            if rec["status"] != "queued" or time.monotonic() > end:
+                break
+            time.sleep(0.5)
+        detected += rec["status"] == "rejected"
+    return len(subs), detected
+
+
+def honest_counts(status: dict[str, Any], honest: set[str]) -> tuple[int, int]:
+    rejected = total = 0
+    for key, c in status["workers"].items():
+        if key in honest:
+            total += c.get("submitted", 0)
+            rejected += c.get("rejected", 0)
+    return rejected, total
+
+
+def worker_key(run: LocalRun, name: str) -> str:
+    for e in _events(run.procs[name]):
+        if e.get("event") == "ready":
+            return str(e["worker"])
+    return ""
+
+
+def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> dict[str, Any]:
+    cfg = base_config(args, root / f"k{k}", k)
+    cheat = RUN_CHEATS[k]
+    run = LocalRun(cfg)
+    curve: list[dict[str, Any]] = []
+    idle = {"trainer": 0.0}
+    kill_at, join_at = (args.steps // 3, args.steps // 2) if k == 2 else (-1, -1)
+    try:
+        run.start_orchestrator()
+        run.start_trainer()
+        run.start_validator(0)
+        names = [run.start_worker(wait=False).name for _ in range(args.workers)]
+        cheater = run.start_worker(cheat, wait=False).name
+
+        def on_event(ev: dict[str, Any]) -> None:
+            if ev.get("event") == "eval" and ev.get("step") == 0:
+                curve.append(
+                    {"step": 0, "wall_s": 0.0, "heldout_accuracy": ev["heldout_accuracy"],
+                     "mean_reward": None}
+                )  # fmt: skip
+            if ev.get("event") != "step":
+                return
+            curve.append(
+                {
+                    "step": ev["step"],
+                    "wall_s": ev["wall_s"],
+                    "heldout_accuracy": ev.get("heldout_accuracy"),
+                    "mean_reward": ev.get("mean_reward"),
+                }
+            )
+            idle["trainer"] = float(ev.get("idle_fraction", 0.0))
+            console.print(
+                f"  k={k} step {ev['step']:>3}  wall {ev['wall_s']:7.1f} s  "
+                f"heldout {ev.get('heldout_accuracy', float('nan')):.2f}  reward "
+                f"{ev.get('mean_reward', 0):.2f}  level {ev.get('level')}  idle "
+                f"{idle['trainer']:.3f}"
+            )
+            if ev["step"] == kill_at:
+                console.print(f"  k={k}: killing {names[0]} (SIGKILL)")
+                run.kill(names[0])
+            if ev["step"] == join_at:
+                joined = run.start_worker(wait=False).name
+                console.print(f"  k={k}: {joined} joins")
+                names.append(joined)
+
+        code = run.wait_trainer(args.timeout, on_event=on_event)
+        if code != 0:
+            raise SystemExit(
+                f"k={k}: the trainer exited with {code}: {run.procs['trainer'].lines[-5:]}"
+            )
+        for name in names:  # workers see the run is done and exit with their summary
+            try:
+                run.procs[name].wait_for("finished", 60)
+            except TimeoutExpired:
+                pass
+        status = run.status()
+        submitted, detected = judge_cheater(run, cheater, 120)
+        honest = {worker_key(run, n) for n in names}
+        honest_rej, honest_tot = honest_counts(status, honest)
+        idles = [
+            e["idle_fraction"]
+            for n in names
+            for e in _events(run.procs[n])
+            if e.get("event") == "finished" and "idle_fraction" in e
+        ]
+    finally:
+        run.stop()
+    return {
+        "mode": "sync" if k == 0 else "async",
+        "async_level": k,
+        "curve": curve,
+        "trainer_idle_fraction": idle["trainer"],
+        "inference_idle_fraction": sum(idles) / len(idles) if idles else None,
+        "rollouts": {
+            "submitted": status["submitted"],
+            "accepted": status["accepted"],
+            "rejected_by_check": status["rejected_by_check"],
+        },
+        "peak_memory_bytes": run.memory.peak_bytes,
+        "cheat": {"case": cheat, "submitted": submitted, "detected": detected},
+        "honest": {"rejected": honest_rej, "total": honest_tot},
+    }
+
+
+def cheat_cases(args: argparse.Namespace, root: Path, console: Console) -> list[dict[str, Any]]:
+    """Every cheat against one short async run: each cheater makes a few submissions."""
+    cfg = base_config(args, root / "cheats", 2)
+    cfg.run.total_steps = 10_000  # runs until stopped
+    cfg.env.heldout_items = 0
+    cfg.trainer.eval_every = 0
+    cfg.orchestrator.assignment_timeout_s = 60
+    run = LocalRun(cfg)
+    out = []
+    try:
+        run.start_orchestrator()
+        run.start_trainer()
+        run.start_validator(0)
+        run.start_worker(wait=False)
+        # let the run reach step k + 2 so that a stale cheat has a version to be stale with
+        deadline = time.monotonic() + args.timeout
+        while run.status()["next_batch"] <= cfg.run.async_level + 2:
+            if time.monotonic() > deadline:
+                raise SystemExit("cheat cases: the run did not get going")
+            time.sleep(1.0)
+        for cheat in args.cheats:
+            cfg_w = run.cfg.worker
+            cfg_w.max_assignments = args.cheat_assignments
+            p = run.start_worker(cheat, wait=False)
+            try:
+                p.wait_for("finished", args.timeout)
+            except TimeoutExpired as e:
+                console.print(f"  {cheat}: {e}")
+            submitted, detected = judge_cheater(run, p.name, 300)
+            console.print(f"  cheat {cheat:<18} submitted {submitted:>3}  detected {detected:>3}")
+            out.append({"case": cheat, "submitted": submitted, "detected": detected})
+        status = run.status()
+        honest = {worker_key(run, n) for n in run.procs if n.startswith("worker") and "-" not in n}
+        rej, tot = honest_counts(status, honest)
+        out.append({"case": "_honest", "submitted": tot, "detected": rej})
+    finally:
+        run.stop()
+    return out
+
+
+def time_to(curve: list[dict[str, Any]], accuracy: float) -> float | None:
+    for p in curve:
+        if p["heldout_accuracy"] is not None and p["heldout_accuracy"] >= accuracy:
+            return float(p["wall_s"])
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="few steps, small batches")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-rl"), help="run directories")
+    ap.add_argument("--model", default="smollm2", help="smollm2 or a local HF model directory")
+    ap.add_argument("--steps", type=int, help="trainer steps per run (40; quick 6)")
+    ap.add_argument("--groups", type=int, help="groups per step (8; quick 4)")
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2, help="honest workers per run")
+    ap.add_argument("--heldout", type=int, default=100, help="held-out items")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--levels", default="0,1,2", help="async levels to run")
+    ap.add_argument("--cheats", default=",".join(ALL_CHEATS), help="cheat cases ('' skips)")
+    ap.add_argument("--cheat-assignments", type=int, default=2)
+    ap.add_argument("--assignment-timeout", type=float, default=120.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=7200.0)
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (6 if args.quick else 40)
+    args.groups = args.groups or (4 if args.quick else 8)
+    if args.quick:
+        args.heldout = min(args.heldout, 50)
+    args.cheats = [c for c in args.cheats.split(",") if c]
+    console = Console()
+    root = args.out.absolute()
+    results: dict[str, Any] = {"runs": [], "cheats": []}
+    t0 = time.monotonic()
+    for k in [int(x) for x in args.levels.split(",") if x]:
+        console.print(
+            f"[bold]run k={k}[/bold] ({args.steps} steps, {args.groups}x{args.group_size})"
+        )
+        results["runs"].append(one_run(args, root, k, console))
+    if args.cheats:
+        console.print("[bold]cheat cases[/bold]")
+        results["cheats"] = cheat_cases(args, root, console)
+    cheats = [c for c in results["cheats"] if c["case"] != "_honest"]
+    cheats += [r["cheat"] for r in results["runs"]]
+    honest_runs = [r["honest"] for r in results["runs"]]
+    honest_rej = sum(h["rejected"] for h in honest_runs)
+    honest_tot = sum(h["total"] for h in honest_runs)
+    for c in results["cheats"]:
+        if c["case"] == "_honest":
+            honest_rej, honest_tot = honest_rej + c["detected"], honest_tot + c["submitted"]
+    results["cheats"] = cheats
+    results["honest_rejected"], results["honest_total"] = honest_rej, honest_tot
+    runs = {r["async_level"]: r for r in results["runs"]}
+    if 0 in runs and 2 in runs:
+        sync_final = runs[0]["curve"][-1]["heldout_accuracy"]
+        t_sync = runs[0]["curve"][-1]["wall_s"]
+        t2 = time_to(runs[2]["curve"], sync_final)
+        results["sync_final_accuracy"] = sync_final
+        results["async2_time_to_sync_final_ratio"] = t2 / t_sync if t2 is not None else None
+    results["bench_wall_s"] = round(time.monotonic() - t0, 1)
+    table = Table(title="cotrain.rl: async vs sync (same seeds, same machine)")
+    for col in ("run", "steps", "final acc", "wall s", "trainer idle", "inference idle",
+                "accepted", "rejected", "peak GB"):  # fmt: skip
+        table.add_column(col)
+    for r in results["runs"]:
+        last = r["curve"][-1] if r["curve"] else {}
+        table.add_row(
+            f"{r['mode']} k={r['async_level']}",
+            str(last.get("step")),
+            f"{last.get('heldout_accuracy') or 0:.2f}",
+            f"{last.get('wall_s') or 0:.0f}",
+            f"{r['trainer_idle_fraction']:.3f}",
+            f"{r['inference_idle_fraction'] or 0:.3f}",
+            str(r["rollouts"]["accepted"]),
+            str(sum(r["rollouts"]["rejected_by_check"].values())),
+            f"{r['peak_memory_bytes'] / 2**30:.2f}",
+        )
+    console.print(table)
+    cheat_table = Table(title="cheats (each submission must be rejected)")
+    for col in ("case", "submitted", "detected"):
+        cheat_table.add_column(col)
+    for c in cheats:
+        cheat_table.add_row(c["case"], str(c["submitted"]), str(c["detected"]))
+    console.print(cheat_table)
+    console.print(f"honest rollouts rejected: {honest_rej} of {honest_tot}")
+    if "async2_time_to_sync_final_ratio" in results:
+        console.print(
+            f"k=2 reaches the sync final accuracy {results['sync_final_accuracy']} in "
+            f"{results['async2_time_to_sync_final_ratio']} x the sync wall time (target <= 0.77)"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
