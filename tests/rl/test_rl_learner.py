@@ -264,3 +264,111 @@ def test_heldout_accuracy_on_a_real_environment(model_dir: Path) -> None:
     a = heldout_accuracy(model, tok, env, seeds, level=0, max_new_tokens=4, batch_size=4)
     b = heldout_accuracy(model, tok, env, seeds, level=0, max_new_tokens=4, batch_size=4)
     assert 0.0 <= a <= 1.0 and a == b
+
+
+# ---- the trainer role's parts that need no orchestrator ----------------------------------------
+
+
+def _rl_config(tmp_path: Path, model_dir: Path, **trainer: Any) -> Any:
+    from cotrain.rl.config import ModelSpec, RLConfig, RunConfig
+
+    return RLConfig(
+        run=RunConfig(id="rl-test", out_dir=tmp_path / "run", total_steps=4),
+        model=ModelSpec(path=str(model_dir)),
+        trainer=TrainerConfig(lr=3e-3, micro_batch=3, **trainer),
+    )
+
+
+def test_resume_keeps_checkpoint_and_versions_in_agreement(model_dir: Path, tmp_path: Path) -> None:
+    from cotrain.core.identity import Identity
+    from cotrain.rl.trainer import (
+        ResumeError,
+        checkpoint_dir,
+        publish_config,
+        resume,
+        sha256,
+        versions_dir,
+    )
+    from cotrain.shardcast.publisher import publish
+    from cotrain.shardcast.store import VersionStore
+
+    cfg = _rl_config(tmp_path, model_dir)
+    key = Identity.generate()
+    store = VersionStore(versions_dir(cfg))
+    base = _load(model_dir)
+    b1, b2 = _batch(base, 1), _batch(base, 2)
+
+    # a new run publishes the base as v1; a restart finds it and publishes nothing
+    r = resume(Learner(_load(model_dir), CFG), cfg, key, log=lambda _: None)
+    assert (r.action, r.step, r.version) == ("published base", 0, 1)
+    assert r.file_sha256 == sha256(weights_bytes(base)) and store.versions() == [1]
+    r = resume(Learner(_load(model_dir), CFG), cfg, key, log=lambda _: None)
+    assert (r.action, r.step, r.version) == ("continued", 0, 1) and store.versions() == [1]
+
+    # killed after the checkpoint of step 1, before publishing v2: v2 is its weights
+    learner = Learner(_load(model_dir), cfg.trainer)
+    learner.step(b1)
+    after1 = sha256(weights_bytes(learner.model))
+    learner.save(checkpoint_dir(cfg), 1, {"version": 2, "file_sha256": after1, "level": 0})
+    r = resume(Learner(_load(model_dir), cfg.trainer), cfg, key, log=lambda _: None)
+    assert (r.action, r.step, r.version, r.file_sha256) == ("published checkpoint", 1, 2, after1)
+    r = resume(Learner(_load(model_dir), cfg.trainer), cfg, key, log=lambda _: None)
+    assert (r.action, r.version) == ("continued", 2) and store.versions() == [1, 2]
+
+    # step 2 published without a checkpoint (checkpoint_every > 1): its weights come back
+    learner.step(b2)
+    after2 = weights_bytes(learner.model)
+    publish(after2, dir=store.root, identity=key, config=publish_config(cfg))
+    again = Learner(_load(model_dir), cfg.trainer)
+    r = resume(again, cfg, key, log=lambda _: None)
+    assert (r.action, r.step, r.version) == ("loaded version", 2, 3)
+    assert again.steps == 2 and weights_bytes(again.model) == after2
+
+    # the versions of another key are not ours to continue
+    with pytest.raises(ResumeError, match="another trainer or run"):
+        resume(Learner(_load(model_dir), cfg.trainer), cfg, Identity.generate())
+    # a checkpoint ahead of every version: refused with what to delete
+    other = _rl_config(tmp_path / "b", model_dir)
+    learner.save(checkpoint_dir(other), 2, {})
+    with pytest.raises(ResumeError, match="holds no version"):
+        resume(Learner(_load(model_dir), other.trainer), other, key)
+
+
+def test_the_version_notice_is_signed_and_parses(model_dir: Path, tmp_path: Path) -> None:
+    from cotrain.core.identity import Identity
+    from cotrain.core.signed import Envelope
+    from cotrain.rl.trainer import Trainer
+
+    cfg = _rl_config(tmp_path, model_dir)
+    key = Identity.generate()
+    trainer = Trainer(cfg, _load(model_dir), None, key)
+    trainer.version, trainer.file_sha256 = 3, "ab" * 32
+    trainer.origin_url = "http://127.0.0.1:8490"
+    env = Envelope.from_json(
+        trainer.notice().to_json(), domain=wire.VERSION, signers={key.public_hex}
+    )
+    notice = wire.VersionNotice.from_body(env.body)
+    assert (notice.run, notice.version, notice.step) == ("rl-test", 3, 2)
+    assert notice.servers == ["http://127.0.0.1:8490"]
+
+
+def test_an_unreachable_orchestrator_is_one_typed_error() -> None:
+    import asyncio
+    import socket
+
+    import aiohttp
+
+    from cotrain.rl.errors import OrchestratorUnreachable
+    from cotrain.rl.trainer import OrchestratorLink
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def ask() -> None:
+        async with aiohttp.ClientSession() as session:
+            link = OrchestratorLink(f"http://127.0.0.1:{port}", session, log=lambda _: None)
+            await link.batch(1, timeout_s=0.3)
+
+    with pytest.raises(OrchestratorUnreachable, match="no answer"):
+        asyncio.run(ask())
