@@ -45,3 +45,13 @@ def test_curriculum_raises_the_level_once_solved() -> None:
     assert c.record(0, [1.0] * 8) == 1  # stale rewards of the old level do not count
     assert c.record(1, [0.0] * 8) == 1
     assert c.record(1, [1.0] * 8) == 2 and c.record(2, [1.0] * 8) == 2  # the top level stays
+
+
+def test_reverse_text_scores_similarity() -> None:
+    env = make_env("reverse_text")
+    self_test(env, per_level=3)
+    task = env.task(5, 1)
+    assert task == env.task(5, 1) and len(task.answer) == 5
+    assert env.score(task, task.answer) == 1.0
+    assert env.score(task, task.answer[::-1]) < 1.0
+    assert 0.0 < env.score(task, task.answer[:3]) < 1.0

@@ -120,9 +120,41 @@ class ReasoningGymEnv:
         return float(ds.score_answer(guess, task.entry))
 
 
-def make_env(name: str) -> ReasoningGymEnv:
-    """A built-in environment by name (``chain_sum``, ``basic_arithmetic``) or any
-    reasoning-gym dataset name (one level, its defaults)."""
+class ReverseTextEnv:
+    """Reverse a short string of letters (PRIME-RL's debug task). The reward is the similarity
+    of the reply to the reversed text (``difflib`` ratio, in [0, 1]), so even a random policy
+    gets rewards that differ within a group: a signal for small models and fast tests. Needs
+    nothing installed."""
+
+    id = "reverse_text@1"
+    LENGTHS = (3, 5, 8)
+
+    @property
+    def levels(self) -> int:
+        return len(self.LENGTHS)
+
+    def task(self, seed: int, level: int = 0) -> Task:
+        import random
+
+        if not 0 <= level < len(self.LENGTHS):
+            raise EnvError(f"{self.id} has levels 0..{len(self.LENGTHS) - 1}, not {level}")
+        rng = random.Random(f"{self.id}|{seed}|{level}")
+        text = "".join(rng.choice("abcdefghij") for _ in range(self.LENGTHS[level]))
+        prompt = f"Reverse the text {text!r}. Reply with only the reversed text."
+        return Task(self.id, seed, level, prompt, text[::-1], {"text": text})
+
+    def score(self, task: Task, reply: str) -> float:
+        import difflib
+
+        guess = reply.strip().strip("'\"")
+        return round(difflib.SequenceMatcher(None, guess, task.answer).ratio(), 6)
+
+
+def make_env(name: str) -> Env:
+    """A built-in environment by name (``chain_sum``, ``basic_arithmetic``, ``reverse_text``)
+    or any reasoning-gym dataset name (one level, its defaults)."""
+    if name == "reverse_text":
+        return ReverseTextEnv()
     return ReasoningGymEnv(name)
 
 
@@ -131,7 +163,7 @@ def self_test(env: Env, *, per_level: int = 5) -> None:
     for level in range(env.levels):
         for seed in range(per_level):
             task = env.task(seed, level)
-            got = env.score(task, f"The answer is {task.answer}.")
+            got = env.score(task, task.answer)
             if got != 1.0:
                 raise EnvError(
                     f"{env.id} level {level} seed {seed}: the gold answer {task.answer!r} "

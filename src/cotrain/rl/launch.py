@@ -101,7 +101,7 @@ class LocalRun:
             setattr(getattr(cfg, section), key, value)
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        threads = self.threads or cfg.model.threads or 1
+        threads = cfg.model.threads or self.threads or 1
         env["OMP_NUM_THREADS"] = str(threads)
         env["COTRAIN_SKIP_MEMORY_CHECK"] = env.get("COTRAIN_SKIP_MEMORY_CHECK", "0")
         cmd = [*COTRAIN, "rl", role, *to_overrides(cfg)]

@@ -351,11 +351,22 @@ class Orchestrator:
         return {"id": rid, "status": "queued"}
 
     def _door(self, worker: str, rid: str, check: str, reason: str) -> dict[str, Any]:
-        self.journal.append(
-            {"e": "door", "worker": worker, "id": rid, "check": check, "reason": reason}
-        )
-        self._count_reject(worker, check)
+        ev = {"e": "door", "worker": worker, "id": rid, "check": check, "reason": reason}
+        self.journal.append(ev)
+        self._apply_door(ev)
         return {"id": rid, "status": "rejected", "check": check, "reason": reason}
+
+    def _apply_door(self, ev: dict[str, Any]) -> None:
+        self._count_reject(ev["worker"], ev["check"])
+        if ev["id"] != "?" and ev["id"] not in self.received:
+            self.door[ev["id"]] = {
+                "id": ev["id"],
+                "worker": ev["worker"],
+                "status": "rejected",
+                "check": ev["check"],
+                "reason": ev["reason"],
+                "at": "door",
+            }
 
     def check_validator(self, obj: Any) -> tuple[str, int]:
         req, validator = self._request(obj, "validator")
