@@ -1,0 +1,335 @@
+"""A validator's checks on one rollout, cheapest first; the first that fails names the verdict.
+
+::
+
+    schema       sizes and ids within bounds, proof sizes as agreed, a proof of the right length
+    signature    the assignment is for this run (parse_rollout checked both signatures)
+    assignment   the prompt, task seed and sampling seeds are the ones the schedule fixes
+    staleness    the claimed policy version is in the assignment's window and its manifest hash
+                 is the one the trainer published
+    -- one prefill of the claimed version's model over prompt + completion --
+    toploc       the proof matches the recomputed hidden states (the model and the tokens fed)
+    logprobs     the claimed behaviour log-probabilities are the model's
+    termination  EOS only at the end, only where the model gave it a real chance; otherwise
+                 the full token budget
+    sampling     every token is the seeded Gumbel-max choice (near-ties tolerated)
+    reward       the environment's score of the decoded completion
+
+The four model checks read one prefill (``inference.prefill``; ``check_rollouts`` computes a
+group's prompt once and its completions together, ``inference.prefill_group``), so validating
+costs one forward pass per rollout plus the replay's noise draws, against the T decode steps of
+generating it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cotrain.rl import seeds as seeds_mod
+from cotrain.rl.config import ProofSpec, ValidatorConfig
+from cotrain.rl.env import Env, EnvError, Task
+from cotrain.rl.inference import Prefill, prefill, prefill_group
+from cotrain.rl.sampling import replay
+from cotrain.rl.wire import MAX_TOKENS, SignedRollout, Verdict
+from cotrain.toploc.config import ProofConfig, calibrated_median_rel_err
+from cotrain.toploc.errors import ProofFormatError
+from cotrain.toploc.proof import chunk_bytes, n_rollout_chunks, verify_proofs
+
+LOGPROB_MAX_FACTOR = 10.0
+"""No single position's claimed log-probability may be off by more than
+``exp(|d|) - 1 <= LOGPROB_MAX_FACTOR * logprob_tolerance`` (|d| <= ln 2 = 0.69 nats at the
+default tolerance 0.10: no probability off by more than a factor of 2).
+
+The median bound alone lets a forger rewrite up to half of the positions freely; this one bounds
+each. Honest gaps are far below it: fp32 recomputes on other thread counts, batch shapes or a KV
+cache differ by ~1e-5 nats, and a bf16 worker against an fp32 validator moves SmolLM2's
+hidden states by a median 0.7% (toploc.config), a few hundredths of a nat on a log-probability
+and rarely 0.2. A factor of 2 on mu is also what the trainer's importance ratio pi/mu can
+absorb: its clip (eps 0.2-0.28, delta 4) already limits the update of a sample whose ratio is
+that far off."""
+
+_TASK_CACHE = 4096
+
+
+@dataclass
+class CheckContext:
+    """What a validator knows about the run, independent of any rollout."""
+
+    run: str
+    """The run id (signed into every assignment)."""
+    run_seed: int
+    env: Env
+    encode_prompt: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    eos_token_id: int | None
+    vocab_size: int
+    model_id: str
+    """For the calibrated TOPLOC threshold (``calibrated_median_rel_err``)."""
+    config: ValidatorConfig
+    proof: ProofSpec
+    group_size: int
+    batch_size: int = 8
+    """Completions of one prompt prefilled together by ``check_rollouts``."""
+    max_seq_len: int | None = None
+    """Longest prompt + completion (None: the model's ``max_position_embeddings``)."""
+    _tasks: dict[tuple[int, int], tuple[Task, list[int]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def task(self, task_seed: int, level: int) -> tuple[Task, list[int]]:
+        """The task of a seed and level with its encoded prompt (cached: every sample of a
+        group asks for the same one)."""
+        key = (task_seed, level)
+        if key not in self._tasks:
+            if len(self._tasks) >= _TASK_CACHE:
+                self._tasks.clear()
+            task = self.env.task(task_seed, level)
+            self._tasks[key] = (task, list(self.encode_prompt(task.prompt)))
+        return self._tasks[key]
+
+
+class _Reject(Exception):
+    def __init__(self, check: str, reason: str) -> None:
+        super().__init__(reason)
+        self.check, self.reason = check, reason
+
+
+def check_rollout(
+    model: Any,
+    signed: SignedRollout,
+    ctx: CheckContext,
+    *,
+    expected_sha256: str | None,
+    latest_version: int,
+) -> Verdict:
+    """Rule on one rollout. ``model`` holds the weights of the version the rollout claims;
+    ``expected_sha256`` is that version's manifest hash (None: a version the trainer never
+    published)."""
+    return check_rollouts(
+        model, [signed], ctx, expected_sha256=expected_sha256, latest_version=latest_version
+    )[0]
+
+
+def check_rollouts(
+    model: Any,
+    rollouts: Sequence[SignedRollout],
+    ctx: CheckContext,
+    *,
+    expected_sha256: str | None,
+    latest_version: int,
+) -> list[Verdict]:
+    """``check_rollout`` of several rollouts that claim the same version (``model``), in their
+    order. Rollouts of one prompt (a group) share its prefill: the prompt is computed once."""
+    verdicts: list[Verdict | None] = [None] * len(rollouts)
+    groups: dict[tuple[int, ...], list[tuple[int, Task]]] = {}
+    max_len = ctx.max_seq_len or int(getattr(model.config, "max_position_embeddings", MAX_TOKENS))
+    for i, s in enumerate(rollouts):
+        try:
+            task = _cheap_checks(s, ctx, max_len, expected_sha256, latest_version)
+        except _Reject as r:
+            verdicts[i] = _verdict(s, r.check, r.reason, None, {})
+            continue
+        groups.setdefault(tuple(s.rollout.prompt_ids), []).append((i, task))
+    for prompt, members in groups.items():
+        t0 = time.perf_counter()
+        completions = [rollouts[i].rollout.completion_ids for i, _ in members]
+        if len(members) == 1:
+            fills = [prefill(model, list(prompt), completions[0])]
+        else:
+            fills = prefill_group(model, list(prompt), completions, batch_size=ctx.batch_size)
+        share = (time.perf_counter() - t0) / len(members)
+        for (i, task), fill in zip(members, fills, strict=True):
+            verdicts[i] = _model_checks(rollouts[i], task, fill, ctx, share)
+    return [v for v in verdicts if v is not None]
+
+
+def _verdict(
+    s: SignedRollout, check: str | None, reason: str, reward: float | None, metrics: dict
+) -> Verdict:
+    return Verdict(
+        rollout_id=s.id,
+        rollout_sha256=s.sha256,
+        ok=check is None,
+        check=check,
+        reason=reason,
+        reward=reward,
+        metrics={k: float(v) for k, v in metrics.items()},
+    )
+
+
+def _cheap_checks(
+    s: SignedRollout,
+    ctx: CheckContext,
+    max_len: int,
+    expected_sha256: str | None,
+    latest_version: int,
+) -> Task:
+    """schema, signature, assignment, staleness: no model needed. Returns the task."""
+    r, a = s.rollout, s.assignment
+    n_prompt, n_out = len(r.prompt_ids), len(r.completion_ids)
+    # schema
+    if n_out > a.max_new_tokens:
+        raise _Reject("schema", f"{n_out} completion tokens, max_new_tokens is {a.max_new_tokens}")
+    if max(max(r.prompt_ids), max(r.completion_ids)) >= ctx.vocab_size:
+        raise _Reject("schema", f"token ids outside the vocabulary [0, {ctx.vocab_size})")
+    if n_prompt + n_out > min(max_len, MAX_TOKENS):
+        raise _Reject("schema", f"{n_prompt} + {n_out} tokens exceed {min(max_len, MAX_TOKENS)}")
+    if r.proof_chunk != ctx.proof.chunk_tokens or r.proof_topk != ctx.proof.topk:
+        raise _Reject(
+            "schema",
+            f"proof chunk/topk {r.proof_chunk}/{r.proof_topk}, the run uses "
+            f"{ctx.proof.chunk_tokens}/{ctx.proof.topk}",
+        )
+    want = n_rollout_chunks(n_prompt, n_out, r.proof_chunk) * chunk_bytes(r.proof_topk)
+    if len(r.proof_bytes) != want:
+        raise _Reject("schema", f"proof of {len(r.proof_bytes)} bytes, {want} expected")
+    if r.t_start_unix > r.t_end_unix:
+        raise _Reject("schema", "t_start_unix is after t_end_unix")
+    # signature (parse_rollout checked both signatures and the assignment's worker)
+    if a.run != ctx.run:
+        raise _Reject("signature", f"assignment for run {a.run!r}, not {ctx.run!r}")
+    # assignment
+    if a.env != ctx.env.id:
+        raise _Reject("assignment", f"environment {a.env!r}, the run uses {ctx.env.id!r}")
+    if a.task_seed != seeds_mod.task_seed(ctx.run_seed, a.step, a.slot, a.attempt):
+        raise _Reject("assignment", "task seed is not the schedule's for this slot")
+    if len(a.seeds) != ctx.group_size:
+        raise _Reject("assignment", f"group of {len(a.seeds)}, the run uses {ctx.group_size}")
+    if a.seeds != seeds_mod.sample_seeds(a.task_seed, ctx.run, a.slot_key, len(a.seeds)):
+        raise _Reject("assignment", "sampling seeds are not the schedule's for this slot")
+    try:
+        task, prompt = ctx.task(a.task_seed, a.level)
+    except EnvError as e:
+        raise _Reject("assignment", str(e)) from None
+    if a.prompt_ids != prompt:
+        raise _Reject("assignment", "the assignment's prompt is not its task's")
+    if r.prompt_ids != a.prompt_ids:
+        raise _Reject("assignment", "the rollout's prompt is not the assignment's")
+    # staleness
+    if not a.min_version <= r.version <= latest_version:
+        raise _Reject(
+            "staleness", f"version {r.version} outside [{a.min_version}, {latest_version}]"
+        )
+    if expected_sha256 is None:
+        raise _Reject("staleness", f"version {r.version} was never published")
+    if r.manifest_sha256 != expected_sha256:
+        raise _Reject("staleness", f"manifest hash is not version {r.version}'s")
+    return task
+
+
+def _model_checks(
+    s: SignedRollout, task: Task, fill: Prefill, ctx: CheckContext, prefill_s: float
+) -> Verdict:
+    """toploc, logprobs, termination, sampling, reward on one prefill."""
+    t0 = time.perf_counter()
+    r, a = s.rollout, s.assignment
+    tokens = r.completion_ids
+    metrics: dict[str, float] = {"prefill_s": prefill_s, "tokens": float(len(tokens))}
+
+    def reject(check: str, reason: str) -> Verdict:
+        metrics["check_s"] = prefill_s + time.perf_counter() - t0
+        return _verdict(s, check, reason, None, metrics)
+
+    # toploc
+    limit = ctx.config.max_median_rel_err or calibrated_median_rel_err(ctx.model_id)
+    cfg = ProofConfig(
+        chunk_tokens=ctx.proof.chunk_tokens, topk=ctx.proof.topk, max_median_rel_err=limit
+    )
+    if not bool(torch.isfinite(fill.hidden).all()):
+        return reject("toploc", "recomputed hidden states are not finite")
+    try:
+        pv = verify_proofs(r.proof_bytes, fill.hidden, cfg.chunk_tokens, cfg.topk, cfg)
+    except ProofFormatError as e:
+        return reject("toploc", f"malformed proof: {e}")
+    metrics["toploc_median_err"] = pv.median_rel_err
+    if not pv.passed:
+        bad = pv.failed_chunks
+        if bad:
+            c = pv.chunks[bad[0]]
+            return reject(
+                "toploc",
+                f"chunk {bad[0]} (positions {bad[0] * cfg.chunk_tokens}+) differs: "
+                f"{c.matches}/{cfg.topk} entries match",
+            )
+        return reject("toploc", f"median relative error {pv.median_rel_err:.4f} > {limit}")
+    # logprobs
+    temp = a.temperature
+    z = fill.logits / temp if temp > 0 else fill.logits  # (T, V)
+    logp = F.log_softmax(z.double(), dim=-1)  # (T, V)
+    ids = torch.tensor(tokens, dtype=torch.long)
+    chosen = logp.gather(1, ids[:, None])[:, 0]  # (T,)
+    gap = torch.expm1((torch.tensor(r.logprobs, dtype=torch.float64) - chosen).abs())  # (T,)
+    lp_median, lp_max = float(np.median(gap.numpy())), float(gap.max())
+    metrics["logprob_median"], metrics["logprob_max"] = lp_median, lp_max
+    tol = ctx.config.logprob_tolerance
+    if lp_median > tol:
+        return reject("logprobs", f"median exp|d|-1 of claimed logprobs {lp_median:.3g} > {tol}")
+    if lp_max > LOGPROB_MAX_FACTOR * tol:
+        worst = int(gap.argmax())
+        return reject(
+            "logprobs",
+            f"logprob at position {worst} off by exp|d|-1 = {lp_max:.3g} "
+            f"> {LOGPROB_MAX_FACTOR * tol:.3g}",
+        )
+    # termination
+    why = _termination(r.finish_reason, tokens, a.max_new_tokens, ctx, logp, metrics)
+    if why is not None:
+        return reject("termination", why)
+    # sampling
+    seed = a.seeds[r.sample]
+    rep = replay(
+        fill.logits, tokens, temperature=temp, seed=seed, tolerance=ctx.config.sampling_tolerance
+    )
+    metrics["replay_worst_gap"] = rep.worst_gap
+    metrics["replay_mismatches"] = float(rep.mismatches)
+    if not rep.ok:
+        return reject(
+            "sampling",
+            f"{rep.mismatches} tokens are not the seeded sample (first at {rep.first_mismatch}, "
+            f"worst gap {rep.worst_gap:.3g})",
+        )
+    # reward
+    reward = float(ctx.env.score(task, ctx.decode(tokens)))
+    claimed = r.claimed_reward
+    if claimed is not None and not abs(claimed - reward) <= ctx.config.reward_tolerance:
+        return reject("reward", f"claimed reward {claimed:.4g}, the completion scores {reward:.4g}")
+    metrics["check_s"] = prefill_s + time.perf_counter() - t0
+    return _verdict(s, None, "ok", reward, metrics)
+
+
+def _termination(
+    reason: str,
+    tokens: list[int],
+    max_new_tokens: int,
+    ctx: CheckContext,
+    logp: torch.Tensor,
+    metrics: dict[str, float],
+) -> str | None:
+    """Why the finish reason does not hold, or None."""
+    eos = ctx.eos_token_id
+    inside = eos is not None and eos in tokens[:-1]
+    if reason == "eos":
+        if eos is None:
+            return "finish 'eos' but the model has no EOS token"
+        if tokens[-1] != eos:
+            return "finish 'eos' without EOS as the last token"
+        if inside:
+            return "EOS before the last token"
+        p = math.exp(float(logp[-1, eos]))
+        metrics["eos_prob"] = p
+        if p < ctx.config.eos_min_prob:
+            return f"EOS where the model gave it p={p:.3g} < {ctx.config.eos_min_prob}"
+        return None
+    if len(tokens) != max_new_tokens:
+        return f"finish 'length' after {len(tokens)} of {max_new_tokens} tokens"
+    if inside or (eos is not None and tokens[-1] == eos):
+        return "finish 'length' with an EOS inside"
+    return None

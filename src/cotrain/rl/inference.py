@@ -1,0 +1,322 @@
+"""What an inference worker computes for one assignment, and the prefill a validator checks it
+with.
+
+``generate_group`` samples the G completions of one prompt with the seeded Gumbel-max rule of
+``sampling`` and proves each with TOPLOC from hidden states captured during generation (a hook
+on the final norm; no second forward pass). All samples of a group share the prompt, so the
+prompt is computed once, at batch size 1 (the same arithmetic as ``sampling.generate``), and
+its KV cache is repeated for each batch of ``batch_size`` rows: rows need no padding. A row that
+emits EOS leaves the batch (its cache rows are dropped), so finished rows cost nothing and no
+position after a row's end reaches its proof.
+
+``prefill`` is one forward pass over prompt and completion that yields both what TOPLOC checks
+(the final norm's output at positions 0..P+T-2) and the logits that predicted each completion
+token (what the logprob, termination and sampling checks read). ``prefill_group`` does the same
+for several completions of one prompt: the prompt once, then the completions together on its
+KV cache, which is what makes validating a group cheap next to generating it.
+
+Shapes: P prompt length, T completion length, V vocabulary, H hidden size, B batch rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cotrain.rl.sampling import gumbel
+from cotrain.toploc.capture import HiddenCapture
+from cotrain.toploc.proof import chunk_bytes, encode_chunks, rollout_chunks
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One sample of a group, as a worker submits it."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    """log_softmax(logits / T) of each chosen token (the behaviour policy mu)."""
+    finish_reason: str
+    """``"eos"`` (EOS kept as the last token) or ``"length"``."""
+    proof: bytes
+    """TOPLOC proof of the hidden states of positions 0..P+T-2."""
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """What one forward pass over prompt + completion gives a validator."""
+
+    logits: torch.Tensor
+    """(T, V) float32: row t predicted completion token t."""
+    hidden: torch.Tensor
+    """(P + T - 1, H) float32: the final norm's output at every position the worker computed."""
+
+
+def final_norm(model: Any) -> nn.Module:
+    """The module whose output is the last hidden state (Llama-style ``model.model.norm``)."""
+    base = model.get_decoder()
+    for name in ("norm", "final_layer_norm", "ln_f"):
+        if isinstance(getattr(base, name, None), nn.Module):
+            return getattr(base, name)
+    raise AttributeError(f"{type(model).__name__}: no final norm found in its decoder")
+
+
+def _cache_kw(model: Any) -> str:
+    # transformers 5 calls the KV cache ``cache``; 4.x ``past_key_values``
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _check_args(
+    prompt_ids: Sequence[int],
+    seeds: Sequence[int],
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+) -> None:
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if not seeds:
+        raise ValueError("a group needs at least one seed")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+
+
+@torch.no_grad()
+def generate_group(
+    model: Any,
+    prompt_ids: list[int],
+    seeds: list[int],
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    batch_size: int,
+    proof_chunk: int,
+    proof_topk: int,
+) -> list[Generated]:
+    """Sample one completion of ``prompt_ids`` per seed (in seed order) and prove each.
+
+    Sample i draws token t as ``argmax(logits_t / T + gumbel(seeds[i], t))``, so its tokens do
+    not depend on the batch it was generated in beyond rounding (a validator's replay tolerates
+    near-ties)."""
+    return generate_group_as(
+        model,
+        prompt_ids,
+        seeds,
+        temperature=temperature,
+        logprob_temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        batch_size=batch_size,
+        proof_chunk=proof_chunk,
+        proof_topk=proof_topk,
+    )
+
+
+@torch.no_grad()
+def generate_group_as(
+    model: Any,
+    prompt_ids: list[int],
+    seeds: list[int],
+    *,
+    temperature: float,
+    logprob_temperature: float,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    batch_size: int,
+    proof_chunk: int,
+    proof_topk: int,
+) -> list[Generated]:
+    """``generate_group`` sampling at ``temperature`` but reporting logprobs at
+    ``logprob_temperature`` (a greedy cheat that claims the assigned temperature's mu)."""
+    _check_args(prompt_ids, seeds, temperature, max_new_tokens, batch_size)
+    kw = _cache_kw(model)
+    tokens: list[list[int]] = []
+    logprobs: list[list[float]] = []
+    reasons: list[str] = []
+    hidden: list[torch.Tensor] = []
+    with HiddenCapture(final_norm(model)) as cap:
+        out = model(input_ids=torch.tensor([prompt_ids], dtype=torch.long), use_cache=True)
+        prompt_cache = out.get(kw)
+        first_logits = out.logits[:, -1]  # (1, V)
+        prompt_hidden = cap.outputs.pop()[0]  # (P, H)
+        starts = range(0, len(seeds), batch_size)
+        for start in starts:
+            last = start == starts[-1]
+            cache = prompt_cache if last else copy.deepcopy(prompt_cache)
+            rows = _decode_batch(
+                model,
+                kw,
+                cap,
+                cache,
+                first_logits,
+                seeds[start : start + batch_size],
+                temperature=temperature,
+                logprob_temperature=logprob_temperature,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id,
+            )
+            for toks, lps, reason, steps in rows:
+                tokens.append(toks)
+                logprobs.append(lps)
+                reasons.append(reason)
+                # positions 0..P+T-2: the prompt, then every output token but the last as fed
+                hidden.append(torch.cat([prompt_hidden, *steps])[: len(prompt_ids) + len(toks) - 1])
+    proofs = prove_many(hidden, proof_chunk, proof_topk)
+    return [
+        Generated(t, lp, r, p)
+        for t, lp, r, p in zip(tokens, logprobs, reasons, proofs, strict=True)
+    ]
+
+
+def _decode_batch(
+    model: Any,
+    kw: str,
+    cap: HiddenCapture,
+    cache: Any,
+    first_logits: torch.Tensor,
+    seeds: list[int],
+    *,
+    temperature: float,
+    logprob_temperature: float,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+) -> list[tuple[list[int], list[float], str, list[torch.Tensor]]]:
+    """Decode one batch of rows from the prompt's cache; per row its tokens, logprobs, finish
+    reason and the (1, H) hidden states of the output tokens it fed back."""
+    n = len(seeds)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    logits = first_logits.expand(n, -1)  # (A, V), A: rows still generating
+    active = list(range(n))  # batch row of each cache row
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    reasons = ["length"] * n
+    steps: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    for t in range(max_new_tokens):
+        z = logits.detach().float()  # (A, V)
+        if temperature > 0:
+            noise = torch.stack([gumbel(seeds[r], t, z.size(1)) for r in active])  # (A, V)
+            choice = torch.argmax(z / temperature + noise, dim=1)  # (A,)
+        else:
+            choice = torch.argmax(z, dim=1)  # (A,)
+        zl = z / logprob_temperature if logprob_temperature > 0 else z
+        lp = F.log_softmax(zl, dim=-1).gather(1, choice[:, None])[:, 0]  # (A,)
+        keep = []
+        for i, r in enumerate(active):
+            tok = int(choice[i])
+            tokens[r].append(tok)
+            logprobs[r].append(float(lp[i]))
+            if eos_token_id is not None and tok == eos_token_id:
+                reasons[r] = "eos"
+            else:
+                keep.append(i)
+        if not keep or t + 1 == max_new_tokens:
+            break
+        if len(keep) < len(active):  # finished rows leave the batch and the cache
+            cache.batch_select_indices(torch.tensor(keep, dtype=torch.long))
+            active = [active[i] for i in keep]
+            choice = choice[keep]
+        out = model(input_ids=choice[:, None], use_cache=True, **{kw: cache})  # (A, 1)
+        cache = out.get(kw)
+        h = cap.outputs.pop()  # (A, 1, H)
+        for i, r in enumerate(active):
+            steps[r].append(h[i])
+        logits = out.logits[:, -1]  # (A, V)
+    return [(tokens[r], logprobs[r], reasons[r], steps[r]) for r in range(n)]
+
+
+def prove_many(hidden: Sequence[torch.Tensor], chunk: int, topk: int) -> list[bytes]:
+    """Each sample's (P + T - 1, H) hidden states -> its TOPLOC proof; the chunks of all samples
+    encoded in one pass (one top-k per chunk shape)."""
+    chunks: list[torch.Tensor] = []
+    counts = []
+    for h in hidden:
+        mine = rollout_chunks(h, 0, chunk)
+        chunks += mine
+        counts.append(len(mine))
+    blob = encode_chunks(chunks, topk)
+    size = chunk_bytes(topk)
+    proofs, start = [], 0
+    for c in counts:
+        proofs.append(blob[start * size : (start + c) * size])
+        start += c
+    return proofs
+
+
+@torch.no_grad()
+def prefill(model: Any, prompt_ids: list[int], completion_ids: list[int]) -> Prefill:
+    """One forward pass over ``prompt_ids + completion_ids[:-1]`` (the positions the worker
+    computed): the final norm's output at each, and the logits of the last T."""
+    if not prompt_ids or not completion_ids:
+        raise ValueError("prefill needs a prompt and at least one completion token")
+    n = len(completion_ids)
+    seq = list(prompt_ids) + list(completion_ids[:-1])
+    extra = {"logits_to_keep": n} if _takes_logits_to_keep(model) else {}
+    with HiddenCapture(final_norm(model)) as cap:
+        out = model(input_ids=torch.tensor([seq], dtype=torch.long), use_cache=False, **extra)
+    hidden = cap.outputs[-1][0].float()  # (P + T - 1, H)
+    logits = out.logits[0, -n:].float()  # (T, V)
+    return Prefill(logits=logits, hidden=hidden)
+
+
+@torch.no_grad()
+def prefill_group(
+    model: Any, prompt_ids: list[int], completions: Sequence[list[int]], *, batch_size: int = 8
+) -> list[Prefill]:
+    """``prefill`` of several completions of one prompt: the prompt once, then the completions
+    ``batch_size`` at a time on its KV cache, right-padded (causal attention keeps the padding
+    out of the real positions)."""
+    if not prompt_ids or not completions or not all(completions):
+        raise ValueError("prefill_group needs a prompt and non-empty completions")
+    kw = _cache_kw(model)
+    norm = final_norm(model)
+    with HiddenCapture(norm) as cap:
+        out = model(input_ids=torch.tensor([prompt_ids], dtype=torch.long), use_cache=True)
+        prompt_cache = out.get(kw)
+        first = out.logits[0, -1:].float()  # (1, V): predicts completion token 0
+        prompt_hidden = cap.outputs.pop()[0].float()  # (P, H)
+        result: list[Prefill] = []
+        starts = range(0, len(completions), batch_size)
+        for start in starts:
+            batch = completions[start : start + batch_size]
+            width = max(len(c) for c in batch) - 1
+            if width == 0:  # every completion is one token: the prompt pass has it all
+                result += [Prefill(first.clone(), prompt_hidden.clone()) for _ in batch]
+                continue
+            ids = torch.zeros((len(batch), width), dtype=torch.long)  # (B, W)
+            mask = torch.zeros((len(batch), len(prompt_ids) + width), dtype=torch.long)
+            mask[:, : len(prompt_ids)] = 1
+            for b, c in enumerate(batch):
+                ids[b, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+                mask[b, len(prompt_ids) : len(prompt_ids) + len(c) - 1] = 1
+            cache = prompt_cache if start == starts[-1] else copy.deepcopy(prompt_cache)
+            if len(batch) > 1:
+                cache.batch_repeat_interleave(len(batch))
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{kw: cache})
+            hidden = cap.outputs.pop().float()  # (B, W, H)
+            logits = out.logits.float()  # (B, W, V)
+            for b, c in enumerate(batch):
+                m = len(c) - 1
+                result.append(
+                    Prefill(
+                        logits=torch.cat([first, logits[b, :m]]),  # (T, V)
+                        hidden=torch.cat([prompt_hidden, hidden[b, :m]]),  # (P + T - 1, H)
+                    )
+                )
+    return result

@@ -1,0 +1,379 @@
+"""The validator's checks on real signed rollouts: honest ones pass at any batch size and thread
+count, every cheat of ``rl.cheats`` is rejected by the check aimed at it, and forged envelope
+fields (reward, prompt, seeds, version, manifest) are rejected by name."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from hf_harness import small_hf_model, write_text
+
+from cotrain.core.identity import Identity
+from cotrain.core.signed import Envelope
+from cotrain.rl import cheats, seeds, wire
+from cotrain.rl.checks import CheckContext, check_rollout, check_rollouts
+from cotrain.rl.config import ProofSpec, ValidatorConfig
+from cotrain.rl.env import make_env
+from cotrain.rl.inference import Generated, generate_group
+from cotrain.rl.policy import encode_prompt
+
+pytest.importorskip("transformers")
+pytest.importorskip("reasoning_gym")
+
+RUN = "rl-test"
+RUN_SEED = 7
+G = 8
+MAX_NEW = 12
+TEMPERATURE = 1.0
+PROOF = ProofSpec(chunk_tokens=8, topk=32)
+SHA = "ab" * 32
+VERSION, LATEST = 3, 4
+
+
+def trained_like(model: Any, eos: int) -> Any:
+    """Make the untrained tiny model look trained where the checks can tell.
+
+    Untrained, it is nearly uniform over its vocabulary (two models' samples coincide, EOS has
+    p ~ 1/V) and its weights are Gaussian (int8 rounds them below bf16's resolution, so TOPLOC
+    could not see it). Trained models have spread logits and outlier weights: scale the head,
+    give EOS a steady p ~ 0.03-0.09 at every position (a bias: completions end early, and
+    honest EOS draws stay above ``eos_min_prob``), and put one 10-sigma weight in every row."""
+    gen = torch.Generator().manual_seed(0)
+    head = model.lm_head
+    lin = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not name.startswith("lm_head"):
+                col = torch.randint(0, p.size(1), (p.size(0),), generator=gen)
+                sign = torch.randint(0, 2, (p.size(0),), generator=gen) * 2 - 1
+                p[torch.arange(p.size(0)), col] = 10.0 * float(p.std()) * sign
+        lin.weight.copy_(head.weight * 15.0)
+        lin.weight[eos] = 0.0
+        lin.bias.zero_()
+        lin.bias[eos] = 4.8
+    model.lm_head = lin
+    return model
+
+
+@dataclass
+class World:
+    model: Any
+    tokenizer: Any
+    ctx: CheckContext
+    orchestrator: Identity
+    worker: Identity
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("rlchecks")
+    path = small_hf_model(tmp / "m", write_text(tmp / "text.txt"))
+    tok = AutoTokenizer.from_pretrained(path)
+    model = trained_like(AutoModelForCausalLM.from_pretrained(path).eval(), tok.eos_token_id)
+    ctx = CheckContext(
+        run=RUN,
+        run_seed=RUN_SEED,
+        env=make_env("chain_sum"),
+        encode_prompt=lambda text: encode_prompt(tok, text),
+        decode=lambda ids: str(tok.decode(ids, skip_special_tokens=True)),
+        eos_token_id=tok.eos_token_id,
+        vocab_size=model.config.vocab_size,
+        model_id="tiny-llama",
+        # the tiny model's honest recomputes are bit-exact in bf16 (median 0); int8 weights
+        # move its median to ~0.004 (the calibration of the 2-layer "gpt-debug" model)
+        config=ValidatorConfig(max_median_rel_err=0.0025),
+        proof=PROOF,
+        group_size=G,
+    )
+    return World(model, tok, ctx, Identity.generate(), Identity.generate())
+
+
+def assign(w: World, step: int, slot: int, **override: Any) -> Envelope:
+    """The orchestrator's signed assignment of a slot (``override``: forged fields)."""
+    task_seed = seeds.task_seed(RUN_SEED, step, slot, 0)
+    task = w.ctx.env.task(task_seed, 0)
+    body = wire.Assignment(
+        run=RUN,
+        id=f"s{step}.j{slot}.a0.i0",
+        worker=w.worker.public_hex,
+        step=step,
+        slot=slot,
+        attempt=0,
+        env=w.ctx.env.id,
+        task_seed=task_seed,
+        level=0,
+        prompt_ids=w.ctx.encode_prompt(task.prompt),
+        seeds=seeds.sample_seeds(task_seed, RUN, f"s{step}.j{slot}.a0", G),
+        min_version=VERSION - 1,
+        temperature=TEMPERATURE,
+        max_new_tokens=MAX_NEW,
+        issued_unix=1000.0,
+        deadline_unix=2000.0,
+    ).to_body()
+    body.update(override)
+    return Envelope.seal(w.orchestrator, wire.ASSIGNMENT, body)
+
+
+def submit(
+    w: World, a_env: Envelope, sample: int, g: Generated, **override: Any
+) -> wire.SignedRollout:
+    """The worker's signed rollout of one sample, parsed as a validator receives it."""
+    body = wire.Rollout(
+        assignment=a_env.to_json(),
+        sample=sample,
+        version=VERSION,
+        manifest_sha256=SHA,
+        prompt_ids=list(a_env.body["prompt_ids"]),
+        completion_ids=g.tokens,
+        logprobs=g.logprobs,
+        finish_reason=g.finish_reason,
+        proof=base64.b64encode(g.proof).decode(),
+        proof_chunk=PROOF.chunk_tokens,
+        proof_topk=PROOF.topk,
+        claimed_reward=None,
+        t_start_unix=1001.0,
+        t_end_unix=1002.0,
+        nonce="0123456789abcdef",
+    ).to_body()
+    body.update(override)
+    env = Envelope.seal(w.worker, wire.ROLLOUT, body)
+    return wire.parse_rollout(env.to_json(), orchestrator=w.orchestrator.public_hex)
+
+
+def generate(w: World, a_env: Envelope, batch_size: int = 8) -> list[Generated]:
+    return generate_group(
+        w.model,
+        a_env.body["prompt_ids"],
+        a_env.body["seeds"],
+        temperature=TEMPERATURE,
+        max_new_tokens=MAX_NEW,
+        eos_token_id=w.tokenizer.eos_token_id,
+        batch_size=batch_size,
+        proof_chunk=PROOF.chunk_tokens,
+        proof_topk=PROOF.topk,
+    )
+
+
+def check(w: World, s: wire.SignedRollout, **kw: Any) -> wire.Verdict:
+    args: dict[str, Any] = {"expected_sha256": SHA, "latest_version": LATEST, **kw}
+    return check_rollout(w.model, s, w.ctx, **args)
+
+
+class threads:
+    """Run a block at a torch thread count."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.before = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.before)
+
+
+# ---- honest rollouts -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("batch_size", "worker_threads"), [(1, 1), (3, 2), (8, 1), (8, 2)])
+def test_honest_rollouts_pass(world: World, batch_size: int, worker_threads: int) -> None:
+    """4 groups of 8 per case (128 rollouts over the cases): the worker at one thread count,
+    the validator at the other, one rollout at a time and a group at once."""
+    verdicts = []
+    finishes = set()
+    for slot in range(4):
+        a_env = assign(world, 1, slot + 10 * batch_size)
+        with threads(worker_threads):
+            group = generate(world, a_env, batch_size)
+        subs = [submit(world, a_env, i, g) for i, g in enumerate(group)]
+        finishes |= {g.finish_reason for g in group}
+        with threads(3 - worker_threads):
+            if slot % 2:
+                verdicts += check_rollouts(
+                    world.model, subs, world.ctx, expected_sha256=SHA, latest_version=LATEST
+                )
+            else:
+                verdicts += [check(world, s) for s in subs]
+    bad = [(v.rollout_id, v.check, v.reason) for v in verdicts if not v.ok]
+    assert not bad, bad
+    assert len(verdicts) == 4 * G and finishes == {"eos", "length"}
+    for v in verdicts:
+        assert v.reward in (0.0, 1.0)
+        assert v.metrics["replay_worst_gap"] < 1e-3 and v.metrics["logprob_max"] < 1e-3
+        assert wire.Verdict.from_body(v.to_body()) == v  # a verdict is valid on the wire
+
+
+def test_a_correct_answer_is_rewarded_and_a_forged_reward_is_not(world: World) -> None:
+    a_env = assign(world, 2, 0)
+    group = generate(world, a_env)
+    honest = check(world, submit(world, a_env, 0, group[0]))
+    assert honest.ok and honest.reward == 0.0  # a tiny model does not add
+    forged = check(world, submit(world, a_env, 0, group[0], claimed_reward=1.0))
+    assert not forged.ok and forged.check == "reward" and forged.reward is None
+    claimed = check(world, submit(world, a_env, 0, group[0], claimed_reward=0.0))
+    assert claimed.ok and claimed.reward == 0.0
+
+
+# ---- cheats ----------------------------------------------------------------------------------
+
+EXPECTED = {
+    "other_model": {"sampling"},
+    "by_hand": {"termination", "sampling"},
+    "swap_last": {"sampling", "termination"},
+    "truncate": {"termination"},
+    "early_eos": {"termination", "sampling"},
+    "smaller_model": {"toploc"},
+    "quantized": {"toploc"},
+    "other_prompt": {"toploc"},
+    "forge_logprobs": {"logprobs"},
+    "greedy": {"sampling"},
+    "best_of_n": {"sampling"},
+}
+
+
+def test_every_cheat_has_an_expected_check() -> None:
+    assert set(EXPECTED) == set(cheats.CHEATS)
+    with pytest.raises(ValueError, match="unknown cheat"):
+        cheats.cheat_group("nope", None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", cheats.CHEATS)
+def test_every_cheat_is_rejected(world: World, name: str) -> None:
+    """3 groups of 8 per cheat; a submission that coincides with the honest sample is the
+    honest rollout and must pass instead (rare; at most a few per cheat)."""
+    rejected, coincided = [], 0
+    for slot in range(3):
+        a_env = assign(world, 3, slot)
+        task = world.ctx.env.task(a_env.body["task_seed"], 0)
+        other = assign(world, 3, slot + 100).body["prompt_ids"]
+        cctx = cheats.CheatContext(
+            model=world.model,
+            prompt_ids=a_env.body["prompt_ids"],
+            seeds=a_env.body["seeds"],
+            temperature=TEMPERATURE,
+            max_new_tokens=MAX_NEW,
+            eos_token_id=world.tokenizer.eos_token_id,
+            batch_size=4,
+            proof_chunk=PROOF.chunk_tokens,
+            proof_topk=PROOF.topk,
+            answer_ids=world.tokenizer(task.answer)["input_ids"],
+            other_prompt_ids=other,
+        )
+        group = cheats.cheat_group(name, cctx)
+        assert len(group) == G
+        same = cheats.coincides_with_honest(cctx, group)
+        for i, g in enumerate(group):
+            assert len(g.logprobs) == len(g.tokens) <= MAX_NEW
+            v = check(world, submit(world, a_env, i, g))
+            if same[i]:
+                coincided += 1
+                assert v.ok or v.check in EXPECTED[name], (name, v)
+            else:
+                rejected.append(v)
+    assert coincided <= 2, coincided
+    wrong = [(v.rollout_id, v.check, v.reason) for v in rejected if v.check not in EXPECTED[name]]
+    assert not wrong, wrong
+    assert all(not v.ok and v.reward is None for v in rejected)
+
+
+# ---- forged envelope fields ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def honest_one(world: World) -> tuple[Envelope, Generated]:
+    a_env = assign(world, 4, 0)
+    return a_env, generate(world, a_env)[0]
+
+
+@pytest.mark.parametrize(
+    ("what", "expected"),
+    [
+        ("rollout_prompt", "assignment"),
+        ("assignment_prompt", "assignment"),
+        ("seeds", "assignment"),
+        ("task_seed", "assignment"),
+        ("env", "assignment"),
+        ("run", "signature"),
+        ("too_old", "staleness"),
+        ("too_new", "staleness"),
+        ("manifest", "staleness"),
+        ("unknown_version", "staleness"),
+        ("proof_size", "schema"),
+        ("proof_length", "schema"),
+        ("too_long", "schema"),
+        ("vocab", "schema"),
+        ("times", "schema"),
+        ("proof_bits", "toploc"),
+    ],
+)
+def test_forged_fields_are_rejected(
+    world: World, honest_one: tuple[Envelope, Generated], what: str, expected: str
+) -> None:
+    a_env, g = honest_one
+    body = a_env.body
+    kw: dict[str, Any] = {}
+    sub: dict[str, Any] = {}
+    a_over: dict[str, Any] = {}
+    if what == "rollout_prompt":
+        sub["prompt_ids"] = [*body["prompt_ids"][:-1], (body["prompt_ids"][-1] + 1) % 100]
+    elif what == "assignment_prompt":  # an assignment the orchestrator signed with a bad prompt
+        a_over["prompt_ids"] = [*body["prompt_ids"][:-1], (body["prompt_ids"][-1] + 1) % 100]
+    elif what == "seeds":
+        a_over["seeds"] = [s ^ 1 for s in body["seeds"]]
+    elif what == "task_seed":
+        a_over["task_seed"] = body["task_seed"] + 1
+    elif what == "env":
+        a_over["env"] = "basic_arithmetic@1"
+    elif what == "run":
+        a_over["run"] = "another-run"
+    elif what == "too_old":
+        sub["version"] = VERSION - 2
+    elif what == "too_new":
+        sub["version"] = LATEST + 1
+    elif what == "manifest":
+        sub["manifest_sha256"] = "cd" * 32
+    elif what == "unknown_version":
+        kw["expected_sha256"] = None
+    elif what == "proof_size":
+        sub["proof_topk"] = PROOF.topk * 2
+    elif what == "proof_length":
+        sub["proof"] = base64.b64encode(g.proof[: -(2 + 2 * PROOF.topk)]).decode()
+    elif what == "too_long":
+        a_over["max_new_tokens"] = len(g.tokens) - 1 if len(g.tokens) > 1 else 1
+        if len(g.tokens) == 1:
+            sub["completion_ids"] = [*g.tokens, 5]
+            sub["logprobs"] = [*g.logprobs, -1.0]
+    elif what == "vocab":
+        sub["completion_ids"] = [*g.tokens[:-1], world.ctx.vocab_size]
+    elif what == "times":
+        sub["t_start_unix"] = 1003.0
+    elif what == "proof_bits":  # a proof of the right size from other hidden states
+        proof = bytearray(g.proof)
+        proof[2:10] = bytes(8)
+        sub["proof"] = base64.b64encode(bytes(proof)).decode()
+    if a_over:
+        a_env = Envelope.seal(world.orchestrator, wire.ASSIGNMENT, {**body, **a_over})
+    v = check(world, submit(world, a_env, 0, g, **sub), **kw)
+    assert not v.ok and v.check == expected, (what, v)
+    assert v.reason
+
+
+def test_termination_needs_a_likely_eos(world: World) -> None:
+    """An EOS the model gave less than ``eos_min_prob`` is refused even when it was drawn."""
+    a_env = assign(world, 5, 0)
+    group = generate(world, a_env)
+    i = next(i for i, g in enumerate(group) if g.finish_reason == "eos")
+    strict = dataclasses.replace(
+        world.ctx, config=world.ctx.config.model_copy(update={"eos_min_prob": 0.5})
+    )
+    s = submit(world, a_env, i, group[i])
+    assert check(world, s).ok
+    v = check_rollout(world.model, s, strict, expected_sha256=SHA, latest_version=LATEST)
+    assert not v.ok and v.check == "termination" and "p=" in v.reason
