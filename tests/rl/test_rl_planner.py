@@ -25,7 +25,7 @@ def _cfg(**run: object) -> RLConfig:
 
 
 def _planner(**run: object) -> Planner:
-    p = Planner(_cfg(**run), run_id="t", levels=3)
+    p = Planner(_cfg(**run), run_id="t", env_id="e@1", levels=3)
     p.apply_version(1, "0" * 64, 0, ["http://x"])
     return p
 

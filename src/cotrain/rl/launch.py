@@ -143,13 +143,20 @@ class LocalRun:
         """Orchestrator, trainer, validators, honest workers and cheaters."""
         c = self.cfg.launch
         self.start_orchestrator()
-        self.start_trainer()
-        for i in range(c.validators):
-            self.start_validator(i)
+        # the rest start together (each imports torch and loads the model: seconds), and wait
+        # for the orchestrator or the first version on their own
+        trainer = self._start("trainer", "trainer", {})
+        keys = self.cfg.run.out_dir / "keys"
+        validators = [
+            self._start(f"validator{i}", "validator", {"validator.key": keys / f"validator{i}.pem"})
+            for i in range(c.validators)
+        ]
         for _ in range(c.workers):
             self.start_worker(wait=False)
         for cheat in c.cheaters:
             self.start_worker(cheat, wait=False)
+        for p in [trainer, *validators]:
+            p.wait_for("ready", 300)
 
     def kill(self, name: str) -> None:
         """SIGKILL, no clean-up: the worst moment for the others."""

@@ -104,7 +104,7 @@ class Orchestrator:
         self.decode = decode
         self.clock = clock
         self.run_id = cfg.run.id
-        self.planner = Planner(cfg, run_id=self.run_id, levels=env.levels)
+        self.planner = Planner(cfg, run_id=self.run_id, env_id=env.id, levels=env.levels)
         out = cfg.run.out_dir / "orchestrator"
         self.journal = Journal(out / "journal.jsonl")
         self.store = RolloutStore(cfg.orchestrator.store_url or str(cfg.run.out_dir / "rollouts"))

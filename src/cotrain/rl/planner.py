@@ -90,9 +90,10 @@ class RunAborted(Exception):
 class Planner:
     """Every decision of the orchestrator, replayable from its events."""
 
-    def __init__(self, cfg: RLConfig, *, run_id: str, levels: int) -> None:
+    def __init__(self, cfg: RLConfig, *, run_id: str, env_id: str, levels: int) -> None:
         self.cfg = cfg
         self.run_id = run_id
+        self.env_id = env_id
         r = cfg.run
         self.k = r.async_level
         self.G, self.B = r.group_size, r.groups_per_step
@@ -182,7 +183,7 @@ class Planner:
             step=st.step,
             slot=slot.index,
             attempt=slot.attempt,
-            env=cfg.env.name,
+            env=self.env_id,
             task_seed=task,
             level=st.level,
             prompt_ids=prompt_of(task, st.level),

@@ -32,7 +32,7 @@ def run_sync(
     if cfg.run.async_level != 0:
         raise RLError("the synchronous loop is async_level = 0")
     env = make_env(cfg.env.name)
-    planner = Planner(cfg, run_id=cfg.run.id, levels=env.levels)
+    planner = Planner(cfg, run_id=cfg.run.id, env_id=env.id, levels=env.levels)
     learner = Learner(model, cfg.trainer)
     eos = tokenizer.eos_token_id
 
