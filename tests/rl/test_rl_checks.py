@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,15 @@ def trained_like(model: Any, eos: int) -> Any:
         lin.bias[eos] = 4.8
     model.lm_head = lin
     return model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One torch thread unless a test sets another: 2 shared cores, steadier timings."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @dataclass
@@ -365,15 +375,42 @@ def test_forged_fields_are_rejected(
     assert v.reason
 
 
-def test_termination_needs_a_likely_eos(world: World) -> None:
-    """An EOS the model gave less than ``eos_min_prob`` is refused even when it was drawn."""
+def test_an_unlikely_eos_passes_only_when_the_seed_drew_it(world: World) -> None:
+    """Below ``eos_min_prob``, an EOS the seeded draw chose is honest; a forced one is refused
+    by the termination check."""
     a_env = assign(world, 5, 0)
-    group = generate(world, a_env)
-    i = next(i for i, g in enumerate(group) if g.finish_reason == "eos")
     strict = dataclasses.replace(
         world.ctx, config=world.ctx.config.model_copy(update={"eos_min_prob": 0.5})
     )
-    s = submit(world, a_env, i, group[i])
-    assert check(world, s).ok
-    v = check_rollout(world.model, s, strict, expected_sha256=SHA, latest_version=LATEST)
+    group = generate(world, a_env)
+    i = next(i for i, g in enumerate(group) if g.finish_reason == "eos")
+    honest = check_rollout(
+        world.model,
+        submit(world, a_env, i, group[i]),
+        strict,
+        expected_sha256=SHA,
+        latest_version=LATEST,
+    )
+    assert honest.ok and honest.metrics["eos_prob"] < 0.5
+    cctx = cheats.CheatContext(
+        model=world.model,
+        prompt_ids=a_env.body["prompt_ids"],
+        seeds=a_env.body["seeds"],
+        temperature=TEMPERATURE,
+        max_new_tokens=MAX_NEW,
+        eos_token_id=world.tokenizer.eos_token_id,
+        batch_size=8,
+        proof_chunk=PROOF.chunk_tokens,
+        proof_topk=PROOF.topk,
+    )
+    forced = cheats.cheat_group("early_eos", cctx)
+    same = cheats.coincides_with_honest(cctx, forced)
+    j = next(j for j in range(G) if not same[j])
+    v = check_rollout(
+        world.model,
+        submit(world, a_env, j, forced[j]),
+        strict,
+        expected_sha256=SHA,
+        latest_version=LATEST,
+    )
     assert not v.ok and v.check == "termination" and "p=" in v.reason

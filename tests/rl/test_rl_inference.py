@@ -4,6 +4,7 @@ sample and verifies every proof), and rows that end early prove only their own p
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,6 +21,15 @@ PROMPT = [5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 31]
 SEEDS = [sampling.derive_seed(3, "inference-test", i) for i in range(8)]
 EOS = 0
 CHUNK, TOPK = 8, 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One torch thread unless a test sets another: 2 shared cores, steadier timings."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

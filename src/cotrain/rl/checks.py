@@ -10,21 +10,28 @@
     -- one prefill of the claimed version's model over prompt + completion --
     toploc       the proof matches the recomputed hidden states (the model and the tokens fed)
     logprobs     the claimed behaviour log-probabilities are the model's
-    termination  EOS only at the end, only where the model gave it a real chance; otherwise
-                 the full token budget
+    termination  EOS only at the end, and where the model gave it less than eos_min_prob only
+                 if the seeded draw chose it; otherwise the full token budget
     sampling     every token is the seeded Gumbel-max choice (near-ties tolerated)
     reward       the environment's score of the decoded completion
 
-The four model checks read one prefill (``inference.prefill``; ``check_rollouts`` computes a
-group's prompt once and its completions together, ``inference.prefill_group``), so validating
-costs one forward pass per rollout plus the replay's noise draws, against the T decode steps of
-generating it.
+The four model checks read one prefill (``inference.prefill_group``: the hidden states and the
+logits of one pass). A group's prompt is computed once and kept (``CheckContext.prompt_state``),
+also across ``check_rollout`` calls, and ``check_rollouts`` prefills a group's completions
+together, so validating a rollout costs its share of one forward pass over the completions plus
+the replay's noise draws, against the T decode steps of generating it.
+
+``eos_min_prob`` refuses an unlikely EOS only when the seeded draw did not choose it: an honest
+sampler draws an EOS below 0.02 now and then (2 of 48 honest SmolLM2 rollouts of up to 128
+tokens did), and refusing those would reject, then ban, honest workers; a forced EOS is not the
+seeded draw, so it is still refused here, by name, before the full replay.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +43,8 @@ import torch.nn.functional as F
 from cotrain.rl import seeds as seeds_mod
 from cotrain.rl.config import ProofSpec, ValidatorConfig
 from cotrain.rl.env import Env, EnvError, Task
-from cotrain.rl.inference import Prefill, prefill, prefill_group
-from cotrain.rl.sampling import replay
+from cotrain.rl.inference import Prefill, PromptState, prefill_group, prompt_state
+from cotrain.rl.sampling import replay, scores
 from cotrain.rl.wire import MAX_TOKENS, SignedRollout, Verdict
 from cotrain.toploc.config import ProofConfig, calibrated_median_rel_err
 from cotrain.toploc.errors import ProofFormatError
@@ -57,6 +64,7 @@ absorb: its clip (eps 0.2-0.28, delta 4) already limits the update of a sample w
 that far off."""
 
 _TASK_CACHE = 4096
+_PROMPT_CACHE = 16
 
 
 @dataclass
@@ -83,6 +91,9 @@ class CheckContext:
     _tasks: dict[tuple[int, int], tuple[Task, list[int]]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _prompts: OrderedDict[tuple[int, str, tuple[int, ...]], PromptState] = field(
+        default_factory=OrderedDict, init=False, repr=False, compare=False
+    )
 
     def task(self, task_seed: int, level: int) -> tuple[Task, list[int]]:
         """The task of a seed and level with its encoded prompt (cached: every sample of a
@@ -94,6 +105,21 @@ class CheckContext:
             task = self.env.task(task_seed, level)
             self._tasks[key] = (task, list(self.encode_prompt(task.prompt)))
         return self._tasks[key]
+
+    def prompt_state(self, model: Any, weights_sha256: str, prompt: list[int]) -> PromptState:
+        """The prompt's forward pass under these weights, computed once for all the samples of
+        a group even when they are checked one call at a time (the validator's loop).
+
+        Keyed by the model object and its version's manifest hash, so weights loaded into the
+        same module for another version never reuse a stale pass."""
+        key = (id(model), weights_sha256, tuple(prompt))
+        if key in self._prompts:
+            self._prompts.move_to_end(key)
+        else:
+            self._prompts[key] = prompt_state(model, prompt)
+            while len(self._prompts) > _PROMPT_CACHE:
+                self._prompts.popitem(last=False)
+        return self._prompts[key]
 
 
 class _Reject(Exception):
@@ -141,10 +167,11 @@ def check_rollouts(
     for prompt, members in groups.items():
         t0 = time.perf_counter()
         completions = [rollouts[i].rollout.completion_ids for i, _ in members]
-        if len(members) == 1:
-            fills = [prefill(model, list(prompt), completions[0])]
-        else:
-            fills = prefill_group(model, list(prompt), completions, batch_size=ctx.batch_size)
+        # every rollout here passed staleness, so expected_sha256 names the model's weights
+        state = ctx.prompt_state(model, expected_sha256 or "", list(prompt))
+        fills = prefill_group(
+            model, list(prompt), completions, batch_size=ctx.batch_size, state=state
+        )
         share = (time.perf_counter() - t0) / len(members)
         for (i, task), fill in zip(members, fills, strict=True):
             verdicts[i] = _model_checks(rollouts[i], task, fill, ctx, share)
@@ -280,11 +307,19 @@ def _model_checks(
             f"> {LOGPROB_MAX_FACTOR * tol:.3g}",
         )
     # termination
+    seed = a.seeds[r.sample]
     why = _termination(r.finish_reason, tokens, a.max_new_tokens, ctx, logp, metrics)
+    if why is None and metrics.get("eos_prob", 1.0) < ctx.config.eos_min_prob:
+        # An unlikely EOS is still honest when the seeded draw chose it (one position's replay)
+        last = scores(fill.logits[-1], temp, seed, len(tokens) - 1)  # (V,)
+        if float(last.max() - last[tokens[-1]]) > ctx.config.sampling_tolerance:
+            why = (
+                f"EOS where the model gave it p={metrics['eos_prob']:.3g} < "
+                f"{ctx.config.eos_min_prob} and the seed did not draw it"
+            )
     if why is not None:
         return reject("termination", why)
     # sampling
-    seed = a.seeds[r.sample]
     rep = replay(
         fill.logits, tokens, temperature=temp, seed=seed, tolerance=ctx.config.sampling_tolerance
     )
@@ -313,7 +348,8 @@ def _termination(
     logp: torch.Tensor,
     metrics: dict[str, float],
 ) -> str | None:
-    """Why the finish reason does not hold, or None."""
+    """Why the finish reason does not hold in the tokens, or None (the caller weighs
+    ``metrics["eos_prob"]`` against ``eos_min_prob``)."""
     eos = ctx.eos_token_id
     inside = eos is not None and eos in tokens[:-1]
     if reason == "eos":
@@ -323,10 +359,7 @@ def _termination(
             return "finish 'eos' without EOS as the last token"
         if inside:
             return "EOS before the last token"
-        p = math.exp(float(logp[-1, eos]))
-        metrics["eos_prob"] = p
-        if p < ctx.config.eos_min_prob:
-            return f"EOS where the model gave it p={p:.3g} < {ctx.config.eos_min_prob}"
+        metrics["eos_prob"] = math.exp(float(logp[-1, eos]))  # vs eos_min_prob: the caller
         return None
     if len(tokens) != max_new_tokens:
         return f"finish 'length' after {len(tokens)} of {max_new_tokens} tokens"

@@ -150,21 +150,18 @@ def generate_group_as(
     logprobs: list[list[float]] = []
     reasons: list[str] = []
     hidden: list[torch.Tensor] = []
+    # the prompt at batch 1, as sampling.generate runs it: the same logits for token 0
+    state = prompt_state(model, prompt_ids)
     with HiddenCapture(final_norm(model)) as cap:
-        out = model(input_ids=torch.tensor([prompt_ids], dtype=torch.long), use_cache=True)
-        prompt_cache = out.get(kw)
-        first_logits = out.logits[:, -1]  # (1, V)
-        prompt_hidden = cap.outputs.pop()[0]  # (P, H)
         starts = range(0, len(seeds), batch_size)
         for start in starts:
-            last = start == starts[-1]
-            cache = prompt_cache if last else copy.deepcopy(prompt_cache)
+            cache = state.cache if start == starts[-1] else copy.deepcopy(state.cache)
             rows = _decode_batch(
                 model,
                 kw,
                 cap,
                 cache,
-                first_logits,
+                state.last_logits,
                 seeds[start : start + batch_size],
                 temperature=temperature,
                 logprob_temperature=logprob_temperature,
@@ -176,7 +173,7 @@ def generate_group_as(
                 logprobs.append(lps)
                 reasons.append(reason)
                 # positions 0..P+T-2: the prompt, then every output token but the last as fed
-                hidden.append(torch.cat([prompt_hidden, *steps])[: len(prompt_ids) + len(toks) - 1])
+                hidden.append(torch.cat([state.hidden, *steps])[: len(prompt_ids) + len(toks) - 1])
     proofs = prove_many(hidden, proof_chunk, proof_topk)
     return [
         Generated(t, lp, r, p)
@@ -275,37 +272,69 @@ def prefill(model: Any, prompt_ids: list[int], completion_ids: list[int]) -> Pre
     return Prefill(logits=logits, hidden=hidden)
 
 
+@dataclass(frozen=True)
+class PromptState:
+    """A prompt's own forward pass, kept to prefill any number of its completions: the KV
+    cache, the final norm's output and the logits of its last position."""
+
+    prompt_ids: tuple[int, ...]
+    cache: Any
+    hidden: torch.Tensor
+    """(P, H) float32."""
+    last_logits: torch.Tensor
+    """(1, V) float32: predicts completion token 0."""
+
+
+@torch.no_grad()
+def prompt_state(model: Any, prompt_ids: list[int]) -> PromptState:
+    """Run the prompt once (batch 1, with the KV cache)."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    with HiddenCapture(final_norm(model)) as cap:
+        out = model(input_ids=torch.tensor([prompt_ids], dtype=torch.long), use_cache=True)
+    return PromptState(
+        prompt_ids=tuple(prompt_ids),
+        cache=out.get(_cache_kw(model)),
+        hidden=cap.outputs[-1][0].float(),  # (P, H)
+        last_logits=out.logits[0, -1:].float(),  # (1, V)
+    )
+
+
 @torch.no_grad()
 def prefill_group(
-    model: Any, prompt_ids: list[int], completions: Sequence[list[int]], *, batch_size: int = 8
+    model: Any,
+    prompt_ids: list[int],
+    completions: Sequence[list[int]],
+    *,
+    batch_size: int = 8,
+    state: PromptState | None = None,
 ) -> list[Prefill]:
-    """``prefill`` of several completions of one prompt: the prompt once, then the completions
-    ``batch_size`` at a time on its KV cache, right-padded (causal attention keeps the padding
-    out of the real positions)."""
+    """``prefill`` of several completions of one prompt: the prompt once (or its ``state``,
+    kept from an earlier call), then the completions ``batch_size`` at a time on its KV cache,
+    right-padded (causal attention keeps the padding out of the real positions)."""
     if not prompt_ids or not completions or not all(completions):
         raise ValueError("prefill_group needs a prompt and non-empty completions")
+    if state is None:
+        state = prompt_state(model, prompt_ids)
+    elif state.prompt_ids != tuple(prompt_ids):
+        raise ValueError("the prompt state is of another prompt")
     kw = _cache_kw(model)
-    norm = final_norm(model)
-    with HiddenCapture(norm) as cap:
-        out = model(input_ids=torch.tensor([prompt_ids], dtype=torch.long), use_cache=True)
-        prompt_cache = out.get(kw)
-        first = out.logits[0, -1:].float()  # (1, V): predicts completion token 0
-        prompt_hidden = cap.outputs.pop()[0].float()  # (P, H)
-        result: list[Prefill] = []
-        starts = range(0, len(completions), batch_size)
-        for start in starts:
+    n_prompt = len(prompt_ids)
+    result: list[Prefill] = []
+    with HiddenCapture(final_norm(model)) as cap:
+        for start in range(0, len(completions), batch_size):
             batch = completions[start : start + batch_size]
             width = max(len(c) for c in batch) - 1
             if width == 0:  # every completion is one token: the prompt pass has it all
-                result += [Prefill(first.clone(), prompt_hidden.clone()) for _ in batch]
+                result += [Prefill(state.last_logits, state.hidden) for _ in batch]
                 continue
             ids = torch.zeros((len(batch), width), dtype=torch.long)  # (B, W)
-            mask = torch.zeros((len(batch), len(prompt_ids) + width), dtype=torch.long)
-            mask[:, : len(prompt_ids)] = 1
+            mask = torch.zeros((len(batch), n_prompt + width), dtype=torch.long)  # (B, P + W)
+            mask[:, :n_prompt] = 1
             for b, c in enumerate(batch):
                 ids[b, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-                mask[b, len(prompt_ids) : len(prompt_ids) + len(c) - 1] = 1
-            cache = prompt_cache if start == starts[-1] else copy.deepcopy(prompt_cache)
+                mask[b, n_prompt : n_prompt + len(c) - 1] = 1
+            cache = copy.deepcopy(state.cache)  # the state stays the prompt's alone
             if len(batch) > 1:
                 cache.batch_repeat_interleave(len(batch))
             out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{kw: cache})
@@ -315,8 +344,8 @@ def prefill_group(
                 m = len(c) - 1
                 result.append(
                     Prefill(
-                        logits=torch.cat([first, logits[b, :m]]),  # (T, V)
-                        hidden=torch.cat([prompt_hidden, hidden[b, :m]]),  # (P + T - 1, H)
+                        logits=torch.cat([state.last_logits, logits[b, :m]]),  # (T, V)
+                        hidden=torch.cat([state.hidden, hidden[b, :m]]),  # (P + T - 1, H)
                     )
                 )
     return result
