@@ -324,6 +324,12 @@ def test_resume_keeps_checkpoint_and_versions_in_agreement(model_dir: Path, tmp_
     assert (r.action, r.step, r.version) == ("loaded version", 2, 3)
     assert again.steps == 2 and weights_bytes(again.model) == after2
 
+    # the trainer's order: publish, then save the published bytes as the checkpoint's model
+    learner.save(checkpoint_dir(cfg), 2, {"level": 1}, weights=after2)
+    r = resume(Learner(_load(model_dir), cfg.trainer), cfg, key, log=lambda _: None)
+    assert (r.action, r.step, r.version, r.level) == ("continued", 2, 3, 1)
+    assert r.file_sha256 == sha256(after2) and store.versions() == [1, 2, 3]
+
     # the versions of another key are not ours to continue
     with pytest.raises(ResumeError, match="another trainer or run"):
         resume(Learner(_load(model_dir), cfg.trainer), cfg, Identity.generate())

@@ -238,9 +238,18 @@ class Learner:
 
     # ---- checkpoints -------------------------------------------------------------------------
 
-    def save(self, directory: str | Path, step: int, extra: dict[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        directory: str | Path,
+        step: int,
+        extra: dict[str, Any] | None = None,
+        *,
+        weights: bytes | None = None,
+    ) -> Path:
         """Write a complete checkpoint of ``step`` into ``directory`` and point ``latest`` at
-        it; older saves are removed once it is in place."""
+        it; older saves are removed once it is in place. ``weights``: the model's
+        ``weights_bytes`` if the caller has them already (the version it publishes), written
+        as they are instead of serialising the model again."""
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale(root)
@@ -248,7 +257,12 @@ class Learner:
         name = f"step-{step:08d}"
         try:
             tmp.mkdir()
-            save_model(self.model, str(tmp / "model.safetensors"))
+            if weights is None:
+                save_model(self.model, str(tmp / "model.safetensors"))
+                model_sha = _sha256(tmp / "model.safetensors")
+            else:
+                (tmp / "model.safetensors").write_bytes(weights)
+                model_sha = hashlib.sha256(weights).hexdigest()
             tensors, scalars = _optimizer_parts(self.optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             state = {
@@ -258,7 +272,7 @@ class Learner:
                 "optimizer": scalars,
                 "extra": extra or {},
                 "files": {
-                    "model": _sha256(tmp / "model.safetensors"),
+                    "model": model_sha,
                     "optimizer": _sha256(tmp / "optimizer.safetensors"),
                 },
             }

@@ -9,33 +9,38 @@ orchestrator forms and publishes every version through its own shardcast origin.
     for n in step+1 .. total_steps:
         GET /v1/batch?step=n&wait_s=W      long-poll until ready (pending: ask again)
         Learner.step (in a thread: the origin keeps serving)
-        checkpoint (every checkpoint_every steps), then publish v(n+1), then POST /v1/version
-        held-out accuracy (every eval_every steps) while the next batch is awaited
+        publish v(n+1), POST /v1/version
+        checkpoint (every checkpoint_every steps) and held-out accuracy (every eval_every
+        steps) in threads, while the batch of step n + 1 is already being awaited
 
 Versions: v1 is the base model; step n trains version n and publishes version n + 1, so the
-origin's latest version is always ``steps + 1``.
+origin's latest version is always ``steps + 1``. Versions are never rewritten: workers, the
+orchestrator and validators know a version by its number and its manifest's hash.
 
-Crash safety: the checkpoint of step n is written *before* version n + 1 is published, with the
-sha256 of the weights it will publish. A process killed at any moment leaves one of these, each
-resumed without ever publishing two different weights under one version number (workers, the
-orchestrator and validators know versions by number and manifest hash):
+Crash safety. Step n's weights are published first (the workers wait for them; a checkpoint
+with AdamW's moments is three times their size, 1.6 GB for SmolLM2), then the checkpoint of
+step n (its weights are the published bytes, so its ``file_sha256`` is the version's) is
+written while the next batch is awaited, and step n + 1 starts only once it is complete. On a
+restart, with s the checkpoint's step (0: none) and L the origin's latest version:
 
-* latest version = checkpoint step + 1: consistent (the version's hash is checked against the
-  checkpoint's weights); go on.
-* latest version = checkpoint step: killed between checkpoint and publish; publish the
-  checkpoint's weights as the next version (the bytes that would have been published).
-* latest version > checkpoint step + 1: steps after the last checkpoint were published but not
-  saved (``checkpoint_every`` > 1); the weights of the latest version are loaded from the
-  origin's own copy (hash checked) and training goes on from there, with AdamW's moments of the
-  last checkpoint (the only state not in a published version).
-* anything else (versions of another key or run, fewer versions than checkpointed steps):
-  ``ResumeError``; the message says what to delete.
+* L = s + 1: consistent (the version's hash is checked against the checkpoint's weights).
+* L > s + 1: killed after publishing and before the checkpoint was complete, or
+  ``checkpoint_every`` > 1: the weights of v(L) are loaded from the origin's own copy (hash
+  checked) and training goes on at step L, with AdamW's moments of step s (the only state no
+  version holds: the one case where the resumed run is not bit-identical to an unbroken one).
+* L = s: a checkpoint whose version is missing (an older trainer's order): its weights are
+  published as v(s + 1).
+* none, or another key's or run's versions: ``ResumeError`` saying what to delete.
 
-A SIGINT or SIGTERM stops the wait for a batch at once; a step already running finishes
-(checkpoint, publish) first, so what is on disk always agrees. Metrics: one JSON line per step
-on stdout and in ``out_dir/trainer.jsonl``; ``wall_s`` counts from the start of the first step's
-wait and leaves out time spent on held-out evaluation only (it overlaps the wait for the next
-batch); ``idle_fraction`` is the cumulated ``wait_s`` over ``wall_s``.
+A SIGINT or SIGTERM stops the wait for a batch at once; a step already running is finished,
+published and checkpointed first (the second signal ends the process at once; the checkpoint
+stays valid: a save is complete only once ``latest`` names it).
+
+Metrics: one JSON line per step on stdout and in ``out_dir/trainer.jsonl`` (and an ``eval``
+line for the base model as step 0). ``wall_s`` counts from the start of the first step's wait
+and leaves out the held-out evaluation; ``wait_s`` is the time the trainer did nothing but wait
+for the batch (after the previous step's checkpoint and evaluation); ``idle_fraction`` is the
+cumulated ``wait_s`` over ``wall_s``.
 """
 
 from __future__ import annotations
@@ -322,10 +327,12 @@ class _Stopped(Exception):
 
 @dataclass
 class _Pending:
-    """A step's metrics line, written once its held-out evaluation (if any) is done."""
+    """A step's metrics line, written once its checkpoint and held-out evaluation (each when
+    due) are done; both run in threads while the next batch is awaited."""
 
     record: dict[str, Any]
-    eval_task: asyncio.Future[tuple[float, float]] | None
+    eval_task: asyncio.Future[tuple[float, float]] | None = None
+    ckpt_task: asyncio.Future[float] | None = None
 
 
 class Trainer:
@@ -359,6 +366,7 @@ class Trainer:
         self.wait_total = 0.0
         self.eval_total = 0.0
         self.started = 0.0
+        self._waiting_since: float | None = None
         self._stop: asyncio.Future[None] | None = None
 
     # ---- metrics -----------------------------------------------------------------------------
@@ -381,7 +389,10 @@ class Trainer:
 
     def _idle(self) -> float:
         wall = self._wall()
-        return self.wait_total / wall if wall > 0 else 0.0
+        waiting = self.wait_total
+        if self._waiting_since is not None:  # a wait in progress (a stop's summary)
+            waiting += time.monotonic() - self._waiting_since
+        return waiting / wall if wall > 0 else 0.0
 
     # ---- evaluation --------------------------------------------------------------------------
 
@@ -404,9 +415,11 @@ class Trainer:
         return acc, time.monotonic() - t0
 
     async def _flush(self, pending: _Pending | None) -> None:
-        """Wait for the pending evaluation (if any) and write its line."""
+        """Wait for the pending checkpoint and evaluation (if any) and write the line."""
         if pending is None:
             return
+        if pending.ckpt_task is not None:  # shielded: a stop must not orphan a checkpoint
+            pending.record["checkpoint_s"] = await asyncio.shield(pending.ckpt_task)
         if pending.eval_task is not None:
             acc, eval_s = await pending.eval_task
             self.eval_total += eval_s
@@ -431,21 +444,20 @@ class Trainer:
             link.announce(self.notice(), timeout_s=self.cfg.trainer.batch_timeout_s)
         )
 
-    def _train(self, batch: wire.Batch, n: int) -> tuple[StepStats, bytes, str, float, float]:
-        """Step, then the weights to publish, then the checkpoint when due (in a thread)."""
+    def _train(self, batch: wire.Batch) -> tuple[StepStats, bytes, str, float]:
+        """The step, then the weights to publish (in a thread)."""
         t0 = time.monotonic()
         stats = self.learner.step(batch)
         train_s = time.monotonic() - t0
         data = weights_bytes(self.learner.model)
-        digest = sha256(data)
-        t1 = time.monotonic()
-        if n % self.cfg.trainer.checkpoint_every == 0 or n == self.cfg.run.total_steps:
-            self.learner.save(
-                checkpoint_dir(self.cfg),
-                n,
-                {"version": n + 1, "file_sha256": digest, "level": batch.level},
-            )
-        return stats, data, digest, train_s, time.monotonic() - t1
+        return stats, data, sha256(data), train_s
+
+    def _checkpoint(self, n: int, data: bytes, digest: str, level: int) -> float:
+        """Save step ``n`` (in a thread, while nothing changes the model or AdamW)."""
+        t0 = time.monotonic()
+        extra = {"version": n + 1, "file_sha256": digest, "level": level}
+        self.learner.save(checkpoint_dir(self.cfg), n, extra, weights=data)
+        return time.monotonic() - t0
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -520,8 +532,9 @@ class Trainer:
                 try:
                     await self._until_stop(self._flush(pending))
                     pending = None
-                    t_wait = time.monotonic()
+                    t_wait = self._waiting_since = time.monotonic()
                     batch = await self._until_stop(fetch)
+                    self._waiting_since = None
                 finally:
                     if not fetch.done():
                         fetch.cancel()
@@ -535,6 +548,8 @@ class Trainer:
             pending = None
         finally:
             if pending is not None:  # stopped or failed: the line without its evaluation
+                if pending.ckpt_task is not None:
+                    pending.record["checkpoint_s"] = await pending.ckpt_task
                 self.emit(pending.record)
 
     async def _one_step(
@@ -551,8 +566,8 @@ class Trainer:
             batch = wire.Batch(
                 batch.step, kept, batch.groups, batch.dropped_groups, batch.mean_reward, batch.level
             )
-        # not cancelled by a stop: checkpoint and versions stay in agreement
-        stats, data, digest, train_s, ckpt_s = await asyncio.to_thread(self._train, batch, n)
+        # not cancelled by a stop: what is published and saved is whole steps
+        stats, data, digest, train_s = await asyncio.to_thread(self._train, batch)
         t0 = time.monotonic()
         result = await self.origin.publish(data, identity=self.identity, config=publish_config(cfg))
         if result.version != n + 1 or result.manifest.file_sha256 != digest:
@@ -567,6 +582,12 @@ class Trainer:
         except _Stopped:
             stopped = True  # the restarted trainer announces it
         publish_s = time.monotonic() - t0
+        ckpt_task = None
+        if n % cfg.trainer.checkpoint_every == 0 or n == cfg.run.total_steps:
+            ckpt_task = asyncio.ensure_future(
+                asyncio.to_thread(self._checkpoint, n, data, digest, batch.level)
+            )
+        del data
         record = {
             "event": "step",
             "step": n,
@@ -574,7 +595,7 @@ class Trainer:
             "wall_s": self._wall(),
             "wait_s": wait_s,
             "train_s": train_s,
-            "checkpoint_s": ckpt_s,
+            "checkpoint_s": 0.0,
             "publish_s": publish_s,
             "eval_s": 0.0,
             "idle_fraction": self._idle(),
@@ -591,7 +612,7 @@ class Trainer:
         task = None
         if self.evaluating and due and not stopped:
             task = asyncio.ensure_future(asyncio.to_thread(self._evaluate))
-        pending = _Pending(record, task)
+        pending = _Pending(record, task, ckpt_task)
         if stopped:
             await self._flush(pending)
             raise _Stopped
