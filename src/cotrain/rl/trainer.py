@@ -398,7 +398,8 @@ class Trainer:
 
     @property
     def evaluating(self) -> bool:
-        return self.env is not None and self.cfg.trainer.eval_every > 0
+        c = self.cfg
+        return self.env is not None and c.trainer.eval_every > 0 and c.env.heldout_items > 0
 
     def _evaluate(self) -> tuple[float, float]:
         from cotrain.rl.seeds import heldout_seeds
