@@ -290,9 +290,9 @@ def _model_checks(
     # logprobs
     temp = a.temperature
     z = fill.logits / temp if temp > 0 else fill.logits  # (T, V)
-    logp = F.log_softmax(z.double(), dim=-1)  # (T, V)
+    logp = F.log_softmax(z, dim=-1)  # (T, V), as the worker computes it
     ids = torch.tensor(tokens, dtype=torch.long)
-    chosen = logp.gather(1, ids[:, None])[:, 0]  # (T,)
+    chosen = logp.gather(1, ids[:, None])[:, 0].double()  # (T,)
     gap = torch.expm1((torch.tensor(r.logprobs, dtype=torch.float64) - chosen).abs())  # (T,)
     lp_median, lp_max = float(np.median(gap.numpy())), float(gap.max())
     metrics["logprob_median"], metrics["logprob_max"] = lp_median, lp_max

@@ -151,7 +151,7 @@ def generate_group_as(
     reasons: list[str] = []
     hidden: list[torch.Tensor] = []
     # the prompt at batch 1, as sampling.generate runs it: the same logits for token 0
-    state = prompt_state(model, prompt_ids)
+    state = prompt_state(model, prompt_ids, all_logits=True)
     with HiddenCapture(final_norm(model)) as cap:
         starts = range(0, len(seeds), batch_size)
         for start in starts:
@@ -286,18 +286,45 @@ class PromptState:
 
 
 @torch.no_grad()
-def prompt_state(model: Any, prompt_ids: list[int]) -> PromptState:
-    """Run the prompt once (batch 1, with the KV cache)."""
+def prompt_state(model: Any, prompt_ids: list[int], *, all_logits: bool = False) -> PromptState:
+    """Run the prompt once (batch 1, with the KV cache). Only the last position's logits are
+    needed; ``all_logits`` computes every position's as ``sampling.generate`` does (the same
+    arithmetic, so the same first token to the last bit)."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
+    extra = {} if all_logits or not _takes_logits_to_keep(model) else {"logits_to_keep": 1}
     with HiddenCapture(final_norm(model)) as cap:
-        out = model(input_ids=torch.tensor([prompt_ids], dtype=torch.long), use_cache=True)
+        out = model(input_ids=torch.tensor([prompt_ids], dtype=torch.long), use_cache=True, **extra)
     return PromptState(
         prompt_ids=tuple(prompt_ids),
         cache=out.get(_cache_kw(model)),
         hidden=cap.outputs[-1][0].float(),  # (P, H)
         last_logits=out.logits[0, -1:].float(),  # (1, V)
     )
+
+
+PAD_SLACK, PAD_FREE = 1.25, 16
+"""``prefill_group`` batches completions of similar lengths: padding may add 25% to the
+positions a batch computes, plus 16 (about what one more forward pass costs in weight reads on
+a CPU), so a 5-token and a 128-token completion are not prefilled as two 128-token rows."""
+
+
+def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of at most ``batch_size``, longest first, padded within
+    ``PAD_SLACK`` and ``PAD_FREE``; zero lengths (nothing to compute) in a batch of their own."""
+    batches: list[list[int]] = []
+    width = real = 0
+    for i in sorted((i for i in range(len(lengths)) if lengths[i]), key=lambda i: -lengths[i]):
+        cur = batches[-1] if batches else []
+        padded = (len(cur) + 1) * width
+        if cur and len(cur) < batch_size and padded <= PAD_SLACK * (real + lengths[i]) + PAD_FREE:
+            cur.append(i)
+            real += lengths[i]
+        else:
+            batches.append([i])
+            width = real = lengths[i]
+    zeros = [i for i in range(len(lengths)) if not lengths[i]]
+    return batches + ([zeros] if zeros else [])
 
 
 @torch.no_grad()
@@ -309,9 +336,10 @@ def prefill_group(
     batch_size: int = 8,
     state: PromptState | None = None,
 ) -> list[Prefill]:
-    """``prefill`` of several completions of one prompt: the prompt once (or its ``state``,
-    kept from an earlier call), then the completions ``batch_size`` at a time on its KV cache,
-    right-padded (causal attention keeps the padding out of the real positions)."""
+    """``prefill`` of several completions of one prompt (in their order): the prompt once (or
+    its ``state``, kept from an earlier call), then the completions up to ``batch_size`` at a
+    time on its KV cache, batched by length and right-padded (causal attention keeps the
+    padding out of the real positions)."""
     if not prompt_ids or not completions or not all(completions):
         raise ValueError("prefill_group needs a prompt and non-empty completions")
     if state is None:
@@ -320,32 +348,30 @@ def prefill_group(
         raise ValueError("the prompt state is of another prompt")
     kw = _cache_kw(model)
     n_prompt = len(prompt_ids)
-    result: list[Prefill] = []
+    result: dict[int, Prefill] = {}
+    fed = [len(c) - 1 for c in completions]  # positions past the prompt that the worker fed
     with HiddenCapture(final_norm(model)) as cap:
-        for start in range(0, len(completions), batch_size):
-            batch = completions[start : start + batch_size]
-            width = max(len(c) for c in batch) - 1
-            if width == 0:  # every completion is one token: the prompt pass has it all
-                result += [Prefill(state.last_logits, state.hidden) for _ in batch]
+        for batch in _length_batches(fed, batch_size):
+            width = fed[batch[0]]
+            if width == 0:  # one-token completions: the prompt pass has it all
+                result.update((i, Prefill(state.last_logits, state.hidden)) for i in batch)
                 continue
             ids = torch.zeros((len(batch), width), dtype=torch.long)  # (B, W)
             mask = torch.zeros((len(batch), n_prompt + width), dtype=torch.long)  # (B, P + W)
             mask[:, :n_prompt] = 1
-            for b, c in enumerate(batch):
-                ids[b, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-                mask[b, n_prompt : n_prompt + len(c) - 1] = 1
+            for b, i in enumerate(batch):
+                ids[b, : fed[i]] = torch.tensor(completions[i][:-1], dtype=torch.long)
+                mask[b, n_prompt : n_prompt + fed[i]] = 1
             cache = copy.deepcopy(state.cache)  # the state stays the prompt's alone
             if len(batch) > 1:
                 cache.batch_repeat_interleave(len(batch))
             out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{kw: cache})
             hidden = cap.outputs.pop().float()  # (B, W, H)
             logits = out.logits.float()  # (B, W, V)
-            for b, c in enumerate(batch):
-                m = len(c) - 1
-                result.append(
-                    Prefill(
-                        logits=torch.cat([state.last_logits, logits[b, :m]]),  # (T, V)
-                        hidden=torch.cat([state.hidden, hidden[b, :m]]),  # (P + T - 1, H)
-                    )
+            for b, i in enumerate(batch):
+                m = fed[i]
+                result[i] = Prefill(
+                    logits=torch.cat([state.last_logits, logits[b, :m]]),  # (T, V)
+                    hidden=torch.cat([state.hidden, hidden[b, :m]]),  # (P + T - 1, H)
                 )
-    return result
+    return [result[i] for i in range(len(completions))]
