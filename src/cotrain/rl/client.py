@@ -138,8 +138,29 @@ class Weights:
         self.loaded = 0
         dir.mkdir(parents=True, exist_ok=True)
 
-    async def fetch(self, servers: list[str], version: int | None = None) -> int:
-        """Fetch ``version`` (None: the newest) unless held; returns the version."""
+    async def fetch(
+        self, servers: list[str], version: int | None = None, *, unavailable_after_s: float = 120.0
+    ) -> int:
+        """Fetch ``version`` (None: the newest) unless held; returns the version. Servers that
+        cannot be reached (a trainer restarting) are retried with backoff for
+        ``unavailable_after_s``; a version no server offers raises ``VersionNotFound`` at once."""
+        from cotrain.shardcast.errors import ShardcastError, VersionNotFound
+
+        deadline = time.monotonic() + unavailable_after_s
+        delay = 0.5
+        while True:
+            try:
+                return await self._fetch_once(servers, version)
+            except VersionNotFound:
+                raise
+            except ShardcastError as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.info("weights: %s; retrying in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
+    async def _fetch_once(self, servers: list[str], version: int | None) -> int:
         from cotrain.shardcast import ClientConfig, fetch_async
 
         if version is not None and version in self.files:

@@ -128,13 +128,21 @@ class LocalRun:
         return p
 
     def start_worker(
-        self, cheat: str = "none", *, wait: bool = True, timeout_s: float = 300.0
+        self,
+        cheat: str = "none",
+        *,
+        wait: bool = True,
+        timeout_s: float = 300.0,
+        extra: dict[str, Any] | None = None,
     ) -> Proc:
+        """A worker (honest, or ``cheat``); ``extra``: its own settings, e.g.
+        ``{"model.threads": 2, "worker.batch_size": 3}``."""
         i = self._workers
         self._workers += 1
         name = f"worker{i}" if cheat == "none" else f"worker{i}-{cheat}"
         keys = self.cfg.run.out_dir / "keys"
-        p = self._start(name, "worker", {"worker.key": keys / f"{name}.pem", "worker.cheat": cheat})
+        own = {"worker.key": keys / f"{name}.pem", "worker.cheat": cheat, **(extra or {})}
+        p = self._start(name, "worker", own)
         if wait:
             p.wait_for("ready", timeout_s)
         return p

@@ -108,6 +108,7 @@ class Validator:
     ) -> Verdict | None:
         from cotrain.rl import checks
         from cotrain.shardcast import ShardcastError
+        from cotrain.shardcast.errors import VersionNotFound
 
         try:
             signed = wire.parse_rollout(item["rollout"], orchestrator=orchestrator)
@@ -123,9 +124,12 @@ class Validator:
             try:
                 await weights.fetch(servers, r.version)
                 await asyncio.to_thread(weights.load_into, self.policy.model, r.version)
-            except ShardcastError as e:
-                log.warning("version %d unavailable (%s): judged as stale", r.version, e)
+            except VersionNotFound as e:  # retired or never published: it cannot be checked
+                log.warning("version %d not offered (%s): judged as stale", r.version, e)
                 expected = None
+            except ShardcastError as e:  # the servers are down: no verdict, the claim expires
+                log.warning("version %d unreachable (%s): no verdict for now", r.version, e)
+                return None
         t0 = time.monotonic()
         verdict = await asyncio.to_thread(
             checks.check_rollout,
