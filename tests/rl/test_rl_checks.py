@@ -231,6 +231,22 @@ def test_a_correct_answer_is_rewarded_and_a_forged_reward_is_not(world: World) -
     assert claimed.ok and claimed.reward == 0.0
 
 
+def test_a_batch_of_two_groups_with_forgeries_keeps_its_order(world: World) -> None:
+    a1, a2 = assign(world, 2, 1), assign(world, 2, 2)
+    g1, g2 = generate(world, a1), generate(world, a2)
+    subs = [
+        submit(world, a1, 0, g1[0]),
+        submit(world, a2, 0, g2[0], version=LATEST + 1),
+        submit(world, a2, 1, g2[1]),
+        submit(world, a1, 1, g1[1], claimed_reward=1.0),
+        submit(world, a1, 2, g2[2]),  # another group's completion under this assignment
+    ]
+    got = check_rollouts(world.model, subs, world.ctx, expected_sha256=SHA, latest_version=LATEST)
+    assert [v.rollout_id for v in got] == [s.id for s in subs]
+    assert [v.check for v in got[:4]] == [None, "staleness", None, "reward"]
+    assert got[4].check in ("toploc", "logprobs", "sampling", "schema")
+
+
 # ---- cheats ----------------------------------------------------------------------------------
 
 EXPECTED = {

@@ -22,6 +22,12 @@ A cheat's output can coincide with the honest sample (a confident model's greedy
 often its sample too; an early EOS at position 0 of a sample that ended there): such a rollout
 is the honest one, passes, and does no harm. ``coincides_with_honest`` tells them apart.
 
+One near-miss remains on SmolLM2: ``other_prompt`` on another task's prompt (the same chat
+template, a few digits changed) produced, once in 16 samples, the honest sample's tokens (the
+seeded noise decides where the model is unsure) with a proof that passed (TOPLOC's 4 entries per
+position follow SmolLM2's outlier channels, which a changed digit barely moves) and logprobs off
+by a median 9.6%, inside ``logprob_tolerance``: the honest rollout up to a mu within tolerance.
+
 Derived models (perturbed, smaller, quantized) are made once per honest model and cached.
 """
 
