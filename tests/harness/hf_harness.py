@@ -62,3 +62,27 @@ def small_hf_model(directory: Path, text: Path, *, vocab: int = 512, hidden: int
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     return directory
+
+
+def trained_like_hf_model(directory: Path, text: Path) -> Path:
+    """``small_hf_model`` made to look trained where RL's checks can tell, saved in place.
+
+    Untrained, the model is nearly uniform over its vocabulary (two models' samples coincide)
+    and its weights are Gaussian (int8 rounding moves them below what TOPLOC sees). Trained
+    models have spread logits and outlier weights: one 10-sigma weight per row, and the output
+    layer scaled up."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    small_hf_model(directory, text)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not name.startswith("lm_head"):
+                col = torch.randint(0, p.size(1), (p.size(0),), generator=gen)
+                sign = torch.randint(0, 2, (p.size(0),), generator=gen) * 2 - 1
+                p[torch.arange(p.size(0)), col] = 10.0 * float(p.std()) * sign
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(directory)
+    return directory

@@ -142,6 +142,7 @@ def test_a_step_from_assignment_to_batch(tmp_path: Path) -> None:
         batch = wire.Batch.from_json(got["batch"])
         assert [x.reward for x in batch.samples] == [1.0, 0.0]
         assert [x.advantage for x in batch.samples] == [0.5, -0.5]
+        orch.flush_store()
         records = orch.store.read_step(1)
         assert {r["status"] for r in records} == {"accepted"} and len(records) == 2
 

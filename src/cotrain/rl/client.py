@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -163,8 +164,11 @@ class Weights:
     async def _fetch_once(self, servers: list[str], version: int | None) -> int:
         from cotrain.shardcast import ClientConfig, fetch_async
 
-        if version is not None and version in self.files:
-            return version
+        if version is not None:
+            if version in self.files and self.files[version][0].exists():
+                return version
+            if self._adopt(version):  # another process on this machine fetched it
+                return version
         cfg = ClientConfig(
             servers=servers,
             publisher_key=self.publisher_key,
@@ -172,32 +176,94 @@ class Weights:
             timeout_s=300.0,
             max_manifest_age_s=float("inf"),
         )
-        target = self.dir / f"tmp-{time.monotonic_ns()}.safetensors"
-        got = await fetch_async(cfg, out=target, version=version if version else "latest")
+        target = self.dir / f"tmp-{os.getpid()}-{time.monotonic_ns()}.safetensors"
+        try:
+            got = await fetch_async(cfg, out=target, version=version if version else "latest")
+        except BaseException:
+            target.unlink(missing_ok=True)  # a failed fetch leaves nothing behind
+            raise
         path = self.dir / f"v{got.version}.safetensors"
+        # The hash first, then the data: a file a reader finds always has its hash beside it.
+        # (Both are verified bytes of the trainer's signed manifest; a concurrent fetch of the
+        # same version by another process writes the same bytes.)
+        sidecar = path.with_suffix(".sha256")
+        tmp_side = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.tmp")
+        tmp_side.write_text(got.manifest.file_sha256)
+        tmp_side.replace(sidecar)
         got.path.replace(path)
         self.files[got.version] = (path, got.manifest.file_sha256)
+        self._retire()
+        return got.version
+
+    def _adopt(self, version: int) -> bool:
+        path = self.dir / f"v{version}.safetensors"
+        sidecar = path.with_suffix(".sha256")
+        try:
+            sha = sidecar.read_text().strip()
+        except OSError:
+            return False
+        if not path.is_file() or len(sha) != 64:
+            return False
+        self.files[version] = (path, sha)
+        return True
+
+    def _retire(self) -> None:
+        # Unlinking a file another process has mapped is safe: its pages live until unmapped.
         for old in sorted(self.files)[: -self.keep]:
             if old != self.loaded:
-                self.files.pop(old)[0].unlink(missing_ok=True)
-        return got.version
+                path, _ = self.files.pop(old)
+                path.unlink(missing_ok=True)
+                path.with_suffix(".sha256").unlink(missing_ok=True)
 
     def sha256(self, version: int) -> str:
         return self.files[version][1]
 
     def load_into(self, model: Any, version: int) -> None:
-        """Put ``version``'s weights into ``model`` (tied weights: the file holds both names,
-        or one of them; either loads)."""
+        """Make ``model`` use ``version``'s weights, mapped from the file rather than copied:
+        every process on this machine that holds the same version shares one copy of it in
+        memory (copy-on-write pages of the page cache)."""
         if self.loaded == version:
             return
-        from safetensors.torch import load_file
-
-        state = load_file(str(self.files[version][0]))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        state = map_safetensors(self.files[version][0])
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         tied = {k for k in missing if k.endswith("lm_head.weight")}
         if set(missing) - tied or unexpected:
             raise RLError(
                 f"version {version} does not fit the model: missing {sorted(missing)[:3]}, "
                 f"unexpected {sorted(unexpected)[:3]}"
             )
+        if tied and hasattr(model, "tie_weights"):
+            model.tie_weights()  # the output layer shares the newly assigned embedding
         self.loaded = version
+
+
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32"}
+
+
+def map_safetensors(path: Path) -> dict[str, Any]:
+    """The tensors of a safetensors file as views of a private (copy-on-write) memory map of
+    it: no copy is made, and processes mapping the same file share its pages."""
+    import json
+    import mmap
+
+    import torch
+
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if not 0 < header_len < 100 << 20:
+            raise RLError(f"{path} is not a safetensors file")
+        header = json.loads(f.read(header_len))
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    base = 8 + header_len
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise RLError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        dtype = getattr(torch, _DTYPES[info["dtype"]])
+        start, stop = info["data_offsets"]
+        count = (stop - start) // torch.empty((), dtype=dtype).element_size()
+        t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start)
+        out[name] = t.reshape(info["shape"])
+    return out

@@ -33,22 +33,29 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def rss_bytes(pid: int) -> int:
+def memory_bytes(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) of a process. PSS shares each page among the processes that map it (the
+    weights every worker maps from one file count once in total); RSS counts them in each."""
+    pss = rss = 0
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                pss = int(line.split()[1]) * 1024
+            elif line.startswith("Rss:"):
+                rss = int(line.split()[1]) * 1024
     except OSError:
-        return 0
-    return 0
+        return 0, 0
+    return pss, rss
 
 
 @dataclass
 class MemorySampler:
-    """Peak of the summed resident memory of a set of processes, sampled every ``every_s``."""
+    """Peak of the memory of a set of processes together, sampled every ``every_s``:
+    ``peak_bytes`` (sum of PSS: the machine's memory they use) and ``peak_rss_bytes``."""
 
     every_s: float = 0.5
     peak_bytes: int = 0
+    peak_rss_bytes: int = 0
     pids: set[int] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -57,7 +64,9 @@ class MemorySampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
-            self.peak_bytes = max(self.peak_bytes, sum(rss_bytes(p) for p in list(self.pids)))
+            both = [memory_bytes(p) for p in list(self.pids)]
+            self.peak_bytes = max(self.peak_bytes, sum(p for p, _ in both))
+            self.peak_rss_bytes = max(self.peak_rss_bytes, sum(r for _, r in both))
 
     def stop(self) -> None:
         self._stop.set()
@@ -204,9 +213,18 @@ class LocalRun:
             return dict(json.loads(r.read()))
 
     def stop(self) -> None:
+        """Stop every process (SIGTERM, then SIGKILL) and keep each one's output in
+        ``run.out_dir/logs/NAME.log``."""
         for p in reversed(list(self.procs.values())):
             p.stop()
         self.memory.stop()
+        logs = self.cfg.run.out_dir / "logs"
+        try:
+            logs.mkdir(parents=True, exist_ok=True)
+            for name, p in self.procs.items():
+                (logs / f"{name}.log").write_text("\n".join(p.lines) + "\n")
+        except OSError:
+            pass  # a full disk must not hide the run's own error
 
 
 def run_local(cfg: RLConfig) -> int:
@@ -250,13 +268,14 @@ def run_local(cfg: RLConfig) -> int:
         "exit_code": code,
         "wall_s": round(time.monotonic() - started, 1),
         "peak_memory_bytes": run.memory.peak_bytes,
+        "peak_rss_sum_bytes": run.memory.peak_rss_bytes,
         "steps": steps,
         "orchestrator": status,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
         f"[rl] done in {summary['wall_s']} s: {status['accepted']} rollouts accepted, "
-        f"rejected by check {status['rejected_by_check']}, peak memory "
+        f"rejected by check {status['rejected_by_check']}, peak memory (PSS) "
         f"{run.memory.peak_bytes / 2**30:.2f} GB (all processes); {out / 'summary.json'}",
         flush=True,
     )

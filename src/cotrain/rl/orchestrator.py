@@ -28,6 +28,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -113,6 +114,7 @@ class Orchestrator:
         self.by_completion: dict[str, tuple[str, str]] = {}
         """completion hash -> (first rollout id, its slot and sample)"""
         self.stats = Stats()
+        self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="rollout-store")
         self.door: dict[str, dict[str, Any]] = {}
         """Rollouts rejected at the door, by id (the last one per id)."""
         self.nonces: dict[str, float] = {}
@@ -250,6 +252,15 @@ class Orchestrator:
             for rid, rec in self.received.items()
             if rec.signed.assignment.step == step
         ]
+        # Off the event loop, one write at a time: an S3 store costs a round trip per step
+        # (seconds when its endpoint is down), which must not hold up assignments.
+        self._store_pool.submit(self._store, step, records)
+
+    def flush_store(self, timeout_s: float = 60.0) -> None:
+        """Wait until every step formed so far is written to the store."""
+        self._store_pool.submit(lambda: None).result(timeout_s)
+
+    def _store(self, step: int, records: list[dict[str, Any]]) -> None:
         try:
             self.store.write_step(step, records)
         except Exception as e:  # a full disk or an unreachable store must not stop the run
@@ -597,6 +608,7 @@ class Orchestrator:
             step = int(request.query["step"])
         except (KeyError, ValueError):
             raise WireError("rollouts need ?step=N") from None
+        await asyncio.to_thread(self.flush_store)
         records = await asyncio.to_thread(self.step_records, step)
         if records is None:
             return web.json_response({"error": f"step {step} has no batch yet"}, status=404)
@@ -648,6 +660,7 @@ class Orchestrator:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        await asyncio.to_thread(self._store_pool.shutdown, wait=True)
         self.journal.close()
 
 

@@ -22,7 +22,7 @@ from cotrain.core.signed import Envelope
 from cotrain.rl import wire
 from cotrain.rl.client import OrchestratorClient, Weights
 from cotrain.rl.config import RLConfig
-from cotrain.rl.wire import Verdict, WireError
+from cotrain.rl.wire import SignedRollout, Verdict, WireError
 
 log = logging.getLogger("cotrain.rl.validator")
 
@@ -72,9 +72,8 @@ class Validator:
         ) as client:
             info = await client.info()
             orchestrator = info["orchestrator_key"]
-            cache = cfg.run.out_dir / "cache" / f"validator-{self.key[:12]}"
             weights = Weights(
-                cache,
+                cfg.run.out_dir / "cache" / "weights",
                 publisher_key=info["trainer_key"],
                 channel=cfg.run.id,
                 keep=cfg.keep_versions + 1,
@@ -86,15 +85,31 @@ class Validator:
                         emit("finished", status=got["status"], **self.summary())
                         return
                     continue
-                items = sorted(got["items"], key=lambda it: it["rollout"]["body"]["version"])
                 verdicts = []
-                for item in items:
-                    v = await self._check(item, orchestrator, weights, got["servers"])
-                    if v is not None:
+                for group in self._groups(got["items"], orchestrator):
+                    for v in await self._check(group, weights, got["servers"]):
                         sealed = Envelope.seal(self.identity, wire.VERDICT, v.to_body())
                         verdicts.append(sealed.to_json())
                 if verdicts:
                     await client.verdicts(verdicts)
+
+    def _groups(
+        self, items: list[dict[str, Any]], orchestrator: str
+    ) -> list[tuple[list[SignedRollout], str | None, int]]:
+        """Claimed items by the version they claim (each group is checked on one model)."""
+        groups: dict[tuple[int, str | None, int], list[SignedRollout]] = {}
+        for item in items:
+            try:
+                signed = wire.parse_rollout(item["rollout"], orchestrator=orchestrator)
+            except (WireError, KeyError, TypeError) as e:
+                log.warning("unreadable item from the orchestrator: %s", e)
+                continue
+            key = (signed.rollout.version, item.get("expected_sha256"), int(item["latest_version"]))
+            groups.setdefault(key, []).append(signed)
+        return [
+            (g, sha, latest)
+            for (_, sha, latest), g in sorted(groups.items(), key=lambda kv: kv[0][0])
+        ]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -104,53 +119,52 @@ class Validator:
         }
 
     async def _check(
-        self, item: dict[str, Any], orchestrator: str, weights: Weights, servers: list[str]
-    ) -> Verdict | None:
+        self,
+        group: tuple[list[SignedRollout], str | None, int],
+        weights: Weights,
+        servers: list[str],
+    ) -> list[Verdict]:
         from cotrain.rl import checks
         from cotrain.shardcast import ShardcastError
         from cotrain.shardcast.errors import VersionNotFound
 
-        try:
-            signed = wire.parse_rollout(item["rollout"], orchestrator=orchestrator)
-        except WireError as e:  # the orchestrator let through what we cannot read: say so
-            log.warning("unreadable rollout from the orchestrator: %s", e)
-            return None
-        r = signed.rollout
-        expected = item.get("expected_sha256")
-        latest = int(item["latest_version"])
+        rollouts, expected, latest = group
+        version = rollouts[0].rollout.version
         # Fetch only a version that can pass the staleness check; the others fail before
         # the model is used.
-        if expected and signed.assignment.min_version <= r.version <= latest:
+        if expected and 1 <= version <= latest:
             try:
-                await weights.fetch(servers, r.version)
-                await asyncio.to_thread(weights.load_into, self.policy.model, r.version)
+                await weights.fetch(servers, version)
+                await asyncio.to_thread(weights.load_into, self.policy.model, version)
             except VersionNotFound as e:  # retired or never published: it cannot be checked
-                log.warning("version %d not offered (%s): judged as stale", r.version, e)
+                log.warning("version %d not offered (%s): judged as stale", version, e)
                 expected = None
-            except ShardcastError as e:  # the servers are down: no verdict, the claim expires
-                log.warning("version %d unreachable (%s): no verdict for now", r.version, e)
-                return None
+            except ShardcastError as e:  # the servers are down: no verdict, the claims expire
+                log.warning("version %d unreachable (%s): no verdict for now", version, e)
+                return []
         t0 = time.monotonic()
-        verdict = await asyncio.to_thread(
-            checks.check_rollout,
+        verdicts = await asyncio.to_thread(
+            checks.check_rollouts,
             self.policy.model,
-            signed,
+            rollouts,
             self.ctx,
             expected_sha256=expected,
             latest_version=latest,
         )
-        self.check_s += time.monotonic() - t0
-        self.checked += 1
-        self.rejected += not verdict.ok
-        emit(
-            "verdict",
-            id=signed.id,
-            ok=verdict.ok,
-            check=verdict.check,
-            reason=verdict.reason[:200],
-            check_s=round(time.monotonic() - t0, 4),
-        )
-        return verdict
+        took = time.monotonic() - t0
+        self.check_s += took
+        self.checked += len(verdicts)
+        for v in verdicts:
+            self.rejected += not v.ok
+            emit(
+                "verdict",
+                id=v.rollout_id,
+                ok=v.ok,
+                check=v.check,
+                reason=v.reason[:200],
+                check_s=round(took / len(verdicts), 4),
+            )
+        return verdicts
 
 
 def run_validator(cfg: RLConfig) -> int:

@@ -96,8 +96,13 @@ class Worker:
         ) as client:
             info = await client.info()
             self.orchestrator_key = info["orchestrator_key"]
-            cache = cfg.run.out_dir / "cache" / f"worker-{self.key[:12]}"
-            self.weights = Weights(cache, publisher_key=info["trainer_key"], channel=cfg.run.id)
+            # one cache per machine: processes holding the same version share its pages
+            self.weights = Weights(
+                cfg.run.out_dir / "cache" / "weights",
+                publisher_key=info["trainer_key"],
+                channel=cfg.run.id,
+                keep=cfg.keep_versions + 1,
+            )
             emit("joined", worker=self.key, run=cfg.run.id)
             while True:
                 t0 = time.monotonic()
@@ -151,7 +156,7 @@ class Worker:
         assert self.weights is not None
         t0 = time.monotonic()
         t_unix = time.time()
-        gens = await asyncio.to_thread(self._generate, a)
+        gens, same = await asyncio.to_thread(self._generate, a)
         self.stats.gen_s += time.monotonic() - t0
         self.stats.assignments += 1
         claimed_version, sha = version, self.weights.sha256(version)
@@ -196,15 +201,19 @@ class Worker:
             copied = await self._copies(client, a, raw, len(gens))
             cheating = copied is not None
             envelopes = copied or envelopes
-        await self._submit(client, envelopes, a, cheating=cheating and self.cheat != "replay_own")
+        # a cheat whose output is exactly the honest sample's is not a cheat on that sample
+        flags = [cheating and not s for s in same]
         if self.cheat == "replay_own":
-            await self._submit(client, envelopes, a, cheating=True)
+            await self._submit(client, envelopes, a, cheating=[False] * len(envelopes))
+            flags = [True] * len(envelopes)
+        await self._submit(client, envelopes, a, cheating=flags)
 
-    def _generate(self, a: Assignment) -> list[Any]:
+    def _generate(self, a: Assignment) -> tuple[list[Any], list[bool]]:
+        """The group to submit, and per sample whether it equals the honest one."""
         from cotrain.rl import cheats, inference
 
         p = self.policy
-        kw = {
+        kw: dict[str, Any] = {
             "temperature": a.temperature,
             "max_new_tokens": a.max_new_tokens,
             "eos_token_id": p.eos_token_id,
@@ -223,8 +232,10 @@ class Worker:
                 other_prompt_ids=p.encode_prompt(other.prompt),
                 **kw,
             )
-            return list(cheats.cheat_group(self.cheat, ctx))
-        return list(inference.generate_group(p.model, list(a.prompt_ids), list(a.seeds), **kw))
+            group = list(cheats.cheat_group(self.cheat, ctx))
+            return group, cheats.coincides_with_honest(ctx, group)
+        gens = inference.generate_group(p.model, list(a.prompt_ids), list(a.seeds), **kw)
+        return list(gens), [False] * len(gens)
 
     async def _copies(
         self, client: OrchestratorClient, a: Assignment, raw: dict[str, Any], n: int
@@ -251,7 +262,7 @@ class Worker:
         envelopes: list[dict[str, Any]],
         a: Assignment,
         *,
-        cheating: bool,
+        cheating: list[bool],
     ) -> None:
         try:
             got = await client.submit(envelopes)
@@ -261,13 +272,13 @@ class Worker:
                 raise
             return
         self.stats.rollouts += len(envelopes)
-        for r in got["results"]:
+        for r, cheat in zip(got["results"], cheating, strict=False):
             emit(
                 "submitted",
                 id=r.get("id"),
                 status=r.get("status"),
                 check=r.get("check"),
-                cheat=self.cheat if cheating else None,
+                cheat=self.cheat if cheat else None,
                 step=a.step,
             )
 
