@@ -111,8 +111,6 @@ class Orchestrator:
         self.store = RolloutStore(cfg.orchestrator.store_url or str(cfg.run.out_dir / "rollouts"))
         self.received: dict[str, Received] = {}
         self.by_sha: set[str] = set()
-        self.by_completion: dict[str, tuple[str, str]] = {}
-        """completion hash -> (first rollout id, its slot and sample)"""
         self.stats = Stats()
         self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="rollout-store")
         self.door: dict[str, dict[str, Any]] = {}
@@ -166,7 +164,6 @@ class Orchestrator:
         self._seq += 1
         self.received[signed.id] = Received(signed, self._seq)
         self.by_sha.add(signed.sha256)
-        self.by_completion.setdefault(signed.completion_sha256, (signed.id, signed.slot_sample))
         self.planner.apply_received(signed.assignment.id, signed.rollout.sample)
         self.stats.submitted += 1
         self.stats.by_worker[signed.worker]["submitted"] += 1
@@ -355,11 +352,9 @@ class Orchestrator:
             return self._door(signed.worker, rid, "assignment", "not an assignment of this run")
         if rid in self.received or signed.sha256 in self.by_sha:
             return self._door(signed.worker, rid, "duplicate", "this rollout was submitted before")
-        # The same tokens for another task or seed are a copy; for the same slot and sample
-        # (re-issued with the same seeds after a timeout) they are what an honest worker gives.
-        first = self.by_completion.get(signed.completion_sha256)
-        if first is not None and first[1] != signed.slot_sample:
-            return self._door(signed.worker, rid, "duplicate", f"a copy of rollout {first[0]}")
+        # Equal tokens are not a copy in themselves: samples of one prompt coincide when the
+        # model is confident. A copy of another task's rollout fails the assignment check (its
+        # prompt), and of another sample's the sampling replay (its seed).
         self.journal.append({"e": "rollout", "envelope": signed.envelope.to_json()})
         self._apply_received(signed)
         return {"id": rid, "status": "queued"}
