@@ -108,6 +108,24 @@ def _dump(run: LocalRun) -> None:
         print("\n".join(line[:300] for line in p.lines[-15:]))
 
 
+def _rejections(run: LocalRun, worker: str) -> list[str]:
+    """Why ``worker``'s rollouts were rejected, from the orchestrator's journal."""
+    mine, out = set(), []
+    with open(run.cfg.run.out_dir / "orchestrator" / "journal.jsonl") as f:
+        for line in f:
+            ev = json.loads(line)
+            if ev["e"] == "rollout" and ev["envelope"]["signer"] == worker:
+                body = ev["envelope"]["body"]
+                mine.add(f"{body['assignment']['body']['id']}/{body['sample']}")
+            elif ev["e"] == "door" and ev["worker"] == worker:
+                out.append(f"door {ev['check']}: {ev['reason']}")
+            elif ev["e"] == "verdict" and ev["envelope"]["body"]["rollout_id"] in mine:
+                v = ev["envelope"]["body"]
+                if not v["ok"]:
+                    out.append(f"{v['rollout_id']} {v['check']}: {v['reason']}")
+    return out[:10]
+
+
 def _steps(run: LocalRun) -> list[int]:
     return [e["step"] for e in _events(run, "trainer") if e.get("event") == "step"]
 
@@ -207,6 +225,10 @@ def running(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """One long async run with honest workers at different thread counts and batch sizes;
     each cheat test adds its cheater."""
     cfg = _cfg(model_dir, tmp_path_factory.mktemp("cheats") / "run", total_steps=100_000)
+    # a policy that stays diverse for the whole module (at 1e-3 the tiny model collapses to
+    # one reply per prompt within a minute, and the run aborts for lack of signal)
+    cfg.trainer.lr = 1e-6
+    cfg.run.abort_after_zero_batches = 1_000_000
     cfg.trainer.eval_every = 0
     cfg.worker.max_assignments = 0
     run = LocalRun(cfg)
@@ -229,23 +251,29 @@ def running(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         }
         for key in honest:
             counts = status["workers"].get(key, {})
-            assert counts.get("rejected", 0) == 0, (key, counts)
+            assert counts.get("rejected", 0) == 0, (key, counts, _rejections(run, key))
             assert counts.get("accepted", 0) > 0, (key, counts)
     finally:
         run.stop()
 
 
-@pytest.mark.parametrize("cheat", CHEATS)
-def test_every_cheat_is_caught(running: LocalRun, cheat: str) -> None:
-    run = running
-    run.cfg.worker.max_assignments = 2
+@pytest.fixture(scope="module")
+def cheaters(running: LocalRun) -> dict[str, Any]:
+    """Every cheating worker at once (two assignments each), against the running run."""
+    running.cfg.worker.max_assignments = 2
     try:
-        p = run.start_worker(cheat, wait=False)
+        return {cheat: running.start_worker(cheat, wait=False) for cheat in CHEATS}
     finally:
-        run.cfg.worker.max_assignments = 0
-    p.wait_for("finished", 120)
+        running.cfg.worker.max_assignments = 0
+
+
+@pytest.mark.parametrize("cheat", CHEATS)
+def test_every_cheat_is_caught(running: LocalRun, cheaters: dict[str, Any], cheat: str) -> None:
+    run = running
+    p = cheaters[cheat]
+    p.wait_for("finished", 300)
     subs = [e for e in _events(run, p.name) if e.get("event") == "submitted" and e.get("cheat")]
-    assert subs, f"{cheat}: no cheating submission was made"
+    assert subs, f"{cheat}: no cheating submission was made: {p.lines[-6:]}"
     for e in subs:
         if e["status"] == "rejected":
             continue
