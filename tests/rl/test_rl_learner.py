@@ -1,11 +1,15 @@
 """The learner: its log-probabilities match the workers' (ratio 1 on fresh rollouts), a step
 raises positive-advantage completions and lowers negative ones, steps are bit-identical and
-survive a checkpoint, an empty batch changes nothing, and held-out greedy accuracy is the batched
-decoding of every task."""
+survive a checkpoint, the memory measures (recomputed activations, the projection at completion
+positions only, the tied weight's gradient summed in place) leave a step bit for bit the same,
+checkpoint files are written tensor by tensor and link the published weights, an empty batch
+changes nothing, and held-out greedy accuracy is the batched decoding of every task."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,14 @@ from hf_harness import small_hf_model, write_text
 from cotrain.rl import sampling, wire
 from cotrain.rl.config import TrainerConfig
 from cotrain.rl.env import Task
-from cotrain.rl.learner import CheckpointError, Learner, heldout_accuracy, weights_bytes
+from cotrain.rl.learner import (
+    CheckpointError,
+    Learner,
+    heldout_accuracy,
+    weights_bytes,
+    write_safetensors,
+    write_weights,
+)
 
 pytest.importorskip("transformers")
 
@@ -157,6 +168,132 @@ def test_steps_are_bit_identical_and_resume_exactly(model_dir: Path, tmp_path: P
     resumed.step(b2)
     assert _equal(straight, _weights(resumed.model))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step-00000001"]
+
+
+def _tied_model(seed: int = 7) -> Any:
+    """A small Llama whose output projection is its input embeddings (as SmolLM2's)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _plain(learner: Learner) -> Learner:
+    """The step without its memory measures: every activation kept, (N, K, V) logits gathered
+    after the projection, the tied weight's two gradients summed by autograd."""
+    learner._layers, learner._head, learner._tied = [], None, None
+    return learner
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_memory_measures_leave_a_step_bit_for_bit_the_same(model_dir: Path, tied: bool) -> None:
+    base = _tied_model() if tied else _load(model_dir)
+    # micro-batches of 3 over groups of 4: the second holds prompts of two lengths; a
+    # temperature that is not 1, then completions of several lengths from an older version
+    b1 = _batch(base, 1, temperature=0.7)
+    b2 = _batch(base, 2, version=1)
+
+    def run(make: Any) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        model = copy.deepcopy(base)
+        learner = make(model)
+        stats = [learner.step(b1).to_json(), learner.step(b2).to_json()]
+        return _weights(model), stats
+
+    learner = Learner(copy.deepcopy(base), CFG)
+    assert len(learner._layers) == 2 + tied and learner._head is not None
+    assert (learner._tied is not None) == tied
+    ref_w, ref_s = run(lambda m: _plain(Learner(m, CFG)))
+    for make in (lambda m: Learner(m, CFG), lambda m: Learner(m, CFG, recompute=False)):
+        w, s = run(make)
+        assert _equal(ref_w, w) and s == ref_s
+    assert not _equal(ref_w, _weights(base))  # it trained
+
+
+def test_recomputing_keeps_only_the_layers_inputs(model_dir: Path) -> None:
+    model = _load(model_dir)
+    chunk = _batch(model, 1).samples[:3]
+
+    def saved_bytes(learner: Learner) -> int:
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = learner._micro_batch(chunk)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+        return sum(saved.values())
+
+    kept = saved_bytes(Learner(model, CFG, recompute=False))
+    recomputed = saved_bytes(Learner(model, CFG))
+    assert recomputed < kept / 2
+    assert "forward" not in model.model.layers[0].__dict__  # the layers are as they were
+
+
+def test_safetensors_written_tensor_by_tensor(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = {
+        "b": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "a.step": torch.tensor(3.0),
+        "c": torch.ones(3, dtype=torch.bfloat16),
+        "d": torch.arange(5, dtype=torch.int64),
+        "e": torch.tensor([True, False]),
+        "f": torch.arange(12, dtype=torch.float32).reshape(3, 4).t(),  # not contiguous
+    }
+    path = tmp_path / "x.safetensors"
+    digest = write_safetensors(tensors, path)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    back = load_file(path)
+    assert back.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+
+
+def test_weights_written_to_a_file_are_the_published_bytes(tmp_path: Path) -> None:
+    model = _tied_model()
+    write_weights(model, tmp_path / "w.safetensors")
+    assert (tmp_path / "w.safetensors").read_bytes() == weights_bytes(model)
+
+
+def test_a_checkpoint_links_the_published_weights(model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    learner = Learner(_load(model_dir), CFG)
+    learner.step(_batch(learner.model, 1))
+    # no weights given: the model file is what a version publishes
+    path = learner.save(tmp_path / "a", 1)
+    assert (path / "model.safetensors").read_bytes() == weights_bytes(learner.model)
+    # a file given: linked, not written again; its hash as given
+    published = tmp_path / "v2.safetensors"
+    write_weights(learner.model, published)
+    digest = hashlib.sha256(published.read_bytes()).hexdigest()
+    path = learner.save(tmp_path / "b", 1, weights=published, weights_sha256=digest)
+    assert os.stat(path / "model.safetensors").st_ino == os.stat(published).st_ino
+    state = load_file(path / "optimizer.safetensors")
+    assert (
+        state.keys() == load_file(tmp_path / "a" / "step-00000001" / "optimizer.safetensors").keys()
+    )
+    again = Learner(_load(model_dir), CFG)
+    saved = again.load(tmp_path / "b")
+    assert saved is not None and saved.model_sha256 == digest
+    assert _equal(_weights(learner.model), _weights(again.model))
+    for p, q in zip(learner.params, again.params, strict=True):
+        a, b = learner.optimizer.state[p], again.optimizer.state[q]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_corrupt_or_missing_checkpoint(model_dir: Path, tmp_path: Path) -> None:
@@ -338,6 +475,44 @@ def test_resume_keeps_checkpoint_and_versions_in_agreement(model_dir: Path, tmp_
     learner.save(checkpoint_dir(other), 2, {})
     with pytest.raises(ResumeError, match="holds no version"):
         resume(Learner(_load(model_dir), other.trainer), other, key)
+
+
+def test_the_trainer_publishes_one_file_that_the_checkpoint_links(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    from cotrain.core.identity import Identity
+    from cotrain.rl.trainer import (
+        Trainer,
+        checkpoint_dir,
+        publish_config,
+        sha256,
+        staging_dir,
+        versions_dir,
+    )
+    from cotrain.shardcast.publisher import publish
+    from cotrain.shardcast.store import VersionStore
+
+    cfg = _rl_config(tmp_path, model_dir)
+    key = Identity.generate()
+    trainer = Trainer(cfg, _load(model_dir), None, key)
+    batch = _batch(trainer.learner.model, 1)
+
+    def no_bytes(*_: Any, **__: Any) -> bytes:
+        raise AssertionError("the weights were serialised to bytes in memory")
+
+    monkeypatch.setattr(safetensors.torch, "save", no_bytes)
+    stats, staged, _ = trainer._train(batch)
+    assert stats.applied and staged.parent == staging_dir(cfg)
+    result = publish(staged, dir=versions_dir(cfg), identity=key, config=publish_config(cfg))
+    trainer._checkpoint(1, staged, result.manifest.file_sha256, 0)
+    monkeypatch.undo()
+    assert not staged.exists() and list(staging_dir(cfg).iterdir()) == []
+    data = VersionStore(versions_dir(cfg)).data_path(result.version)
+    model_file = checkpoint_dir(cfg) / "step-00000001" / "model.safetensors"
+    assert os.stat(model_file).st_ino == os.stat(data).st_ino  # one file on disk
+    assert result.manifest.file_sha256 == sha256(weights_bytes(trainer.learner.model))
 
 
 def test_the_version_notice_is_signed_and_parses(model_dir: Path, tmp_path: Path) -> None:
