@@ -148,8 +148,10 @@ class TrainerConfig(ConfigModel):
     """The shardcast origin serving policy versions."""
     keep_versions: int = Field(default=0, ge=0)
     """Versions kept on the origin (0: async_level + 2, enough for validators to re-check)."""
-    checkpoint_every: int = Field(default=1, ge=1)
-    """Checkpoint every this many steps (the run resumes from the last)."""
+    checkpoint_every: int = Field(default=10, ge=1)
+    """Checkpoint every this many steps (and the last). A trainer restarted between two
+    resumes from the newest published version's weights with the last checkpoint's AdamW
+    moments (a save writes ~1 GB of optimizer state for a 135M model)."""
     batch_timeout_s: float = Field(default=600.0, gt=0)
     """Longest wait for one step's batch before giving up with an error."""
     eval_every: int = Field(default=1, ge=0)

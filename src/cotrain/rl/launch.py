@@ -57,6 +57,8 @@ class MemorySampler:
     peak_bytes: int = 0
     peak_rss_bytes: int = 0
     pids: set[int] = field(default_factory=set)
+    at_peak: dict[int, int] = field(default_factory=dict)
+    """Each process's PSS when the sum peaked."""
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
@@ -64,8 +66,12 @@ class MemorySampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
-            both = [memory_bytes(p) for p in list(self.pids)]
-            self.peak_bytes = max(self.peak_bytes, sum(p for p, _ in both))
+            pids = list(self.pids)
+            both = [memory_bytes(p) for p in pids]
+            total = sum(p for p, _ in both)
+            if total > self.peak_bytes:
+                self.peak_bytes = total
+                self.at_peak = {pid: pss for pid, (pss, _) in zip(pids, both, strict=True)}
             self.peak_rss_bytes = max(self.peak_rss_bytes, sum(r for _, r in both))
 
     def stop(self) -> None:
@@ -269,6 +275,9 @@ def run_local(cfg: RLConfig) -> int:
         "wall_s": round(time.monotonic() - started, 1),
         "peak_memory_bytes": run.memory.peak_bytes,
         "peak_rss_sum_bytes": run.memory.peak_rss_bytes,
+        "peak_memory_by_process": {
+            name: run.memory.at_peak.get(p.popen.pid, 0) for name, p in run.procs.items()
+        },
         "steps": steps,
         "orchestrator": status,
     }

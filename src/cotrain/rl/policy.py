@@ -86,7 +86,9 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     return _offline_transformers().AutoTokenizer.from_pretrained(model_dir(spec))
 
 
-def load_policy(spec: ModelSpec) -> Policy:
+def load_policy(spec: ModelSpec, *, shared: bool = False) -> Policy:
+    """The policy in fp32. ``shared``: its weights mapped from the model's safetensors file
+    instead of copied (inference roles: every process on the machine shares one copy)."""
     import torch
 
     from cotrain.models.hf import SMOLLM2_ID, load_hf_causal_lm
@@ -94,9 +96,38 @@ def load_policy(spec: ModelSpec) -> Policy:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     path = model_dir(spec)
-    loaded = load_hf_causal_lm(path, dtype=torch.float32)
     model_id = SMOLLM2_ID if spec.path == "smollm2" else path.name
+    if shared and (path / "model.safetensors").is_file():
+        mapped = _load_mapped(path)
+        if mapped is not None:
+            return Policy(mapped, load_tokenizer(spec), model_id, path)
+    loaded = load_hf_causal_lm(path, dtype=torch.float32)
     return Policy(loaded.model, loaded.tokenizer, model_id, path)
+
+
+def _load_mapped(path: Path) -> Any:
+    """The model built without weights, then given the file's tensors as mapped views; None
+    when the file does not hold every parameter in fp32 (then it is loaded the usual way)."""
+    import torch
+    from accelerate import init_empty_weights
+
+    from cotrain.models.hf import _offline_transformers
+    from cotrain.rl.client import map_safetensors
+
+    tf = _offline_transformers()
+    config = tf.AutoConfig.from_pretrained(path)
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary) real
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = map_safetensors(path / "model.safetensors")
+    if any(t.dtype != torch.float32 for t in state.values()):
+        return None
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - {k for k in missing if k.endswith("lm_head.weight")}:
+        return None
+    model.tie_weights()
+    if any(p.is_meta for p in model.parameters()):
+        return None
+    return model.eval()
 
 
 def parameter_count(spec: ModelSpec) -> int:

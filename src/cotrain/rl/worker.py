@@ -25,6 +25,7 @@ from cotrain.rl import wire
 from cotrain.rl.client import OrchestratorClient, Refused, Weights
 from cotrain.rl.config import RLConfig
 from cotrain.rl.errors import RLError
+from cotrain.rl.learner import release_memory
 from cotrain.rl.wire import Assignment, Rollout
 
 log = logging.getLogger("cotrain.rl.worker")
@@ -75,7 +76,10 @@ class Worker:
         self.identity = Identity.load_or_create(cfg.path(cfg.worker.key))
         say = log_line or (lambda m: print(m, file=sys.stderr, flush=True))
         policy.check_memory("worker", cfg.model, log=say)
-        self.policy = policy.load_policy(cfg.model)
+        from cotrain.rl.learner import limit_heap_growth
+
+        limit_heap_growth()  # generation's temporaries go back to the system when freed
+        self.policy = policy.load_policy(cfg.model, shared=True)
         self.env = make_env(cfg.env.name)
         self.stats = WorkerStats()
         self.weights: Weights | None = None
@@ -157,6 +161,7 @@ class Worker:
         t0 = time.monotonic()
         t_unix = time.time()
         gens, same = await asyncio.to_thread(self._generate, a)
+        release_memory()
         self.stats.gen_s += time.monotonic() - t0
         self.stats.assignments += 1
         claimed_version, sha = version, self.weights.sha256(version)
