@@ -33,30 +33,13 @@ from rich.console import Console
 from rich.table import Table
 
 from cotrain.core.errors import TimeoutExpired
+from cotrain.rl import cheats
 from cotrain.rl.config import RLConfig
 from cotrain.rl.launch import LocalRun
+from cotrain.rl.worker import ENVELOPE_CHEATS
 
 RUN_CHEATS = {0: "greedy", 1: "swap_last", 2: "forge_logprobs"}
-ALL_CHEATS = [
-    "other_model",
-    "by_hand",
-    "swap_last",
-    "truncate",
-    "early_eos",
-    "smaller_model",
-    "quantized",
-    "other_prompt",
-    "forge_logprobs",
-    "forge_reward",
-    "greedy",
-    "best_of_n",
-    "stale",
-    "unfetched_version",
-    "replay_own",
-    "copy_other",
-    "bad_signature",
-    "own_task",
-]
+ALL_CHEATS = [*cheats.CHEATS, *ENVELOPE_CHEATS]
 
 
 def base_config(args: argparse.Namespace, out: Path, k: int) -> RLConfig:

@@ -20,31 +20,14 @@ import pytest
 from hf_harness import trained_like_hf_model, write_text
 
 from cotrain.core.errors import TimeoutExpired
+from cotrain.rl import cheats
 from cotrain.rl.config import RLConfig
 from cotrain.rl.launch import LocalRun
+from cotrain.rl.worker import ENVELOPE_CHEATS
 
 pytest.importorskip("transformers")
 
-CHEATS = [
-    "other_model",
-    "by_hand",
-    "swap_last",
-    "truncate",
-    "early_eos",
-    "smaller_model",
-    "quantized",
-    "other_prompt",
-    "forge_logprobs",
-    "forge_reward",
-    "greedy",
-    "best_of_n",
-    "stale",
-    "unfetched_version",
-    "replay_own",
-    "copy_other",
-    "bad_signature",
-    "own_task",
-]
+CHEATS = [*cheats.CHEATS, *ENVELOPE_CHEATS]
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -657,10 +656,6 @@ class Orchestrator:
             await self._runner.cleanup()
         await asyncio.to_thread(self._store_pool.shutdown, wait=True)
         self.journal.close()
-
-
-def state_dir(cfg: RLConfig) -> Path:
-    return cfg.run.out_dir / "orchestrator"
 
 
 def run_orchestrator(cfg: RLConfig) -> int:

@@ -345,19 +345,8 @@ class SignedRollout:
         return f"{self.assignment.id}/{self.rollout.sample}"
 
     @property
-    def slot_sample(self) -> str:
-        """``<slot key>/<sample>``: the same for every issue of a slot."""
-        return f"{self.assignment.slot_key}/{self.rollout.sample}"
-
-    @property
     def sha256(self) -> str:
         return hashlib.sha256(self.envelope.to_bytes()).hexdigest()
-
-    @property
-    def completion_sha256(self) -> str:
-        """Hash of prompt and completion ids: equal for copied submissions."""
-        ids = [*self.rollout.prompt_ids, -1, *self.rollout.completion_ids]
-        return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
 
 
 def parse_rollout(obj: Any, *, orchestrator: str) -> SignedRollout:
