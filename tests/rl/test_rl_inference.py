@@ -11,14 +11,14 @@ import pytest
 import torch
 from hf_harness import small_hf_model, write_text
 
-from cotrain.rl import inference, sampling
+from cotrain.rl import inference, sampling, seeds
 from cotrain.toploc.config import ProofConfig
 from cotrain.toploc.proof import chunk_bytes, n_rollout_chunks, verify_proofs
 
 pytest.importorskip("transformers")
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 31]
-SEEDS = [sampling.derive_seed(3, "inference-test", i) for i in range(8)]
+SEEDS = [seeds.derive_seed(3, "inference-test", i) for i in range(8)]
 EOS = 0
 CHUNK, TOPK = 8, 32
 

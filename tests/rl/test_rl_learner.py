@@ -31,7 +31,8 @@ from cotrain.rl.learner import (
 
 pytest.importorskip("transformers")
 
-CFG = TrainerConfig(lr=3e-3, micro_batch=3)
+CFG = TrainerConfig(lr=3e-3, micro_batch=3, pack_prompts=False)
+PACKED = TrainerConfig(lr=3e-3, micro_batch=3)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_a_step_agrees_with_the_workers_and_follows_the_advantages(model_dir: Pa
     model = _load(model_dir)
     batch = _batch(model, 1, temperature=0.7)
     before = [_seq_logprob(model, s) for s in batch.samples]
-    learner = Learner(model, CFG)
+    learner = Learner(model, PACKED)
     stats = learner.step(batch)
     # fresh rollouts of the same weights: the trainer's log-probabilities are the worker's
     assert stats.mismatch_kl < 1e-8 and stats.clip_fraction == 0.0
@@ -140,6 +141,52 @@ def test_micro_batching_does_not_change_the_step(model_dir: Path) -> None:
     for k in w1:
         torch.testing.assert_close(w1[k], w16[k], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(w3[k], w16[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("pack_tokens", [1024, 16])
+def test_packing_a_prompts_samples_in_one_row_changes_a_step_only_by_rounding(
+    model_dir: Path, pack_tokens: int
+) -> None:
+    base = _load(model_dir)
+    b1, b2 = _batch(base, 1, temperature=0.7), _batch(base, 2, version=1)
+    results = []
+    for pack in (False, True):
+        model = copy.deepcopy(base)
+        cfg = TrainerConfig(lr=3e-3, micro_batch=3, pack_prompts=pack, pack_tokens=pack_tokens)
+        learner = Learner(model, cfg)
+        assert learner._packs == pack
+        grads: list[list[torch.Tensor]] = []
+        adamw = learner.optimizer.step
+
+        def step(adamw: Any = adamw, grads: Any = grads, learner: Any = learner) -> Any:
+            grads.append([p.grad.clone() for p in learner.params])  # what AdamW is given
+            return adamw()
+
+        learner.optimizer.step = step  # type: ignore[method-assign]
+        stats = [learner.step(b1), learner.step(b2)]
+        results.append((stats, grads))
+    (plain, g_plain), (packed, g_packed) = results
+    for a, b in zip(plain, packed, strict=True):
+        assert a.loss == pytest.approx(b.loss, rel=1e-4, abs=1e-7)
+        assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
+        assert a.ratio_min == pytest.approx(b.ratio_min, abs=1e-5)
+        assert a.tokens == b.tokens
+    for step_a, step_b in zip(g_plain, g_packed, strict=True):
+        for ga, gb in zip(step_a, step_b, strict=True):
+            torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-6)
+
+
+def test_a_packed_row_keeps_each_completion_to_its_prompt_and_itself(model_dir: Path) -> None:
+    """Fresh samples packed in one row (and split over rows): every token's ratio to the
+    worker's log-probability, computed on the sample alone, is 1."""
+    model = _load(model_dir)
+    batch = _batch(model, 1)
+    for limit in (1024, 12):
+        learner = Learner(model, TrainerConfig(micro_batch=8, pack_tokens=limit))
+        with torch.no_grad():
+            out = learner._micro_batch(batch.samples)
+        assert out.tokens == sum(len(s.completion_ids) for s in batch.samples)
+        assert 0.9999 < out.ratio_min <= out.ratio_max < 1.0001, limit
 
 
 def test_steps_are_bit_identical_and_resume_exactly(model_dir: Path, tmp_path: Path) -> None:
@@ -187,10 +234,13 @@ def _tied_model(seed: int = 7) -> Any:
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def _plain(learner: Learner) -> Learner:
+def _plain(learner: Learner, *, keep_head: bool = False) -> Learner:
     """The step without its memory measures: every activation kept, (N, K, V) logits gathered
-    after the projection, the tied weight's two gradients summed by autograd."""
-    learner._layers, learner._head, learner._tied = [], None, None
+    after the projection (unless ``keep_head``), the tied weight's two gradients summed by
+    autograd."""
+    learner._layers, learner._tied = [], None
+    if not keep_head:
+        learner._head = None
     return learner
 
 
@@ -213,6 +263,13 @@ def test_the_memory_measures_leave_a_step_bit_for_bit_the_same(model_dir: Path, 
     assert (learner._tied is not None) == tied
     ref_w, ref_s = run(lambda m: _plain(Learner(m, CFG)))
     for make in (lambda m: Learner(m, CFG), lambda m: Learner(m, CFG, recompute=False)):
+        w, s = run(make)
+        assert _equal(ref_w, w) and s == ref_s
+    # packed rows: the projection at the gathered positions is a matrix product of another
+    # shape than over the whole row (other rounding), so the reference keeps it
+    assert Learner(copy.deepcopy(base), PACKED)._packs
+    ref_w, ref_s = run(lambda m: _plain(Learner(m, PACKED), keep_head=True))
+    for make in (lambda m: Learner(m, PACKED), lambda m: Learner(m, PACKED, recompute=False)):
         w, s = run(make)
         assert _equal(ref_w, w) and s == ref_s
     assert not _equal(ref_w, _weights(base))  # it trained

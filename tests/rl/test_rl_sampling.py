@@ -7,7 +7,7 @@ import pytest
 import torch
 from hf_harness import small_hf_model, write_text
 
-from cotrain.rl import sampling
+from cotrain.rl import sampling, seeds
 
 pytest.importorskip("transformers")
 
@@ -34,10 +34,10 @@ def _sample(model: object, seed: int, temperature: float = 1.0, n: int = 24) -> 
 
 
 def test_seeds_are_fixed_by_task_worker_and_counter() -> None:
-    s = sampling.derive_seed(7, "ab" * 32, 0)
-    assert s == sampling.derive_seed(7, "ab" * 32, 0) and 0 <= s < 2**63
-    others = {sampling.derive_seed(7, "cd" * 32, 0), sampling.derive_seed(8, "ab" * 32, 0)}
-    assert s not in others and sampling.derive_seed(7, "ab" * 32, 1) != s
+    s = seeds.derive_seed(7, "ab" * 32, 0)
+    assert s == seeds.derive_seed(7, "ab" * 32, 0) and 0 <= s < 2**63
+    others = {seeds.derive_seed(7, "cd" * 32, 0), seeds.derive_seed(8, "ab" * 32, 0)}
+    assert s not in others and seeds.derive_seed(7, "ab" * 32, 1) != s
 
 
 def test_gumbel_max_samples_the_softmax() -> None:

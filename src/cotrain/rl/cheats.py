@@ -51,7 +51,7 @@ from cotrain.rl.inference import (
     prefill_group,
     prove_many,
 )
-from cotrain.rl.sampling import derive_seed
+from cotrain.rl.seeds import derive_seed
 
 CHEATS = (
     "other_model",

@@ -134,6 +134,12 @@ class TrainerConfig(ConfigModel):
     """Gradient norm clip."""
     micro_batch: int = Field(default=16, ge=1)
     """Sequences per forward/backward (gradients accumulate over the batch)."""
+    pack_prompts: bool = True
+    """Put the samples of one prompt in one row, the prompt once, each completion attending
+    to it and to itself only (a block attention mask); a group of G short completions costs
+    about P + G*C tokens instead of G*(P + C). Models that take no 4D mask are not packed."""
+    pack_tokens: int = Field(default=1024, ge=1)
+    """Longest packed row in tokens (attention cost grows with its square)."""
     eps_low: float = Field(default=0.2, gt=0, lt=1)
     """Lower clip of the ratio: 1 - eps_low."""
     eps_high: float = Field(default=0.28, gt=0)

@@ -179,6 +179,7 @@ class Learner:
         args = inspect.signature(model.forward).parameters
         self._keep_arg = "logits_to_keep" in args
         self._cache_arg = "use_cache" in args
+        self._packs = cfg.pack_prompts and _takes_block_masks(model, args)
         self._layers = _decoder_layers(model) if recompute else []
         self._head = _output_head(model)
         self._tied = _tied_head(model, self._head)
@@ -255,6 +256,8 @@ class Learner:
 
     def _micro_batch(self, chunk: Sequence[wire.Sample]) -> Any:
         """``token_loss`` of one micro-batch (the graph attached)."""
+        if self._packs:
+            return self._packed_micro_batch(chunk)
         n = len(chunk)
         lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in chunk]
         length = max(lengths)
@@ -288,6 +291,98 @@ class Learner:
         new = completion_logprobs(logits, targets.to(logits.device), temperature)  # (N, C)
         adv = torch.tensor([s.advantage for s in chunk], device=logits.device)  # (N,)
         return token_loss(new, mu.to(logits.device), adv, mask.to(logits.device), self.cfg)
+
+    def _packed_micro_batch(self, chunk: Sequence[wire.Sample]) -> Any:
+        """``token_loss`` of one micro-batch with the samples of each prompt packed in rows
+        (``pack_prompts``): a row is the prompt once, then completions one after another,
+        each attending to the prompt and to its own earlier tokens only, its positions
+        numbered on from the prompt's as if it stood alone. Completion token 0 of every
+        sample of a row is predicted at the prompt's last position (one hidden state, its
+        gradient the sum of theirs); token t > 0 at the sample's own token t - 1."""
+        rows = _pack_rows(chunk, self.cfg.pack_tokens)
+        width = max(len(r[0].prompt_ids) + sum(len(s.completion_ids) for s in r) for r in rows)
+        n, c_max = len(chunk), max(len(s.completion_ids) for s in chunk)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)  # (R, L); right padding
+        position = torch.zeros(len(rows), width, dtype=torch.long)  # (R, L)
+        allowed = torch.zeros(len(rows), width, width, dtype=torch.bool)  # (R, L, L)
+        row_of = torch.zeros(n, dtype=torch.long)  # (N,)
+        pos = torch.zeros(n, c_max, dtype=torch.long)  # (N, C) into the row
+        targets = torch.zeros(n, c_max, dtype=torch.long)  # (N, C)
+        mu = torch.zeros(n, c_max, dtype=torch.float32)  # (N, C)
+        mask = torch.zeros(n, c_max, dtype=torch.bool)  # (N, C)
+        i = 0
+        for r, row in enumerate(rows):
+            prompt = row[0].prompt_ids
+            p = len(prompt)
+            ids[r, :p] = torch.tensor(prompt)
+            position[r, :p] = torch.arange(p)
+            allowed[r, :p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+            at = p
+            for s in row:
+                c = len(s.completion_ids)
+                row_of[i] = r
+                pos[i, :] = p - 1  # padding entries: any position (masked out)
+                if c:
+                    ids[r, at : at + c] = torch.tensor(s.completion_ids)
+                    position[r, at : at + c] = torch.arange(p, p + c)
+                    allowed[r, at : at + c, :p] = True
+                    allowed[r, at : at + c, at : at + c] = torch.ones(c, c).tril().bool()
+                    pos[i, 1:c] = torch.arange(at, at + c - 1)
+                    targets[i, :c] = torch.tensor(s.completion_ids)
+                    mu[i, :c] = torch.tensor(s.logprobs)
+                    mask[i, :c] = True
+                at += c
+                i += 1
+            tail = torch.arange(at, width)
+            allowed[r, tail, tail] = True  # padding sees itself: no row without a key
+        device = next(iter(self.params)).device if self.params else torch.device("cpu")
+        dtype = next(iter(self.params)).dtype if self.params else torch.float32
+        bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(
+            ~allowed, torch.finfo(dtype).min
+        )[:, None]  # (R, 1, L, L): 0 where a query may look, the lowest float elsewhere
+        logits = self._gathered_logits(
+            {
+                "input_ids": ids.to(device),
+                "position_ids": position.to(device),
+                "attention_mask": bias.to(device),
+            },
+            row_of.to(device),
+            pos.to(device),
+        )  # (N, C, V)
+        temps = [s.temperature for s in chunk]
+        temperature: torch.Tensor | float = 0.0
+        if any(t not in (0.0, 1.0) for t in temps):
+            temperature = torch.tensor(temps, device=logits.device)  # (N,)
+        new = completion_logprobs(logits, targets.to(logits.device), temperature)  # (N, C)
+        adv = torch.tensor([s.advantage for s in chunk], device=logits.device)  # (N,)
+        return token_loss(new, mu.to(logits.device), adv, mask.to(logits.device), self.cfg)
+
+    def _gathered_logits(
+        self, inputs: dict[str, torch.Tensor], row_of: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, C, V) logits of row ``row_of[i]`` at positions ``pos[i]`` (N, C); the hidden
+        states are gathered before the output projection."""
+        kwargs: dict[str, Any] = {"use_cache": False} if self._cache_arg else {}
+        shape = tuple(inputs["input_ids"].shape)
+        gathered = False
+
+        def gather(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            nonlocal gathered
+            hidden = args[0]
+            if gathered or hidden.dim() != 3 or tuple(hidden.shape[:2]) != shape:
+                return None
+            gathered = True
+            return (hidden[row_of[:, None], pos], *args[1:])  # (N, C, H)
+
+        head = self._head
+        hook = head.register_forward_pre_hook(gather) if head is not None else None
+        try:
+            with self._recomputing(), self._keeping_aside():
+                logits = self.model(**inputs, **kwargs).logits
+        finally:
+            if hook is not None:
+                hook.remove()
+        return logits if gathered else logits[row_of[:, None], pos]
 
     def _completion_logits(
         self, ids: torch.Tensor, pos: torch.Tensor, first: int, keep: int
@@ -487,6 +582,30 @@ class Learner:
 
 
 # ---- what a step runs ------------------------------------------------------------------------
+
+
+def _pack_rows(chunk: Sequence[wire.Sample], limit: int) -> list[list[wire.Sample]]:
+    """Consecutive samples of one prompt, in rows of at most ``limit`` tokens (a row holds
+    at least one sample)."""
+    rows: list[list[wire.Sample]] = []
+    size = 0
+    for s in chunk:
+        c = len(s.completion_ids)
+        if rows and rows[-1][0].prompt_ids == s.prompt_ids and size + c <= limit:
+            rows[-1].append(s)
+            size += c
+        else:
+            rows.append([s])
+            size = len(s.prompt_ids) + c
+    return rows
+
+
+def _takes_block_masks(model: Any, args: Any) -> bool:
+    """Whether ``model`` takes position ids and a 4D additive attention mask (Hugging Face
+    decoders with eager or SDPA attention)."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    return "position_ids" in args and "attention_mask" in args and impl in ("eager", "sdpa")
 
 
 def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -29,16 +29,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-DOMAIN = b"cotrain.rl.sampling/1"
+from cotrain.rl.seeds import DOMAIN
+
 TOLERANCE = 0.02
 """Default near-tie tolerance on ``logits / T + g`` (honest CPU noise is ~1e-5)."""
-
-
-def derive_seed(task_seed: int, worker_key: str, counter: int) -> int:
-    """The sampling seed of one rollout: fixed by the task, the worker and its counter, so
-    a worker cannot pick a favourable one (63 bits)."""
-    h = hashlib.sha256(DOMAIN + f"|{task_seed}|{worker_key}|{counter}".encode()).digest()
-    return int.from_bytes(h[:8], "big") >> 1
 
 
 def gumbel(seed: int, position: int, vocab: int) -> torch.Tensor:

@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import hashlib
 
-from cotrain.rl.sampling import derive_seed
+DOMAIN = b"cotrain.rl.sampling/1"
 
 HELDOUT_BASE = 1 << 52
 """Held-out task seeds are ``HELDOUT_BASE + i``; ``task_seed`` stays below it."""
+
+
+def derive_seed(task_seed: int, worker_key: str, counter: int) -> int:
+    """The sampling seed of one rollout: fixed by the task, the worker and its counter, so
+    a worker cannot pick a favourable one (63 bits). Plain hashing: the orchestrator, which
+    draws seeds, never loads torch."""
+    h = hashlib.sha256(DOMAIN + f"|{task_seed}|{worker_key}|{counter}".encode()).digest()
+    return int.from_bytes(h[:8], "big") >> 1
 
 
 def task_seed(run_seed: int, step: int, slot: int, attempt: int) -> int:
