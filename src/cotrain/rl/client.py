@@ -9,6 +9,7 @@ under the role's cache directory and loaded into the model when the version chan
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
@@ -190,7 +191,16 @@ class Weights:
         tmp_side = sidecar.with_name(f"{sidecar.name}.{os.getpid()}.tmp")
         tmp_side.write_text(got.manifest.file_sha256)
         tmp_side.replace(sidecar)
-        got.path.replace(path)
+        # Linked, never renamed over: when another process got there first its file stays,
+        # so every process maps the same inode and the machine holds one copy of the version.
+        # (A file left by an earlier run in this directory has other bytes: replaced.)
+        try:
+            os.link(got.path, path)
+        except FileExistsError:
+            if _file_sha256(path) != got.manifest.file_sha256:
+                got.path.replace(path)
+        finally:
+            got.path.unlink(missing_ok=True)
         self.files[got.version] = (path, got.manifest.file_sha256)
         self._retire()
         return got.version
@@ -267,3 +277,11 @@ def map_safetensors(path: Path) -> dict[str, Any]:
         t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start)
         out[name] = t.reshape(info["shape"])
     return out
+
+
+def _file_sha256(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return ""
