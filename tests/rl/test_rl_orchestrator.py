@@ -247,3 +247,34 @@ def test_restart_replays_the_journal(tmp_path: Path) -> None:
         assert got["results"][0]["check"] == "duplicate"
 
     serve(cfg, second)
+
+
+def test_a_silent_worker_loses_its_slot_before_the_deadline(tmp_path: Path) -> None:
+    """A worker that stops sending heartbeats (killed mid-rollout) is taken for dead after
+    ``worker_timeout_s``: its slot goes to another worker, with the same task, long before
+    the assignment's deadline; a worker that keeps beating keeps it."""
+    cfg = _cfg(tmp_path)
+    cfg.orchestrator.worker_timeout_s = 5.0
+    cfg.orchestrator.assignment_timeout_s = 600.0
+    offset = [0.0]
+
+    async def body(orch: Orchestrator, s: aiohttp.ClientSession) -> None:
+        orch.clock = lambda: time.time() + offset[0]
+        assert (await _post(s, orch, "/v1/version", _version(1)))[0] == 200
+        [a1] = (await _post(s, orch, "/v1/work", _request(W1)))[1]["assignments"]
+        offset[0] = 4.0  # W1 beats; W2 finds nothing to do
+        assert (await _post(s, orch, "/v1/heartbeat", _request(W1)))[0] == 200
+        assert (await _post(s, orch, "/v1/work", _request(W2)))[1]["assignments"] == []
+        offset[0] = 8.0  # 4 s after W1's beat: still alive
+        assert (await _post(s, orch, "/v1/work", _request(W2)))[1]["assignments"] == []
+        offset[0] = 9.5  # 5.5 s of silence: dead
+        [a2] = (await _post(s, orch, "/v1/work", _request(W2)))[1]["assignments"]
+        assert a2["body"]["slot"] == a1["body"]["slot"] and a2["body"]["worker"] != W1.public_hex
+        assert a2["body"]["task_seed"] == a1["body"]["task_seed"]
+        assert a2["body"]["seeds"] == a1["body"]["seeds"]
+        # a forged heartbeat (another key's signature) is refused and keeps nobody alive
+        forged = _request(W1)
+        forged["signature"] = _request(W2)["signature"]
+        assert (await _post(s, orch, "/v1/heartbeat", forged))[0] == 400
+
+    serve(cfg, body)

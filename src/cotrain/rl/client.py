@@ -115,6 +115,11 @@ class OrchestratorClient:
         req = self.request(have_version=have_version, max_items=max_items)
         return await self.call("POST", "/v1/work", body=req, params={"wait_s": wait_s})
 
+    async def heartbeat(self) -> dict[str, Any]:
+        """Tell the orchestrator this worker is alive (while it generates)."""
+        req = self.request(have_version=0, max_items=1)
+        return await self.call("POST", "/v1/heartbeat", body=req)
+
     async def submit(self, rollouts: list[dict[str, Any]]) -> dict[str, Any]:
         return await self.call("POST", "/v1/rollouts", body={"rollouts": rollouts})
 

@@ -106,6 +106,10 @@ class OrchestratorConfig(ConfigModel):
     """Workers admitted when admission is list (64-hex public keys)."""
     assignment_timeout_s: float = Field(default=120.0, gt=0)
     """An assignment not answered by then is issued to another worker."""
+    worker_timeout_s: float = Field(default=20.0, gt=0)
+    """A worker not heard from for this long (it sends a heartbeat every
+    ``worker.heartbeat_s`` while it generates) is taken for dead: its assignments go to
+    others at once rather than at their deadline."""
     validation_timeout_s: float = Field(default=60.0, gt=0)
     """A rollout claimed by a validator and not ruled on by then is offered again."""
     ban_after_rejects: int = Field(default=3, ge=0)
@@ -176,6 +180,9 @@ class WorkerConfig(ConfigModel):
     ``cotrain.rl.cheats`` (validators must catch it)."""
     request_timeout_s: float = Field(default=30.0, gt=0)
     """Deadline of one request to the orchestrator."""
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    """While generating, tell the orchestrator this often that the worker is alive (keep it
+    well below ``orchestrator.worker_timeout_s``)."""
     idle_wait_s: float = Field(default=2.0, gt=0)
     """How long the orchestrator may hold a request when there is no work."""
     max_assignments: int = Field(default=0, ge=0)

@@ -103,8 +103,12 @@ class Orchestrator:
         self.encode_prompt = encode_prompt
         self.decode = decode
         self.clock = clock
+        self.started_unix = clock()
+        self.seen: dict[str, float] = {}
+        """Worker key -> when a checked request of it last arrived."""
         self.run_id = cfg.run.id
         self.planner = Planner(cfg, run_id=self.run_id, env_id=env.id, levels=env.levels)
+        self.planner.alive = self._alive
         out = cfg.run.out_dir / "orchestrator"
         self.journal = Journal(out / "journal.jsonl")
         self.store = RolloutStore(cfg.orchestrator.store_url or str(cfg.run.out_dir / "rollouts"))
@@ -295,11 +299,19 @@ class Orchestrator:
         return req, env.signer
 
     def check_worker(self, obj: Any) -> tuple[str, int]:
-        """A worker's request, checked: its key and how many assignments it asks for."""
+        """A worker's request, checked: its key and how many assignments it asks for. A
+        checked request is a sign of life."""
         req, worker = self._request(obj, "worker")
         if self.cfg.orchestrator.admission == "list" and worker not in self.workers:
             raise Forbidden("this key is not on the run's worker list")
+        self.seen[worker] = self.clock()
         return worker, req.max_items
+
+    def _alive(self, worker: str, now: float) -> bool:
+        """Heard from within ``worker_timeout_s`` (counted from this process's start for a
+        worker not heard from since: a restarted orchestrator gives everyone that long)."""
+        last = self.seen.get(worker, self.started_unix)
+        return now - last < self.cfg.orchestrator.worker_timeout_s
 
     def issue(self, worker: str, max_items: int) -> dict[str, Any] | None:
         """Up to ``max_items`` assignments for ``worker``; None when there is nothing now."""
@@ -534,6 +546,10 @@ class Orchestrator:
             # an expired assignment frees a slot without any event: look again every 0.5 s
             await self._wait_change(min(left, 0.5))
 
+    async def _h_heartbeat(self, request: web.Request) -> web.Response:
+        self.check_worker(await self._body(request))
+        return web.json_response(self._head())
+
     async def _h_rollouts(self, request: web.Request) -> web.Response:
         results = self.rollouts(await self._body(request))
         await self._notify()
@@ -626,6 +642,7 @@ class Orchestrator:
             [
                 web.get("/v1/info", self._h_info),
                 web.post("/v1/work", self._h_work),
+                web.post("/v1/heartbeat", self._h_heartbeat),
                 web.post("/v1/rollouts", self._h_rollouts),
                 web.post("/v1/claim", self._h_claim),
                 web.post("/v1/verdicts", self._h_verdicts),

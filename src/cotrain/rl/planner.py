@@ -24,6 +24,7 @@ depend on the order in which rollouts arrive.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +119,9 @@ class Planner:
         self.slot_of: dict[str, Slot] = {}
         self.strikes: Counter[str] = Counter()
         """Hard rejects per worker."""
+        self.alive: Callable[[str, float], bool] = lambda worker, now: True
+        """Whether ``worker`` is still heard from at ``now`` (the orchestrator's heartbeats):
+        a dead worker's issue frees its slot before the deadline."""
 
     # ---- versions ------------------------------------------------------------------------------
 
@@ -167,7 +171,12 @@ class Planner:
         """Whether the slot's current attempt has a live issue (not failed, not expired)."""
         for issue in slot.issues:
             a = issue.assignment
-            if a.attempt == slot.attempt and not issue.failed and a.deadline_unix > now:
+            if (
+                a.attempt == slot.attempt
+                and not issue.failed
+                and a.deadline_unix > now
+                and self.alive(a.worker, now)
+            ):
                 return True
         return False
 

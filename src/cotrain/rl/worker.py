@@ -24,7 +24,7 @@ from cotrain.core.signed import Envelope
 from cotrain.rl import wire
 from cotrain.rl.client import OrchestratorClient, Refused, Weights
 from cotrain.rl.config import RLConfig
-from cotrain.rl.errors import RLError
+from cotrain.rl.errors import OrchestratorUnreachable, RLError
 from cotrain.rl.learner import release_memory
 from cotrain.rl.wire import Assignment, Rollout
 
@@ -160,7 +160,11 @@ class Worker:
         assert self.weights is not None
         t0 = time.monotonic()
         t_unix = time.time()
-        gens, same = await asyncio.to_thread(self._generate, a)
+        beat = asyncio.ensure_future(self._heartbeats(client))
+        try:
+            gens, same = await asyncio.to_thread(self._generate, a)
+        finally:
+            beat.cancel()
         release_memory()
         self.stats.gen_s += time.monotonic() - t0
         self.stats.assignments += 1
@@ -212,6 +216,16 @@ class Worker:
             await self._submit(client, envelopes, a, cheating=[False] * len(envelopes))
             flags = [True] * len(envelopes)
         await self._submit(client, envelopes, a, cheating=flags)
+
+    async def _heartbeats(self, client: OrchestratorClient) -> None:
+        """Every ``heartbeat_s`` while a group is generated: a sign of life (a failed one is
+        only logged; the submission says the rest)."""
+        while True:
+            await asyncio.sleep(self.cfg.worker.heartbeat_s)
+            try:
+                await client.heartbeat()
+            except (OrchestratorUnreachable, Refused) as e:
+                log.info("heartbeat: %s", e)
 
     def _generate(self, a: Assignment) -> tuple[list[Any], list[bool]]:
         """The group to submit, and per sample whether it equals the honest one."""
