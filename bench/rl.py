@@ -236,6 +236,103 @@ def cheat_cases(args: argparse.Namespace, root: Path, console: Console) -> list[
     return out
 
 
+def validation_cost(args: argparse.Namespace, console: Console) -> list[dict[str, Any]]:
+    """Generation against validation of the same groups, one process, one thread each: a
+    worker's ``generate_group`` (prompt once, then decoding, proofs) and a validator's
+    ``check_rollouts`` (prompt once, the completions in one pass, every check). Cases: the
+    benchmark's own chain_sum rollouts (EOS allowed), and fixed lengths of 16 and 128 tokens
+    (EOS ignored)."""
+    import base64
+
+    import torch
+
+    from cotrain.core.identity import Identity
+    from cotrain.core.signed import Envelope
+    from cotrain.rl import seeds, wire
+    from cotrain.rl.checks import CheckContext, check_rollouts
+    from cotrain.rl.config import ModelSpec, ProofSpec, ValidatorConfig
+    from cotrain.rl.env import make_env
+    from cotrain.rl.inference import generate_group
+    from cotrain.rl.policy import encode_prompt, load_policy
+
+    torch.set_num_threads(1)
+    policy = load_policy(ModelSpec(path=args.model, threads=1))
+    model, tok = policy.model, policy.tokenizer
+    env, proof, sha = make_env("chain_sum"), ProofSpec(), "ab" * 32
+    orch, worker = Identity.generate(), Identity.generate()
+    g = args.group_size
+    out = []
+    cases = [("chain_sum", args.max_new_tokens, True), ("fixed", 16, False), ("fixed", 128, False)]
+    for name, max_new, eos in cases:
+        ctx = CheckContext(
+            run="vc", run_seed=1, env=env,
+            encode_prompt=lambda text: encode_prompt(tok, text),
+            decode=lambda ids: str(tok.decode(ids, skip_special_tokens=True)),
+            eos_token_id=tok.eos_token_id, vocab_size=model.config.vocab_size,
+            model_id=policy.model_id, config=ValidatorConfig(), proof=proof, group_size=g,
+        )  # fmt: skip
+        gen_s = check_s = 0.0
+        tokens = ok = n = 0
+        for slot in range(args.validation_groups):
+            task_seed = seeds.task_seed(1, 1, slot, 0)
+            prompt = ctx.encode_prompt(env.task(task_seed, 0).prompt)
+            sample_seeds = seeds.sample_seeds(task_seed, "vc", f"s1.j{slot}.a0", g)
+            a = Envelope.seal(
+                orch,
+                wire.ASSIGNMENT,
+                wire.Assignment(
+                    run="vc", id=f"s1.j{slot}.a0.i0", worker=worker.public_hex, step=1,
+                    slot=slot, attempt=0, env=env.id, task_seed=task_seed, level=0,
+                    prompt_ids=prompt, seeds=sample_seeds,
+                    min_version=1, temperature=1.0, max_new_tokens=max_new, issued_unix=1.0,
+                    deadline_unix=2.0,
+                ).to_body(),
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            gens = generate_group(
+                model, prompt, list(a.body["seeds"]), temperature=1.0, max_new_tokens=max_new,
+                eos_token_id=tok.eos_token_id if eos else None, batch_size=g,
+                proof_chunk=proof.chunk_tokens, proof_topk=proof.topk,
+            )  # fmt: skip
+            gen_s += time.perf_counter() - t0
+            rollouts = []
+            for i, gen in enumerate(gens):
+                body = wire.Rollout(
+                    assignment=a.to_json(), sample=i, version=1, manifest_sha256=sha,
+                    prompt_ids=prompt, completion_ids=gen.tokens, logprobs=gen.logprobs,
+                    finish_reason=gen.finish_reason, proof=base64.b64encode(gen.proof).decode(),
+                    proof_chunk=proof.chunk_tokens, proof_topk=proof.topk, claimed_reward=None,
+                    t_start_unix=1.0, t_end_unix=2.0, nonce=f"{slot:08x}{i:08x}",
+                ).to_body()  # fmt: skip
+                signed = Envelope.seal(worker, wire.ROLLOUT, body).to_json()
+                rollouts.append(wire.parse_rollout(signed, orchestrator=orch.public_hex))
+                tokens += len(gen.tokens)
+            t0 = time.perf_counter()
+            verdicts = check_rollouts(model, rollouts, ctx, expected_sha256=sha, latest_version=1)
+            check_s += time.perf_counter() - t0
+            ok += sum(v.ok for v in verdicts)
+            n += len(verdicts)
+        if not eos:
+            name = f"{name} {max_new}"
+        row = {
+            "case": name,
+            "rollouts": n,
+            "mean_completion_tokens": round(tokens / max(n, 1), 1),
+            "generate_s_per_rollout": round(gen_s / max(n, 1), 4),
+            "validate_s_per_rollout": round(check_s / max(n, 1), 4),
+            "validation_fraction": round(check_s / gen_s, 3) if gen_s else None,
+            "honest_passed": ok,
+        }
+        console.print(
+            f"  validation {name:<14} {row['mean_completion_tokens']:>6} tokens  "
+            f"generate {row['generate_s_per_rollout']:.3f} s  validate "
+            f"{row['validate_s_per_rollout']:.3f} s  = {row['validation_fraction']:.1%}  "
+            f"(honest passed {ok}/{n})"
+        )
+        out.append(row)
+    return out
+
+
 def time_to(curve: list[dict[str, Any]], accuracy: float) -> float | None:
     for p in curve:
         if p["heldout_accuracy"] is not None and p["heldout_accuracy"] >= accuracy:
@@ -259,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cheats", default=",".join(ALL_CHEATS), help="cheat cases ('' skips)")
     ap.add_argument("--cheat-assignments", type=int, default=2)
     ap.add_argument("--assignment-timeout", type=float, default=120.0)
+    ap.add_argument(
+        "--validation-groups",
+        type=int,
+        default=8,
+        help="groups timed for the validation cost (0 skips; quick 3)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=7200.0)
     args = ap.parse_args(argv)
@@ -266,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     args.groups = args.groups or (4 if args.quick else 8)
     if args.quick:
         args.heldout = min(args.heldout, 50)
+        args.validation_groups = min(args.validation_groups, 3)
     args.cheats = [c for c in args.cheats.split(",") if c]
     console = Console()
     root = args.out.absolute()
@@ -296,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         t2 = time_to(runs[2]["curve"], sync_final)
         results["sync_final_accuracy"] = sync_final
         results["async2_time_to_sync_final_ratio"] = t2 / t_sync if t2 is not None else None
+    if args.validation_groups:
+        console.print("[bold]validation cost[/bold] (one thread, same groups)")
+        results["validation"] = validation_cost(args, console)
     results["bench_wall_s"] = round(time.monotonic() - t0, 1)
     table = Table(title="cotrain.rl: async vs sync (same seeds, same machine)")
     for col in ("run", "steps", "final acc", "wall s", "trainer idle", "inference idle",

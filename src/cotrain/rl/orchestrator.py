@@ -692,15 +692,15 @@ def run_orchestrator(cfg: RLConfig) -> int:
         raise UsageError("orchestrator.validator_keys is empty: no rollout could ever be accepted")
     with Service("rl orchestrator") as svc:
         identity = Identity.load_or_create(cfg.path(cfg.orchestrator.key))
-        tokenizer = policy.load_tokenizer(cfg.model)
+        codec = policy.load_codec(cfg.model)  # no transformers: this process needs no torch
         env = make_env(cfg.env.name)
         self_test(env)
         orch = Orchestrator(
             cfg,
             identity=identity,
             env=env,
-            encode_prompt=lambda text: policy.encode_prompt(tokenizer, text),
-            decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
+            encode_prompt=codec.encode_prompt,
+            decode=codec.decode,
         )
 
         def summary() -> str:

@@ -80,6 +80,69 @@ def model_dir(spec: ModelSpec) -> Path:
     return path
 
 
+class PromptCodec:
+    """Prompt encoding and completion decoding without transformers (which imports torch:
+    ~200 MB of a process that never runs the model, the orchestrator). The model directory's
+    ``tokenizer.json`` through ``tokenizers``, and its chat template rendered by jinja2 the
+    way transformers renders it (sandboxed, ``trim_blocks``, ``lstrip_blocks``, the special
+    tokens as variables); ``encode_prompt`` gives the ids ``policy.encode_prompt`` gives (a
+    test holds them equal)."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        config: dict[str, Any] = {}
+        if (path / "tokenizer_config.json").is_file():
+            config = json.loads((path / "tokenizer_config.json").read_text())
+        source = config.get("chat_template")
+        if (path / "chat_template.jinja").is_file():
+            source = (path / "chat_template.jinja").read_text()
+        self.special = {
+            k: _token_text(config.get(k))
+            for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
+        self.template = None
+        if isinstance(source, str) and source:
+            from jinja2.ext import loopcontrols
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+            )
+            env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+            env.globals["raise_exception"] = _raise_template_error
+            self.template = env.from_string(source)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        if self.template is None:
+            return list(self.tokenizer.encode(text).ids)
+        rendered = self.template.render(
+            messages=[{"role": "user", "content": text}],
+            add_generation_prompt=True,
+            **self.special,
+        )
+        return list(self.tokenizer.encode(rendered, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _token_text(token: Any) -> str | None:
+    if isinstance(token, dict):  # an AddedToken written out
+        return str(token.get("content"))
+    return None if token is None else str(token)
+
+
+def _raise_template_error(message: str) -> None:
+    raise UsageError(f"the model's chat template refused the prompt: {message}")
+
+
+def load_codec(spec: ModelSpec) -> PromptCodec:
+    """The policy's ``PromptCodec`` (no torch)."""
+    return PromptCodec(model_dir(spec))
+
+
 def load_tokenizer(spec: ModelSpec) -> Any:
     from cotrain.models.hf import _offline_transformers
 
