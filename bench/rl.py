@@ -9,8 +9,9 @@
 Every run is real processes (``cotrain rl run``'s ``LocalRun``): the orchestrator, the trainer
 (a shardcast origin), a validator, honest workers and one cheating worker (a different cheat
 per run). In the k=2 run one honest worker is killed (SIGKILL) a third of the way in and a new
-one joins halfway. The trainer measures greedy accuracy on held-out tasks after every step;
-its wall clock excludes evaluation time. Printed: a table; written (``--json``): ``runs``
+one joins halfway. Greedy accuracy on held-out tasks is measured after each run for every
+version the trainer published (its origin keeps them all), with the machine to itself: the
+runs' clocks hold no evaluation, and evaluation takes no core from them. Printed: a table; written (``--json``): ``runs``
 (``mode``, ``async_level``, ``curve`` [{``step``, ``wall_s``, ``heldout_accuracy``,
 ``mean_reward``}], ``trainer_idle_fraction``, ``inference_idle_fraction``, ``rollouts``
 {``submitted``, ``accepted``, ``rejected_by_check``}, ``peak_memory_bytes``), ``cheats``
@@ -51,6 +52,10 @@ def base_config(args: argparse.Namespace, out: Path, k: int) -> RLConfig:
     cfg.model.path, cfg.model.threads = args.model, 1
     cfg.env.name, cfg.env.heldout_items = "chain_sum", args.heldout
     cfg.env.curriculum = "on"
+    # held-out accuracy is measured after the run on every published version (evaluate_curve):
+    # evaluating during the run would compete with the run for the same two cores
+    cfg.trainer.eval_every = 0
+    cfg.trainer.keep_versions = args.steps + 2
     cfg.sampling.max_new_tokens = args.max_new_tokens
     cfg.trainer.micro_batch = 16
     cfg.worker.batch_size = args.group_size
@@ -126,28 +131,24 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
         names = [run.start_worker(wait=False).name for _ in range(args.workers)]
         cheater = run.start_worker(cheat, wait=False).name
 
+        curve.append({"step": 0, "wall_s": 0.0, "heldout_accuracy": None, "mean_reward": None})
+
         def on_event(ev: dict[str, Any]) -> None:
-            if ev.get("event") == "eval" and ev.get("step") == 0:
-                curve.append(
-                    {"step": 0, "wall_s": 0.0, "heldout_accuracy": ev["heldout_accuracy"],
-                     "mean_reward": None}
-                )  # fmt: skip
             if ev.get("event") != "step":
                 return
             curve.append(
                 {
                     "step": ev["step"],
                     "wall_s": ev["wall_s"],
-                    "heldout_accuracy": ev.get("heldout_accuracy"),
+                    "heldout_accuracy": None,  # measured after the run (evaluate_curve)
                     "mean_reward": ev.get("mean_reward"),
                 }
             )
             idle["trainer"] = float(ev.get("idle_fraction", 0.0))
             console.print(
-                f"  k={k} step {ev['step']:>3}  wall {ev['wall_s']:7.1f} s  "
-                f"heldout {ev.get('heldout_accuracy', float('nan')):.2f}  reward "
-                f"{ev.get('mean_reward', 0):.2f}  level {ev.get('level')}  idle "
-                f"{idle['trainer']:.3f}"
+                f"  k={k} step {ev['step']:>3}  wall {ev['wall_s']:7.1f} s  reward "
+                f"{ev.get('mean_reward', 0):.2f}  level {ev.get('level')}  trainer idle "
+                f"{idle['trainer']:.3f}  lag {ev.get('mean_staleness', 0):.2f}"
             )
             if ev["step"] == kill_at:
                 console.print(f"  k={k}: killing {names[0]} (SIGKILL)")
@@ -179,6 +180,7 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
         ]
     finally:
         run.stop()
+    evaluate_curve(args, cfg.run.out_dir, curve, console, f"k={k}")
     return {
         "mode": "sync" if k == 0 else "async",
         "async_level": k,
@@ -194,6 +196,57 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
         "cheat": {"case": cheat, "submitted": submitted, "detected": detected},
         "honest": {"rejected": honest_rej, "total": honest_tot},
     }
+
+
+_EVAL: dict[str, Any] = {}
+
+
+def evaluate_curve(
+    args: argparse.Namespace, run_dir: Path, curve: list[dict[str, Any]], console: Console, tag: str
+) -> None:
+    """Greedy held-out accuracy of the version each point of ``curve`` trained (step s
+    published version s + 1; step 0 is the base model, version 1), read from the trainer's
+    shardcast origin after the run, with the machine to itself; the versions are deleted
+    after."""
+    import shutil
+
+    import torch
+
+    from cotrain.rl.client import map_safetensors
+    from cotrain.rl.config import ModelSpec
+    from cotrain.rl.env import make_env
+    from cotrain.rl.learner import heldout_accuracy
+    from cotrain.rl.policy import load_policy
+    from cotrain.rl.seeds import heldout_seeds
+
+    if "policy" not in _EVAL:
+        _EVAL["policy"] = load_policy(ModelSpec(path=args.model, threads=0))
+        _EVAL["env"] = make_env("chain_sum")
+    torch.set_num_threads(2)
+    policy, env = _EVAL["policy"], _EVAL["env"]
+    seeds = heldout_seeds(args.heldout)
+    versions = run_dir / "versions"
+    t0 = time.monotonic()
+    for point in curve:
+        if point["step"] % args.eval_every and point is not curve[-1]:
+            continue
+        path = versions / f"v{point['step'] + 1:08d}" / "data.bin"
+        if not path.is_file():
+            continue
+        state = map_safetensors(path)
+        policy.model.load_state_dict(state, strict=False, assign=True)
+        policy.model.tie_weights()
+        point["heldout_accuracy"] = heldout_accuracy(
+            policy.model,
+            policy.tokenizer,
+            env,
+            seeds,
+            level=0,
+            max_new_tokens=args.max_new_tokens,
+        )
+        console.print(f"  {tag} step {point['step']:>3}  heldout {point['heldout_accuracy']:.2f}")
+    console.print(f"  {tag}: evaluated in {time.monotonic() - t0:.0f} s")
+    shutil.rmtree(versions, ignore_errors=True)
 
 
 def cheat_cases(args: argparse.Namespace, root: Path, console: Console) -> list[dict[str, Any]]:
@@ -351,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2, help="honest workers per run")
     ap.add_argument("--heldout", type=int, default=100, help="held-out items")
+    ap.add_argument("--eval-every", type=int, default=1, help="evaluate every this many steps")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--levels", default="0,1,2", help="async levels to run")
     ap.add_argument("--cheats", default=",".join(ALL_CHEATS), help="cheat cases ('' skips)")

@@ -187,9 +187,9 @@ def test_hostile_input_is_refused_at_the_door(tmp_path: Path) -> None:
         stolen = _rollout(W2, a, 1, "2")
         tampered_a = dict(a, body=dict(a["body"], task_seed=1))
         tampered = _rollout(W1, tampered_a, 1, "3")
-        code, got = await _post(
-            s, orch, "/v1/rollouts", {"rollouts": [bad_sig, stolen, tampered, good, good, "x"]}
-        )
+        resigned = _rollout(W1, a, 0, "9")  # the same sample again with other contents
+        rollouts = [bad_sig, stolen, tampered, good, good, resigned, "x"]
+        code, got = await _post(s, orch, "/v1/rollouts", {"rollouts": rollouts})
         checks = [(r["status"], r.get("check")) for r in got["results"]]
         assert checks == [
             ("rejected", "signature"),
@@ -197,13 +197,17 @@ def test_hostile_input_is_refused_at_the_door(tmp_path: Path) -> None:
             ("rejected", "signature"),
             ("queued", None),
             ("rejected", "duplicate"),
+            ("rejected", "duplicate"),
             ("rejected", "schema"),
         ], checks
+        assert "counts once" in got["results"][4]["reason"]
         code, got = await _post(s, orch, "/v1/work", _request(W2))
         assert got["assignments"] == []  # both slots of the step are W1's, and live
         status = orch.status()
-        assert status["rejected_by_check"] == {"signature": 3, "duplicate": 1, "schema": 1}
-        # W1 has 3 strikes (bad signature, tampered, duplicate): banned
+        assert status["rejected_by_check"] == {"signature": 3, "duplicate": 2, "schema": 1}
+        # the identical envelope again (a retry after a lost reply) is no strike; W1 has 3
+        # (bad signature, tampered, re-signed sample): banned
+        assert orch.planner.strikes[W1.public_hex] == 3
         code, got = await _post(s, orch, "/v1/work", _request(W1))
         assert code == 403 and "banned" in got["error"]
 

@@ -98,6 +98,24 @@ def test_rejected_worker_never_gets_the_slot_back() -> None:
     assert _issue(p, W2).slot == a.slot
 
 
+def test_a_slot_every_worker_fails_is_dropped_not_waited_for() -> None:
+    """A slot rejected for ``max_slot_rejects`` different workers (a task honest workers all
+    fail the same way, their seeds being the slot's) is dropped; the batch forms without it."""
+    p = _planner(async_level=0)
+    p.cfg.orchestrator.max_slot_rejects = 3
+    a, b = _issue(p, W1), _issue(p, W1)
+    _answer(p, b, [0.0, 1.0])
+    for i, w in enumerate(["c" * 64, "d" * 64]):
+        p.apply_reject(a.id if i == 0 else retry.id, W1 if i == 0 else "c" * 64)
+        retry = _issue(p, w)
+        assert retry is not None and retry.slot == a.slot
+    assert not p.form_batches()
+    p.apply_reject(retry.id, "d" * 64)  # the third worker it failed for
+    [batch] = p.form_batches()
+    assert batch.groups == 1 and batch.dropped_groups == 1 and len(batch.samples) == 2
+    assert _issue(p, "e" * 64) is None  # nothing of step 1 is issued again
+
+
 def test_zero_advantage_groups_are_resampled_then_dropped() -> None:
     p = _planner(async_level=0, max_resample=1)
     a, b = _issue(p), _issue(p)

@@ -114,6 +114,10 @@ class OrchestratorConfig(ConfigModel):
     """A rollout claimed by a validator and not ruled on by then is offered again."""
     ban_after_rejects: int = Field(default=3, ge=0)
     """Refuse a worker after this many hard rejects (0: never)."""
+    max_slot_rejects: int = Field(default=3, ge=0)
+    """Drop a slot (its group) once rollouts of this many different workers were rejected
+    for it (0: never): the step's batch forms without it instead of waiting for a worker
+    the slot has not met."""
     max_clock_skew_s: float = Field(default=120.0, gt=0)
     """Requests older (or newer) than this are refused."""
     store_url: str = ""

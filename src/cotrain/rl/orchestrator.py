@@ -171,13 +171,14 @@ class Orchestrator:
         self.stats.submitted += 1
         self.stats.by_worker[signed.worker]["submitted"] += 1
 
-    def _count_reject(self, worker: str, check: str) -> None:
+    def _count_reject(self, worker: str, check: str, *, strike: bool = True) -> None:
         self.stats.rejected[check] += 1
         self.stats.submitted += 1
         if worker:
             self.stats.by_worker[worker]["submitted"] += 1
             self.stats.by_worker[worker]["rejected"] += 1
-            self.planner.strikes[worker] += 1
+            if strike:
+                self.planner.strikes[worker] += 1
 
     def _apply_verdict(self, verdict: Verdict, validator: str) -> None:
         rec = self.received.get(verdict.rollout_id)
@@ -361,7 +362,12 @@ class Orchestrator:
         rid = signed.id
         if signed.assignment.id not in self.planner.assignments:
             return self._door(signed.worker, rid, "assignment", "not an assignment of this run")
-        if rid in self.received or signed.sha256 in self.by_sha:
+        if signed.sha256 in self.by_sha:
+            # the very envelope again: a retry after a lost reply, or a replay; it counts once
+            # either way, so it is refused without a strike against the worker
+            reason = "this exact rollout was received before (it counts once)"
+            return self._door(signed.worker, rid, "duplicate", reason, strike=False)
+        if rid in self.received:
             return self._door(signed.worker, rid, "duplicate", "this rollout was submitted before")
         # Equal tokens are not a copy in themselves: samples of one prompt coincide when the
         # model is confident. A copy of another task's rollout fails the assignment check (its
@@ -370,14 +376,18 @@ class Orchestrator:
         self._apply_received(signed)
         return {"id": rid, "status": "queued"}
 
-    def _door(self, worker: str, rid: str, check: str, reason: str) -> dict[str, Any]:
+    def _door(
+        self, worker: str, rid: str, check: str, reason: str, *, strike: bool = True
+    ) -> dict[str, Any]:
         ev = {"e": "door", "worker": worker, "id": rid, "check": check, "reason": reason}
+        if not strike:
+            ev["strike"] = False
         self.journal.append(ev)
         self._apply_door(ev)
         return {"id": rid, "status": "rejected", "check": check, "reason": reason}
 
     def _apply_door(self, ev: dict[str, Any]) -> None:
-        self._count_reject(ev["worker"], ev["check"])
+        self._count_reject(ev["worker"], ev["check"], strike=ev.get("strike", True))
         if ev["id"] != "?" and ev["id"] not in self.received:
             self.door[ev["id"]] = {
                 "id": ev["id"],

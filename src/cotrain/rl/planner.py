@@ -233,7 +233,14 @@ class Planner:
         issue = self.assignments.get(assignment_id)
         if issue is not None:
             issue.failed = True
-            self.slot_of[assignment_id].excluded.add(worker)
+            slot = self.slot_of[assignment_id]
+            slot.excluded.add(worker)
+            limit = self.cfg.orchestrator.max_slot_rejects
+            if not slot.done and limit and len(slot.excluded) >= limit:
+                # every worker it reaches fails it: drop it rather than wait for a worker it
+                # has not met (there may be none, and the step's batch would never form)
+                slot.done = slot.dropped = True
+                slot.accepted = {}
         if hard:
             self.strikes[worker] += 1
 
