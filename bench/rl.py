@@ -11,13 +11,14 @@ Every run is real processes (``cotrain rl run``'s ``LocalRun``): the orchestrato
 per run). In the k=2 run one honest worker is killed (SIGKILL) a third of the way in and a new
 one joins halfway. Greedy accuracy on held-out tasks is measured after each run for every
 version the trainer published (its origin keeps them all), with the machine to itself: the
-runs' clocks hold no evaluation, and evaluation takes no core from them. Printed: a table; written (``--json``): ``runs``
-(``mode``, ``async_level``, ``curve`` [{``step``, ``wall_s``, ``heldout_accuracy``,
-``mean_reward``}], ``trainer_idle_fraction``, ``inference_idle_fraction``, ``rollouts``
-{``submitted``, ``accepted``, ``rejected_by_check``}, ``peak_memory_bytes``), ``cheats``
-(``case``, ``submitted``, ``detected``), ``honest_rejected``, ``honest_total``, and
-``async2_time_to_sync_final_ratio`` (wall time for k=2 to reach the sync run's final accuracy
-over the sync run's wall time; target <= 0.77).
+runs' clocks hold no evaluation, and evaluation takes no core from them. Printed: a table;
+written (``--json``): ``runs`` (``mode``, ``async_level``, ``curve`` [{``step``, ``wall_s``,
+``heldout_accuracy``, ``mean_reward``}], ``trainer_idle_fraction``,
+``inference_idle_fraction``, ``rollouts`` {``submitted``, ``accepted``,
+``rejected_by_check``}, ``peak_memory_bytes``), ``cheats`` (``case``, ``submitted``,
+``detected``), ``honest_rejected``, ``honest_total``, ``async2_time_to_sync_final_ratio``
+(wall time for k=2 to reach the sync run's final accuracy over the sync run's wall time;
+target <= 0.77), and ``validation`` (generation against validation time per rollout).
 """
 
 from __future__ import annotations
@@ -146,9 +147,10 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
             )
             idle["trainer"] = float(ev.get("idle_fraction", 0.0))
             console.print(
-                f"  k={k} step {ev['step']:>3}  wall {ev['wall_s']:7.1f} s  reward "
-                f"{ev.get('mean_reward', 0):.2f}  level {ev.get('level')}  trainer idle "
-                f"{idle['trainer']:.3f}  lag {ev.get('mean_staleness', 0):.2f}"
+                f"  k={k} step {ev['step']:>3} {ev['wall_s']:6.0f} s  reward "
+                f"{ev.get('mean_reward', 0):.2f}  level {ev.get('level')}  idle "
+                f"{idle['trainer']:.2f}  lag {ev.get('mean_staleness', 0):.1f}",
+                soft_wrap=True,
             )
             if ev["step"] == kill_at:
                 console.print(f"  k={k}: killing {names[0]} (SIGKILL)")
