@@ -10,7 +10,7 @@ Every run is real processes (``cotrain rl run``'s ``LocalRun``): the orchestrato
 (a shardcast origin), a validator, honest workers and one cheating worker (a different cheat
 per run). In the k=2 run one honest worker is killed (SIGKILL) a third of the way in and a new
 one joins halfway. Greedy accuracy on held-out tasks is measured after each run for every
-version the trainer published (its origin keeps them all), with the machine to itself: the
+version the trainer published (hard-linked as they appear), with the machine to itself: the
 runs' clocks hold no evaluation, and evaluation takes no core from them. Printed: a table;
 written (``--json``): ``runs`` (``mode``, ``async_level``, ``curve`` [{``step``, ``wall_s``,
 ``heldout_accuracy``, ``mean_reward``}], ``trainer_idle_fraction``,
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -56,7 +57,6 @@ def base_config(args: argparse.Namespace, out: Path, k: int) -> RLConfig:
     # held-out accuracy is measured after the run on every published version (evaluate_curve):
     # evaluating during the run would compete with the run for the same two cores
     cfg.trainer.eval_every = 0
-    cfg.trainer.keep_versions = args.steps + 2
     cfg.sampling.max_new_tokens = args.max_new_tokens
     cfg.trainer.micro_batch = 16
     cfg.worker.batch_size = args.group_size
@@ -133,10 +133,12 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
         cheater = run.start_worker(cheat, wait=False).name
 
         curve.append({"step": 0, "wall_s": 0.0, "heldout_accuracy": None, "mean_reward": None})
+        keep_version(cfg.run.out_dir, 1)
 
         def on_event(ev: dict[str, Any]) -> None:
             if ev.get("event") != "step":
                 return
+            keep_version(cfg.run.out_dir, ev["step"] + 1)
             curve.append(
                 {
                     "step": ev["step"],
@@ -203,6 +205,24 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
 _EVAL: dict[str, Any] = {}
 
 
+def keep_version(run_dir: Path, version: int) -> None:
+    """Hard-link a published version's weights into ``run_dir/eval`` as it appears (the
+    origin keeps only the last few; a link costs no space while the origin still has it)."""
+    src = run_dir / "versions" / f"v{version:08d}" / "data.bin"
+    dest = run_dir / "eval" / f"v{version:08d}.bin"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        console_warn(f"version {version} was not found to keep for evaluation: {src}")
+
+
+def console_warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
+
+
 def evaluate_curve(
     args: argparse.Namespace, run_dir: Path, curve: list[dict[str, Any]], console: Console, tag: str
 ) -> None:
@@ -227,12 +247,12 @@ def evaluate_curve(
     torch.set_num_threads(2)
     policy, env = _EVAL["policy"], _EVAL["env"]
     seeds = heldout_seeds(args.heldout)
-    versions = run_dir / "versions"
+    kept = run_dir / "eval"
     t0 = time.monotonic()
     for point in curve:
         if point["step"] % args.eval_every and point is not curve[-1]:
             continue
-        path = versions / f"v{point['step'] + 1:08d}" / "data.bin"
+        path = kept / f"v{point['step'] + 1:08d}.bin"
         if not path.is_file():
             continue
         state = map_safetensors(path)
@@ -248,7 +268,7 @@ def evaluate_curve(
         )
         console.print(f"  {tag} step {point['step']:>3}  heldout {point['heldout_accuracy']:.2f}")
     console.print(f"  {tag}: evaluated in {time.monotonic() - t0:.0f} s")
-    shutil.rmtree(versions, ignore_errors=True)
+    shutil.rmtree(kept, ignore_errors=True)
 
 
 def cheat_cases(args: argparse.Namespace, root: Path, console: Console) -> list[dict[str, Any]]:
