@@ -60,3 +60,42 @@ def test_concurrent_fetches_share_one_file_and_stale_files_are_replaced(tmp_path
             await origin.close()
 
     asyncio.run(asyncio.wait_for(main(), 50))
+
+
+@pytest.mark.timeout(60)
+def test_one_download_per_version_per_machine_and_only_of_the_announced_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cotrain.shardcast as shardcast
+
+    ident = Identity.generate()
+    origin_dir, cache = tmp_path / "origin", tmp_path / "cache"
+    published = publish(
+        _blob(1), dir=origin_dir, identity=ident, config=PublishConfig(channel=CHANNEL)
+    )
+    sha = published.manifest.file_sha256
+    downloads = []
+    real = shardcast.fetch_async
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        downloads.append(kwargs.get("version"))
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shardcast, "fetch_async", counted)
+
+    async def main() -> None:
+        origin = Origin(OriginConfig(dir=origin_dir, serve=ServeConfig(port=0)))
+        await origin.start()
+        try:
+            make = lambda: Weights(cache, publisher_key=ident.public_hex, channel=CHANNEL)  # noqa: E731
+            procs = [make() for _ in range(4)]  # four processes on one machine
+            got = await asyncio.gather(*(w.fetch([origin.url], 1, sha256=sha) for w in procs))
+            assert got == [1, 1, 1, 1] and downloads == [1]
+            # a sidecar that names another hash (an earlier run's file) is not adopted
+            (cache / "v1.sha256").write_text("0" * 64)
+            assert await make().fetch([origin.url], 1, sha256=sha) == 1
+            assert downloads == [1, 1] and (cache / "v1.sha256").read_text() == sha
+        finally:
+            await origin.close()
+
+    asyncio.run(asyncio.wait_for(main(), 50))

@@ -9,10 +9,12 @@ under the role's cache directory and loaded into the model when the version chan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -146,18 +148,29 @@ class Weights:
         dir.mkdir(parents=True, exist_ok=True)
 
     async def fetch(
-        self, servers: list[str], version: int | None = None, *, unavailable_after_s: float = 120.0
+        self,
+        servers: list[str],
+        version: int | None = None,
+        *,
+        sha256: str | None = None,
+        unavailable_after_s: float = 120.0,
     ) -> int:
-        """Fetch ``version`` (None: the newest) unless held; returns the version. Servers that
-        cannot be reached (a trainer restarting) are retried with backoff for
-        ``unavailable_after_s``; a version no server offers raises ``VersionNotFound`` at once."""
+        """Fetch ``version`` (None: the newest) unless held; returns the version. A version
+        another process on this machine holds is adopted when its hash is ``sha256`` (when
+        given: the hash the trainer announced), and processes fetching the same version at
+        once download it once (a lock file per version). Servers that cannot be reached (a
+        trainer restarting) are retried with backoff for ``unavailable_after_s``; a version no
+        server offers raises ``VersionNotFound`` at once."""
         from cotrain.shardcast.errors import ShardcastError, VersionNotFound
 
         deadline = time.monotonic() + unavailable_after_s
         delay = 0.5
         while True:
             try:
-                return await self._fetch_once(servers, version)
+                if version is None:
+                    return await self._fetch_once(servers, None, None)
+                async with _file_lock(self.dir / f".v{version}.lock", timeout_s=300.0):
+                    return await self._fetch_once(servers, version, sha256)
             except VersionNotFound:
                 raise
             except ShardcastError as e:
@@ -167,13 +180,13 @@ class Weights:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 5.0)
 
-    async def _fetch_once(self, servers: list[str], version: int | None) -> int:
+    async def _fetch_once(self, servers: list[str], version: int | None, sha256: str | None) -> int:
         from cotrain.shardcast import ClientConfig, fetch_async
 
         if version is not None:
             if version in self.files and self.files[version][0].exists():
                 return version
-            if self._adopt(version):  # another process on this machine fetched it
+            if self._adopt(version, sha256):  # another process on this machine fetched it
                 return version
         cfg = ClientConfig(
             servers=servers,
@@ -210,15 +223,15 @@ class Weights:
         self._retire()
         return got.version
 
-    def _adopt(self, version: int) -> bool:
+    def _adopt(self, version: int, expected: str | None) -> bool:
         path = self.dir / f"v{version}.safetensors"
         sidecar = path.with_suffix(".sha256")
         try:
             sha = sidecar.read_text().strip()
         except OSError:
             return False
-        if not path.is_file() or len(sha) != 64:
-            return False
+        if not path.is_file() or len(sha) != 64 or (expected is not None and sha != expected):
+            return False  # (another hash: a file an earlier run left, fetched again)
         self.files[version] = (path, sha)
         return True
 
@@ -290,3 +303,26 @@ def _file_sha256(path: Path) -> str:
             return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError:
         return ""
+
+
+@contextlib.asynccontextmanager
+async def _file_lock(path: Path, *, timeout_s: float) -> AsyncIterator[None]:
+    """An exclusive ``flock`` on ``path`` between processes, waited for without blocking the
+    event loop; past ``timeout_s`` the caller goes on without it (a lock only saves work)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("%s: locked for %.0f s; going on without it", path, timeout_s)
+                    break
+                await asyncio.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -338,6 +338,7 @@ class Orchestrator:
         return {
             "status": status,
             "latest_version": p.latest_version,
+            "latest_sha256": p.versions.get(p.latest_version),
             "servers": p.servers,
             "reason": p.aborted,
         }
@@ -379,7 +380,13 @@ class Orchestrator:
     def _door(
         self, worker: str, rid: str, check: str, reason: str, *, strike: bool = True
     ) -> dict[str, Any]:
-        ev = {"e": "door", "worker": worker, "id": rid, "check": check, "reason": reason}
+        ev: dict[str, Any] = {
+            "e": "door",
+            "worker": worker,
+            "id": rid,
+            "check": check,
+            "reason": reason,
+        }
         if not strike:
             ev["strike"] = False
         self.journal.append(ev)

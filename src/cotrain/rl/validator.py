@@ -138,7 +138,7 @@ class Validator:
         # the model is used.
         if expected and 1 <= version <= latest:
             try:
-                await weights.fetch(servers, version)
+                await weights.fetch(servers, version, sha256=expected)
                 await asyncio.to_thread(weights.load_into, self.policy.model, version)
             except VersionNotFound as e:  # retired or never published: it cannot be checked
                 log.warning("version %d not offered (%s): judged as stale", version, e)

@@ -27,6 +27,7 @@ from cotrain.rl.config import RLConfig
 from cotrain.rl.errors import OrchestratorUnreachable, RLError
 from cotrain.rl.learner import release_memory
 from cotrain.rl.wire import Assignment, Rollout
+from cotrain.shardcast.errors import VersionNotFound
 
 log = logging.getLogger("cotrain.rl.worker")
 
@@ -146,8 +147,14 @@ class Worker:
                 want = a.min_version - 1  # older than the bound allows
         elif w.loaded >= latest:
             return w.loaded
+        else:  # by number and hash: a version another process here already holds is adopted
+            want = latest
         t0 = time.monotonic()
-        v = await w.fetch(got["servers"], want)
+        sha = got.get("latest_sha256") if want == latest else None
+        try:
+            v = await w.fetch(got["servers"], want, sha256=sha if isinstance(sha, str) else None)
+        except VersionNotFound:  # retired meanwhile: the newest there is
+            v = await w.fetch(got["servers"])
         await asyncio.to_thread(w.load_into, self.policy.model, v)
         self.stats.fetch_s += time.monotonic() - t0
         self._first_version = self._first_version or v
