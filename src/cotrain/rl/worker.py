@@ -163,12 +163,14 @@ class Worker:
     async def _one(self, client: OrchestratorClient, raw: dict[str, Any], got: dict) -> None:
         env = Envelope.from_json(raw, domain=wire.ASSIGNMENT, signers={self.orchestrator_key})
         a = Assignment.from_body(env.body)
-        version = await self._ensure_version(got, a)
-        assert self.weights is not None
-        t0 = time.monotonic()
-        t_unix = time.time()
+        # alive while fetching a version too: on a slow link that takes longer than
+        # orchestrator.worker_timeout_s, and the slot must not go to someone else meanwhile
         beat = asyncio.ensure_future(self._heartbeats(client))
         try:
+            version = await self._ensure_version(got, a)
+            assert self.weights is not None
+            t0 = time.monotonic()
+            t_unix = time.time()
             gens, same = await asyncio.to_thread(self._generate, a)
         finally:
             beat.cancel()
