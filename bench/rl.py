@@ -216,11 +216,7 @@ def keep_version(run_dir: Path, version: int) -> None:
     except FileExistsError:
         pass
     except FileNotFoundError:
-        console_warn(f"version {version} was not found to keep for evaluation: {src}")
-
-
-def console_warn(text: str) -> None:
-    print(f"warning: {text}", file=sys.stderr)
+        print(f"warning: version {version} is gone before it was kept: {src}", file=sys.stderr)
 
 
 def evaluate_curve(

@@ -290,13 +290,7 @@ class Learner:
         ).clamp(max=keep - 1)  # (N, C), relative to position `first`
         device = next(iter(self.params)).device if self.params else torch.device("cpu")
         logits = self._completion_logits(ids.to(device), pos.to(device), first, keep)  # (N,C,V)
-        temps = [s.temperature for s in chunk]
-        temperature: torch.Tensor | float = 0.0  # all 0 or 1: the raw logits (x / 1 is x)
-        if any(t not in (0.0, 1.0) for t in temps):
-            temperature = torch.tensor(temps, device=logits.device)  # (N,)
-        new = completion_logprobs(logits, targets.to(logits.device), temperature)  # (N, C)
-        adv = torch.tensor([s.advantage for s in chunk], device=logits.device)  # (N,)
-        return token_loss(new, mu.to(logits.device), adv, mask.to(logits.device), self.cfg)
+        return self._loss(chunk, logits, targets, mu, mask)
 
     def _packed_micro_batch(self, chunk: Sequence[wire.Sample]) -> Any:
         """``token_loss`` of one micro-batch with the samples of each prompt packed in rows
@@ -355,8 +349,19 @@ class Learner:
             row_of.to(device),
             pos.to(device),
         )  # (N, C, V)
+        return self._loss(chunk, logits, targets, mu, mask)
+
+    def _loss(
+        self,
+        chunk: Sequence[wire.Sample],
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        mu: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> Any:
+        """``token_loss`` of the (N, C, V) completion logits of ``chunk`` (both layouts)."""
         temps = [s.temperature for s in chunk]
-        temperature: torch.Tensor | float = 0.0
+        temperature: torch.Tensor | float = 0.0  # all 0 or 1: the raw logits (x / 1 is x)
         if any(t not in (0.0, 1.0) for t in temps):
             temperature = torch.tensor(temps, device=logits.device)  # (N,)
         new = completion_logprobs(logits, targets.to(logits.device), temperature)  # (N, C)
