@@ -282,3 +282,29 @@ def test_a_silent_worker_loses_its_slot_before_the_deadline(tmp_path: Path) -> N
         assert (await _post(s, orch, "/v1/heartbeat", forged))[0] == 400
 
     serve(cfg, body)
+
+
+def test_a_slot_dropped_by_a_reject_completes_its_step(tmp_path: Path) -> None:
+    """When a rejected rollout drops the last open slot of a step (``max_slot_rejects``), the
+    step's batch forms at once, without that group: the run does not wait for an accept that
+    can never come."""
+    cfg = _cfg(tmp_path)
+    cfg.orchestrator.max_slot_rejects = 1
+
+    async def body(orch: Orchestrator, s: aiohttp.ClientSession) -> None:
+        assert (await _post(s, orch, "/v1/version", _version(1)))[0] == 200
+        [a] = (await _post(s, orch, "/v1/work", _request(W1)))[1]["assignments"]
+        r0 = _rollout(W1, a, 0, "wrong")
+        assert (await _post(s, orch, "/v1/rollouts", {"rollouts": [r0]}))[0] == 200
+        await _post(s, orch, "/v1/claim", _request(VALIDATOR, "validator", max_items=8))
+        verdict = _verdict(r0, a["body"]["id"], 0, False)
+        code, got = await _post(s, orch, "/v1/verdicts", {"verdicts": [verdict]})
+        assert code == 200
+        assert [r["status"] for r in got["results"]] == ["rejected"]
+        async with s.get(orch.url + "/v1/batch", params={"step": "1", "wait_s": "0"}) as r:
+            got = await r.json()
+        assert got["status"] == "ready", got
+        batch = wire.Batch.from_json(got["batch"])
+        assert batch.groups == 0 and batch.dropped_groups == 1 and batch.samples == []
+
+    serve(cfg, body)

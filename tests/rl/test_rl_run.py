@@ -250,11 +250,15 @@ def cheaters(running: LocalRun) -> dict[str, Any]:
         running.cfg.worker.max_assignments = 0
 
 
+@pytest.mark.timeout(300)  # the first one also starts the run and its 18 cheaters
 @pytest.mark.parametrize("cheat", CHEATS)
 def test_every_cheat_is_caught(running: LocalRun, cheaters: dict[str, Any], cheat: str) -> None:
     run = running
     p = cheaters[cheat]
-    p.wait_for("finished", 300)
+    try:
+        p.wait_for("finished", 200)
+    except TimeoutExpired as e:
+        pytest.fail(f"{e}; its last lines: {p.lines[-8:]}; the run: {run.status()}")
     subs = [e for e in _events(run, p.name) if e.get("event") == "submitted" and e.get("cheat")]
     assert subs, f"{cheat}: no cheating submission was made: {p.lines[-6:]}"
     for e in subs:

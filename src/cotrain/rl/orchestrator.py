@@ -195,6 +195,7 @@ class Orchestrator:
             self.stats.rejected[verdict.check or "unknown"] += 1
             worker["rejected"] += 1
             self.planner.apply_reject(a.id, signed.worker)
+            self._form_batches()  # a dropped slot may be the step's last one
             return
         rec.status = "accepted"
         rec.reward = self._reward(signed)

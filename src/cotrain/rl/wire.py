@@ -579,7 +579,8 @@ class Batch:
     groups: int
     """Groups with a non-zero advantage in the batch."""
     dropped_groups: int
-    """Slots whose every attempt had zero advantage (no signal; nothing to train on)."""
+    """Slots dropped: every attempt had zero advantage (no signal), or rollouts of
+    ``max_slot_rejects`` workers were rejected for it."""
     mean_reward: float
     """Over every completed group of the step, including zero-advantage ones."""
     level: int
