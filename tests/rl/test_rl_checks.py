@@ -220,6 +220,19 @@ def test_honest_rollouts_pass(world: World, batch_size: int, worker_threads: int
         assert wire.Verdict.from_body(v.to_body()) == v  # a verdict is valid on the wire
 
 
+def test_a_retried_task_passes_with_its_new_seeds(world: World) -> None:
+    """Attempt 2 of a slot samples attempt 0's task again (nobody solved it) with the seeds of
+    attempt 2: the schedule allows it."""
+    task_seed = seeds.task_seed(RUN_SEED, 3, 1, 0)
+    a_env = assign(
+        world, 3, 1, id="s3.j1.a2.i5", attempt=2,
+        seeds=seeds.sample_seeds(task_seed, RUN, "s3.j1.a2", G),
+    )  # fmt: skip
+    group = generate(world, a_env)
+    verdicts = [check(world, submit(world, a_env, i, g)) for i, g in enumerate(group[:2])]
+    assert all(v.ok for v in verdicts), verdicts
+
+
 def test_a_correct_answer_is_rewarded_and_a_forged_reward_is_not(world: World) -> None:
     a_env = assign(world, 2, 0)
     group = generate(world, a_env)
@@ -325,6 +338,7 @@ def honest_one(world: World) -> tuple[Envelope, Generated]:
         ("assignment_prompt", "assignment"),
         ("seeds", "assignment"),
         ("task_seed", "assignment"),
+        ("later_task", "assignment"),
         ("env", "assignment"),
         ("run", "signature"),
         ("too_old", "staleness"),
@@ -355,6 +369,8 @@ def test_forged_fields_are_rejected(
         a_over["seeds"] = [s ^ 1 for s in body["seeds"]]
     elif what == "task_seed":
         a_over["task_seed"] = body["task_seed"] + 1
+    elif what == "later_task":  # attempt 0 with the task the slot's attempt 1 would draw
+        a_over["task_seed"] = seeds.task_seed(RUN_SEED, body["step"], body["slot"], 1)
     elif what == "env":
         a_over["env"] = "basic_arithmetic@1"
     elif what == "run":

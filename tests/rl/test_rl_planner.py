@@ -132,6 +132,26 @@ def test_zero_advantage_groups_are_resampled_then_dropped() -> None:
     assert sorted(s.advantage for s in batch.samples) == [-0.5, 0.5]
 
 
+def test_a_task_none_solved_is_sampled_again_with_new_seeds() -> None:
+    p = _planner(async_level=0, max_resample=3, groups_per_step=1)
+    a = _issue(p)
+    _answer(p, a, [0.0, 0.0])  # too hard so far: the same task, new sampling seeds
+    a1 = _issue(p)
+    assert (a1.attempt, a1.task_seed, a1.prompt_ids) == (1, a.task_seed, a.prompt_ids)
+    assert set(a1.seeds).isdisjoint(a.seeds)
+    _answer(p, a1, [1.0, 1.0])  # solved by every sample: a new task
+    a2 = _issue(p)
+    assert a2.attempt == 2 and a2.task_seed not in (a.task_seed, a1.task_seed)
+    _answer(p, a2, [0.0, 1.0])
+    [batch] = p.form_batches()
+    assert batch.groups == 1 and batch.mean_reward == pytest.approx(3 / 6)
+    # without retry_failed_tasks every attempt draws its own task
+    q = _planner(async_level=0, max_resample=3, groups_per_step=1, retry_failed_tasks=False)
+    b = _issue(q)
+    _answer(q, b, [0.0, 0.0])
+    assert _issue(q).task_seed != b.task_seed
+
+
 def test_abort_after_batches_without_signal() -> None:
     p = _planner(async_level=2, max_resample=0, abort_after_zero_batches=2)
     for _ in range(4):

@@ -225,7 +225,9 @@ def _cheap_checks(
     # assignment
     if a.env != ctx.env.id:
         raise _Reject("assignment", f"environment {a.env!r}, the run uses {ctx.env.id!r}")
-    if a.task_seed != seeds_mod.task_seed(ctx.run_seed, a.step, a.slot, a.attempt):
+    # an attempt samples its own task or, retrying a task none solved, an earlier attempt's
+    scheduled = (seeds_mod.task_seed(ctx.run_seed, a.step, a.slot, t) for t in range(a.attempt + 1))
+    if a.task_seed not in scheduled:
         raise _Reject("assignment", "task seed is not the schedule's for this slot")
     if len(a.seeds) != ctx.group_size:
         raise _Reject("assignment", f"group of {len(a.seeds)}, the run uses {ctx.group_size}")

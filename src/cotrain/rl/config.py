@@ -33,8 +33,13 @@ class RunConfig(ConfigModel):
     groups_per_step: int = Field(default=8, ge=1, le=1024)
     """B: tasks (groups) per trainer step."""
     max_resample: int = Field(default=2, ge=0, le=16)
-    """A group whose samples all got the same reward (no signal) is replaced by a new task
-    up to this many times, then dropped."""
+    """A group whose samples all got the same reward (no signal) is sampled again up to this
+    many times, then dropped."""
+    retry_failed_tasks: bool = True
+    """A group whose every sample scored 0 (a task too hard for the policy's samples so far)
+    is sampled again on the same task with new seeds; a group that all solved gets a new task.
+    Replacing every hard task would bias the batches towards the tasks the policy already
+    solves (SmolLM2 on chain_sum: it never learns the negative answers)."""
     abort_after_zero_batches: int = Field(default=10, ge=1)
     """Stop the run with an error after this many batches in a row with no signal at all."""
 

@@ -16,7 +16,9 @@ stale. With k = 0 step n's rollouts all come from version n: the synchronous loo
 
 A slot is complete when all G samples of one attempt are accepted; if their rewards are all
 equal (zero advantage) the slot moves to its next attempt, up to ``max_resample``, then is
-dropped. Batches form strictly in step order once every slot of the step is complete or
+dropped. The next attempt draws a new task when every sample solved it, and samples the same
+task again with new seeds when none did (``retry_failed_tasks``: hard tasks stay in the
+batches). Batches form strictly in step order once every slot of the step is complete or
 dropped; the curriculum and the zero-batch counter move only then, so their effect does not
 depend on the order in which rollouts arrive.
 """
@@ -68,6 +70,8 @@ class Slot:
     dropped: bool = False
     rewards: list[list[float]] = field(default_factory=list)
     """Rewards of each completed attempt, in order."""
+    task_attempt: int = 0
+    """The attempt whose task the current attempt samples again (``retry_failed_tasks``)."""
     excluded: set[str] = field(default_factory=set)
     """Workers that had a rollout of this slot rejected: never given it again."""
 
@@ -184,7 +188,7 @@ class Planner:
         self, st: StepState, slot: Slot, worker: str, now: float, prompt_of: Any
     ) -> Assignment:
         cfg = self.cfg
-        task = seeds.task_seed(cfg.run.seed, st.step, slot.index, slot.attempt)
+        task = seeds.task_seed(cfg.run.seed, st.step, slot.index, slot.task_attempt)
         return Assignment(
             run=self.run_id,
             id=f"{slot.key}.i{self.issued}",
@@ -261,7 +265,9 @@ class Planner:
         if max(rewards) > min(rewards):
             slot.done = True
         elif slot.attempt < self.cfg.run.max_resample:
-            slot.attempt += 1  # no signal: a new task for this slot
+            slot.attempt += 1  # no signal: new samples, of the same task if none solved it
+            if not (self.cfg.run.retry_failed_tasks and max(rewards) <= 0.0):
+                slot.task_attempt = slot.attempt
             slot.accepted = {}
         else:
             slot.done = slot.dropped = True

@@ -1,10 +1,11 @@
 """Every seed of a run, derived so that nobody but the orchestrator's schedule picks one.
 
-A task is fixed by ``(run seed, step, slot, attempt)``; the sampling seed of each sample of its
-group by ``(task seed, run, slot, sample index)``. A slot issued again (its worker died or
-cheated) gets the same task and seeds, so any honest worker produces the same completions, and
-the synchronous loop and an async run at level 0 draw identical batches. Held-out tasks use
-seeds no run draws.
+A task is fixed by ``(run seed, step, slot, attempt)`` (an attempt that retries a task nobody
+solved uses an earlier attempt's); the sampling seed of each sample of its group by
+``(task seed, run, slot key, sample index)``, new at every attempt. A slot issued again (its
+worker died or cheated) gets the same task and seeds, so any honest worker produces the same
+completions, and the synchronous loop and an async run at level 0 draw identical batches.
+Held-out tasks use seeds no run draws.
 """
 
 from __future__ import annotations
