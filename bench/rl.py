@@ -42,6 +42,8 @@ from cotrain.rl.launch import LocalRun
 from cotrain.rl.worker import ENVELOPE_CHEATS
 
 RUN_CHEATS = {0: "greedy", 1: "swap_last", 2: "forge_logprobs"}
+CHEATS_AT_ONCE = 6
+"""Cheating workers started together in the cheat phase (each loads the model)."""
 ALL_CHEATS = [*cheats.CHEATS, *ENVELOPE_CHEATS]
 
 
@@ -287,17 +289,22 @@ def cheat_cases(args: argparse.Namespace, root: Path, console: Console) -> list[
             if time.monotonic() > deadline:
                 raise SystemExit("cheat cases: the run did not get going")
             time.sleep(1.0)
-        for cheat in args.cheats:
-            cfg_w = run.cfg.worker
-            cfg_w.max_assignments = args.cheat_assignments
-            p = run.start_worker(cheat, wait=False)
-            try:
-                p.wait_for("finished", args.timeout)
-            except TimeoutExpired as e:
-                console.print(f"  {cheat}: {e}")
-            submitted, detected = judge_cheater(run, p.name, 300)
-            console.print(f"  cheat {cheat:<18} submitted {submitted:>3}  detected {detected:>3}")
-            out.append({"case": cheat, "submitted": submitted, "detected": detected})
+        run.cfg.worker.max_assignments = args.cheat_assignments
+        for lo in range(0, len(args.cheats), CHEATS_AT_ONCE):
+            procs = {
+                c: run.start_worker(c, wait=False) for c in args.cheats[lo : lo + CHEATS_AT_ONCE]
+            }
+            for cheat, p in procs.items():
+                try:
+                    p.wait_for("finished", args.timeout)
+                except TimeoutExpired as e:
+                    console.print(f"  {cheat}: {e}")
+            for cheat, p in procs.items():
+                submitted, detected = judge_cheater(run, p.name, 300)
+                console.print(
+                    f"  cheat {cheat:<18} submitted {submitted:>3}  detected {detected:>3}"
+                )
+                out.append({"case": cheat, "submitted": submitted, "detected": detected})
         status = run.status()
         honest = {worker_key(run, n) for n in run.procs if n.startswith("worker") and "-" not in n}
         rej, tot = honest_counts(status, honest)
@@ -447,14 +454,21 @@ def main(argv: list[str] | None = None) -> int:
     root = args.out.absolute()
     results: dict[str, Any] = {"runs": [], "cheats": []}
     t0 = time.monotonic()
+
+    def save_partial() -> None:  # a bench stopped midway keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps({**results, "partial": True}, indent=2))
+
     for k in [int(x) for x in args.levels.split(",") if x]:
         console.print(
             f"[bold]run k={k}[/bold] ({args.steps} steps, {args.groups}x{args.group_size})"
         )
         results["runs"].append(one_run(args, root, k, console))
+        save_partial()
     if args.cheats:
         console.print("[bold]cheat cases[/bold]")
         results["cheats"] = cheat_cases(args, root, console)
+        save_partial()
     cheats = [c for c in results["cheats"] if c["case"] != "_honest"]
     cheats += [r["cheat"] for r in results["runs"]]
     honest_runs = [r["honest"] for r in results["runs"]]

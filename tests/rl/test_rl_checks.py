@@ -214,6 +214,8 @@ def test_honest_rollouts_pass(world: World, batch_size: int, worker_threads: int
     bad = [(v.rollout_id, v.check, v.reason) for v in verdicts if not v.ok]
     assert not bad, bad
     assert len(verdicts) == 4 * G and finishes == {"eos", "length"}
+    # the later groups' prompts ran on the state of the beginning they share
+    assert world.ctx._prefix is not None and len(world.ctx._prefix[1].prompt_ids) >= 8
     for v in verdicts:
         assert v.reward in (0.0, 1.0)
         assert v.metrics["replay_worst_gap"] < 1e-3 and v.metrics["logprob_max"] < 1e-3

@@ -100,13 +100,21 @@ def test_every_sample_replays_on_a_validators_prefill(
         got = group(model, batch_size)
     with threads(3 - worker_threads):  # the validator's machine
         fills = inference.prefill_group(model, PROMPT, [g.tokens for g in got], batch_size=3)
-        for seed, g, grouped in zip(SEEDS, got, fills, strict=True):
+        # the prompt's pass on the state of its beginning (a validator's shared template)
+        head = inference.prompt_state(model, PROMPT[:6])
+        state = inference.prompt_state(model, PROMPT, prefix=head)
+        assert state.hidden.shape == (len(PROMPT), model.config.hidden_size)
+        prefixed = inference.prefill_group(
+            model, PROMPT, [g.tokens for g in got], batch_size=3, state=state
+        )
+        assert len(head.prompt_ids) == 6  # the prefix's own state is left as it was
+        for seed, g, grouped, on_head in zip(SEEDS, got, fills, prefixed, strict=True):
             fill = inference.prefill(model, PROMPT, g.tokens)
             n = len(g.tokens)
             assert fill.logits.shape == (n, model.config.vocab_size)
             assert fill.hidden.shape == (len(PROMPT) + n - 1, model.config.hidden_size)
             assert len(g.proof) == n_rollout_chunks(len(PROMPT), n, CHUNK) * chunk_bytes(TOPK)
-            for f in (fill, grouped):
+            for f in (fill, grouped, on_head):
                 r = sampling.replay(f.logits, g.tokens, temperature=1.0, seed=seed)
                 assert r.ok and r.worst_gap < 1e-3, (seed, r)
                 v = verify_proofs(
@@ -179,3 +187,7 @@ def test_settings_that_cannot_work_are_refused(model: Any) -> None:
         )
     with pytest.raises(ValueError):
         inference.prefill(model, PROMPT, [])
+    head = inference.prompt_state(model, PROMPT[:4])
+    for prompt in (PROMPT[:4], [6, *PROMPT[1:]]):  # not a proper beginning of the prompt
+        with pytest.raises(ValueError, match="prefix"):
+            inference.prompt_state(model, prompt, prefix=head)

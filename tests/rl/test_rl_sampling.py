@@ -93,3 +93,17 @@ def test_cheats_on_the_sampling_fail_the_replay(models: tuple[object, object]) -
     with pytest.raises(ValueError, match="do not match"):
         sampling.replay(torch.zeros(3, 512), [1, 2], temperature=1.0, seed=0)
     assert not sampling.replay(torch.zeros(1, 512), [9999], temperature=1.0, seed=0).ok
+
+
+def test_a_near_tie_is_tolerated_only_within_float_noise() -> None:
+    """The replay forgives a claimed token whose score is within float noise of the seeded
+    argmax, not one 0.002 behind it (what a greedy worker got through at 0.02)."""
+    seed, vocab = 11, 64
+    g = sampling.gumbel(seed, 0, vocab)
+    for behind, ok in ((1e-5, True), (2e-3, False)):
+        logits = torch.full((1, vocab), -30.0)
+        # token 3 is the draw; token 5 (the claimed one) scores ``behind`` less
+        logits[0, 3] = 10.0 - g[3]
+        logits[0, 5] = 10.0 - behind - g[5]
+        r = sampling.replay(logits, [5], temperature=1.0, seed=seed)
+        assert r.ok is ok and r.worst_gap == pytest.approx(behind, abs=2e-6), (behind, r)

@@ -17,9 +17,10 @@
 
 The four model checks read one prefill (``inference.prefill_group``: the hidden states and the
 logits of one pass). A group's prompt is computed once and kept (``CheckContext.prompt_state``),
-also across ``check_rollout`` calls, and ``check_rollouts`` prefills a group's completions
-together, so validating a rollout costs its share of one forward pass over the completions plus
-the replay's noise draws, against the T decode steps of generating it.
+also across ``check_rollout`` calls, on the kept state of the beginning that the prompts of a
+version share (the chat template around the task), and ``check_rollouts`` prefills a group's
+completions together, so validating a rollout costs its share of one forward pass over the
+completions plus the replay's noise draws, against the T decode steps of generating it.
 
 ``eos_min_prob`` refuses an unlikely EOS only when the seeded draw did not choose it: an honest
 sampler draws an EOS below 0.02 now and then (2 of 48 honest SmolLM2 rollouts of up to 128
@@ -64,6 +65,8 @@ already limits the update of a sample whose ratio is that far off."""
 
 _TASK_CACHE = 4096
 _PROMPT_CACHE = 16
+MIN_SHARED_PREFIX = 8
+"""Prompts that begin with this many tokens in common share the state of that beginning."""
 
 
 @dataclass
@@ -93,6 +96,11 @@ class CheckContext:
     _prompts: OrderedDict[tuple[int, str, tuple[int, ...]], PromptState] = field(
         default_factory=OrderedDict, init=False, repr=False, compare=False
     )
+    _prefix: tuple[tuple[int, str], PromptState] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    """The state of the beginning the last prompts shared (the chat template's system turn),
+    for the model and weights it was computed with."""
 
     def task(self, task_seed: int, level: int) -> tuple[Task, list[int]]:
         """The task of a seed and level with its encoded prompt (cached: every sample of a
@@ -115,10 +123,43 @@ class CheckContext:
         if key in self._prompts:
             self._prompts.move_to_end(key)
         else:
-            self._prompts[key] = prompt_state(model, prompt)
+            prefix = self._shared_prefix(model, weights_sha256, prompt)
+            self._prompts[key] = prompt_state(model, prompt, prefix=prefix)
             while len(self._prompts) > _PROMPT_CACHE:
                 self._prompts.popitem(last=False)
         return self._prompts[key]
+
+    def _shared_prefix(
+        self, model: Any, weights_sha256: str, prompt: list[int]
+    ) -> PromptState | None:
+        """The state of the beginning ``prompt`` shares with the prompts before it (tasks of
+        one environment differ only at the end of their chat template), computed once per
+        version: the prompt's own pass then covers its task alone."""
+        owner = (id(model), weights_sha256)
+        if self._prefix is not None and self._prefix[0] == owner:
+            state = self._prefix[1]
+            n = len(state.prompt_ids)
+            if n < len(prompt) and tuple(prompt[:n]) == state.prompt_ids:
+                return state
+        others = [k[2] for k in self._prompts if k[:2] == owner]
+        if not others:
+            return None
+        # what it shares with all of them: not a beginning two tasks happen to share
+        n = min(_shared_length(prompt, other) for other in others)
+        n = min(n, len(prompt) - 1)  # the prompt's own pass keeps one token at least
+        if n < MIN_SHARED_PREFIX:
+            return None
+        state = prompt_state(model, prompt[:n])
+        self._prefix = (owner, state)
+        return state
+
+
+def _shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 class _Reject(Exception):

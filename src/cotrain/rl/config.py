@@ -209,7 +209,7 @@ class ValidatorConfig(ConfigModel):
     """Median of exp(|lp_claimed - lp_prefill|) - 1 over checked positions must stay below."""
     eos_min_prob: float = Field(default=0.02, gt=0, lt=1)
     """A completion that ends with EOS must have given EOS at least this probability."""
-    sampling_tolerance: float = Field(default=0.02, gt=0)
+    sampling_tolerance: float = Field(default=1e-3, gt=0)
     """Near-tie tolerance of the sampling replay (honest CPU noise is ~1e-5)."""
     reward_tolerance: float = Field(default=0.02, ge=0)
     """A claimed reward further than this from the recomputed one is a forgery."""
@@ -229,6 +229,11 @@ class LaunchConfig(ConfigModel):
     must catch them."""
     timeout_s: float = Field(default=7200.0, gt=0)
     """Give up (stop everything, exit 1) if the run has not finished by then."""
+    trainer_nice: int = Field(default=10, ge=0, le=19)
+    """The trainer's niceness when every role shares this machine's cores: inference and
+    validation run first and the trainer trains on the CPU they leave, so that with
+    ``async_level`` >= 1 its next batch is ready when it needs it. The work done is the same;
+    0 shares the cores evenly and the trainer waits for rollouts."""
 
 
 class RLConfig(ConfigModel):

@@ -286,19 +286,35 @@ class PromptState:
 
 
 @torch.no_grad()
-def prompt_state(model: Any, prompt_ids: list[int], *, all_logits: bool = False) -> PromptState:
+def prompt_state(
+    model: Any,
+    prompt_ids: list[int],
+    *,
+    all_logits: bool = False,
+    prefix: PromptState | None = None,
+) -> PromptState:
     """Run the prompt once (batch 1, with the KV cache). Only the last position's logits are
     needed; ``all_logits`` computes every position's as ``sampling.generate`` does (the same
-    arithmetic, so the same first token to the last bit)."""
+    arithmetic, so the same first token to the last bit). ``prefix``: the state of a proper
+    beginning of the prompt (a chat template's system turn, shared by every task), whose
+    positions are not computed again; the rest agrees with one pass to float rounding."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     extra = {} if all_logits or not _takes_logits_to_keep(model) else {"logits_to_keep": 1}
+    n = 0
+    if prefix is not None:
+        n = len(prefix.prompt_ids)
+        if not n < len(prompt_ids) or tuple(prompt_ids[:n]) != prefix.prompt_ids:
+            raise ValueError("the prefix state is not of a proper beginning of the prompt")
+        extra[_cache_kw(model)] = copy.deepcopy(prefix.cache)  # the prefix stays its own
     with HiddenCapture(final_norm(model)) as cap:
-        out = model(input_ids=torch.tensor([prompt_ids], dtype=torch.long), use_cache=True, **extra)
+        ids = torch.tensor([prompt_ids[n:]], dtype=torch.long)  # (1, P - n)
+        out = model(input_ids=ids, use_cache=True, **extra)
+    hidden = cap.outputs[-1][0].float()  # (P - n, H)
     return PromptState(
         prompt_ids=tuple(prompt_ids),
         cache=out.get(_cache_kw(model)),
-        hidden=cap.outputs[-1][0].float(),  # (P, H)
+        hidden=hidden if prefix is None else torch.cat([prefix.hidden, hidden]),  # (P, H)
         last_logits=out.logits[0, -1:].float(),  # (1, V)
     )
 

@@ -120,7 +120,8 @@ class LocalRun:
         env["OMP_NUM_THREADS"] = str(threads)
         env["COTRAIN_SKIP_MEMORY_CHECK"] = env.get("COTRAIN_SKIP_MEMORY_CHECK", "0")
         cmd = [*COTRAIN, "rl", role, *to_overrides(cfg)]
-        proc = Proc(popen(cmd, env=env), name)
+        nice = cfg.launch.trainer_nice if role == "trainer" else 0
+        proc = Proc(popen(cmd, env=env, nice=nice), name)
         proc.start_reader()
         self.procs[name] = proc
         self.memory.pids.add(proc.popen.pid)
