@@ -44,7 +44,13 @@ import torch.nn.functional as F
 from cotrain.rl import seeds as seeds_mod
 from cotrain.rl.config import ProofSpec, ValidatorConfig
 from cotrain.rl.env import Env, EnvError, Task
-from cotrain.rl.inference import Prefill, PromptState, prefill_group, prompt_state
+from cotrain.rl.inference import (
+    Prefill,
+    PromptState,
+    common_prefix,
+    prefill_group,
+    prompt_state,
+)
 from cotrain.rl.sampling import replay, scores
 from cotrain.rl.wire import MAX_TOKENS, SignedRollout, Verdict
 from cotrain.toploc.config import ProofConfig, calibrated_median_rel_err
@@ -145,21 +151,13 @@ class CheckContext:
         if not others:
             return None
         # what it shares with all of them: not a beginning two tasks happen to share
-        n = min(_shared_length(prompt, other) for other in others)
+        n = common_prefix([prompt, *others])
         n = min(n, len(prompt) - 1)  # the prompt's own pass keeps one token at least
         if n < MIN_SHARED_PREFIX:
             return None
         state = prompt_state(model, prompt[:n])
         self._prefix = (owner, state)
         return state
-
-
-def _shared_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class _Reject(Exception):

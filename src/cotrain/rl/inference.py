@@ -319,6 +319,15 @@ def prompt_state(
     )
 
 
+def common_prefix(lists: Sequence[Sequence[int]]) -> int:
+    """Length of the longest beginning all of ``lists`` share."""
+    n = min(len(x) for x in lists)
+    for i in range(n):
+        if any(x[i] != lists[0][i] for x in lists):
+            return i
+    return n
+
+
 PAD_SLACK, PAD_FREE = 1.25, 16
 """``prefill_group`` batches completions of similar lengths: padding may add 25% to the
 positions a batch computes, plus 16 (about what one more forward pass costs in weight reads on

@@ -82,6 +82,7 @@ from cotrain.core.files import write_atomic
 from cotrain.rl import wire
 from cotrain.rl.config import TrainerConfig
 from cotrain.rl.env import Task
+from cotrain.rl.inference import _cache_kw, common_prefix
 from cotrain.rl.loss import completion_logprobs, token_loss
 
 STATE = "state.json"
@@ -897,13 +898,11 @@ def heldout_accuracy(
     model.eval()
     device = next(iter(model.parameters())).device
     order = sorted(range(len(tasks)), key=lambda i: (len(prompts[i]), i))
-    shared = _common_prefix(prompts) - 1  # every prompt keeps a token to feed
+    shared = common_prefix(prompts) - 1  # every prompt keeps a token to feed
     kwargs: dict[str, Any] = {}
     total = 0.0
     try:
         if shared > 0:
-            from cotrain.rl.inference import _cache_kw
-
             with torch.no_grad():
                 head = torch.tensor([prompts[0][:shared]], device=device)  # (1, S)
                 prefix = model(input_ids=head, use_cache=True).past_key_values
@@ -933,12 +932,3 @@ def heldout_accuracy(
     finally:
         model.train(was_training)
     return total / len(tasks)
-
-
-def _common_prefix(lists: Sequence[Sequence[int]]) -> int:
-    """Length of the longest beginning all of ``lists`` share."""
-    n = min(len(x) for x in lists)
-    for i in range(n):
-        if any(x[i] != lists[0][i] for x in lists):
-            return i
-    return n
