@@ -215,7 +215,11 @@ def test_honest_rollouts_pass(world: World, batch_size: int, worker_threads: int
     assert not bad, bad
     assert len(verdicts) == 4 * G and finishes == {"eos", "length"}
     # the later groups' prompts ran on the state of the beginning they share
-    assert world.ctx._prefix is not None and len(world.ctx._prefix[1].prompt_ids) >= 8
+    [(owner, head)] = world.ctx._prefixes.items()
+    assert owner == (id(world.model), SHA) and len(head.prompt_ids) >= 8
+    # other weights never run on it
+    other = world.ctx._shared_prefix(world.model, "ff" * 32, [*head.prompt_ids, 1])
+    assert other is None
     for v in verdicts:
         assert v.reward in (0.0, 1.0)
         assert v.metrics["replay_worst_gap"] < 1e-3 and v.metrics["logprob_max"] < 1e-3

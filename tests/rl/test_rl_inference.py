@@ -107,7 +107,8 @@ def test_every_sample_replays_on_a_validators_prefill(
         prefixed = inference.prefill_group(
             model, PROMPT, [g.tokens for g in got], batch_size=3, state=state
         )
-        assert len(head.prompt_ids) == 6  # the prefix's own state is left as it was
+        # the prefix's own state is left as it was
+        assert head.cache.get_seq_length() == 6 and head.hidden.shape[0] == 6
         for seed, g, grouped, on_head in zip(SEEDS, got, fills, prefixed, strict=True):
             fill = inference.prefill(model, PROMPT, g.tokens)
             n = len(g.tokens)

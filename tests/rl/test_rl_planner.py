@@ -150,6 +150,13 @@ def test_a_task_none_solved_is_sampled_again_with_new_seeds() -> None:
     b = _issue(q)
     _answer(q, b, [0.0, 0.0])
     assert _issue(q).task_seed != b.task_seed
+    # a journal replayed under the other setting: the issue of the retried task no longer
+    # counts for its slot, whose attempt 1 is now another task (a group holds one task)
+    q = _planner(async_level=0, max_resample=3, groups_per_step=1, retry_failed_tasks=False)
+    q.apply_issue(a)
+    _answer(q, a, [0.0, 0.0])
+    q.apply_issue(a1)
+    assert not q.slot_needs(a1.id, 0)
 
 
 def test_abort_after_batches_without_signal() -> None:

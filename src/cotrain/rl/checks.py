@@ -71,6 +71,7 @@ already limits the update of a sample whose ratio is that far off."""
 
 _TASK_CACHE = 4096
 _PROMPT_CACHE = 16
+_PREFIX_CACHE = 4
 MIN_SHARED_PREFIX = 8
 """Prompts that begin with this many tokens in common share the state of that beginning."""
 
@@ -102,11 +103,11 @@ class CheckContext:
     _prompts: OrderedDict[tuple[int, str, tuple[int, ...]], PromptState] = field(
         default_factory=OrderedDict, init=False, repr=False, compare=False
     )
-    _prefix: tuple[tuple[int, str], PromptState] | None = field(
-        default=None, init=False, repr=False, compare=False
+    _prefixes: OrderedDict[tuple[int, str], PromptState] = field(
+        default_factory=OrderedDict, init=False, repr=False, compare=False
     )
-    """The state of the beginning the last prompts shared (the chat template's system turn),
-    for the model and weights it was computed with."""
+    """The state of the beginning the prompts of a version share (the chat template around the
+    task), by the model and weights it was computed with (a claim spans a few versions)."""
 
     def task(self, task_seed: int, level: int) -> tuple[Task, list[int]]:
         """The task of a seed and level with its encoded prompt (cached: every sample of a
@@ -142,13 +143,14 @@ class CheckContext:
         one environment differ only at the end of their chat template), computed once per
         version: the prompt's own pass then covers its task alone."""
         owner = (id(model), weights_sha256)
-        if self._prefix is not None and self._prefix[0] == owner:
-            state = self._prefix[1]
+        state = self._prefixes.get(owner)
+        if state is not None:
+            self._prefixes.move_to_end(owner)
             n = len(state.prompt_ids)
             if n < len(prompt) and tuple(prompt[:n]) == state.prompt_ids:
                 return state
         others = [k[2] for k in self._prompts if k[:2] == owner]
-        if not others:
+        if len(others) < 2:
             return None
         # what it shares with all of them: not a beginning two tasks happen to share
         n = common_prefix([prompt, *others])
@@ -156,7 +158,9 @@ class CheckContext:
         if n < MIN_SHARED_PREFIX:
             return None
         state = prompt_state(model, prompt[:n])
-        self._prefix = (owner, state)
+        self._prefixes[owner] = state
+        while len(self._prefixes) > _PREFIX_CACHE:
+            self._prefixes.popitem(last=False)
         return state
 
 
@@ -348,11 +352,18 @@ def _model_checks(
         )
     # termination
     seed = a.seeds[r.sample]
+    # the tolerance is on the logits; scores are logits / T (+ noise): below T = 1 the
+    # logits' float noise grows by 1 / T
+    near_tie = (
+        ctx.config.sampling_tolerance / min(temp, 1.0)
+        if temp > 0
+        else ctx.config.sampling_tolerance
+    )
     why = _termination(r.finish_reason, tokens, a.max_new_tokens, ctx, logp, metrics)
     if why is None and metrics.get("eos_prob", 1.0) < ctx.config.eos_min_prob:
         # An unlikely EOS is still honest when the seeded draw chose it (one position's replay)
         last = scores(fill.logits[-1], temp, seed, len(tokens) - 1)  # (V,)
-        if float(last.max() - last[tokens[-1]]) > ctx.config.sampling_tolerance:
+        if float(last.max() - last[tokens[-1]]) > near_tie:
             why = (
                 f"EOS where the model gave it p={metrics['eos_prob']:.3g} < "
                 f"{ctx.config.eos_min_prob} and the seed did not draw it"
@@ -360,9 +371,7 @@ def _model_checks(
     if why is not None:
         return reject("termination", why)
     # sampling
-    rep = replay(
-        fill.logits, tokens, temperature=temp, seed=seed, tolerance=ctx.config.sampling_tolerance
-    )
+    rep = replay(fill.logits, tokens, temperature=temp, seed=seed, tolerance=near_tie)
     metrics["replay_worst_gap"] = rep.worst_gap
     metrics["replay_mismatches"] = float(rep.mismatches)
     if not rep.ok:

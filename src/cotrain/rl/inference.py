@@ -297,12 +297,15 @@ def prompt_state(
     needed; ``all_logits`` computes every position's as ``sampling.generate`` does (the same
     arithmetic, so the same first token to the last bit). ``prefix``: the state of a proper
     beginning of the prompt (a chat template's system turn, shared by every task), whose
-    positions are not computed again; the rest agrees with one pass to float rounding."""
+    positions are not computed again; the rest agrees with one pass to float rounding only, so
+    it does not go with ``all_logits``."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     extra = {} if all_logits or not _takes_logits_to_keep(model) else {"logits_to_keep": 1}
     n = 0
     if prefix is not None:
+        if all_logits:
+            raise ValueError("all_logits is one pass over the whole prompt: no prefix state")
         n = len(prefix.prompt_ids)
         if not n < len(prompt_ids) or tuple(prompt_ids[:n]) != prefix.prompt_ids:
             raise ValueError("the prefix state is not of a proper beginning of the prompt")

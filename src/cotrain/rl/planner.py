@@ -188,7 +188,7 @@ class Planner:
         self, st: StepState, slot: Slot, worker: str, now: float, prompt_of: Any
     ) -> Assignment:
         cfg = self.cfg
-        task = seeds.task_seed(cfg.run.seed, st.step, slot.index, slot.task_attempt)
+        task = self._task_seed(slot)
         return Assignment(
             run=self.run_id,
             id=f"{slot.key}.i{self.issued}",
@@ -225,7 +225,16 @@ class Planner:
         if slot is None:
             return False
         a = self.assignments[assignment_id].assignment
-        return not slot.done and a.attempt == slot.attempt and sample not in slot.accepted
+        return (
+            not slot.done
+            and a.attempt == slot.attempt
+            # an issue from before a restart under other settings may name another task
+            and a.task_seed == self._task_seed(slot)
+            and sample not in slot.accepted
+        )
+
+    def _task_seed(self, slot: Slot) -> int:
+        return seeds.task_seed(self.cfg.run.seed, slot.step, slot.index, slot.task_attempt)
 
     def apply_received(self, assignment_id: str, sample: int) -> None:
         issue = self.assignments.get(assignment_id)
