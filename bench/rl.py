@@ -346,7 +346,10 @@ def validation_cost(args: argparse.Namespace, console: Console) -> list[dict[str
             run="vc", run_seed=1, env=env,
             encode_prompt=lambda text: encode_prompt(tok, text),
             decode=lambda ids: str(tok.decode(ids, skip_special_tokens=True)),
-            eos_token_id=tok.eos_token_id, vocab_size=model.config.vocab_size,
+            # the fixed lengths are generated without EOS: an EOS token inside is then an
+            # ordinary token to the validator too (else they fail termination, skip the replay
+            # and their validation looks cheaper than it is)
+            eos_token_id=tok.eos_token_id if eos else None, vocab_size=model.config.vocab_size,
             model_id=policy.model_id, config=ValidatorConfig(), proof=proof, group_size=g,
         )  # fmt: skip
         gen_s = check_s = 0.0
