@@ -35,6 +35,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from cotrain.core.config import ConfigError, apply_overrides
 from cotrain.core.errors import TimeoutExpired
 from cotrain.rl import cheats
 from cotrain.rl.config import RLConfig
@@ -65,6 +66,9 @@ def base_config(args: argparse.Namespace, out: Path, k: int) -> RLConfig:
     cfg.orchestrator.assignment_timeout_s = args.assignment_timeout
     cfg.orchestrator.ban_after_rejects = 0  # keep the cheater submitting: every one is judged
     cfg.launch.validators = 1
+    if args.set:  # the run's own settings, e.g. --set run.retry_failed_tasks=false
+        data = apply_overrides(cfg.model_dump(mode="json"), args.set)
+        cfg = RLConfig.model_validate(data)
     return cfg
 
 
@@ -446,7 +450,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=7200.0)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="any run setting for every run, e.g. --set trainer.lr=2e-5 (repeatable)",
+    )
     args = ap.parse_args(argv)
+    try:
+        base_config(args, Path("x"), 2)
+    except (ConfigError, ValueError) as e:
+        ap.error(f"--set: {e}")
     args.steps = args.steps or (6 if args.quick else 40)
     args.groups = args.groups or (4 if args.quick else 8)
     if args.quick:
@@ -455,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     args.cheats = [c for c in args.cheats.split(",") if c]
     console = Console()
     root = args.out.absolute()
-    results: dict[str, Any] = {"runs": [], "cheats": []}
+    results: dict[str, Any] = {"runs": [], "cheats": [], "settings": args.set}
     t0 = time.monotonic()
 
     def save_partial() -> None:  # a bench stopped midway keeps what it measured
