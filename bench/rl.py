@@ -458,16 +458,16 @@ def main(argv: list[str] | None = None) -> int:
         help="any run setting for every run, e.g. --set trainer.lr=2e-5 (repeatable)",
     )
     args = ap.parse_args(argv)
-    try:
-        base_config(args, Path("x"), 2)
-    except (ConfigError, ValueError) as e:
-        ap.error(f"--set: {e}")
     args.steps = args.steps or (6 if args.quick else 40)
     args.groups = args.groups or (4 if args.quick else 8)
     if args.quick:
         args.heldout = min(args.heldout, 50)
         args.validation_groups = min(args.validation_groups, 3)
     args.cheats = [c for c in args.cheats.split(",") if c]
+    try:
+        base_config(args, Path("x"), 2)
+    except (ConfigError, ValueError) as e:
+        ap.error(f"--set: {e}")
     console = Console()
     root = args.out.absolute()
     results: dict[str, Any] = {"runs": [], "cheats": [], "settings": args.set}
