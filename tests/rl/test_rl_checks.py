@@ -266,6 +266,41 @@ def test_a_batch_of_two_groups_with_forgeries_keeps_its_order(world: World) -> N
     assert got[4].check in ("toploc", "logprobs", "sampling", "schema")
 
 
+@pytest.mark.parametrize("temperature", [0.5, 0.25])
+def test_below_temperature_one_honest_passes_and_greedy_does_not(
+    world: World, temperature: float
+) -> None:
+    """Scores are logits / T + noise, so below T = 1 the logits' float noise grows by 1 / T and
+    the near-tie tolerance with it: honest groups (worker at 2 threads, validator at 1) pass,
+    and the greedy choice, at most positions far from the seeded draw, is still refused."""
+    verdicts, greedy = [], []
+    for slot in range(2):
+        a_env = assign(world, 4, slot + int(100 * temperature), temperature=temperature)
+        cctx = cheats.CheatContext(
+            model=world.model,
+            prompt_ids=a_env.body["prompt_ids"],
+            seeds=a_env.body["seeds"],
+            temperature=temperature,
+            max_new_tokens=MAX_NEW,
+            eos_token_id=world.tokenizer.eos_token_id,
+            batch_size=8,
+            proof_chunk=PROOF.chunk_tokens,
+            proof_topk=PROOF.topk,
+        )
+        with threads(2):
+            group = cctx.generate()
+        verdicts += [check(world, submit(world, a_env, i, g)) for i, g in enumerate(group)]
+        cheat = cheats.cheat_group("greedy", cctx)
+        same = cheats.coincides_with_honest(cctx, cheat)
+        for i, g in enumerate(cheat):
+            if not same[i]:
+                greedy.append(check(world, submit(world, a_env, i, g)))
+    bad = [(v.rollout_id, v.check, v.reason) for v in verdicts if not v.ok]
+    assert not bad, bad
+    assert len(greedy) >= G  # most greedy samples differ from the seeded ones
+    assert all(not v.ok and v.check == "sampling" for v in greedy), greedy
+
+
 # ---- cheats ----------------------------------------------------------------------------------
 
 EXPECTED = {

@@ -249,8 +249,22 @@ def test_restart_replays_the_journal(tmp_path: Path) -> None:
         # a rollout submitted again after the restart is still a duplicate
         _, got = await _post(s, orch, "/v1/rollouts", {"rollouts": [r1]})
         assert got["results"][0]["check"] == "duplicate"
+        orch.flush_store()
 
     serve(cfg, second)
+    # killed after step 1 formed (journaled) but before its write to the store (which runs
+    # off the event loop): the restart writes it from the journal
+    stored = tmp_path / "rollouts" / "step_000001.jsonl"
+    written = stored.read_text()
+    stored.unlink()
+
+    async def third(orch: Orchestrator, s: aiohttp.ClientSession) -> None:
+        orch.flush_store()
+        assert stored.read_text() == written
+        assert [r["status"] for r in orch.store.read_step(1)] == ["accepted", "accepted"]
+        assert orch.store.steps() == {1}
+
+    serve(cfg, third)
 
 
 def test_a_silent_worker_loses_its_slot_before_the_deadline(tmp_path: Path) -> None:

@@ -157,6 +157,9 @@ def test_s3_store_round_trip_matches_local(s3_env: str, tmp_path: Path) -> None:
         s3.read_step(4)
     with pytest.raises(FileNotFoundError):
         local.read_step(4)
+    # what a restarted orchestrator lists to find the steps it must write again
+    assert s3.steps() == {1, 2, 3} and local.steps() == {1, 2}
+    assert RolloutStore(f"s3://{BUCKET}/run2").steps() == set()
 
 
 def test_s3_store_endpoint_from_fsspec_config(s3_env: str, tmp_path: Path) -> None:

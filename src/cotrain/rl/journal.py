@@ -81,6 +81,22 @@ class RolloutStore:
                 f.write(data)
         return path
 
+    def steps(self) -> set[int]:
+        """The steps written so far (one listing of the store)."""
+        import fsspec
+
+        if "://" not in self.url:
+            names = [p.name for p in Path(self.url).glob("step_*.jsonl")]
+        else:
+            fs, root = fsspec.core.url_to_fs(self.url)
+            names = [str(p).rsplit("/", 1)[-1] for p in fs.glob(f"{root}/step_*.jsonl")]
+        out = set()
+        for name in names:
+            digits = name.removeprefix("step_").removesuffix(".jsonl")
+            if digits.isdigit():
+                out.add(int(digits))
+        return out
+
     def read_step(self, step: int) -> list[dict[str, Any]]:
         import fsspec
 

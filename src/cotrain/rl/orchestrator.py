@@ -125,6 +125,7 @@ class Orchestrator:
         self._changed: asyncio.Condition | None = None
         self._runner: web.AppRunner | None = None
         self._replaying = False
+        self._replayed_steps: list[int] = []
         self.url = ""
         self.prompt = lru_cache(maxsize=4096)(self._prompt)
         self._replay()
@@ -157,6 +158,25 @@ class Orchestrator:
             self._replaying = False
         if n:
             log.info("replayed %d journal events: next batch %d", n, self.planner.next_batch)
+        self._store_missing_steps()
+
+    def _store_missing_steps(self) -> None:
+        """Write the replayed steps that the store lacks: the process died before a step's
+        write (it runs off the event loop), or the step formed only now (a journal of an
+        older orchestrator that left it unformed)."""
+        formed, self._replayed_steps = self._replayed_steps, []
+        if not formed:
+            return
+        try:
+            have = self.store.steps()
+        except Exception as e:  # an unreachable store must not stop the run
+            log.error("could not list the rollout store %s: %s", self.store.url, e)
+            return
+        missing = [step for step in formed if step not in have]
+        for step in missing:
+            self._write_step(step)
+        if missing:
+            log.info("rewriting %d step(s) missing from the store: %s", len(missing), missing)
 
     # ---- state changes (the same code live and on replay) ----------------------------------
 
@@ -237,7 +257,9 @@ class Orchestrator:
         for batch in formed:
             for s in batch.samples:
                 self.stats.staleness[batch.step - s.version] += 1
-            if not self._replaying:
+            if self._replaying:
+                self._replayed_steps.append(batch.step)
+            else:
                 self._write_step(batch.step)
 
     def _write_step(self, step: int) -> None:
