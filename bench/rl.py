@@ -273,8 +273,11 @@ def evaluate_curve(
     shutil.rmtree(kept, ignore_errors=True)
 
 
-def cheat_cases(args: argparse.Namespace, root: Path, console: Console) -> list[dict[str, Any]]:
-    """Every cheat against one short async run: each cheater makes a few submissions."""
+def cheat_cases(
+    args: argparse.Namespace, root: Path, console: Console
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Every cheat against one short async run: each cheater makes a few submissions.
+    Returns the cases and the honest workers' ``rejected`` and ``total`` meanwhile."""
     cfg = base_config(args, root / "cheats", 2)
     cfg.run.total_steps = 10_000  # runs until stopped
     cfg.env.heldout_items = 0
@@ -282,6 +285,7 @@ def cheat_cases(args: argparse.Namespace, root: Path, console: Console) -> list[
     cfg.orchestrator.assignment_timeout_s = 60
     run = LocalRun(cfg)
     out = []
+    honest_workers = {"rejected": 0, "total": 0}
     try:
         run.start_orchestrator()
         run.start_trainer()
@@ -312,10 +316,10 @@ def cheat_cases(args: argparse.Namespace, root: Path, console: Console) -> list[
         status = run.status()
         honest = {worker_key(run, n) for n in run.procs if n.startswith("worker") and "-" not in n}
         rej, tot = honest_counts(status, honest)
-        out.append({"case": "_honest", "submitted": tot, "detected": rej})
+        honest_workers = {"rejected": rej, "total": tot}
     finally:
         run.stop()
-    return out
+    return out, honest_workers
 
 
 def validation_cost(args: argparse.Namespace, console: Console) -> list[dict[str, Any]]:
@@ -485,17 +489,12 @@ def main(argv: list[str] | None = None) -> int:
         save_partial()
     if args.cheats:
         console.print("[bold]cheat cases[/bold]")
-        results["cheats"] = cheat_cases(args, root, console)
+        results["cheats"], results["cheat_phase_honest"] = cheat_cases(args, root, console)
         save_partial()
-    cheats = [c for c in results["cheats"] if c["case"] != "_honest"]
-    cheats += [r["cheat"] for r in results["runs"]]
-    honest_runs = [r["honest"] for r in results["runs"]]
-    honest_rej = sum(h["rejected"] for h in honest_runs)
-    honest_tot = sum(h["total"] for h in honest_runs)
-    for c in results["cheats"]:
-        if c["case"] == "_honest":
-            honest_rej, honest_tot = honest_rej + c["detected"], honest_tot + c["submitted"]
-    results["cheats"] = cheats
+    honest = [r["honest"] for r in results["runs"]] + [results.get("cheat_phase_honest", {})]
+    honest_rej = sum(h.get("rejected", 0) for h in honest)
+    honest_tot = sum(h.get("total", 0) for h in honest)
+    results["cheats"] = results["cheats"] + [r["cheat"] for r in results["runs"]]
     results["honest_rejected"], results["honest_total"] = honest_rej, honest_tot
     runs = {r["async_level"]: r for r in results["runs"]}
     if 0 in runs and 2 in runs:
@@ -529,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     cheat_table = Table(title="cheats (each submission must be rejected)")
     for col in ("case", "submitted", "detected"):
         cheat_table.add_column(col)
-    for c in cheats:
+    for c in results["cheats"]:
         cheat_table.add_row(c["case"], str(c["submitted"]), str(c["detected"]))
     console.print(cheat_table)
     console.print(f"honest rollouts rejected: {honest_rej} of {honest_tot}")
