@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def judge_cheater(run: LocalRun, name: str, deadline_s: float) -> tuple[int, int
             detected += 1
             continue
         while True:
-            rec = _get(f"{base}/v1/record?id={urllib.request.quote(e['id'])}")
+            rec = _get(f"{base}/v1/record?id={urllib.parse.quote(e['id'])}")
             if rec["status"] != "queued" or time.monotonic() > end:
                 break
             time.sleep(0.5)
