@@ -240,7 +240,7 @@ def evaluate_curve(
     from cotrain.rl.client import map_safetensors
     from cotrain.rl.config import ModelSpec
     from cotrain.rl.env import make_env
-    from cotrain.rl.learner import heldout_accuracy
+    from cotrain.rl.evaluate import heldout_accuracy
     from cotrain.rl.policy import load_policy
     from cotrain.rl.seeds import heldout_seeds
 

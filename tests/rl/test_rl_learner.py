@@ -18,16 +18,12 @@ import torch
 from hf_harness import small_hf_model, write_text
 
 from cotrain.rl import sampling, wire
+from cotrain.rl.checkpoint import CheckpointError
 from cotrain.rl.config import TrainerConfig
 from cotrain.rl.env import Task
-from cotrain.rl.learner import (
-    CheckpointError,
-    Learner,
-    heldout_accuracy,
-    weights_bytes,
-    write_safetensors,
-    write_weights,
-)
+from cotrain.rl.evaluate import heldout_accuracy
+from cotrain.rl.learner import Learner
+from cotrain.rl.weights import weights_bytes, write_safetensors, write_weights
 
 pytest.importorskip("transformers")
 

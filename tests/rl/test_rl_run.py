@@ -116,9 +116,9 @@ def _steps(run: LocalRun) -> list[int]:
 def test_level_zero_equals_the_synchronous_loop(model_dir: Path, tmp_path: Path) -> None:
     import torch
 
-    from cotrain.rl.learner import weights_bytes
     from cotrain.rl.policy import load_policy
     from cotrain.rl.sync import run_sync
+    from cotrain.rl.weights import weights_bytes
 
     cfg = _cfg(model_dir, tmp_path / "run", async_level=0, total_steps=3)
     cfg.trainer.eval_every = 0

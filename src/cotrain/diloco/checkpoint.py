@@ -19,7 +19,6 @@ after the new one is in place. ``load`` checks every file's hash before anything
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -32,8 +31,9 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from cotrain.core.files import write_atomic
+from cotrain.core.files import fsync_dir, sha256_file, write_atomic
 from cotrain.diloco.errors import CheckpointError, ConfigChangedError
+from cotrain.models.optim_state import optimizer_parts, optimizer_state_dict
 
 STATE = "state.json"
 LATEST = "latest"
@@ -69,54 +69,13 @@ class Saved:
         saved = self.meta.get("optimizer")
         if saved is None:
             return
-        flat = self.tensors("optimizer")
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in flat.items():
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-        for idx, extra in saved["scalars"].items():
-            state.setdefault(int(idx), {}).update(extra)
+        sd = optimizer_state_dict(self.tensors("optimizer"), saved)
         try:
-            optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+            optimizer.load_state_dict(sd)
         except (ValueError, KeyError) as e:
             raise CheckpointError(
                 f"checkpoint {self.path}: optimizer state does not fit: {e}"
             ) from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _optimizer_parts(
-    optimizer: torch.optim.Optimizer,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, entry in sd["state"].items():
-        for name, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{idx}.{name}"] = value.detach().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[name] = value
-    groups = [
-        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-        for g in sd["param_groups"]
-    ]
-    return tensors, {"scalars": scalars, "param_groups": groups}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_stale(directory: Path, *, own: bool = False) -> None:
@@ -162,17 +121,17 @@ def save(
         tmp.mkdir()
         files: dict[str, str] = {}
         save_model(model, str(tmp / "model.safetensors"))
-        files["model"] = _sha256(tmp / "model.safetensors")
+        files["model"] = sha256_file(tmp / "model.safetensors")
         state: dict[str, Any] = {"format": _FORMAT, "step": step, **meta}
         if optimizer is not None:
-            opt_tensors, opt_meta = _optimizer_parts(optimizer)
+            opt_tensors, opt_meta = optimizer_parts(optimizer)
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            files["optimizer"] = _sha256(tmp / "optimizer.safetensors")
+            files["optimizer"] = sha256_file(tmp / "optimizer.safetensors")
             state["optimizer"] = opt_meta
         for fname, group in tensors.items():
             path = tmp / f"{fname}.safetensors"
             save_file({k: v.detach().contiguous() for k, v in group.items()}, str(path))
-            files[fname] = _sha256(path)
+            files[fname] = sha256_file(path)
         state["files"] = files
         with open(tmp / STATE, "w") as f:
             json.dump(state, f, indent=1)
@@ -185,9 +144,9 @@ def save(
         if final.exists():  # the same step saved again (a retried synchronisation)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         write_atomic(root / LATEST, name.encode())
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:  # Ctrl-C included: leave no temporary directory behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -217,7 +176,7 @@ def load(directory: str | Path) -> Saved | None:
         raise CheckpointError(f"checkpoint {path} has an unknown format; delete {root}")
     for fname, digest in meta.get("files", {}).items():
         f = path / f"{fname}.safetensors"
-        if not f.is_file() or _sha256(f) != digest:
+        if not f.is_file() or sha256_file(f) != digest:
             raise CheckpointError(
                 f"checkpoint file {f} is missing or corrupt (hash mismatch); delete {root} "
                 "to start over"

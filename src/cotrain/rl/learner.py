@@ -1,5 +1,5 @@
-"""The trainer's learner: the policy, its optimizer, one GRPO step on a batch of accepted
-rollouts, checkpoints, and the held-out accuracy of greedy decoding.
+"""The trainer's learner: the policy, its optimizer, and one GRPO step on a batch of accepted
+rollouts (checkpoints: ``rl.checkpoint``; held-out accuracy: ``rl.evaluate``).
 
 One step (``Learner.step``) goes through the batch in its own order (the orchestrator's: slot,
 then sample), in micro-batches of ``micro_batch`` sequences. With ``pack_prompts`` (the
@@ -38,64 +38,34 @@ small, without changing a bit of its result:
 The trainer's peak, two steps of 64 samples in micro-batches of 8 with publishing and
 checkpointing: 4.3 GB before these measures, 2.9 GB after (``tests/rl/test_rl_trainer_memory``).
 
-Checkpoints (``save`` / ``load``) imitate ``diloco.checkpoint``::
-
-    latest               the name of the newest complete save; written last, atomically
-    step-00000012/
-        model.safetensors      the policy as ``weights_bytes`` lays it out (tied tensors once);
-                               a hard link of the published version's file where possible
-        optimizer.safetensors  AdamW's tensors (``state.<param>.<key>``), written one tensor at
-                               a time (never the whole state as bytes in memory)
-        state.json             step, AdamW's scalars and hyperparameters, the caller's extra
-                               state, and the sha256 of every file above
-    .tmp-<pid>-<hex>/    a save in progress (removed on any error; a dead process's by the
-                         next save)
-
 Shapes: N sequences of a micro-batch, L their padded length, K positions whose hidden states
 leave the model, C the longest completion, H the hidden size, V the vocabulary.
 """
 
 from __future__ import annotations
 
-import copy
-import ctypes
 import functools
-import hashlib
 import inspect
-import json
 import os
-import secrets
-import shutil
-import struct
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file
 
 from cotrain.core.errors import CotrainError
-from cotrain.core.files import write_atomic
 from cotrain.rl import wire
+from cotrain.rl.checkpoint import Saved, load_checkpoint, save_checkpoint
 from cotrain.rl.config import TrainerConfig
-from cotrain.rl.env import Task
-from cotrain.rl.inference import _cache_kw, common_prefix
+from cotrain.rl.heap import limit_heap_growth, release_memory
 from cotrain.rl.loss import completion_logprobs, token_loss
-
-STATE = "state.json"
-LATEST = "latest"
-_FORMAT = 1
 
 
 class BatchError(CotrainError, ValueError):
     """A batch the learner cannot train on (a sample without a prompt, a step out of order)."""
-
-
-class CheckpointError(CotrainError):
-    """A trainer checkpoint that is unreadable, corrupt, or of another model."""
 
 
 @dataclass(frozen=True)
@@ -140,25 +110,6 @@ class StepStats:
             "mean_staleness": self.mean_staleness,
             "applied": self.applied,
         }
-
-
-@dataclass(frozen=True)
-class Saved:
-    """A complete checkpoint read from disk (hashes checked)."""
-
-    path: Path
-    step: int
-    extra: dict[str, Any]
-    model_sha256: str = ""
-    """The sha256 of its ``model.safetensors`` (the weights now in the model)."""
-
-
-class Scorer(Protocol):
-    """What ``heldout_accuracy`` needs of an environment (``env.Env``'s task and score)."""
-
-    def task(self, seed: int, level: int = 0) -> Task: ...
-
-    def score(self, task: Task, reply: str) -> float: ...
 
 
 class Learner:
@@ -480,7 +431,7 @@ class Learner:
                 else:
                     layer.forward = fwd
 
-    # ---- checkpoints -------------------------------------------------------------------------
+    # ---- checkpoints (``rl.checkpoint``) ------------------------------------------------------
 
     def save(
         self,
@@ -491,106 +442,24 @@ class Learner:
         weights: bytes | str | os.PathLike[str] | None = None,
         weights_sha256: str | None = None,
     ) -> Path:
-        """Write a complete checkpoint of ``step`` into ``directory`` and point ``latest`` at
-        it; older saves are removed once it is in place. ``weights``: the model's weights as
-        ``weights_bytes`` or ``write_weights`` made them, if the caller has them already (the
-        version it publishes): bytes are written as they are, a file is hard-linked (copied
-        where it cannot be), instead of serialising the model again; ``weights_sha256``: the
-        file's hash if known. Nothing larger than one tensor is held in memory."""
-        root = Path(directory)
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_stale(root)
-        tmp = root / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        name = f"step-{step:08d}"
-        try:
-            tmp.mkdir()
-            model_file = tmp / "model.safetensors"
-            if weights is None:
-                write_weights(self.model, model_file)
-                model_sha = _sha256(model_file)
-            elif isinstance(weights, bytes | bytearray | memoryview):
-                model_file.write_bytes(weights)
-                model_sha = hashlib.sha256(weights).hexdigest()
-            else:
-                _link_or_copy(Path(weights), model_file)
-                model_sha = weights_sha256 or _sha256(model_file)
-            tensors, scalars = _optimizer_parts(self.optimizer)
-            optimizer_sha = write_safetensors(tensors, tmp / "optimizer.safetensors")
-            del tensors
-            state = {
-                "format": _FORMAT,
-                "step": step,
-                "learner_steps": self.steps,
-                "optimizer": scalars,
-                "extra": extra or {},
-                "files": {"model": model_sha, "optimizer": optimizer_sha},
-            }
-            (tmp / STATE).write_text(json.dumps(state, indent=1))
-            for p in tmp.iterdir():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-            final = root / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(root)
-            write_atomic(root / LATEST, name.encode())
-            _fsync_dir(root)
-        except BaseException:  # Ctrl-C included: leave no temporary directory behind
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        for old in root.glob("step-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-        return root / name
+        """``checkpoint.save_checkpoint`` of the policy and its AdamW."""
+        return save_checkpoint(
+            self.model,
+            self.optimizer,
+            self.steps,
+            directory,
+            step,
+            extra,
+            weights=weights,
+            weights_sha256=weights_sha256,
+        )
 
     def load(self, directory: str | Path) -> Saved | None:
         """Restore the newest complete checkpoint in ``directory`` (None: there is none)."""
-        root = Path(directory)
-        try:
-            name = (root / LATEST).read_text().strip()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise CheckpointError(f"cannot read {root / LATEST}: {e}") from None
-        path = root / name
-        try:
-            meta = json.loads((path / STATE).read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path} is unreadable ({e}); delete {root}") from None
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-            raise CheckpointError(f"checkpoint {path} has an unknown format; delete {root}")
-        for fname, digest in meta["files"].items():
-            f = path / f"{fname}.safetensors"
-            if not f.is_file() or _sha256(f) != digest:
-                raise CheckpointError(f"checkpoint file {f} is missing or corrupt; delete {root}")
-        try:
-            load_model(self.model, path / "model.safetensors", strict=True)
-        except RuntimeError as e:
-            first = str(e).splitlines()[-1].strip()
-            raise CheckpointError(f"checkpoint {path} holds another model ({first})") from None
-        release_memory()
-        self._load_optimizer(load_file(path / "optimizer.safetensors"), meta["optimizer"], path)
-        self.steps = int(meta["learner_steps"])
-        return Saved(path, int(meta["step"]), dict(meta["extra"]), str(meta["files"]["model"]))
-
-    def _load_optimizer(
-        self, flat: dict[str, torch.Tensor], saved: dict[str, Any], path: Path
-    ) -> None:
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in flat.items():
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-        for idx, extra in saved["scalars"].items():
-            state.setdefault(int(idx), {}).update(extra)
-        groups = saved["param_groups"]
-        # the config file decides the hyperparameters of a resumed run
-        for g in groups:
-            g.update(lr=self.cfg.lr, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay)
-        try:
-            self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {path}: optimizer state does not fit: {e}") from None
+        saved = load_checkpoint(self.model, self.optimizer, self.cfg, directory)
+        if saved is not None:
+            self.steps = saved.learner_steps
+        return saved
 
 
 # ---- what a step runs ------------------------------------------------------------------------
@@ -676,259 +545,3 @@ def _output_head(model: Any) -> torch.nn.Module | None:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     return head if isinstance(head, torch.nn.Module) else None
-
-
-# ---- the C heap --------------------------------------------------------------------------------
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-_MMAP_THRESHOLD = 1 << 20
-
-
-@functools.cache
-def _libc() -> Any:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): its own allocator's behaviour
-        return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
-@functools.cache
-def limit_heap_growth() -> None:
-    """glibc only, once per process: blocks of 1 MB and more (tensors: activations, gradients)
-    always come from ``mmap`` and go back to the system when freed. By default glibc raises
-    that threshold to the size of the largest block freed (up to 32 MB), after which freed
-    gradients and activations stay in its heaps, fragmented across threads: the trainer's peak
-    grew by about 0.7 GB from its first step to its second."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-
-
-def release_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing
-    elsewhere)."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-# ---- files -------------------------------------------------------------------------------------
-
-_DTYPES = {
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.float32: "F32",
-    torch.int32: "I32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> str:
-    """Write ``tensors`` as a safetensors file one tensor at a time, straight from their memory
-    (nothing but the header is built: no copy of the whole as bytes, whichever safetensors
-    version is installed); returns the sha256 of what was written. Tensors are laid out by
-    element size, then name (each aligned to its element size)."""
-    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, Any] = {}
-    offset = 0
-    for name in names:
-        t = tensors[name]
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"cannot write {name} of dtype {t.dtype}")
-        size = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": _DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the data starts 8-aligned
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        for piece in (struct.pack("<Q", len(head)), head):
-            f.write(piece)
-            digest.update(piece)
-        for name in names:
-            t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
-            # the tensor's own bytes, not a copy
-            view = memoryview(t.view(torch.uint8).numpy())  # type: ignore[arg-type]
-            f.write(view)
-            digest.update(view)
-    return digest.hexdigest()
-
-
-def _link_or_copy(source: Path, dest: Path) -> None:
-    try:
-        os.link(source, dest)
-    except OSError:  # another filesystem, or no hard links
-        shutil.copyfile(source, dest)
-
-
-def _optimizer_parts(
-    optimizer: torch.optim.Optimizer,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, entry in sd["state"].items():
-        for name, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{idx}.{name}"] = value.detach().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[name] = value
-    groups = [
-        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-        for g in sd["param_groups"]
-    ]
-    return tensors, {"scalars": scalars, "param_groups": groups}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_stale(directory: Path) -> None:
-    """Remove ``.tmp-<pid>-*`` saves of processes that no longer run."""
-    for p in directory.glob(".tmp-*"):
-        try:
-            pid = int(p.name.split("-")[1])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(p, ignore_errors=True)
-
-
-# ---- published weights -----------------------------------------------------------------------
-
-
-def _published_tensors(model: Any) -> dict[str, torch.Tensor]:
-    """The model's tensors as a version publishes them: those sharing storage once (see
-    ``weights_bytes``)."""
-    sd = model.state_dict()
-    owners = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    groups: dict[tuple[int, int], list[str]] = {}
-    for name, t in sd.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        groups.setdefault(key, []).append(name)
-    keep = set()
-    for names in groups.values():
-        owned = sorted(n for n in names if n in owners)
-        keep.add(owned[0] if owned else sorted(names)[0])
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if k in keep}
-
-
-def weights_bytes(model: Any) -> bytes:
-    """The policy as safetensors bytes, what each version publishes. Tensors that share storage
-    (tied input and output embeddings) are written once, under the name ``named_parameters``
-    gives them (the first module that registered it: ``model.embed_tokens.weight``, as
-    ``save_pretrained`` does), so a copy of the architecture loads a version with
-    ``safetensors.torch.load_model(model, path)`` or with ``load_state_dict(strict=False)``
-    missing only the tied output name. The same weights always give the same bytes.
-    ``write_weights`` writes the same bytes to a file without holding them in memory."""
-    from safetensors.torch import save
-
-    return save(_published_tensors(model))
-
-
-def write_weights(model: Any, path: str | os.PathLike[str]) -> None:
-    """Write ``weights_bytes(model)`` to ``path`` (the serialiser of ``weights_bytes``: the same
-    bytes, so the same hash) with safetensors' ``save_file``, which writes from the tensors'
-    memory (older safetensors releases copied every tensor to bytes first)."""
-    save_file(_published_tensors(model), str(path))
-
-
-# ---- held-out accuracy -----------------------------------------------------------------------
-
-
-@torch.no_grad()
-def heldout_accuracy(
-    model: Any,
-    tokenizer: Any,
-    env: Scorer,
-    seeds: Sequence[int],
-    *,
-    level: int,
-    max_new_tokens: int,
-    batch_size: int = 32,
-    encode: Callable[[Any, str], list[int]] | None = None,
-) -> float:
-    """Mean score of greedy replies to the held-out tasks of ``seeds`` at ``level`` (the
-    fraction solved, for 0/1 rewards). The prompts' common beginning (the chat template's
-    system turn, the task's wording: 35 of 55 tokens on chain_sum) is computed once and its
-    KV cache repeated for every row; the rest of each prompt follows it, padded in the middle
-    (masked out, positions counted on), and prompts sorted by length are decoded in batches
-    of ``batch_size``. Replies are scored on their text without special tokens.
-    Deterministic for given weights and thread count."""
-    if not seeds:
-        raise ValueError("heldout_accuracy needs at least one seed")
-    if encode is None:
-        from cotrain.rl.policy import encode_prompt
-
-        encode = encode_prompt
-    from transformers import GenerationConfig
-
-    tasks = [env.task(s, level) for s in seeds]
-    prompts = [encode(tokenizer, t.prompt) for t in tasks]
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    pad = 0 if pad is None else int(pad)
-    gen = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos
-    )
-    was_training = model.training
-    model.eval()
-    device = next(iter(model.parameters())).device
-    order = sorted(range(len(tasks)), key=lambda i: (len(prompts[i]), i))
-    shared = common_prefix(prompts) - 1  # every prompt keeps a token to feed
-    kwargs: dict[str, Any] = {}
-    total = 0.0
-    try:
-        if shared > 0:
-            with torch.no_grad():
-                head = torch.tensor([prompts[0][:shared]], device=device)  # (1, S)
-                prefix = model(input_ids=head, use_cache=True).past_key_values
-        for lo in range(0, len(order), batch_size):
-            idx = order[lo : lo + batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (N, P)
-            attn = torch.zeros(len(idx), width, dtype=torch.long)  # (N, P)
-            for row, i in enumerate(idx):
-                p = prompts[i]
-                ids[row, :shared], attn[row, :shared] = torch.tensor(p[:shared]), 1
-                ids[row, width - len(p) + shared :] = torch.tensor(p[shared:])
-                attn[row, width - len(p) + shared :] = 1
-            if shared > 0:
-                cache = copy.deepcopy(prefix)
-                cache.batch_repeat_interleave(len(idx))
-                kwargs = {_cache_kw(model): cache}
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=attn.to(device),
-                generation_config=gen,
-                **kwargs,
-            )  # (N, P + new)
-            for row, i in enumerate(idx):
-                reply = tokenizer.decode(out[row, width:].tolist(), skip_special_tokens=True)
-                total += float(env.score(tasks[i], reply))
-    finally:
-        model.train(was_training)
-    return total / len(tasks)

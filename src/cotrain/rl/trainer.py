@@ -74,7 +74,9 @@ from cotrain.core.signed import Envelope
 from cotrain.rl import wire
 from cotrain.rl.config import RLConfig
 from cotrain.rl.errors import OrchestratorUnreachable, RLError, RunAbortedError
-from cotrain.rl.learner import Learner, StepStats, heldout_accuracy, write_weights
+from cotrain.rl.evaluate import heldout_accuracy
+from cotrain.rl.learner import Learner, StepStats
+from cotrain.rl.weights import write_weights
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ from cotrain.core.signed import Envelope
 from cotrain.rl import wire
 from cotrain.rl.client import OrchestratorClient, Weights
 from cotrain.rl.config import RLConfig
-from cotrain.rl.learner import release_memory
+from cotrain.rl.heap import release_memory
 from cotrain.rl.wire import SignedRollout, Verdict, WireError
 
 log = logging.getLogger("cotrain.rl.validator")
@@ -41,7 +41,7 @@ class Validator:
         self.identity = Identity.load_or_create(cfg.path(cfg.validator.key))
         say = log_line or (lambda m: print(m, file=sys.stderr, flush=True))
         policy.check_memory("validator", cfg.model, log=say)
-        from cotrain.rl.learner import limit_heap_growth
+        from cotrain.rl.heap import limit_heap_growth
 
         limit_heap_growth()  # prefill temporaries go back to the system when freed
         self.policy = policy.load_policy(cfg.model, shared=True)

@@ -25,7 +25,7 @@ from cotrain.rl import wire
 from cotrain.rl.client import OrchestratorClient, Refused, Weights
 from cotrain.rl.config import RLConfig
 from cotrain.rl.errors import OrchestratorUnreachable, RLError
-from cotrain.rl.learner import release_memory
+from cotrain.rl.heap import release_memory
 from cotrain.rl.wire import Assignment, Rollout
 from cotrain.shardcast.errors import VersionNotFound
 
@@ -77,7 +77,7 @@ class Worker:
         self.identity = Identity.load_or_create(cfg.path(cfg.worker.key))
         say = log_line or (lambda m: print(m, file=sys.stderr, flush=True))
         policy.check_memory("worker", cfg.model, log=say)
-        from cotrain.rl.learner import limit_heap_growth
+        from cotrain.rl.heap import limit_heap_growth
 
         limit_heap_growth()  # generation's temporaries go back to the system when freed
         self.policy = policy.load_policy(cfg.model, shared=True)
