@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -37,3 +38,37 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def commit_save(staged: Path, root: Path, name: str, latest: str = "latest") -> Path:
+    """Make the save written into directory ``staged`` the newest one under ``root``: its files
+    fsynced, renamed to ``root/name`` (an older save of that name replaced), the file
+    ``root/latest`` pointed at it atomically, then every other ``step-*`` save removed. A crash
+    at any point leaves ``latest`` naming a complete save."""
+    for p in staged.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    final = root / name
+    if final.exists():  # the same step saved again
+        shutil.rmtree(final)
+    os.rename(staged, final)
+    fsync_dir(root)
+    write_atomic(root / latest, name.encode())
+    fsync_dir(root)
+    for old in root.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_stale_saves(directory: Path, *, own: bool = False) -> None:
+    """Remove ``.tmp-<pid>-*`` saves in progress of processes that no longer run (``own``:
+    this process's too, when it is done saving)."""
+    for p in directory.glob(".tmp-*"):
+        try:
+            pid = int(p.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        mine = pid == os.getpid()
+        if (own and mine) or (not mine and not Path(f"/proc/{pid}").exists()):
+            shutil.rmtree(p, ignore_errors=True)

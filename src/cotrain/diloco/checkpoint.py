@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from cotrain.core.files import fsync_dir, sha256_file, write_atomic
+from cotrain.core.files import commit_save, remove_stale_saves, sha256_file
 from cotrain.diloco.errors import CheckpointError, ConfigChangedError
 from cotrain.models.optim_state import optimizer_parts, optimizer_state_dict
 
@@ -78,24 +78,11 @@ class Saved:
             ) from None
 
 
-def _remove_stale(directory: Path, *, own: bool = False) -> None:
-    """Remove ``.tmp-<pid>-*`` saves of processes that no longer run (``own``: this
-    process's too, when it is done saving)."""
-    for p in directory.glob(".tmp-*"):
-        try:
-            pid = int(p.name.split("-")[1])
-        except (IndexError, ValueError):
-            continue
-        mine = pid == os.getpid()
-        if (own and mine) or (not mine and not Path(f"/proc/{pid}").exists()):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def remove_temporary(directory: str | Path) -> None:
     """Remove every unfinished save of this process in ``directory`` (for a ``finally``: a
     save cut short by a second Ctrl-C during its own clean-up)."""
     if Path(directory).is_dir():
-        _remove_stale(Path(directory), own=True)
+        remove_stale_saves(Path(directory), own=True)
 
 
 def save(
@@ -113,7 +100,7 @@ def save(
     into ``state.json`` beside ``step``, the file hashes and the optimizer's hyperparameters."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale(root)
+    remove_stale_saves(root)
     # named before it exists: an interrupt at any point after this line can remove it
     tmp = root / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
     name = f"step-{step:08d}"
@@ -137,23 +124,11 @@ def save(
             json.dump(state, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        final = root / name
-        if final.exists():  # the same step saved again (a retried synchronisation)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
-        write_atomic(root / LATEST, name.encode())
-        fsync_dir(root)
+        final = commit_save(tmp, root, name, LATEST)
     except BaseException:  # Ctrl-C included: leave no temporary directory behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in root.glob("step-*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
-    return root / name
+    return final
 
 
 def load(directory: str | Path) -> Saved | None:

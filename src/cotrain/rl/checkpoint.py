@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, load_model
 
 from cotrain.core.errors import CotrainError
-from cotrain.core.files import fsync_dir, sha256_file, write_atomic
+from cotrain.core.files import commit_save, remove_stale_saves, sha256_file
 from cotrain.models.optim_state import optimizer_parts, optimizer_state_dict
 from cotrain.rl.config import TrainerConfig
 from cotrain.rl.heap import release_memory
@@ -75,7 +75,7 @@ def save_checkpoint(
     if known. Nothing larger than one tensor is held in memory."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale(root)
+    remove_stale_saves(root)
     tmp = root / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
     name = f"step-{step:08d}"
     try:
@@ -102,23 +102,11 @@ def save_checkpoint(
             "files": {"model": model_sha, "optimizer": optimizer_sha},
         }
         (tmp / STATE).write_text(json.dumps(state, indent=1))
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
-        write_atomic(root / LATEST, name.encode())
-        fsync_dir(root)
+        final = commit_save(tmp, root, name, LATEST)
     except BaseException:  # Ctrl-C included: leave no temporary directory behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in root.glob("step-*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
-    return root / name
+    return final
 
 
 def load_checkpoint(
@@ -172,14 +160,3 @@ def _link_or_copy(source: Path, dest: Path) -> None:
         os.link(source, dest)
     except OSError:  # another filesystem, or no hard links
         shutil.copyfile(source, dest)
-
-
-def _remove_stale(directory: Path) -> None:
-    """Remove ``.tmp-<pid>-*`` saves of processes that no longer run."""
-    for p in directory.glob(".tmp-*"):
-        try:
-            pid = int(p.name.split("-")[1])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(p, ignore_errors=True)
