@@ -52,6 +52,60 @@ def test_the_codec_encodes_and_decodes_as_transformers_does() -> None:
         assert codec.decode(ids) == tok.decode(ids, skip_special_tokens=True)
 
 
+TEMPLATE = (
+    "{%- set ns = namespace(n=0) -%}"
+    "{{ bos_token }}[{{ strftime_now('%Y') }}]"
+    "{%- for m in messages %}"
+    "{%- if m.role not in ['user', 'assistant', 'system'] %}"
+    "{{ raise_exception('unknown role ' + m.role) }}"
+    "{%- endif %}"
+    "{%- if loop.index > 9 %}{% break %}{% endif %}"
+    "{%- set ns.n = ns.n + 1 %}"
+    "<|im_start|>{{ m.role }}\n"
+    "{%- if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
+    "{%- else %}{{ m.content | trim }}{% endif %}"
+    "<|im_end|>\n"
+    "{%- endfor %}"
+    "{{ dict(turns=ns.n) | tojson }}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_the_codec_renders_transformers_template_extensions(tmp_path: Path) -> None:
+    """A chat template with what transformers adds to jinja2 (``strftime_now``,
+    ``raise_exception``, ``{% generation %}``, loop controls, ``namespace``, ``dict``,
+    ``tojson``) encodes to the same ids."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    src = _smollm2()
+    for name in ("tokenizer.json", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, tmp_path / name)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config["chat_template"] = TEMPLATE
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    codec = PromptCodec(tmp_path)
+    for text in TEXTS:
+        ids = codec.encode_prompt(text)
+        assert ids == encode_prompt(tok, text), text
+    assert '{"turns": 1}' in tok.decode(codec.encode_prompt("hi"))
+    # a template that does not parse, or fails on a prompt: one line, no traceback
+    from cotrain.core.errors import UsageError
+
+    config["chat_template"] = "{% frobnicate %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="does not parse"):
+        PromptCodec(tmp_path)
+    config["chat_template"] = "{{ messages[0].content.nope() }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="failed on a prompt"):
+        PromptCodec(tmp_path).encode_prompt("hi")
+
+
 def test_loading_the_codec_imports_no_torch() -> None:
     path = _smollm2()
     script = (

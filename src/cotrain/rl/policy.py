@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -104,24 +105,36 @@ class PromptCodec:
         }
         self.template = None
         if isinstance(source, str) and source:
+            from jinja2 import TemplateError
             from jinja2.ext import loopcontrols
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             env = ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+                trim_blocks=True,
+                lstrip_blocks=True,
+                extensions=[loopcontrols, _generation_block()],
             )
             env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
             env.globals["raise_exception"] = _raise_template_error
-            self.template = env.from_string(source)
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            try:
+                self.template = env.from_string(source)
+            except TemplateError as e:
+                raise UsageError(f"{path}: the chat template does not parse: {e}") from None
 
     def encode_prompt(self, text: str) -> list[int]:
         if self.template is None:
             return list(self.tokenizer.encode(text).ids)
-        rendered = self.template.render(
-            messages=[{"role": "user", "content": text}],
-            add_generation_prompt=True,
-            **self.special,
-        )
+        from jinja2 import TemplateError
+
+        try:
+            rendered = self.template.render(
+                messages=[{"role": "user", "content": text}],
+                add_generation_prompt=True,
+                **self.special,
+            )
+        except TemplateError as e:
+            raise UsageError(f"the model's chat template failed on a prompt: {e}") from None
         return list(self.tokenizer.encode(rendered, add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
@@ -132,6 +145,26 @@ def _token_text(token: Any) -> str | None:
     if isinstance(token, dict):  # an AddedToken written out
         return str(token.get("content"))
     return None if token is None else str(token)
+
+
+def _generation_block() -> Any:
+    """The ``{% generation %}...{% endgeneration %}`` tag of transformers' templates (it marks
+    the assistant's tokens for training masks); rendered here as its content."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}  # noqa: RUF012 (jinja2 declares it so)
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return str(caller())
+
+    return Generation
 
 
 def _raise_template_error(message: str) -> None:
