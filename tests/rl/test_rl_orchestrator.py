@@ -263,6 +263,12 @@ def test_restart_replays_the_journal(tmp_path: Path) -> None:
         assert stored.read_text() == written
         assert [r["status"] for r in orch.store.read_step(1)] == ["accepted", "accepted"]
         assert orch.store.steps() == {1}
+        async with s.get(orch.url + "/v1/rollouts", params={"step": "1"}) as r:
+            assert r.status == 200 and len((await r.json())["records"]) == 2
+        # a store that lost a formed step answers with the reason, not a server error
+        stored.unlink()
+        async with s.get(orch.url + "/v1/rollouts", params={"step": "1"}) as r:
+            assert r.status == 503 and "not in the rollout store" in (await r.json())["error"]
 
     serve(cfg, third)
 

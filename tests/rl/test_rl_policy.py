@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cotrain.rl.policy import PromptCodec, encode_prompt
+from cotrain.rl.policy import TEMPLATE_DATE, PromptCodec, encode_prompt
 
 pytest.importorskip("transformers")
 pytest.importorskip("reasoning_gym")
@@ -54,7 +54,8 @@ def test_the_codec_encodes_and_decodes_as_transformers_does() -> None:
 
 TEMPLATE = (
     "{%- set ns = namespace(n=0) -%}"
-    "{{ bos_token }}[{{ strftime_now('%Y') }}]"
+    "{{ bos_token }}"
+    "{%- if tools is not none or documents is not none %}{{ raise_exception('tools') }}{% endif %}"
     "{%- for m in messages %}"
     "{%- if m.role not in ['user', 'assistant', 'system'] %}"
     "{{ raise_exception('unknown role ' + m.role) }}"
@@ -72,9 +73,10 @@ TEMPLATE = (
 
 
 def test_the_codec_renders_transformers_template_extensions(tmp_path: Path) -> None:
-    """A chat template with what transformers adds to jinja2 (``strftime_now``,
-    ``raise_exception``, ``{% generation %}``, loop controls, ``namespace``, ``dict``,
-    ``tojson``) encodes to the same ids."""
+    """A chat template with what transformers adds to jinja2 (``raise_exception``,
+    ``{% generation %}``, loop controls, ``namespace``, ``dict``, ``tojson``, ``tools`` and
+    ``documents`` given as None) encodes to the same ids; ``strftime_now`` renders the fixed
+    ``TEMPLATE_DATE``, whatever the day."""
     import json
     import shutil
 
@@ -93,6 +95,19 @@ def test_the_codec_renders_transformers_template_extensions(tmp_path: Path) -> N
         ids = codec.encode_prompt(text)
         assert ids == encode_prompt(tok, text), text
     assert '{"turns": 1}' in tok.decode(codec.encode_prompt("hi"))
+    # a conversation: the generation tag renders the assistant's turn as transformers does
+    chat = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3?"},
+    ]
+    want = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert codec.render(chat) == want and "<|im_start|>assistant4<|im_end|>" in want
+    # the date is the fixed one, so every role renders the same prompt on any day
+    config["chat_template"] = "{{ strftime_now('%Y-%m-%d') }} {{ messages[0].content }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    dated = PromptCodec(tmp_path)
+    assert dated.tokenizer.decode(dated.encode_prompt("hi")) == (f"{TEMPLATE_DATE:%Y-%m-%d} hi")
     # a template that does not parse, or fails on a prompt: one line, no traceback
     from cotrain.core.errors import UsageError
 
@@ -100,10 +115,11 @@ def test_the_codec_renders_transformers_template_extensions(tmp_path: Path) -> N
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match="does not parse"):
         PromptCodec(tmp_path)
-    config["chat_template"] = "{{ messages[0].content.nope() }}"
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(UsageError, match="failed on a prompt"):
-        PromptCodec(tmp_path).encode_prompt("hi")
+    for failing in ("{{ messages[0].content.nope() }}", "{{ messages | tojson(indent=1, x=2) }}"):
+        config["chat_template"] = failing
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+        with pytest.raises(UsageError, match="failed on a prompt"):
+            PromptCodec(tmp_path).encode_prompt("hi")
 
 
 def test_loading_the_codec_imports_no_torch() -> None:

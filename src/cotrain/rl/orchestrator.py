@@ -57,6 +57,10 @@ class Forbidden(Exception):
     """A caller we do not accept (unknown validator, banned worker, not the trainer)."""
 
 
+class StoreError(Exception):
+    """The rollout store lacks a formed step or cannot be read (HTTP 503)."""
+
+
 @dataclass
 class Received:
     """A rollout that passed the door."""
@@ -70,6 +74,19 @@ class Received:
     reward: float | None = None
     claimed_by: str | None = None
     claim_deadline: float = 0.0
+
+
+def _record(rec: Received) -> dict[str, Any]:
+    """What the rollout store keeps of one received rollout."""
+    return {
+        "id": rec.signed.id,
+        "worker": rec.signed.worker,
+        "status": rec.status,
+        "reward": rec.reward,
+        "verdict": rec.verdict,
+        "validator": rec.validator,
+        "rollout": rec.signed.envelope.to_json(),
+    }
 
 
 @dataclass
@@ -163,20 +180,29 @@ class Orchestrator:
     def _store_missing_steps(self) -> None:
         """Write the replayed steps that the store lacks: the process died before a step's
         write (it runs off the event loop), or the step formed only now (a journal of an
-        older orchestrator that left it unformed)."""
-        formed, self._replayed_steps = self._replayed_steps, []
+        older orchestrator that left it unformed). Listed and written in the store's thread,
+        like every write: a slow or unreachable store does not hold up the start."""
+        formed, self._replayed_steps = set(self._replayed_steps), []
         if not formed:
             return
+        received = [rec for rec in self.received.values() if rec.signed.assignment.step in formed]
+        self._store_pool.submit(self._rewrite_missing, formed, received)
+
+    def _rewrite_missing(self, formed: set[int], received: list[Received]) -> None:
         try:
-            have = self.store.steps()
+            missing = sorted(formed - self.store.steps())
         except Exception as e:  # an unreachable store must not stop the run
             log.error("could not list the rollout store %s: %s", self.store.url, e)
             return
-        missing = [step for step in formed if step not in have]
+        if not missing:
+            return
+        log.info("writing %d step(s) missing from the store: %s", len(missing), missing)
+        by_step: dict[int, list[Received]] = {step: [] for step in missing}
+        for rec in received:
+            if rec.signed.assignment.step in by_step:
+                by_step[rec.signed.assignment.step].append(rec)
         for step in missing:
-            self._write_step(step)
-        if missing:
-            log.info("rewriting %d step(s) missing from the store: %s", len(missing), missing)
+            self._store(step, [_record(rec) for rec in by_step.pop(step)])
 
     # ---- state changes (the same code live and on replay) ----------------------------------
 
@@ -264,17 +290,7 @@ class Orchestrator:
 
     def _write_step(self, step: int) -> None:
         records = [
-            {
-                "id": rid,
-                "worker": rec.signed.worker,
-                "status": rec.status,
-                "reward": rec.reward,
-                "verdict": rec.verdict,
-                "validator": rec.validator,
-                "rollout": rec.signed.envelope.to_json(),
-            }
-            for rid, rec in self.received.items()
-            if rec.signed.assignment.step == step
+            _record(rec) for rec in self.received.values() if rec.signed.assignment.step == step
         ]
         # Off the event loop, one write at a time: an S3 store costs a round trip per step
         # (seconds when its endpoint is down), which must not hold up assignments.
@@ -533,7 +549,12 @@ class Orchestrator:
     def step_records(self, step: int) -> list[dict[str, Any]] | None:
         if self.planner.batch(step) is None:
             return None
-        return self.store.read_step(step)
+        try:
+            return self.store.read_step(step)
+        except FileNotFoundError:
+            raise StoreError(f"step {step} is not in the rollout store {self.store.url}") from None
+        except Exception as e:  # an unreachable store: the caller's error, not a crash
+            raise StoreError(f"cannot read step {step} from {self.store.url}: {e}") from None
 
     # ---- HTTP ------------------------------------------------------------------------------
 
@@ -672,6 +693,8 @@ class Orchestrator:
             return web.json_response({"error": str(e)[:300]}, status=400)
         except Forbidden as e:
             return web.json_response({"error": str(e)[:300]}, status=403)
+        except StoreError as e:
+            return web.json_response({"error": str(e)[:300]}, status=503)
 
     def app(self) -> web.Application:
         app = web.Application(

@@ -6,6 +6,7 @@ estimate first and refuses with one line when the machine cannot hold it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -47,9 +48,14 @@ class Policy:
     def vocab_size(self) -> int:
         return int(self.model.get_input_embeddings().num_embeddings)
 
+    @functools.cached_property
+    def codec(self) -> PromptCodec:
+        return PromptCodec(self.path)
+
     def encode_prompt(self, text: str) -> list[int]:
-        """A user message -> prompt ids, with the chat template where the model has one."""
-        return encode_prompt(self.tokenizer, text)
+        """A user message -> prompt ids, with the chat template where the model has one (the
+        ``PromptCodec`` the orchestrator encodes assignments with)."""
+        return self.codec.encode_prompt(text)
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
@@ -81,13 +87,21 @@ def model_dir(spec: ModelSpec) -> Path:
     return path
 
 
+TEMPLATE_DATE = datetime(2025, 1, 1)
+"""The date a chat template's ``strftime_now`` renders (fixed: see ``PromptCodec``)."""
+
+
 class PromptCodec:
     """Prompt encoding and completion decoding without transformers (which imports torch:
     ~200 MB of a process that never runs the model, the orchestrator). The model directory's
     ``tokenizer.json`` through ``tokenizers``, and its chat template rendered by jinja2 the
     way transformers renders it (sandboxed, ``trim_blocks``, ``lstrip_blocks``, the special
-    tokens as variables); ``encode_prompt`` gives the ids ``policy.encode_prompt`` gives (a
-    test holds them equal)."""
+    tokens as variables); ``encode_prompt`` gives the ids transformers' ``apply_chat_template``
+    gives (a test holds them equal), with one difference: ``strftime_now`` renders
+    ``TEMPLATE_DATE``, not today's date, so that the orchestrator and every validator render one
+    prompt the same on any day and in any time zone (a date in the prompt would otherwise
+    reject honest rollouts around midnight). Every role encodes prompts with it
+    (``Policy.encode_prompt``)."""
 
     def __init__(self, path: Path) -> None:
         from tokenizers import Tokenizer
@@ -114,9 +128,9 @@ class PromptCodec:
                 lstrip_blocks=True,
                 extensions=[loopcontrols, _generation_block()],
             )
-            env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+            env.filters["tojson"] = _tojson
             env.globals["raise_exception"] = _raise_template_error
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            env.globals["strftime_now"] = TEMPLATE_DATE.strftime
             try:
                 self.template = env.from_string(source)
             except TemplateError as e:
@@ -125,20 +139,42 @@ class PromptCodec:
     def encode_prompt(self, text: str) -> list[int]:
         if self.template is None:
             return list(self.tokenizer.encode(text).ids)
-        from jinja2 import TemplateError
-
         try:
-            rendered = self.template.render(
-                messages=[{"role": "user", "content": text}],
-                add_generation_prompt=True,
-                **self.special,
-            )
-        except TemplateError as e:
+            rendered = self.render([{"role": "user", "content": text}])
+        except UsageError:
+            raise
+        except Exception as e:  # a template is code from the model's author
             raise UsageError(f"the model's chat template failed on a prompt: {e}") from None
         return list(self.tokenizer.encode(rendered, add_special_tokens=False).ids)
 
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        """The chat template's text of ``messages``, ready for the assistant's reply."""
+        if self.template is None:
+            raise UsageError("the model has no chat template")
+        return str(
+            self.template.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=True,
+                **self.special,
+            )
+        )
+
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _token_text(token: Any) -> str | None:
