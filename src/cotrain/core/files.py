@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -42,21 +43,22 @@ def fsync_dir(path: Path) -> None:
 
 def commit_save(staged: Path, root: Path, name: str, latest: str = "latest") -> Path:
     """Make the save written into directory ``staged`` the newest one under ``root``: its files
-    fsynced, renamed to ``root/name`` (an older save of that name replaced), the file
-    ``root/latest`` pointed at it atomically, then every other ``step-*`` save removed. A crash
-    at any point leaves ``latest`` naming a complete save."""
+    fsynced, renamed to ``root/name``, the file ``root/latest`` pointed at it atomically, then
+    every other ``step-*`` save removed. When ``root/name`` exists (the same step saved again)
+    the new save gets a name of its own beside it, so that a crash at any point leaves
+    ``latest`` naming a complete save. Returns the save's directory."""
     for p in staged.iterdir():
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     final = root / name
-    if final.exists():  # the same step saved again
-        shutil.rmtree(final)
+    while final.exists():
+        final = root / f"{name}-{secrets.token_hex(3)}"
     os.rename(staged, final)
     fsync_dir(root)
-    write_atomic(root / latest, name.encode())
+    write_atomic(root / latest, final.name.encode())
     fsync_dir(root)
     for old in root.glob("step-*"):
-        if old.name != name:
+        if old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
