@@ -16,7 +16,9 @@ written (``--json``): ``runs`` (``mode``, ``async_level``, ``curve`` [{``step``,
 ``heldout_accuracy``, ``mean_reward``}], ``trainer_idle_fraction``,
 ``inference_idle_fraction``, ``rollouts`` {``submitted``, ``accepted``,
 ``rejected_by_check``}, ``peak_memory_bytes``), ``cheats`` (``case``, ``submitted``,
-``detected``), ``honest_rejected``, ``honest_total``, ``async2_time_to_sync_final_ratio``
+``detected``), ``honest_rejected``, ``honest_total`` (the runs' honest workers and those of
+the cheat phase, ``cheat_phase_honest``), ``settings`` (the ``--set`` items),
+``async2_time_to_sync_final_ratio``
 (wall time for k=2 to reach the sync run's final accuracy over the sync run's wall time;
 target <= 0.77), and ``validation`` (generation against validation time per rollout).
 """
@@ -36,7 +38,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from cotrain.core.config import ConfigError, apply_overrides
+from cotrain.core.config import ConfigError, field_for, parse_value, split_override
 from cotrain.core.errors import TimeoutExpired
 from cotrain.rl import cheats
 from cotrain.rl.config import RLConfig
@@ -47,6 +49,22 @@ RUN_CHEATS = {0: "greedy", 1: "swap_last", 2: "forge_logprobs"}
 CHEATS_AT_ONCE = 6
 """Cheating workers started together in the cheat phase (each loads the model)."""
 ALL_CHEATS = [*cheats.CHEATS, *ENVELOPE_CHEATS]
+
+
+BENCH_SETS = {
+    "run.out_dir": "--out",
+    "run.async_level": "--levels",
+    "run.total_steps": "--steps",
+    "run.seed": "--seed",
+    "run.group_size": "--group-size",
+    "run.groups_per_step": "--groups",
+    "model.path": "--model",
+    "env.name": "nothing (the benchmark is chain_sum)",
+    "env.heldout_items": "--heldout",
+    "sampling.max_new_tokens": "--max-new-tokens",
+    "trainer.eval_every": "--eval-every (held-out accuracy is measured after each run)",
+}
+"""Settings the benchmark makes itself (and reads back): ``--set`` refuses them."""
 
 
 def base_config(args: argparse.Namespace, out: Path, k: int) -> RLConfig:
@@ -68,7 +86,16 @@ def base_config(args: argparse.Namespace, out: Path, k: int) -> RLConfig:
     cfg.orchestrator.ban_after_rejects = 0  # keep the cheater submitting: every one is judged
     cfg.launch.validators = 1
     if args.set:  # the run's own settings, e.g. --set run.retry_failed_tasks=false
-        data = apply_overrides(cfg.model_dump(mode="json"), args.set)
+        data = cfg.model_dump(mode="json")
+        for item in args.set:
+            key, raw = split_override(item)
+            if key in BENCH_SETS:
+                raise ConfigError(f"{key} is the bench's own: use {BENCH_SETS[key]}")
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = parse_value(raw, field_for(RLConfig, key))
         cfg = RLConfig.model_validate(data)
     return cfg
 

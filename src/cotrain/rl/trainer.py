@@ -69,6 +69,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from cotrain.core.errors import TimeoutExpired, UsageError
+from cotrain.core.files import sha256_file
 from cotrain.core.identity import Identity
 from cotrain.core.signed import Envelope
 from cotrain.rl import wire
@@ -132,14 +133,6 @@ def publish_config(cfg: RLConfig) -> Any:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def stage_weights(model: Any, cfg: RLConfig) -> Path:
@@ -239,7 +232,7 @@ def resume(learner: Learner, cfg: RLConfig, identity: Identity, *, log: Any = _s
         if got != manifest.file_sha256:
             path = stage_weights(learner.model, cfg)
             try:
-                got = file_sha256(path)
+                got = sha256_file(path)
             finally:
                 path.unlink(missing_ok=True)
         if got != manifest.file_sha256:
@@ -253,7 +246,7 @@ def resume(learner: Learner, cfg: RLConfig, identity: Identity, *, log: Any = _s
         from safetensors.torch import load_model
 
         path = store.data_path(latest)
-        if file_sha256(path) != manifest.file_sha256:
+        if sha256_file(path) != manifest.file_sha256:
             raise ResumeError(f"{path} does not match its manifest's hash: {fix}")
         load_model(learner.model, path, strict=True)
         learner.steps = latest - 1
