@@ -257,12 +257,14 @@ def test_restart_replays_the_journal(tmp_path: Path) -> None:
     stored = tmp_path / "rollouts" / "step_000001.jsonl"
     written = stored.read_text()
     stored.unlink()
+    torn = stored.with_name(f"{stored.name}.999999999.tmp")  # a writer killed mid-write
+    torn.write_text("half")
 
     async def third(orch: Orchestrator, s: aiohttp.ClientSession) -> None:
         orch.flush_store()
         assert stored.read_text() == written
         assert [r["status"] for r in orch.store.read_step(1)] == ["accepted", "accepted"]
-        assert orch.store.steps() == {1}
+        assert orch.store.steps() == {1} and not torn.exists()
         async with s.get(orch.url + "/v1/rollouts", params={"step": "1"}) as r:
             assert r.status == 200 and len((await r.json())["records"]) == 2
         # a store that lost a formed step answers with the reason, not a server error

@@ -63,6 +63,10 @@ class RolloutStore:
         self.url = url.rstrip("/")
         if "://" not in self.url:
             Path(self.url).mkdir(parents=True, exist_ok=True)
+            for tmp in Path(self.url).glob("step_*.jsonl.*.tmp"):  # a killed writer's
+                pid = tmp.name.split(".")[-2]
+                if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                    tmp.unlink(missing_ok=True)
 
     def path(self, step: int) -> str:
         return f"{self.url}/step_{step:06d}.jsonl"
