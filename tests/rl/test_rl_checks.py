@@ -176,6 +176,29 @@ def check(w: World, s: wire.SignedRollout, **kw: Any) -> wire.Verdict:
     return check_rollout(w.model, s, w.ctx, **args)
 
 
+def cheat_context(
+    w: World,
+    a_env: Envelope,
+    *,
+    temperature: float = TEMPERATURE,
+    batch_size: int = 4,
+    **kw: Any,
+) -> cheats.CheatContext:
+    """What a cheating worker has for the assignment ``a_env``."""
+    return cheats.CheatContext(
+        model=w.model,
+        prompt_ids=a_env.body["prompt_ids"],
+        seeds=a_env.body["seeds"],
+        temperature=temperature,
+        max_new_tokens=MAX_NEW,
+        eos_token_id=w.tokenizer.eos_token_id,
+        batch_size=batch_size,
+        proof_chunk=PROOF.chunk_tokens,
+        proof_topk=PROOF.topk,
+        **kw,
+    )
+
+
 class threads:
     """Run a block at a torch thread count."""
 
@@ -276,17 +299,7 @@ def test_below_temperature_one_honest_passes_and_greedy_does_not(
     verdicts, greedy = [], []
     for slot in range(2):
         a_env = assign(world, 4, slot + int(100 * temperature), temperature=temperature)
-        cctx = cheats.CheatContext(
-            model=world.model,
-            prompt_ids=a_env.body["prompt_ids"],
-            seeds=a_env.body["seeds"],
-            temperature=temperature,
-            max_new_tokens=MAX_NEW,
-            eos_token_id=world.tokenizer.eos_token_id,
-            batch_size=8,
-            proof_chunk=PROOF.chunk_tokens,
-            proof_topk=PROOF.topk,
-        )
+        cctx = cheat_context(world, a_env, temperature=temperature, batch_size=8)
         with threads(2):
             group = cctx.generate()
         verdicts += [check(world, submit(world, a_env, i, g)) for i, g in enumerate(group)]
@@ -333,16 +346,9 @@ def test_every_cheat_is_rejected(world: World, name: str) -> None:
         a_env = assign(world, 3, slot)
         task = world.ctx.env.task(a_env.body["task_seed"], 0)
         other = assign(world, 3, slot + 100).body["prompt_ids"]
-        cctx = cheats.CheatContext(
-            model=world.model,
-            prompt_ids=a_env.body["prompt_ids"],
-            seeds=a_env.body["seeds"],
-            temperature=TEMPERATURE,
-            max_new_tokens=MAX_NEW,
-            eos_token_id=world.tokenizer.eos_token_id,
-            batch_size=4,
-            proof_chunk=PROOF.chunk_tokens,
-            proof_topk=PROOF.topk,
+        cctx = cheat_context(
+            world,
+            a_env,
             answer_ids=world.tokenizer(task.answer)["input_ids"],
             other_prompt_ids=other,
         )
@@ -465,17 +471,7 @@ def test_an_unlikely_eos_passes_only_when_the_seed_drew_it(world: World) -> None
         latest_version=LATEST,
     )
     assert honest.ok and honest.metrics["eos_prob"] < 0.5
-    cctx = cheats.CheatContext(
-        model=world.model,
-        prompt_ids=a_env.body["prompt_ids"],
-        seeds=a_env.body["seeds"],
-        temperature=TEMPERATURE,
-        max_new_tokens=MAX_NEW,
-        eos_token_id=world.tokenizer.eos_token_id,
-        batch_size=8,
-        proof_chunk=PROOF.chunk_tokens,
-        proof_topk=PROOF.topk,
-    )
+    cctx = cheat_context(world, a_env, batch_size=8)
     forced = cheats.cheat_group("early_eos", cctx)
     same = cheats.coincides_with_honest(cctx, forced)
     j = next(j for j in range(G) if not same[j])

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -74,3 +77,37 @@ def remove_stale_saves(directory: Path, *, own: bool = False) -> None:
         mine = pid == os.getpid()
         if (own and mine) or (not mine and not Path(f"/proc/{pid}").exists()):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def read_latest_save(
+    root: Path,
+    error: Callable[[str], Exception],
+    *,
+    latest: str = "latest",
+    state: str = "state.json",
+    fmt: int = 1,
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest save ``commit_save`` made under ``root`` and its ``state`` JSON, every file
+    the state lists (``files``: name -> sha256 of ``<name>.safetensors``) hash-checked; None
+    when there is none. Anything unreadable, of another format or corrupt raises ``error``
+    with a message that names what to delete."""
+    try:
+        name = (root / latest).read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise error(f"cannot read {root / latest}: {e}") from None
+    path = root / name
+    try:
+        meta = json.loads((path / state).read_text())
+    except (OSError, ValueError) as e:
+        raise error(f"checkpoint {path} is unreadable ({e}); delete {root} to start over") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise error(f"checkpoint {path} has an unknown format; delete {root} to start over")
+    for fname, digest in dict(meta.get("files", {})).items():
+        file = path / f"{fname}.safetensors"
+        if not file.is_file() or sha256_file(file) != digest:
+            raise error(
+                f"checkpoint file {file} is missing or corrupt; delete {root} to start over"
+            )
+    return path, meta

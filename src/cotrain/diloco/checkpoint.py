@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from cotrain.core.files import commit_save, remove_stale_saves, sha256_file
+from cotrain.core.files import commit_save, read_latest_save, remove_stale_saves, sha256_file
 from cotrain.diloco.errors import CheckpointError, ConfigChangedError
 from cotrain.models.optim_state import optimizer_parts, optimizer_state_dict
 
@@ -133,29 +133,12 @@ def save(
 
 def load(directory: str | Path) -> Saved | None:
     """The newest complete save in ``directory`` (None when there is none), hashes checked."""
-    root = Path(directory)
-    try:
-        name = (root / LATEST).read_text().strip()
-    except FileNotFoundError:
+    found = read_latest_save(
+        Path(directory), CheckpointError, latest=LATEST, state=STATE, fmt=_FORMAT
+    )
+    if found is None:
         return None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {root / LATEST}: {e}") from None
-    path = root / name
-    try:
-        meta = json.loads((path / STATE).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable ({e}); delete {root} to start over"
-        ) from None
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-        raise CheckpointError(f"checkpoint {path} has an unknown format; delete {root}")
-    for fname, digest in meta.get("files", {}).items():
-        f = path / f"{fname}.safetensors"
-        if not f.is_file() or sha256_file(f) != digest:
-            raise CheckpointError(
-                f"checkpoint file {f} is missing or corrupt (hash mismatch); delete {root} "
-                "to start over"
-            )
+    path, meta = found
     return Saved(path, meta)
 
 

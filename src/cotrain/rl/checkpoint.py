@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, load_model
 
 from cotrain.core.errors import CotrainError
-from cotrain.core.files import commit_save, remove_stale_saves, sha256_file
+from cotrain.core.files import commit_save, read_latest_save, remove_stale_saves, sha256_file
 from cotrain.models.optim_state import optimizer_parts, optimizer_state_dict
 from cotrain.rl.config import TrainerConfig
 from cotrain.rl.heap import release_memory
@@ -115,24 +115,12 @@ def load_checkpoint(
     """Restore the newest complete checkpoint in ``directory`` into ``model`` and
     ``optimizer`` (None: there is none). The hyperparameters are ``cfg``'s: the config file
     decides those of a resumed run."""
-    root = Path(directory)
-    try:
-        name = (root / LATEST).read_text().strip()
-    except FileNotFoundError:
+    found = read_latest_save(
+        Path(directory), CheckpointError, latest=LATEST, state=STATE, fmt=_FORMAT
+    )
+    if found is None:
         return None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {root / LATEST}: {e}") from None
-    path = root / name
-    try:
-        meta = json.loads((path / STATE).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({e}); delete {root}") from None
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-        raise CheckpointError(f"checkpoint {path} has an unknown format; delete {root}")
-    for fname, digest in meta["files"].items():
-        f = path / f"{fname}.safetensors"
-        if not f.is_file() or sha256_file(f) != digest:
-            raise CheckpointError(f"checkpoint file {f} is missing or corrupt; delete {root}")
+    path, meta = found
     try:
         load_model(model, path / "model.safetensors", strict=True)
     except RuntimeError as e:
