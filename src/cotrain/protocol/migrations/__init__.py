@@ -1,0 +1,1 @@
+"""Alembic migrations of the coordinator's database (``cotrain.protocol.db.migrate``)."""
