@@ -69,6 +69,9 @@ def replay(
     prev = ZERO
     at: dict[int, tuple[bytes, str, dict[str, Any]]] = {}
     kinds: dict[str, int] = {}
+    # every request's signature -> its entry: the same signature is the same signed statement,
+    # so a request sequenced twice (a replay the rules would allow, such as a claim) is named
+    seen_sigs: dict[bytes, int] = {}
     if 0 in record_at:
         at[0] = (merkle.EMPTY_ROOT, state.root(), state.view())
     for i, data in enumerate(entries):
@@ -92,6 +95,12 @@ def replay(
             raise AuditError(
                 f"is not signed by its author {e.req.key[:16]}...: altered or forged", seq=i
             ) from None
+        first = seen_sigs.setdefault(bytes.fromhex(e.req.sig), i)
+        if first != i:
+            raise AuditError(
+                f"repeats the signed request of entry {first}: a replay",
+                seq=i,
+            )
         try:
             applied = state.apply(i, e.ts_ms, e.req)
         except ProtocolError as ex:
@@ -215,9 +224,6 @@ def audit(
     """Audit a whole ledger; ``AuditError`` at the first thing wrong."""
     t0 = time.perf_counter()
     n = len(ledger.entries)
-    for size in ledger.checkpoints:
-        if size > n:
-            raise AuditError(f"checkpoint {size} is beyond the {n} entries fetched")
     pub_size = ledger.published.get("size") if ledger.published else None
     sizes = set(ledger.checkpoints) | {n}
     if seen is not None:
@@ -227,6 +233,9 @@ def audit(
     state, at, kinds = replay(ledger.entries, record_at=sizes, on_progress=on_progress)
     if n == 0:
         raise AuditError("the ledger is empty")
+    for size in ledger.checkpoints:  # after the replay, which names an entry removed midway
+        if size > n:
+            raise AuditError(f"checkpoint {size} is beyond the {n} entries fetched")
     coordinator, origin = state.coordinator, state.origin
     if key is not None and key != coordinator:
         raise AuditError(
@@ -255,11 +264,13 @@ def audit(
         seen.check(n, roots)
     if ledger.published is not None:
         pub = dict(ledger.published)
-        pub.pop("root", None)
+        pub_root = pub.pop("root", None)
         psize = pub.get("size")
         if not isinstance(psize, int) or psize not in at:
             raise AuditError(f"the published state is at size {psize!r}, which was not fetched")
         diffs = compare(pub, at[psize][2])
+        if pub_root is not None and pub_root != at[psize][1]:  # the state root it publishes
+            diffs.append(f"root: published {pub_root!r}, the ledger says {at[psize][1]!r}")
         if diffs:
             raise AuditError(
                 f"the coordinator's published state (size {psize}) differs from the ledger's: "

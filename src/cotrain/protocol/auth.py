@@ -24,7 +24,7 @@ import os
 import re
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -77,9 +77,14 @@ class SignedRequest:
     path: str
     body: dict[str, Any]
     sig: str
+    raw: bytes | None = field(default=None, compare=False, repr=False)
+    """The body's canonical bytes, when known (what was signed): saves re-encoding it."""
+
+    def body_bytes(self) -> bytes:
+        return canonical(self.body) if self.raw is None else self.raw
 
     def statement(self) -> bytes:
-        digest = hashlib.sha256(canonical(self.body)).hexdigest()
+        digest = hashlib.sha256(self.body_bytes()).hexdigest()
         return statement(self.method, self.path, digest, self.ts_ms, self.nonce)
 
     def verify(self) -> None:
@@ -135,7 +140,7 @@ def sign(
     nonce = os.urandom(16).hex() if nonce is None else nonce
     raw = canonical(body)
     sig = identity.sign(statement(method, path, hashlib.sha256(raw).hexdigest(), ts, nonce))
-    return SignedRequest(identity.public_hex, ts, nonce, method, path, dict(body), sig.hex())
+    return SignedRequest(identity.public_hex, ts, nonce, method, path, dict(body), sig.hex(), raw)
 
 
 def headers(req: SignedRequest) -> dict[str, str]:
@@ -185,7 +190,7 @@ def read(method: str, path: str, hdrs: Any, raw: bytes, *, max_body: int) -> Sig
             raise RequestError("request body must be canonical JSON (RFC 8785)")
     except EnvelopeError as e:
         raise RequestError(str(e)) from None
-    return SignedRequest(key, int(ts), nonce, method, path, body, sig)
+    return SignedRequest(key, int(ts), nonce, method, path, body, sig, raw)
 
 
 class Replay:
@@ -213,6 +218,14 @@ class Replay:
             raise AuthError("replayed request: this nonce was already used by this key")
         self._seen.add(item)
         self._order.append((now_ms, item))
+
+    def remember(self, key: str, nonce: str, at_ms: int) -> None:
+        """A nonce used at ``at_ms`` (oldest first): what a coordinator restarted after a crash
+        reads back from its ledger, so a request acknowledged before it is refused after."""
+        item = (key, nonce)
+        if item not in self._seen:
+            self._seen.add(item)
+            self._order.append((at_ms, item))
 
     def __len__(self) -> int:
         return len(self._seen)

@@ -39,3 +39,18 @@ class CoordinatorConfig(ConfigModel):
     """Lifetime of the comm admission tokens handed out at join."""
     write_timeout_s: float = Field(30.0, gt=0)
     """A write not committed within this long is answered 503."""
+
+
+class AuditConfig(ConfigModel):
+    source: str = ""
+    """A coordinator's URL (http://host:port) or a ledger directory saved with --save."""
+    key: str = ""
+    """The coordinator key you trust (64 hex); without it, the key in the genesis entry."""
+    save: str = ""
+    """Also write what was fetched to this directory (audit it again offline later)."""
+    cache: str = "~/.cache/cotrain/audit"
+    """Where checkpoints seen before are kept, per coordinator ('' to keep none)."""
+    json_out: str = ""
+    """Write the report (and the replayed state) as JSON here."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Deadline for each read from the coordinator."""

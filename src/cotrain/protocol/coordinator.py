@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ from cotrain.protocol import auth, merkle, note, wire
 from cotrain.protocol.config import CoordinatorConfig
 from cotrain.protocol.db import Batch, Database, SQLWork
 from cotrain.protocol.errors import (
+    Conflict,
     Forbidden,
     NotFound,
     ProtocolError,
@@ -150,6 +152,7 @@ class Coordinator:
         self.work: _GuardedWork
         self.tree: Tree
         self._load()
+        self._remember_recent_nonces()
 
     # ---- start, reload ---------------------------------------------------------------------
 
@@ -184,15 +187,46 @@ class Coordinator:
                 f"this database is the ledger of coordinator {self.state.coordinator[:16]}...; "
                 "start with that key"
             )
+        if self.state.window_ms and self.state.window_ms != self.replay.window_ms:
+            log.warning(
+                "this ledger's clock window is %.0f s (its genesis); --window_s is ignored",
+                self.state.window_ms / 1000,
+            )
+            self.replay.window_ms = self.state.window_ms
         cp = self.db.checkpoint()
         self._last_cp_size = cp["size"] if cp else 0
         self.state.dirty.clear()
+
+    def _remember_recent_nonces(self) -> None:
+        """The nonces of the entries whose requests could still pass the clock check (those
+        sequenced within twice the window): the replay cache lives in memory, so without them a
+        request acknowledged just before a crash (a claim) would be accepted again after it."""
+        cutoff = now_ms() - 2 * self.replay.window_ms
+        recent: list[tuple[int, str, str]] = []
+        hi = self.state.size
+        while hi > 0:
+            lo = max(0, hi - MAX_ENTRIES_PER_READ)
+            rows = self.db.entries(lo, hi)
+            for data in reversed(rows):
+                obj = json.loads(data)
+                if obj["ts"] < cutoff:
+                    hi = 0
+                    break
+                recent.append((obj["ts"], obj["req"]["key"], obj["req"]["nonce"]))
+            else:
+                hi = lo
+        for ts, key, nonce in reversed(recent):
+            self.replay.remember(key, nonce, ts)
 
     async def start(self) -> None:
         self._committer = asyncio.create_task(self._commit_loop())
         self._sweeper = asyncio.create_task(self._sweep_loop())
         if self.state.size == 0:
-            genesis = {"origin": self.cfg.origin, "coordinator": self.key}
+            genesis = {
+                "origin": self.cfg.origin,
+                "coordinator": self.key,
+                "window_ms": self.replay.window_ms,
+            }
             await self.write(auth.sign(self.identity, "LEDGER", "/v1/genesis", genesis))
         # members that were alive before a restart get a fresh grace period
         t = time.monotonic()
@@ -385,6 +419,7 @@ class Coordinator:
             ("/v1/tasks/{t}", self._h_task),
             ("/v1/tasks/{t}/work", self._h_work),
             ("/v1/tasks/{t}/shares", self._h_shares),
+            ("/v1/tasks/{t}/shares/export", self._h_shares_export),
             ("/v1/accounts/{k}", self._h_account),
             ("/v1/identities/{k}", self._h_identity),
             ("/v1/log/checkpoint", self._h_checkpoint),
@@ -433,14 +468,12 @@ class Coordinator:
 
     async def _h_write(self, request: web.Request) -> web.Response:
         req = await self._signed(request)
-        r = wire.route(req.method, req.path, req.body)  # fail fast, before the state
         result = await self.write(req)
-        if r.kind == "member.join":
+        if req.path.endswith("/join"):  # the credential its comm run accepts
             from cotrain.comm.auth import issue_token
 
-            token = issue_token(
-                self.identity, req.key, run=r.task or "", ttl_s=self.cfg.token_ttl_s
-            )
+            task_id = req.path.split("/")[3]
+            token = issue_token(self.identity, req.key, run=task_id, ttl_s=self.cfg.token_ttl_s)
             result["admission_token"] = token.to_json()
             result["coordinator"] = self.key
         return web.json_response(result)
@@ -520,6 +553,24 @@ class Coordinator:
 
     async def _h_shares(self, request: web.Request) -> web.Response:
         return web.json_response(self.state.shares(request.match_info["t"]))
+
+    async def _h_shares_export(self, request: web.Request) -> web.Response:
+        """The frozen shares as a signed file with a Merkle root (``shares.py``)."""
+        from cotrain.protocol import shares
+
+        task = self.state.tasks.get(request.match_info["t"])
+        if task is None:
+            raise NotFound(f"no task {request.match_info['t'][:40]}")
+        if task.shares is None:
+            raise Conflict(f"{task.id} is {task.state}: shares freeze when it is finalized")
+        doc = shares.export(
+            self.identity,
+            task=task.id,
+            origin=self.state.origin,
+            finalized_seq=task.finalized_seq,
+            weights=task.shares,
+        )
+        return web.json_response(doc)
 
     async def _h_account(self, request: web.Request) -> web.Response:
         key = auth.check_key(request.match_info["k"])

@@ -18,6 +18,7 @@ Proofs over older leaves read at most two partial tiles of leaves back from the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ VERSION = 1
 ZERO = "0" * 64
 TILE = 256
 MAX_ENTRY_BYTES = 1 << 20
+_PLAIN = re.compile(r"^[a-z.]{1,40}$")
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,31 @@ class Entry:
         }
 
     def encode(self) -> bytes:
-        return canonical(self.to_json())
+        """The canonical (RFC 8785) bytes. Every string but the body is from a fixed alphabet
+        (hex, the path's ``[A-Za-z0-9_./-]``, the kind), which JCS writes as is, and the keys
+        are in JCS order, so a template gives the same bytes as ``canonical(self.to_json())``
+        (a test holds them equal) at a fraction of the cost."""
+        r = self.req
+        if not _PLAIN.match(self.kind):
+            return canonical(self.to_json())
+        return (
+            b'{"kind":"%s","prev":"%s","req":{"body":%s,"key":"%s","method":"%s",'
+            b'"nonce":"%s","path":"%s","sig":"%s","ts":%d},"seq":%d,"ts":%d,"v":%d}'
+            % (
+                self.kind.encode(),
+                self.prev.encode(),
+                r.body_bytes(),
+                r.key.encode(),
+                r.method.encode(),
+                r.nonce.encode(),
+                r.path.encode(),
+                r.sig.encode(),
+                r.ts_ms,
+                self.seq,
+                self.ts_ms,
+                VERSION,
+            )
+        )
 
     @classmethod
     def from_json(cls, obj: Any) -> Entry:
@@ -81,7 +107,7 @@ class Entry:
             raise RequestError(f"ledger entry: {e}") from None
         entry = cls.from_json(obj)
         try:
-            if canonical(obj) != data:
+            if entry.encode() != data:
                 raise RequestError("ledger entry bytes are not canonical JSON (RFC 8785)")
         except EnvelopeError as e:
             raise RequestError(f"ledger entry: {e}") from None

@@ -130,6 +130,7 @@ class Task:
     accepted_units: int = 0
     shares: dict[str, int] | None = None
     """Frozen at finalize: node -> weight."""
+    finalized_seq: int = -1
 
     def balanced(self) -> bool:
         return self.budget == self.left + self.credited + self.fees + self.refunded
@@ -194,6 +195,7 @@ class State:
         self.work: WorkStore = work if work is not None else MemoryWork()
         self.origin = ""
         self.coordinator = ""
+        self.window_ms = 0
         self.size = 0
         """Entries applied."""
         self.ts_ms = 0
@@ -220,6 +222,12 @@ class State:
         r = wire.route(req.method, req.path, req.body)
         if seq == 0 and r.kind != "ledger.genesis":
             raise Conflict("the first entry of a ledger is its genesis")
+        window = self.window_ms if seq else r.body.window_ms
+        if abs(ts_ms - req.ts_ms) > 2 * window:
+            raise Conflict(
+                f"entry time {ts_ms} is {(ts_ms - req.ts_ms) / 1000:+.0f} s from its request's "
+                f"signed time: beyond twice the {window / 1000:.0f} s clock window"
+            )
         handler = getattr(self, "_" + r.kind.replace(".", "_"))
         result = handler(seq, ts_ms, req, r)
         self.size, self.ts_ms = seq + 1, ts_ms
@@ -233,6 +241,7 @@ class State:
         if req.key != body.coordinator:
             raise Forbidden("the genesis is signed by the coordinator it names")
         self.origin, self.coordinator = body.origin, body.coordinator
+        self.window_ms = body.window_ms
         return {"origin": self.origin}
 
     def _identity_register(self, seq: int, ts: int, req: SignedRequest, r: wire.Route) -> Any:
@@ -293,6 +302,7 @@ class State:
                 shares[node] = weight
         task.shares = shares
         task.state = "finalized"
+        task.finalized_seq = seq
         self._refund(task)
         return {"task": task.id, "state": task.state, "total_weight": sum(shares.values())}
 
@@ -622,6 +632,7 @@ class State:
         return {
             "origin": self.origin,
             "coordinator": self.coordinator,
+            "window_ms": self.window_ms,
             "size": self.size,
             "ts_ms": now,
             "identities": {k: asdict(v) for k, v in sorted(self.identities.items())},
@@ -647,6 +658,7 @@ class State:
                 obj: Any = {
                     "origin": self.origin,
                     "coordinator": self.coordinator,
+                    "window_ms": self.window_ms,
                     "size": self.size,
                     "ts_ms": self.ts_ms,
                 }
@@ -676,6 +688,7 @@ class State:
         kind, _, rest = oid.partition("/")
         if kind == "meta":
             self.origin, self.coordinator = obj["origin"], obj["coordinator"]
+            self.window_ms = obj["window_ms"]
             self.size, self.ts_ms = obj["size"], obj["ts_ms"]
         elif kind == "identity":
             self.identities[rest] = IdentityRec(**obj)

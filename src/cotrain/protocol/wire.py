@@ -41,6 +41,9 @@ class Genesis(Body):
 
     origin: Annotated[str, Field(pattern=_NAME)]
     coordinator: Key
+    window_ms: Annotated[int, Field(ge=1000, le=86_400_000)]
+    """The clock window: an entry's time is within twice this of its request's signed time,
+    so a coordinator cannot move entries in time (when credit matures, when a vote is late)."""
 
 
 class RegisterIdentity(Body):

@@ -1,0 +1,157 @@
+"""`cotrain coordinator` (the protocol's HTTP service) and `cotrain audit` (check its ledger)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from cotrain.cli.role import Alias, Role, add_role, binding, usage, user_inputs
+
+
+def _coordinator_model() -> Any:
+    from cotrain.protocol.config import CoordinatorConfig
+
+    return CoordinatorConfig
+
+
+def _run_coordinator(cfg: Any) -> int:
+    import asyncio
+
+    from cotrain.core.service import Service
+    from cotrain.protocol.coordinator import serve
+
+    box: dict[str, Any] = {}
+
+    def summary() -> str:
+        coord = box.get("coordinator")
+        if coord is None:
+            return "no entries written"
+        return f"{coord.state.size} entries, {coord.commits} commits"
+
+    async def main(svc: Service) -> None:
+        with binding(cfg.host, cfg.port, flag="--port"), user_inputs("the database"):
+            await serve(cfg, ready=svc.ready, stopped=svc.stopped, box=box)
+
+    with Service("coordinator") as svc:
+        svc.summary = summary
+        asyncio.run(main(svc))
+    return svc.exit_code
+
+
+COORDINATOR = Role(
+    name="coordinator",
+    help="""Run the protocol's coordinator: tasks, nodes, work, verdicts, rewards, the ledger.
+
+    Writes are signed requests (cotrain.protocol.client); reads are public. The database is a
+    SQLite file (--db coordinator.db) or a PostgreSQL URL; its key (--key, created if missing)
+    signs the ledger's checkpoints. Prints {"event": "ready", "role": "coordinator", "url": ...,
+    "key": ...} on stdout when it serves.""",
+    model=_coordinator_model,
+    run=_run_coordinator,
+)
+
+
+def _audit_model() -> Any:
+    from cotrain.protocol.config import AuditConfig
+
+    return AuditConfig
+
+
+def _run_audit(cfg: Any) -> int:
+    import asyncio
+    import hashlib
+
+    from cotrain.protocol import audit
+    from cotrain.protocol.errors import AuditError
+
+    if not cfg.source:
+        raise usage("audit what? give a coordinator URL or a ledger directory")
+    if cfg.key and (len(cfg.key) != 64 or cfg.key.strip("0123456789abcdef")):
+        raise usage("--key must be the coordinator's ed25519 public key (64 lowercase hex)")
+    remote = cfg.source.startswith(("http://", "https://"))
+    if remote:
+        print(f"fetching the ledger from {cfg.source} ...", file=sys.stderr, flush=True)
+        ledger = asyncio.run(audit.fetch(cfg.source, timeout_s=cfg.timeout_s))
+    else:
+        path = Path(cfg.source).expanduser()
+        if not path.is_dir():
+            raise usage(f"{cfg.source} is neither a URL (http://...) nor a ledger directory")
+        ledger = audit.load(path)
+    if cfg.save:
+        audit.save(ledger, Path(cfg.save).expanduser())
+    seen = None
+    if cfg.cache and ledger.entries:
+        # one file per coordinator key (--key, else the one its genesis names), not per genesis:
+        # a coordinator that rewrote its log from a new genesis still meets what was seen of it
+        owner = cfg.key or _genesis_key(ledger.entries[0])
+        ident = hashlib.sha256(owner.encode()).hexdigest()[:32]
+        seen = audit.SeenCheckpoints(Path(cfg.cache).expanduser() / f"{ident}.json")
+    print(f"replaying {len(ledger.entries)} entries, {len(ledger.checkpoints)} checkpoints",
+          file=sys.stderr, flush=True)
+
+    def progress(n: int) -> None:
+        print(f"  {n} entries checked", file=sys.stderr, flush=True)
+
+    try:
+        report = audit.audit(ledger, key=cfg.key or None, seen=seen, on_progress=progress)
+    except AuditError as e:
+        print(f"AUDIT FAILED: {e}", flush=True)
+        if cfg.json_out:
+            Path(cfg.json_out).write_text(json.dumps({"ok": False, "error": str(e),
+                                                      "seq": e.seq}, indent=1))
+        return 1
+    accounts = report.state["accounts"]
+    print(
+        f"audit ok: {report.size} entries, root {report.root[:16]}..., state "
+        f"{report.state_root[:16]}..., {report.checkpoints} checkpoints "
+        f"({report.cosignatures} witness signatures), coordinator {report.coordinator[:16]}..., "
+        f"{len(report.state['tasks'])} tasks, {len(accounts)} accounts, "
+        f"{report.seconds:.1f} s",
+        flush=True,
+    )
+    if cfg.json_out:
+        out = {"ok": True, "size": report.size, "root": report.root,
+               "state_root": report.state_root, "coordinator": report.coordinator,
+               "checkpoints": report.checkpoints, "cosignatures": report.cosignatures,
+               "kinds": report.kinds, "seconds": report.seconds, "state": report.state}
+        Path(cfg.json_out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def _genesis_key(data: bytes) -> str:
+    """The key that signed a ledger's first entry (its bytes' hash if it is no entry: the audit
+    names that)."""
+    import hashlib
+
+    from cotrain.protocol.errors import ProtocolError
+    from cotrain.protocol.ledger import Entry
+
+    try:
+        return Entry.decode(data).req.key
+    except ProtocolError:
+        return hashlib.sha256(data).hexdigest()
+
+
+AUDIT = Role(
+    name="audit",
+    help="""Check a coordinator's ledger from public data and replay every balance and share.
+
+    SOURCE is a coordinator URL or a directory saved with --save. Checks every entry's
+    signature and chain, the Merkle tree against every signed checkpoint, consistency with
+    the checkpoints this machine saw before (equivocation, rewritten history), and the
+    coordinator's published state against the replay. Exit 0 when all holds; 1 with the
+    entry or checkpoint at fault named.""",
+    model=_audit_model,
+    run=_run_audit,
+    positionals=(("source", "SOURCE"),),
+    aliases=(Alias("--json", "json_out"),),
+)
+
+
+def register(app: typer.Typer) -> None:
+    add_role(app, COORDINATOR)
+    add_role(app, AUDIT)
