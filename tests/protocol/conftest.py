@@ -47,7 +47,7 @@ def _free_port() -> int:
 
 def _run(*cmd: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["nice", "-n", "19", "runuser", "-u", "postgres", "--", *cmd],
+        ["runuser", "-u", "postgres", "--", *cmd],
         capture_output=True,
         text=True,
         timeout=timeout_s,

@@ -21,7 +21,7 @@ def _entry(body: dict, seq: int = 3) -> Entry:
 BODIES = [
     {},
     {"work_key": "cd" * 32, "kind": "units", "units": 5, "step": 0, "meta": {}},
-    {"name": "ünïcødé ☃ \"quoted\" \\ back\nslash", "n": -17, "z": [1, {"b": 2, "a": None}]},
+    {"name": 'ünïcødé ☃ "quoted" \\ back\nslash', "n": -17, "z": [1, {"b": 2, "a": None}]},
     {"€": 1, "a": 2, "\u007f": 3, "big": 2**53 - 1, "t": True, "f": False},
 ]
 

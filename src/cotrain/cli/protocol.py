@@ -90,8 +90,11 @@ def _run_audit(cfg: Any) -> int:
         owner = cfg.key or _genesis_key(ledger.entries[0])
         ident = hashlib.sha256(owner.encode()).hexdigest()[:32]
         seen = audit.SeenCheckpoints(Path(cfg.cache).expanduser() / f"{ident}.json")
-    print(f"replaying {len(ledger.entries)} entries, {len(ledger.checkpoints)} checkpoints",
-          file=sys.stderr, flush=True)
+    print(
+        f"replaying {len(ledger.entries)} entries, {len(ledger.checkpoints)} checkpoints",
+        file=sys.stderr,
+        flush=True,
+    )
 
     def progress(n: int) -> None:
         print(f"  {n} entries checked", file=sys.stderr, flush=True)
@@ -101,8 +104,9 @@ def _run_audit(cfg: Any) -> int:
     except AuditError as e:
         print(f"AUDIT FAILED: {e}", flush=True)
         if cfg.json_out:
-            Path(cfg.json_out).write_text(json.dumps({"ok": False, "error": str(e),
-                                                      "seq": e.seq}, indent=1))
+            Path(cfg.json_out).write_text(
+                json.dumps({"ok": False, "error": str(e), "seq": e.seq}, indent=1)
+            )
         return 1
     accounts = report.state["accounts"]
     print(
@@ -114,10 +118,18 @@ def _run_audit(cfg: Any) -> int:
         flush=True,
     )
     if cfg.json_out:
-        out = {"ok": True, "size": report.size, "root": report.root,
-               "state_root": report.state_root, "coordinator": report.coordinator,
-               "checkpoints": report.checkpoints, "cosignatures": report.cosignatures,
-               "kinds": report.kinds, "seconds": report.seconds, "state": report.state}
+        out = {
+            "ok": True,
+            "size": report.size,
+            "root": report.root,
+            "state_root": report.state_root,
+            "coordinator": report.coordinator,
+            "checkpoints": report.checkpoints,
+            "cosignatures": report.cosignatures,
+            "kinds": report.kinds,
+            "seconds": report.seconds,
+            "state": report.state,
+        }
         Path(cfg.json_out).write_text(json.dumps(out, indent=1))
     return 0
 

@@ -41,7 +41,7 @@ from typing import Any
 from aiohttp import web
 
 from cotrain.core.identity import Identity
-from cotrain.protocol import auth, merkle, note, wire
+from cotrain.protocol import auth, merkle, note
 from cotrain.protocol.config import CoordinatorConfig
 from cotrain.protocol.db import Batch, Database, SQLWork
 from cotrain.protocol.errors import (
@@ -138,6 +138,7 @@ class Coordinator:
         self.replay = auth.Replay(int(cfg.window_s * 1000))
         self.rate = auth.RateLimit(cfg.rate_per_key, cfg.burst_per_key)
         self.seen_ms: dict[tuple[str, str], float] = {}
+        self._status_writes: dict[tuple[str, str], str] = {}
         self.started = time.monotonic()
         self.commits = 0
         self.failed_commits = 0
@@ -383,10 +384,20 @@ class Coordinator:
         }
 
     def _record_status(self, task_id: str, node: str, status: str) -> None:
+        """Write a member's new status (once: a second heartbeat before the entry is applied
+        does not write it again)."""
+        if self._status_writes.get((task_id, node)) == status:
+            return
+        self._status_writes[(task_id, node)] = status
         path = f"/v1/tasks/{task_id}/members/{node}"
         req = auth.sign(self.identity, "LEDGER", path, {"status": status})
-        task = asyncio.ensure_future(self.write(req))
-        task.add_done_callback(_log_failure)
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            if self._status_writes.get((task_id, node)) == status:
+                del self._status_writes[(task_id, node)]
+            _log_failure(fut)
+
+        asyncio.ensure_future(self.write(req)).add_done_callback(done)
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -450,6 +461,15 @@ class Coordinator:
             return web.json_response(
                 {"error": f"request body is over the {self.cfg.max_body_kb} KB limit"},
                 status=413,
+            )
+        except web.HTTPException as e:  # the router's 404 and 405: JSON like every other error
+            if e.status < 400:
+                raise
+            allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+            return web.json_response(
+                {"error": f"{e.reason}: {request.method} {request.path[:80]}"},
+                status=e.status,
+                headers=allow,
             )
 
     async def _signed(self, request: web.Request) -> auth.SignedRequest:
@@ -616,6 +636,8 @@ class Coordinator:
 
     async def _h_entries(self, request: web.Request) -> web.Response:
         start = _int_arg(request, "start", 0)
+        if start < 0:  # the rows would start at entry 0, not where the reader counts from
+            raise RequestError("start must be an entry number (>= 0)")
         end = min(
             _int_arg(request, "end", start + MAX_ENTRIES_PER_READ),
             start + MAX_ENTRIES_PER_READ,
@@ -674,7 +696,11 @@ async def serve(
 
     identity = Identity.load_or_create(cfg.key) if cfg.key else load_identity(None)
     db = await asyncio.to_thread(Database, cfg.db)
-    coord = await asyncio.to_thread(Coordinator, cfg, identity, db)
+    try:
+        coord = await asyncio.to_thread(Coordinator, cfg, identity, db)
+    except BaseException:  # a database of another key, a broken one: close its connections
+        db.close()
+        raise
     await coord.start()
     if box is not None:  # tests reach the live coordinator through this
         box["coordinator"] = coord

@@ -551,6 +551,8 @@ class State:
         if unit.state == "accepted":
             m.accepted_units -= unit.units
             task.accepted_units -= unit.units
+        if task.state == "finalized":  # the budget was settled: the initiator gets it back
+            self._refund(task)
 
     def _eject(self, task: Task, m: Member) -> None:
         """A hard reject: all locked credit back to the task, the node out."""
@@ -561,6 +563,8 @@ class State:
         task.left += forfeit
         task.credited -= forfeit
         m.status = "ejected"
+        if task.state == "finalized":
+            self._refund(task)
 
     def _refund(self, task: Task) -> None:
         self._account(task.initiator).settled += task.left
