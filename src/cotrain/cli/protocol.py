@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,13 @@ def _run_audit(cfg: Any) -> int:
         print(f"  {n} entries checked", file=sys.stderr, flush=True)
 
     try:
-        report = audit.audit(ledger, key=cfg.key or None, seen=seen, on_progress=progress)
+        report = audit.audit(
+            ledger,
+            key=cfg.key or None,
+            seen=seen,
+            on_progress=progress,
+            workers=min(4, (os.cpu_count() or 1) - 1),
+        )
     except AuditError as e:
         print(f"AUDIT FAILED: {e}", flush=True)
         if cfg.json_out:

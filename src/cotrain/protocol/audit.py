@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,14 +56,84 @@ class Report:
     state: dict[str, Any] = field(repr=False)
 
 
+VERIFY_CHUNK = 5000
+"""Entries per signature-checking job when the audit uses other cores."""
+
+
+def _bad_signatures(start: int, datas: list[bytes]) -> list[int]:
+    """Entries of ``datas`` (numbered from ``start``) whose signature does not verify; entries
+    that do not even decode are left to the replay, which names them in order."""
+    bad = []
+    for i, data in enumerate(datas):
+        try:
+            Entry.decode(data).req.verify()
+        except ProtocolError:
+            bad.append(start + i)
+    return bad
+
+
+def _verifies(e: Entry) -> bool:
+    try:
+        e.req.verify()
+    except ProtocolError:
+        return False
+    return True
+
+
+class _Signatures:
+    """Signature checks for a long ledger, run on the other cores while the replay runs here
+    (they are most of an audit's work); ``bad(i)`` waits for entry ``i``'s chunk."""
+
+    def __init__(self, entries: Sequence[bytes], workers: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawned, not forked: the caller may have threads (a coordinator in the same process)
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self._jobs = [
+            self._pool.submit(_bad_signatures, lo, list(entries[lo : lo + VERIFY_CHUNK]))
+            for lo in range(0, len(entries), VERIFY_CHUNK)
+        ]
+        self._bad: set[int] = set()
+        self._done = 0
+
+    def bad(self, i: int) -> bool:
+        while self._done <= i // VERIFY_CHUNK:
+            self._bad.update(self._jobs[self._done].result())
+            self._done += 1
+        return i in self._bad
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def replay(
-    entries: Iterable[bytes],
+    entries: Sequence[bytes],
     *,
     record_at: set[int] = frozenset(),  # type: ignore[assignment]
     on_progress: Callable[[int], None] | None = None,
+    workers: int = 0,
 ) -> tuple[State, dict[int, tuple[bytes, str, dict[str, Any]]], dict[str, int]]:
     """Check and replay entries; the final state, (tree root, state root, view) at each size in
-    ``record_at``, and the number of entries of each kind."""
+    ``record_at``, and the number of entries of each kind.
+
+    ``workers`` > 0 checks signatures in that many spawned processes while the replay runs here
+    (``cotrain audit`` uses the other cores; a script that passes it needs the usual
+    ``if __name__ == "__main__":`` guard, as with any spawned process)."""
+    sigs = _Signatures(entries, workers) if workers > 0 and len(entries) >= VERIFY_CHUNK else None
+    try:
+        return _replay(entries, sigs, record_at, on_progress)
+    finally:
+        if sigs is not None:
+            sigs.close()
+
+
+def _replay(
+    entries: Sequence[bytes],
+    sigs: _Signatures | None,
+    record_at: set[int],
+    on_progress: Callable[[int], None] | None,
+) -> tuple[State, dict[int, tuple[bytes, str, dict[str, Any]]], dict[str, int]]:
     state = State()
     frontier = merkle.Frontier()
     prev = ZERO
@@ -89,12 +159,10 @@ def replay(
                 "were removed, inserted or reordered",
                 seq=i,
             )
-        try:
-            e.req.verify()
-        except ProtocolError:
+        if not (_verifies(e) if sigs is None else not sigs.bad(i)):
             raise AuditError(
                 f"is not signed by its author {e.req.key[:16]}...: altered or forged", seq=i
-            ) from None
+            )
         first = seen_sigs.setdefault(bytes.fromhex(e.req.sig), i)
         if first != i:
             raise AuditError(
@@ -220,6 +288,7 @@ def audit(
     key: str | None = None,
     seen: SeenCheckpoints | None = None,
     on_progress: Callable[[int], None] | None = None,
+    workers: int = 0,
 ) -> Report:
     """Audit a whole ledger; ``AuditError`` at the first thing wrong."""
     t0 = time.perf_counter()
@@ -230,7 +299,9 @@ def audit(
         sizes |= {s for s in seen.roots if s <= n}
     if isinstance(pub_size, int) and 0 <= pub_size <= n:
         sizes.add(pub_size)
-    state, at, kinds = replay(ledger.entries, record_at=sizes, on_progress=on_progress)
+    state, at, kinds = replay(
+        ledger.entries, record_at=sizes, on_progress=on_progress, workers=workers
+    )
     if n == 0:
         raise AuditError("the ledger is empty")
     for size in ledger.checkpoints:  # after the replay, which names an entry removed midway

@@ -83,7 +83,8 @@ class SeenKeys:
 
     @staticmethod
     def _probes(key: str, bits: int) -> list[int]:
-        return [int(key[i : i + 8], 16) % bits for i in range(0, 56, 8)]
+        v = int(key[:56], 16)  # 224 bits of the key: seven 32-bit probes
+        return [((v >> s) & 0xFFFFFFFF) % bits for s in (0, 32, 64, 96, 128, 160, 192)]
 
     def add(self, key: str) -> None:
         if self._count >= self._capacity:
@@ -122,7 +123,7 @@ class _GuardedWork(SQLWork):
 class _Pending:
     """Writes applied to the state but not yet committed."""
 
-    entries: list[dict[str, Any]] = field(default_factory=list)
+    entries: list[tuple[int, int, str, str, str | None, bytes, bytes]] = field(default_factory=list)
     tiles: list[tuple[int, bytes]] = field(default_factory=list)
     waiters: list[tuple[asyncio.Future[dict[str, Any]], dict[str, Any]]] = field(
         default_factory=list
@@ -261,24 +262,14 @@ class Coordinator:
         self._prev = leaf.hex()
         tile = self.tree.append(leaf)
         p = self._pending
-        p.entries.append(
-            {
-                "seq": seq,
-                "ts": ts,
-                "kind": applied.kind,
-                "author": req.key,
-                "task": _task_of(req.path),
-                "leaf": leaf,
-                "data": data,
-            }
-        )
+        p.entries.append((seq, ts, applied.kind, req.key, _task_of(req.path), leaf, data))
         if tile is not None:
             p.tiles.append((seq // TILE, tile))
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         p.waiters.append((fut, {**applied.result, "seq": seq}))
         self._kick.set()
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), self.cfg.write_timeout_s)
+        try:  # on timeout the future is cancelled: the committer skips it
+            return await asyncio.wait_for(fut, self.cfg.write_timeout_s)
         except TimeoutError:
             raise Unavailable("the write was not committed in time; retry") from None
 
@@ -286,10 +277,12 @@ class Coordinator:
         """Cut the pending writes into a batch (in the loop: the state does not move meanwhile)."""
         p, self._pending = self._pending, _Pending()
         st = self.state
-        objs = list(st.objects())
-        objs.append(("tree", {"frontier": self.tree.frontier.to_json(), "prev": self._prev}))
+        objs = [(oid, json.dumps(obj)) for oid, obj in st.objects()]
+        tree = {"frontier": self.tree.frontier.to_json(), "prev": self._prev}
+        objs.append(("tree", json.dumps(tree)))
         st.dirty.clear()
-        batch = Batch(entries=p.entries, objects=objs, units=self.work.take_dirty(), tiles=p.tiles)
+        units = [Batch.unit_row(u) for u in self.work.take_dirty()]
+        batch = Batch(entries=p.entries, objects=objs, units=units, tiles=p.tiles)
         if self._checkpoint_due():
             batch.checkpoint = self._checkpoint()
         return batch, p.waiters

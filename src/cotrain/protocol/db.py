@@ -136,14 +136,22 @@ def migrate(engine: Engine) -> None:
 
 @dataclass
 class Batch:
-    """What one transaction writes."""
+    """What one transaction writes, as rows ready for the driver (serialized by the caller,
+    in the thread that owns the objects: the commit runs in another)."""
 
-    entries: list[dict[str, Any]] = field(default_factory=list)
-    objects: list[tuple[str, Any]] = field(default_factory=list)
-    units: list[Unit] = field(default_factory=list)
+    entries: list[tuple[int, int, str, str, str | None, bytes, bytes]] = field(default_factory=list)
+    """(seq, ts, kind, author, task, leaf, data)."""
+    objects: list[tuple[str, str]] = field(default_factory=list)
+    """(oid, JSON text)."""
+    units: list[tuple[str, str, str, str, int, str]] = field(default_factory=list)
+    """(key, task, node, state, seq, JSON text)."""
     tiles: list[tuple[int, bytes]] = field(default_factory=list)
     checkpoint: dict[str, Any] | None = None
     """A signed checkpoint of the state after this batch (size, ts, root, state_root, note)."""
+
+    @staticmethod
+    def unit_row(u: Unit) -> tuple[str, str, str, str, int, str]:
+        return (u.key, u.task, u.node, u.state, u.seq, json.dumps(u.to_json()))
 
 
 @dataclass
@@ -183,6 +191,22 @@ class Database:
         except SQLAlchemyError as e:
             raise Unavailable(f"cannot open the database {_redact(url)}: {_short(e)}") from None
         self.dialect = self.engine.dialect.name
+        p = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+
+        def values(n: int) -> str:
+            return "(" + ", ".join([p] * n) + ")"
+
+        self._sql = {
+            "entries": "INSERT INTO entries (seq, ts, kind, author, task, leaf, data) VALUES "
+            + values(7),
+            "tiles": "INSERT INTO tiles (idx, hash) VALUES " + values(2),
+            "objects": "INSERT INTO objects (oid, data) VALUES "
+            + values(2)
+            + " ON CONFLICT (oid) DO UPDATE SET data = excluded.data",
+            "work": "INSERT INTO work (key, task, node, state, seq, data) VALUES "
+            + values(6)
+            + " ON CONFLICT (key) DO UPDATE SET state = excluded.state, data = excluded.data",
+        }
 
     def close(self) -> None:
         self.engine.dispose()
@@ -190,35 +214,20 @@ class Database:
     # ---- writes ------------------------------------------------------------------------------
 
     def commit(self, batch: Batch) -> None:
-        """Write ``batch`` in one transaction; ``Unavailable`` (and nothing written) on failure."""
+        """Write ``batch`` in one transaction; ``Unavailable`` (and nothing written) on failure.
+
+        Rows go to the driver's ``executemany`` as tuples: this is the coordinator's hot path,
+        and the SQL (``ON CONFLICT ... DO UPDATE``) is the same in SQLite and PostgreSQL."""
         try:
             with self.engine.begin() as conn:
                 if batch.entries:
-                    conn.execute(entries.insert(), batch.entries)
+                    conn.exec_driver_sql(self._sql["entries"], batch.entries)
                 if batch.tiles:
-                    conn.execute(tiles.insert(), [{"idx": i, "hash": h} for i, h in batch.tiles])
-                _upsert(
-                    conn,
-                    objects,
-                    [{"oid": oid, "data": json.dumps(obj)} for oid, obj in batch.objects],
-                    ["oid"],
-                )
-                _upsert(
-                    conn,
-                    work,
-                    [
-                        {
-                            "key": u.key,
-                            "task": u.task,
-                            "node": u.node,
-                            "state": u.state,
-                            "seq": u.seq,
-                            "data": json.dumps(u.to_json()),
-                        }
-                        for u in batch.units
-                    ],
-                    ["key"],
-                )
+                    conn.exec_driver_sql(self._sql["tiles"], batch.tiles)
+                if batch.objects:
+                    conn.exec_driver_sql(self._sql["objects"], batch.objects)
+                if batch.units:
+                    conn.exec_driver_sql(self._sql["work"], batch.units)
                 if batch.checkpoint is not None:
                     conn.execute(checkpoints.insert(), batch.checkpoint)
         except SQLAlchemyError as e:

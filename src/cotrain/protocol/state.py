@@ -667,15 +667,15 @@ class State:
                     "ts_ms": self.ts_ms,
                 }
             elif kind == "identity":
-                obj = asdict(self.identities[oid[1]])
+                obj = _snapshot(self.identities[oid[1]])
             elif kind == "task":
-                obj = asdict(self.tasks[oid[1]])
+                obj = _snapshot(self.tasks[oid[1]])
             elif kind == "member":
-                obj = asdict(self.members[(oid[1], oid[2])])
+                obj = _snapshot(self.members[(oid[1], oid[2])])
             elif kind == "account":
-                obj = asdict(self.accounts[oid[1]])
+                obj = _snapshot(self.accounts[oid[1]])
             else:
-                obj = asdict(self.invites[oid[1]])
+                obj = _snapshot(self.invites[oid[1]])
             yield "/".join(oid), obj
 
     def all_ids(self) -> set[tuple[str, ...]]:
@@ -708,6 +708,17 @@ class State:
             self.invites[rest] = Invite(**obj)
         else:
             raise ValueError(f"unknown stored object {oid!r}")
+
+
+def _snapshot(obj: Any) -> dict[str, Any]:
+    """A state object as a JSON dict, fast (``asdict`` deep-copies through a slow recursion).
+
+    Only a member's buckets change in place after creation; every other list or dict field is
+    replaced, never mutated, so a shallow copy is a snapshot."""
+    out = dict(vars(obj))
+    if isinstance(obj, Member):
+        out["locked"] = [list(b) for b in obj.locked]
+    return out
 
 
 def _bucket(unlock_ms: int, lock_ms: int) -> int:
