@@ -82,3 +82,55 @@ def test_tiled_tree_matches_a_memory_tree_across_tiles() -> None:
         tree.inclusion(n, n)
     with pytest.raises(RequestError):
         tree.consistency(5, n + 1)
+
+
+def _ledger(n: int) -> list[bytes]:
+    """A valid ledger: a genesis and ``n`` identity registrations, chained."""
+    coord = Identity.generate()
+    t0 = 1_700_000_000_000
+    reqs = [
+        auth.sign(
+            coord,
+            "LEDGER",
+            "/v1/genesis",
+            {"origin": "o", "coordinator": coord.public_hex, "window_ms": 60_000},
+            ts_ms=t0,
+        )
+    ]
+    kinds = ["ledger.genesis"]
+    for i in range(n):
+        body = {"roles": ["node"], "name": f"n{i}", "specs": {}}
+        reqs.append(auth.sign(Identity.generate(), "POST", "/v1/identities", body, ts_ms=t0 + i))
+        kinds.append("identity.register")
+    out, prev = [], "0" * 64
+    for seq, (req, kind) in enumerate(zip(reqs, kinds, strict=True)):
+        data = Entry(seq, req.ts_ms, prev, kind, req).encode()
+        out.append(data)
+        prev = merkle.leaf_hash(data).hex()
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_audit_checks_signatures_on_other_cores_and_names_the_bad_one() -> None:
+    from cotrain.protocol import audit
+    from cotrain.protocol.errors import AuditError
+
+    entries = _ledger(2 * audit.VERIFY_CHUNK + 10)
+    state, _, kinds = audit.replay(entries, workers=1)
+    assert state.size == len(entries) and kinds["identity.register"] == len(entries) - 1
+    bad = audit.VERIFY_CHUNK + 7  # in the second job
+    e = Entry.decode(entries[bad])
+    forged = auth.SignedRequest(
+        e.req.key,
+        e.req.ts_ms,
+        e.req.nonce,
+        e.req.method,
+        e.req.path,
+        {**e.req.body, "name": "mallory"},
+        e.req.sig,
+    )
+    entries[bad] = Entry(e.seq, e.ts_ms, e.prev, e.kind, forged).encode()
+    for workers in (1, 0):
+        with pytest.raises(AuditError) as got:
+            audit.replay(entries, workers=workers)
+        assert got.value.seq == bad and "not signed by its author" in str(got.value)
