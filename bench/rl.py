@@ -152,7 +152,29 @@ def worker_key(run: LocalRun, name: str) -> str:
     return ""
 
 
+def check_disk(args: argparse.Namespace, root: Path) -> None:
+    """Refuse to start a run the disk cannot hold: the versions kept for the evaluation (one
+    copy of the weights each), the trainer's checkpoints and the workers' weight caches."""
+    import shutil
+
+    from cotrain.rl.config import ModelSpec
+    from cotrain.rl.policy import parameter_count
+
+    weights = 4 * parameter_count(ModelSpec(path=args.model))
+    kept = args.steps // args.eval_every + 2
+    need = weights * (kept + 3 * (args.workers + 3))
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise SystemExit(
+            f"error: a run needs about {need / 1e9:.1f} GB at {root} ({kept} versions kept for "
+            f"evaluation, checkpoints, weight caches) and {free / 1e9:.1f} GB are free: free "
+            "some space, choose another --out, or evaluate fewer versions (--eval-every)"
+        )
+
+
 def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> dict[str, Any]:
+    check_disk(args, root)
     cfg = base_config(args, root / f"k{k}", k)
     cheat = RUN_CHEATS[k]
     run = LocalRun(cfg)
@@ -172,7 +194,8 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
         def on_event(ev: dict[str, Any]) -> None:
             if ev.get("event") != "step":
                 return
-            keep_version(cfg.run.out_dir, ev["step"] + 1)
+            if ev["step"] % args.eval_every == 0 or ev["step"] >= args.steps:
+                keep_version(cfg.run.out_dir, ev["step"] + 1)  # only what will be evaluated
             curve.append(
                 {
                     "step": ev["step"],
