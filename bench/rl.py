@@ -162,7 +162,7 @@ def check_disk(args: argparse.Namespace, root: Path) -> None:
 
     weights = 4 * parameter_count(ModelSpec(path=args.model))
     kept = args.steps // args.eval_every + 2
-    need = weights * (kept + 3 * (args.workers + 3))
+    need = weights * (kept + 6)  # + the origin's last versions, checkpoints and caches
     root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(root).free
     if free < need:
