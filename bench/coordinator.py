@@ -82,7 +82,10 @@ function request()
   return reqs[idx]
 end
 function response(status, headers, body)
-  if status ~= 200 then bad = bad + 1 end
+  if status ~= 200 then
+    bad = bad + 1
+    if bad <= 3 then io.stderr:write("non-200: " .. status .. " " .. body .. "\n") end
+  end
 end
 function done(summary, latency, requests)
   local b = 0
@@ -225,7 +228,9 @@ def run_wrk(
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
     for line in out.stdout.splitlines():
         if line.startswith("{"):
-            return dict(json.loads(line))
+            got = dict(json.loads(line))
+            got["first_errors"] = [x for x in out.stderr.splitlines() if x.startswith("non-200")]
+            return got
     raise SystemExit(f"wrk printed no result: {out.stdout[-500:]} {out.stderr[-500:]}")
 
 
@@ -255,7 +260,16 @@ def audit_seconds(url: str, workdir: Path) -> tuple[float, int]:
 
 def measure(db_name: str, db: str, args: argparse.Namespace, console: Console) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"cotrain-bench-coord-{db_name}-"))
-    extra = ["--rate_per_key", "1000000", "--burst_per_key", "1000000", "--window_s", "3600"]
+    extra = [
+        "--rate_per_key",
+        "1000000",
+        "--burst_per_key",
+        "1000000",
+        "--window_s",
+        "3600",
+        "--ingest",
+        str(args.ingest),
+    ]
     server = Server(db, workdir, extra)
     try:
         task, members = asyncio.run(setup_task(server.url, args.nodes))
@@ -284,6 +298,8 @@ def measure(db_name: str, db: str, args: argparse.Namespace, console: Console) -
             threads=args.threads,
             seconds=args.seconds,
         )
+        for line in got["first_errors"]:
+            console.print(f"[yellow]{db_name}: {line[:300]}")
         served = min(got["requests"], n)
         if got["requests"] > n:
             console.print(f"[yellow]{db_name}: ran out of signed requests: raise --max-rate")
@@ -301,6 +317,7 @@ def measure(db_name: str, db: str, args: argparse.Namespace, console: Console) -
             "audit_entries_per_s": round(entries / audit_s, 1),
             "baseline_status_per_s": round(base["requests"] / (base["duration_us"] / 1e6), 1),
             "rss_mb": round(server.rss_mb(), 1),
+            "ingest": args.ingest,
         }
         if args.soak_s and db_name == args.soak_db:
             row["soak"] = soak(server, task, members, args, workdir, console)
@@ -379,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
         help="requests signed per second of load (more than the server can take)",
     )
     p.add_argument("--no-postgres", action="store_true")
+    p.add_argument(
+        "--ingest",
+        type=int,
+        default=max(0, (os.cpu_count() or 1) - 1),
+        help="ingest processes in front of the sequencer (coordinator --ingest)",
+    )
     p.add_argument("--soak-s", type=float, default=0.0, help="then this long of load, RSS sampled")
     p.add_argument("--soak-db", default="sqlite")
     args = p.parse_args(argv)

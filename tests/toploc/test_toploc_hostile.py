@@ -359,22 +359,30 @@ def test_process_usage_error_and_bad_bytes_have_no_traceback(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO")
+@pytest.mark.timeout(300)
 def test_process_ctrl_c_is_one_line(tmp_path):
     """SIGINT while ``generate`` waits on its prompts file (a FIFO: opening it for writing
     returns once the command is reading, so the signal lands there, with no sleep)."""
     fifo = tmp_path / "prompts"
     os.mkfifo(fifo)
     out = tmp_path / "o.jsonl"
+    # faulthandler: if it does not exit, SIGABRT prints where every thread of it is stuck
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
     proc = _cotrain("toploc", "generate", "--model", MODEL, "--out", str(out),
-                    "--prompts-file", str(fifo))  # fmt: skip
+                    "--prompts-file", str(fifo), env=env)  # fmt: skip
     opened: list[int] = []
     opener = threading.Thread(target=lambda: opened.append(os.open(fifo, os.O_WRONLY)), daemon=True)
     opener.start()
-    opener.join(timeout=30)
+    opener.join(timeout=60)
     try:
         assert opened, "the command never opened its prompts file"
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=30)
+        try:  # ~1 s on a quiet machine; twice it took over 30 s in a full CI run
+            stdout, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            stdout, stderr = proc.communicate(timeout=30)
+            raise AssertionError(f"no exit 120 s after SIGINT; its threads: {stderr}") from None
     finally:
         proc.kill()
         proc.wait(timeout=10)

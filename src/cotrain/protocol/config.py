@@ -39,6 +39,9 @@ class CoordinatorConfig(ConfigModel):
     """Lifetime of the comm admission tokens handed out at join."""
     write_timeout_s: float = Field(30.0, gt=0)
     """A write not committed within this long is answered 503."""
+    ingest: int = Field(0, ge=0, le=64)
+    """Processes that parse HTTP and check signatures in front of the one that sequences the
+    ledger (0: it serves HTTP itself). Under load, one per core left after the sequencer."""
 
 
 class AuditConfig(ConfigModel):

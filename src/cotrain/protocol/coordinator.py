@@ -33,6 +33,10 @@ import base64
 import contextlib
 import json
 import logging
+import os
+import shutil
+import socket
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -41,7 +45,7 @@ from typing import Any
 from aiohttp import web
 
 from cotrain.core.identity import Identity
-from cotrain.protocol import auth, merkle, note
+from cotrain.protocol import auth, ingest, merkle, note
 from cotrain.protocol.config import CoordinatorConfig
 from cotrain.protocol.db import Batch, Database, SQLWork
 from cotrain.protocol.errors import (
@@ -52,6 +56,7 @@ from cotrain.protocol.errors import (
     RequestError,
     Unavailable,
 )
+from cotrain.protocol.ingest import VERIFIED
 from cotrain.protocol.ledger import TILE, ZERO, Entry, Tree
 from cotrain.protocol.state import ACTIVE, State
 
@@ -140,6 +145,11 @@ class Coordinator:
         self.rate = auth.RateLimit(cfg.rate_per_key, cfg.burst_per_key)
         self.seen_ms: dict[tuple[str, str], float] = {}
         self._status_writes: dict[tuple[str, str], str] = {}
+        self.front: Any = None
+        """The ingest processes, when there are any (``_Front``)."""
+        self.trust_verified = False
+        """Writes marked by an ingest process skip the signature check (only when the HTTP
+        app is served on the private Unix socket alone)."""
         self.started = time.monotonic()
         self.commits = 0
         self.failed_commits = 0
@@ -467,13 +477,27 @@ class Coordinator:
 
     async def _signed(self, request: web.Request) -> auth.SignedRequest:
         raw = await request.read()
-        req = auth.read(
-            request.method,
-            request.path,
-            request.headers,
-            raw,
-            max_body=self.cfg.max_body_kb * 1024,
-        )
+        if self.trust_verified and request.headers.get(VERIFIED) == "1":
+            # an ingest process checked the signature and the canonical body (ingest.py)
+            h = request.headers
+            req = auth.SignedRequest(
+                h[auth.H_KEY],
+                int(h[auth.H_TIME]),
+                h[auth.H_NONCE],
+                request.method,
+                request.path,
+                json.loads(raw),
+                h[auth.H_SIG],
+                raw,
+            )
+        else:
+            req = auth.read(
+                request.method,
+                request.path,
+                request.headers,
+                raw,
+                max_body=self.cfg.max_body_kb * 1024,
+            )
         t = time.time()
         self.rate.take(req.key, t)
         self.replay.check(req.key, req.nonce, req.ts_ms, int(t * 1000))
@@ -699,9 +723,16 @@ async def serve(
         box["coordinator"] = coord
     runner = web.AppRunner(coord.app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    front: _Front | None = None
+    if cfg.ingest:
+        front = await _Front.start(cfg, runner)
+        coord.trust_verified = True
+        coord.front = front
+        port = front.port
+    else:
+        site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     if ready is not None:
         ready(
             host=cfg.host,
@@ -709,15 +740,72 @@ async def serve(
             key=coord.key,
             size=coord.state.size,
             url=f"http://{cfg.host}:{port}",
+            ingest=cfg.ingest,
         )
     try:
         if stopped is not None:
             await stopped()
     finally:
+        if front is not None:
+            front.stop()
         await runner.cleanup()
         await coord.stop()
         db.close()
     return coord
+
+
+class _Front:
+    """The ingest processes on the public port, and the private socket they forward to."""
+
+    def __init__(self, cfg: CoordinatorConfig, sock: socket.socket, rundir: str) -> None:
+        self.cfg, self.sock, self.rundir = cfg, sock, rundir
+        self.upstream = os.path.join(rundir, "sequencer.sock")
+        self.port = int(sock.getsockname()[1])
+        self.procs: list[Any] = []
+        self._watch: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, cfg: CoordinatorConfig, runner: web.AppRunner) -> _Front:
+        rundir = tempfile.mkdtemp(prefix="cotrain-coordinator-")  # 0700: ours alone
+        sock = socket.create_server((cfg.host, cfg.port), backlog=1024)
+        sock.set_inheritable(True)
+        front = cls(cfg, sock, rundir)
+        await web.UnixSite(runner, front.upstream).start()
+        front.procs = [await front._spawn() for _ in range(cfg.ingest)]
+        front._watch = asyncio.create_task(front._supervise())
+        return front
+
+    async def _spawn(self) -> Any:
+        (proc,) = ingest.spawn(1, self.sock, self.upstream, self.cfg.max_body_kb * 1024)
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+        if not line:
+            raise Unavailable("an ingest process did not start (see its stderr)")
+        return proc
+
+    async def _supervise(self) -> None:
+        """An ingest process that dies is replaced (the socket and the sequencer live on)."""
+        while True:
+            await asyncio.sleep(1.0)
+            for i, proc in enumerate(self.procs):
+                if proc.poll() is not None:
+                    log.warning(
+                        "ingest process %d exited (%s); starting another", proc.pid, proc.returncode
+                    )
+                    self.procs[i] = await self._spawn()
+
+    def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except Exception:
+                proc.kill()
+        self.sock.close()
+        shutil.rmtree(self.rundir, ignore_errors=True)
 
 
 __all__ = ["Coordinator", "serve"]
