@@ -55,3 +55,62 @@ def test_one_contributor() -> None:
     coord, doc, weights = _doc(1)
     node = next(iter(weights))
     assert shares.verify_proof(shares.proof_for(doc, node), coord.public_hex)[0] == 10
+
+
+def test_cli_exports_proves_and_verifies_a_share(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`cotrain shares export | prove | verify` against a live coordinator's finalized task."""
+    import asyncio
+    import json
+    import os
+    import sys
+
+    import protocol_harness as ph
+
+    async def cli(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cotrain", "shares", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, out.decode()
+
+    async def main() -> None:
+        async with ph.running(ph.config(tmp_path)) as (url, coord):
+            ids = await ph.identities(url, init=["initiator"], n=["node"], v=["validator"])
+            (_, c_init), (node, c_node), (val, c_val) = ids["init"], ids["n"], ids["v"]
+            t = (await c_init.write("/v1/tasks", {
+                "name": "s", "kind": "diloco", "budget": 100, "rate_per_unit": 1,
+                "admission": "open", "validators": [val.public_hex],
+            }))["task"]  # fmt: skip
+            await c_init.write(f"/v1/tasks/{t}/open")
+            await c_node.write(f"/v1/tasks/{t}/join", {})
+            key = os.urandom(32).hex()
+            await c_node.write(
+                f"/v1/tasks/{t}/work", {"work_key": key, "kind": "units", "units": 7}
+            )
+            await c_val.write(f"/v1/tasks/{t}/verdicts", {"work_key": key, "verdict": "accept"})
+            code, out = await cli("export", url, t, "--out", str(tmp_path / "s.json"))
+            assert code == 1 and "shares freeze when it is finalized" in out, out
+            await c_init.write(f"/v1/tasks/{t}/finalize")
+            code, out = await cli("export", url, t, "--out", str(tmp_path / "s.json"))
+            assert code == 0 and "1 contributors, total weight 7" in out, out
+            code, out = await cli(
+                "prove",
+                str(tmp_path / "s.json"),
+                "--node",
+                node.public_hex,
+                "--out",
+                str(tmp_path / "p.json"),
+            )
+            assert code == 0, out
+            code, out = await cli("verify", str(tmp_path / "p.json"), "--key", coord.key)
+            assert code == 0 and "holds 7 of 7 (100.00%)" in out, out
+            proof = json.loads((tmp_path / "p.json").read_text())
+            proof["leaf"]["weight"] = 70
+            (tmp_path / "p.json").write_text(json.dumps(proof))
+            code, out = await cli("verify", str(tmp_path / "p.json"), "--key", coord.key)
+            assert code == 1 and out.startswith("error: share proof"), out
+            for c in (c_init, c_node, c_val):
+                await c.close()
+
+    asyncio.run(main())

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -171,6 +171,90 @@ AUDIT = Role(
 )
 
 
+shares_app = typer.Typer(
+    help="A task's ownership shares: export the signed file, prove one share, check a proof.",
+    no_args_is_help=True,
+)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    from cotrain.core import jsonsafe
+
+    try:
+        return jsonsafe.loads(path.read_bytes(), max_bytes=256 << 20)
+    except OSError as e:
+        raise usage(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except jsonsafe.MalformedJSON as e:
+        raise usage(f"{path} is not {what}: {e}") from None
+
+
+def _coordinator_key(key: str) -> str:
+    if len(key) != 64 or key.strip("0123456789abcdef"):
+        raise usage("--key must be the coordinator's ed25519 public key (64 lowercase hex)")
+    return key
+
+
+@shares_app.command("export")
+def shares_export(
+    url: Annotated[str, typer.Argument(help="the coordinator, http://host:port")],
+    task: Annotated[str, typer.Argument(help="a finalized task, e.g. t12")],
+    out: Annotated[Path, typer.Option(help="where to write the signed shares file")],
+    key: Annotated[str, typer.Option(help="the coordinator key you trust (64 hex)")] = "",
+) -> None:
+    """Fetch a finalized task's shares as a signed file with a Merkle root, and check it."""
+    import asyncio
+
+    from cotrain.protocol import shares
+    from cotrain.protocol.client import Client
+
+    async def fetch() -> tuple[Any, str]:
+        async with Client(url) as c:
+            doc = await c.get(f"/v1/tasks/{task}/shares/export")
+            status = await c.get("/v1/status")
+        return doc, status["coordinator"]
+
+    doc, published = asyncio.run(fetch())
+    trusted = _coordinator_key(key) if key else published
+    body = shares.check(doc, trusted)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(
+        f"{task}: {body['count']} contributors, total weight {body['total']}, root "
+        f"{body['root'][:16]}..., signed by {trusted[:16]}...; written to {out}"
+    )
+
+
+@shares_app.command("prove")
+def shares_prove(
+    file: Annotated[Path, typer.Argument(help="a shares file from `cotrain shares export`")],
+    node: Annotated[str, typer.Option(help="the contributor's public key (64 hex)")],
+    out: Annotated[Path, typer.Option(help="where to write the proof")],
+) -> None:
+    """Cut one contributor's proof out of a shares file (all it needs to show its share)."""
+    from cotrain.protocol import shares
+
+    proof = shares.proof_for(_read_json(file, "a shares file"), node.lower())
+    out.write_text(json.dumps(proof, indent=1) + "\n")
+    print(f"{node[:16]}...: weight {proof['leaf']['weight']}; proof written to {out}")
+
+
+@shares_app.command("verify")
+def shares_verify(
+    proof: Annotated[Path, typer.Argument(help="a proof from `cotrain shares prove`")],
+    key: Annotated[str, typer.Option(help="the coordinator key you trust (64 hex)")],
+) -> None:
+    """Check a contributor's share offline: the coordinator's signature and the Merkle path."""
+    from cotrain.protocol import shares
+
+    doc = _read_json(proof, "a share proof")
+    weight, total = shares.verify_proof(doc, _coordinator_key(key))
+    leaf = doc["leaf"]
+    print(
+        f"ok: {leaf['node'][:16]}... holds {weight} of {total} "
+        f"({100 * weight / total:.2f}%) of {leaf['task']}"
+    )
+
+
 def register(app: typer.Typer) -> None:
     add_role(app, COORDINATOR)
     add_role(app, AUDIT)
+    app.add_typer(shares_app, name="shares")
