@@ -646,6 +646,7 @@ def test_hard_reject_needs_the_quorum_and_forfeits_all_locked_credit(market: Mar
     m = b.member(t, a)
     assert (m["status"], m["locked"], m["earned"], m["weight"]) == ("ejected", 0, 50, 10)
     assert m["forfeited"] == 50  # unit 2's credit; unit 3's was taken back as the rejected unit
+    assert m["accepted_units"] == 10  # unit 1 (matured); units 2 and 3 no longer count
     task = b.task(t)
     assert task["left"] == left_before + 150 - 2  # minus the two validators' fees
     assert task["forfeited"] == 50
@@ -959,10 +960,11 @@ class Walk:
         now = st.ts_ms
         credited_by_members: dict[str, int] = {}
         for (t, _), m in st.members.items():
-            assert all(c >= 0 and w >= 0 for _, c, w in m.locked), m
-            assert [u for u, _, _ in m.locked] == sorted(u for u, _, _ in m.locked)
+            assert all(c >= 0 and w >= 0 and n >= 0 for _, c, w, n in m.locked), m
+            assert [b[0] for b in m.locked] == sorted(b[0] for b in m.locked)
+            assert m.accepted_units >= 0, m
             credited_by_members[t] = (
-                credited_by_members.get(t, 0) + m.matured + sum(c for _, c, _ in m.locked)
+                credited_by_members.get(t, 0) + m.matured + sum(b[1] for b in m.locked)
             )
         supply = 0
         for task in st.tasks.values():

@@ -146,7 +146,7 @@ class Member:
     accepted_units: int = 0
     rejected_units: int = 0
     locked: list[list[int]] = field(default_factory=list)
-    """[unlock_ms, credit, weight] buckets, ordered by unlock time."""
+    """[unlock_ms, credit, weight, accepted units] buckets, ordered by unlock time."""
     matured: int = 0
     weight: int = 0
     """Matured weight (locked weight is in ``locked``)."""
@@ -155,7 +155,7 @@ class Member:
     def split(self, now_ms: int) -> tuple[int, int, int, int]:
         """(matured credit, matured weight, locked credit, locked weight) at ``now_ms``."""
         mc, mw, lc, lw = self.matured, self.weight, 0, 0
-        for unlock, credit, weight in self.locked:
+        for unlock, credit, weight, _ in self.locked:
             if unlock <= now_ms:
                 mc, mw = mc + credit, mw + weight
             else:
@@ -297,7 +297,7 @@ class State:
         for node in self._task_nodes(task.id):
             m = self.members[(task.id, node)]
             self._settle(m, ts)
-            weight = m.weight + sum(w for _, _, w in m.locked)
+            weight = m.weight + sum(b[2] for b in m.locked)
             if weight > 0:
                 shares[node] = weight
         task.shares = shares
@@ -435,7 +435,7 @@ class State:
             unit.reason = body.reason
             task.left -= credit
             task.credited += credit
-            _lock(m, unlock, credit, weight)
+            _lock(m, unlock, credit, weight, unit.units if body.verdict == "accept" else 0)
             if body.verdict == "accept":
                 m.accepted_units += unit.units
                 task.accepted_units += unit.units
@@ -526,7 +526,7 @@ class State:
         """Move ``m``'s matured buckets into its account."""
         n = 0
         while n < len(m.locked) and m.locked[n][0] <= ts:
-            _, credit, weight = m.locked[n]
+            _, credit, weight, _ = m.locked[n]
             m.matured += credit
             m.weight += weight
             self._account(m.node).settled += credit
@@ -543,6 +543,7 @@ class State:
             if bucket[0] == unit.unlock_ms:
                 bucket[1] -= unit.credit
                 bucket[2] -= unit.weighted
+                bucket[3] -= unit.units if unit.state == "accepted" else 0
                 break
         else:  # the verdict came in time, so the bucket is there
             raise AssertionError(f"unit {unit.key} has no bucket at {unit.unlock_ms}")
@@ -556,7 +557,10 @@ class State:
 
     def _eject(self, task: Task, m: Member) -> None:
         """A hard reject: all locked credit back to the task, the node out."""
-        forfeit = sum(c for _, c, _ in m.locked)
+        forfeit = sum(b[1] for b in m.locked)
+        units = sum(b[3] for b in m.locked)  # accepted, but their credit is forfeited
+        m.accepted_units -= units
+        task.accepted_units -= units
         m.locked.clear()
         m.forfeited += forfeit
         task.forfeited += forfeit
@@ -727,9 +731,10 @@ def _bucket(unlock_ms: int, lock_ms: int) -> int:
     return -(-unlock_ms // width) * width
 
 
-def _lock(m: Member, unlock: int, credit: int, weight: int) -> None:
+def _lock(m: Member, unlock: int, credit: int, weight: int, units: int) -> None:
     if m.locked and m.locked[-1][0] == unlock:
         m.locked[-1][1] += credit
         m.locked[-1][2] += weight
+        m.locked[-1][3] += units
     else:  # entry times never go back, so buckets are appended in order
-        m.locked.append([unlock, credit, weight])
+        m.locked.append([unlock, credit, weight, units])
