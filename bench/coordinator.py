@@ -269,6 +269,8 @@ def measure(db_name: str, db: str, args: argparse.Namespace, console: Console) -
         "3600",
         "--ingest",
         str(args.ingest),
+        # the members only submit, never heartbeat: keep them alive for the whole run
+        *("--unhealthy_after_s", "86400", "--dead_after_s", "86400"),
     ]
     server = Server(db, workdir, extra)
     try:
