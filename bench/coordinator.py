@@ -371,16 +371,26 @@ def soak(
 
 @contextlib.contextmanager
 def databases(console: Console, skip_pg: bool) -> Iterator[list[tuple[str, str]]]:
-    dbs = [("sqlite", str(Path(tempfile.mkdtemp(prefix="cotrain-bench-sqlite-")) / "c.db"))]
-    if skip_pg:
-        yield dbs
-        return
+    """The databases to measure; each is removed afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="cotrain-bench-sqlite-"))
+    dbs = [("sqlite", str(tmp / "c.db"))]
     try:
-        with postgres_cluster() as pg:
+        if skip_pg:
+            yield dbs
+            return
+        try:
+            cluster = postgres_cluster()
+            pg = cluster.__enter__()
+        except Unavailable as e:
+            console.print(f"[yellow]PostgreSQL skipped: {e}")
+            yield dbs
+            return
+        try:
             yield [*dbs, ("postgresql", pg.create_database("bench"))]
-    except Unavailable as e:
-        console.print(f"[yellow]PostgreSQL skipped: {e}")
-        yield dbs
+        finally:
+            cluster.__exit__(None, None, None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
