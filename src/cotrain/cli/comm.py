@@ -36,7 +36,18 @@ def _run_master(cfg: Any) -> int:
             key = master.identity.public_hex
             print(f"cotrain master listening on {cfg.host}:{port} key {key}", file=sys.stderr)
             svc.ready(host=cfg.host, port=port, key=key, run_id=cfg.run_id)
-            await svc.stopped()
+            if cfg.coordinator:
+                from cotrain.protocol.runs import ban_ejected
+
+                watch = asyncio.create_task(
+                    ban_ejected(master, cfg.coordinator, cfg.run_id, cfg.coordinator_poll_s)
+                )
+                try:
+                    await svc.stopped()
+                finally:
+                    watch.cancel()
+            else:
+                await svc.stopped()
         finally:
             await master.close()
 
@@ -51,7 +62,9 @@ MASTER = Role(
     help="""Run the membership master (moves no tensor data).
 
     Admits keys on --allow_keys '["..."]', keys holding a token from --token_issuers '["..."]',
-    or, for quick local runs, any key that knows the run secret (COTRAIN_SECRET). Prints its
+    or, for quick local runs, any key that knows the run secret (COTRAIN_SECRET). With
+    --coordinator URL (the run of a protocol task: --run_id is the task id, --token_issuers the
+    coordinator's key) every node the coordinator ejects is banned from the run. Prints its
     ready line {"event": "ready", "role": "master", "port": ..., "key": ...} on stdout.""",
     model=_master_model,
     run=_run_master,

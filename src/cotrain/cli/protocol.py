@@ -254,7 +254,73 @@ def shares_verify(
     )
 
 
+def _node_model() -> Any:
+    from cotrain.protocol.node import NodeConfig
+
+    return NodeConfig
+
+
+def _run_node(cfg: Any) -> int:
+    from cotrain.comm.errors import KickedError
+    from cotrain.core.service import Service
+    from cotrain.protocol import node
+
+    with Service("node") as svc:
+        svc.ready(coordinator=cfg.coordinator)
+        try:
+            summary = node.run(cfg)
+        except (node.NodeEjected, KickedError) as e:
+            print(f"cotrain node: out of the task: {e}", file=sys.stderr, flush=True)
+            return 1
+        print(json.dumps({"event": "node_done", **summary}), flush=True)
+    return svc.exit_code
+
+
+NODE = Role(
+    name="node",
+    help="""Contribute this machine to a task: register, join, train, submit work, earn.
+
+    Registers --key (created if missing) with the coordinator, joins --task (or the first open
+    diloco task that admits anyone; --invite for one that admits by invite), enters the task's
+    DiLoCo run with the admission token the coordinator issues, and records each
+    pseudo-gradient it contributes as signed work. Exits 1 if its validators eject it.""",
+    model=_node_model,
+    run=_run_node,
+)
+
+
+def _validator_model() -> Any:
+    from cotrain.protocol.validator import ValidatorConfig
+
+    return ValidatorConfig
+
+
+def _run_validator(cfg: Any) -> int:
+    from cotrain.core.service import Service
+    from cotrain.protocol import validator
+
+    with Service("validator") as svc:
+        svc.ready(coordinator=cfg.coordinator, task=cfg.task)
+        summary = validator.run(cfg)
+        print(json.dumps({"event": "validator_done", **summary}), flush=True)
+    return svc.exit_code
+
+
+VALIDATOR = Role(
+    name="validator",
+    help="""Judge a DiLoCo task's work and vote (accept or hard reject) through the coordinator.
+
+    Rebuilds the run's consensus state from the task's spec, checks each pseudo-gradient in the
+    task's store (its hash, a copy of another's, its effect on the validation loss) and signs a
+    verdict. Runs until the task is finalized or cancelled (--idle_exit_s to stop earlier).""",
+    model=_validator_model,
+    run=_run_validator,
+)
+
+
 def register(app: typer.Typer) -> None:
     add_role(app, COORDINATOR)
     add_role(app, AUDIT)
+    add_role(app, NODE)
+    add_role(app, VALIDATOR)
     app.add_typer(shares_app, name="shares")

@@ -49,6 +49,12 @@ class MasterConfig(ConfigModel):
     N, left, failed) to this file, for crediting work to keys later."""
     heartbeat_timeout_s: float = Field(default=2.5, gt=0)
     """A peer silent for this long is declared dead and in-flight collectives are aborted."""
+    coordinator: str = ""
+    """A protocol coordinator's URL (``cotrain master`` only): the run is its task ``run_id``,
+    and every node the coordinator ejects from that task (a quorum of validators hard-rejected
+    its work) is banned from the run."""
+    coordinator_poll_s: float = Field(default=2.0, gt=0)
+    """How often to read the task's members from ``coordinator``."""
     vote_timeout_s: float = Field(default=600.0, gt=0)
     """How long update_topology waits for every accepted peer to vote before dropping the absent."""
     handshake_timeout_s: float = Field(default=5.0, gt=0)

@@ -109,6 +109,8 @@ class Master:
         self.state_revision: int | None = None
         self._votes: set[str] = set()
         self._dropped: set[str] = set()  # dropped in this epoch: may rejoin, never resume
+        self.banned: dict[str, str] = {}
+        """Keys refused from now on, with why (``ban``: e.g. ejected by the coordinator)."""
         self._joiners: list[str] = []
         self._vote_deadline: asyncio.TimerHandle | None = None
         self._colls: dict[int, dict[str, m.Descriptor]] = {}
@@ -254,7 +256,22 @@ class Master:
                 log.warning("cannot append to events_file %s: %s", self._events_file, e)
                 self._events_file = None
 
+    def ban(self, peer_id: str, reason: str) -> None:
+        """Refuse ``peer_id`` from now on, whatever its credentials, and drop it now if it is
+        connected (its collectives in flight fail and are retried without it)."""
+        if peer_id in self.banned:
+            return
+        self.banned[peer_id] = reason
+        self._event("banned", peer_id, reason=reason)
+        if peer_id in self.peers:
+            self._send(peer_id, m.Kicked(reason=f"banned from the run: {reason}"))
+            self._drop(peer_id, f"banned: {reason}")
+
     def _admit_connection(self, hello: m.Hello, writer: asyncio.StreamWriter) -> bool:
+        why = self.banned.get(hello.peer_id)
+        if why is not None:
+            async_send_json(writer, m.Kicked(reason=f"banned from the run: {why}").dump())
+            return False
         addr = m.PeerAddr(peer_id=hello.peer_id, host=hello.host, port=hello.port, name=hello.name)
         old = self.peers.get(hello.peer_id)
         resumed = hello.resume is not None and self._resumable(hello.peer_id, hello.resume)

@@ -125,6 +125,9 @@ class DiLoCo:
       the initial model as outer step 0); its time is counted in ``clocks.eval_s``;
     * ``params``: the parameters to train together (default: those that require grad, in
       ``model.parameters()`` order; frozen ones, e.g. a LoRA base, must be equal everywhere);
+    * ``on_contribution(outer_step, pseudo_gradient, tokens)``: called at each sync point
+      before this worker's pseudo-gradient (a view of its fragment, flat) enters the average,
+      e.g. to record the work with a coordinator; an exception from it stops the run;
     * ``clocks`` / ``log``: time accounting and a sink for ``failed`` records (the trainer's).
     """
 
@@ -155,6 +158,7 @@ class DiLoCo:
         evaluate: Callable[[], float] | None = None,
         eval_every: int = 1,
         on_sync: Callable[[SyncReport], None] | None = None,
+        on_contribution: Callable[[int, torch.Tensor, int], None] | None = None,
         params: list[nn.Parameter] | None = None,
         clocks: Clocks | None = None,
         log: EventLog | None = None,
@@ -194,6 +198,7 @@ class DiLoCo:
         self.evaluate = evaluate
         self.eval_every = eval_every
         self.on_sync = on_sync
+        self.on_contribution = on_contribution
         self.clocks = clocks or Clocks()
         self.log = log
         self.outer = OuterState(
@@ -429,6 +434,10 @@ class DiLoCo:
         if self.overlap:
             self.anchor[span] = local
         tokens, self.since[fr.index] = self.since[fr.index], 0
+        if self.on_contribution is not None and tokens > 0:
+            # what this worker is about to put into the average (a record of its work): the
+            # outer step, its pseudo-gradient (n,) (a view: copy to keep) and its weight
+            self.on_contribution(self._k, self.delta[span], tokens)
         if self.checkpoint_dir is not None and self._k % self.checkpoint_every == 0:
             self._save(pending=tokens)
         # no forced vote: the synchroniser votes when the membership has to change

@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,16 @@ class _Position:
 
 
 class Worker:
-    def __init__(self, cfg: TrainConfig, *, echo: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        echo: bool = True,
+        on_contribution: Callable[[int, torch.Tensor, int], None] | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.on_contribution = on_contribution
+        """DiLoCo's hook: each pseudo-gradient this worker puts into an average."""
         torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out_dir)
         self.wdir = self.out / f"worker{cfg.worker_index}"
@@ -379,6 +388,7 @@ class Worker:
             evaluate=self._val,
             eval_every=cfg.eval_every_outer,
             on_sync=on_sync,
+            on_contribution=self.on_contribution,
             params=self.params,
             clocks=self.clocks,
             log=self.log,
