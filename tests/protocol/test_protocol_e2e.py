@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from diloco_harness import tiny_train_config, write_fake_shakespeare
 
 from cotrain.core.identity import Identity
 from cotrain.protocol.client import Client
 from cotrain.rl.launch import free_port
-from diloco_harness import tiny_train_config, write_fake_shakespeare
 
 WAIT_S = 240.0
 HARNESS = Path(__file__).resolve().parents[1] / "harness"

@@ -23,7 +23,7 @@ import hashlib
 import os
 import re
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -194,15 +194,26 @@ def read(method: str, path: str, hdrs: Any, raw: bytes, *, max_body: int) -> Sig
 
 
 class Replay:
-    """Refuses requests outside the clock window and nonces seen within twice the window.
+    """Refuses requests outside the clock window, and a (key, nonce) seen before while a
+    request carrying it could still pass the time check.
 
-    Memory is bounded by the request rate times the window: a nonce is forgotten once no request
-    carrying it could pass the time check again."""
+    A request signed at ``ts`` passes only until ``ts + window``, so its nonce is kept until
+    then (a second's bucket of them is dropped as the clock passes it): memory is the request
+    rate times about one window. Each nonce is kept as a 96-bit fingerprint of (key, nonce), an
+    int of 40 bytes instead of two strings, so a minute at thousands of requests a second
+    stays at megabytes; a chance collision (2^-96 a pair) would refuse one honest request,
+    which its client signs again with a fresh nonce."""
 
     def __init__(self, window_ms: int) -> None:
         self.window_ms = window_ms
-        self._seen: set[tuple[str, str]] = set()
-        self._order: deque[tuple[int, tuple[str, str]]] = deque()
+        self._seen: set[int] = set()
+        self._expiry: dict[int, list[int]] = {}  # second -> fingerprints that expire then
+        self._next = -1  # seconds below this were purged
+
+    @staticmethod
+    def _fingerprint(key: str, nonce: str) -> int:
+        digest = hashlib.blake2b(f"{key}/{nonce}".encode(), digest_size=12).digest()
+        return int.from_bytes(digest, "big")
 
     def check(self, key: str, nonce: str, ts_ms: int, now_ms: int) -> None:
         skew = ts_ms - now_ms
@@ -211,21 +222,37 @@ class Replay:
                 f"request time is {skew / 1000:+.1f} s from the coordinator's clock, outside "
                 f"the {self.window_ms / 1000:.0f} s window: set this machine's clock (NTP)"
             )
-        while self._order and self._order[0][0] < now_ms - 2 * self.window_ms:
-            self._seen.discard(self._order.popleft()[1])
-        item = (key, nonce)
-        if item in self._seen:
+        self._purge(now_ms)
+        fp = self._fingerprint(key, nonce)
+        if fp in self._seen:
             raise AuthError("replayed request: this nonce was already used by this key")
-        self._seen.add(item)
-        self._order.append((now_ms, item))
+        self._add(fp, ts_ms + self.window_ms)
 
     def remember(self, key: str, nonce: str, at_ms: int) -> None:
-        """A nonce used at ``at_ms`` (oldest first): what a coordinator restarted after a crash
-        reads back from its ledger, so a request acknowledged before it is refused after."""
-        item = (key, nonce)
-        if item not in self._seen:
-            self._seen.add(item)
-            self._order.append((at_ms, item))
+        """A nonce sequenced at ``at_ms``: what a coordinator restarted after a crash reads
+        back from its ledger, so a request acknowledged before it is refused after (kept
+        until ``at_ms`` + twice the window: its signed time was within a window of it)."""
+        fp = self._fingerprint(key, nonce)
+        if fp not in self._seen:
+            self._add(fp, at_ms + 2 * self.window_ms)
+
+    def _add(self, fp: int, until_ms: int) -> None:
+        self._seen.add(fp)
+        self._expiry.setdefault(until_ms // 1000 + 1, []).append(fp)
+
+    def _purge(self, now_ms: int) -> None:
+        """Forget the nonces whose requests can no longer pass the time check."""
+        now_s = now_ms // 1000
+        if now_s <= self._next:
+            return
+        if self._next < 0 or now_s - self._next > len(self._expiry):
+            gone = [s for s in self._expiry if s < now_s]  # a clock jump, or the first call
+        else:
+            gone = [s for s in range(self._next, now_s) if s in self._expiry]
+        for s in gone:
+            for fp in self._expiry.pop(s):
+                self._seen.discard(fp)
+        self._next = now_s
 
     def __len__(self) -> int:
         return len(self._seen)

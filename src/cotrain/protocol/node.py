@@ -136,13 +136,17 @@ class Agent:
         """Join ``task``; returns the join answer (with the comm admission token)."""
         self.task = task["id"]
         body = {"invite": self.cfg.invite} if self.cfg.invite else {}
+        path = f"/v1/tasks/{self.task}/join"
         try:
-            return self.call(self._client.write(f"/v1/tasks/{self.task}/join", body))
+            try:
+                return self.call(self._client.write(path, body))
+            except Conflict:
+                # still a member (this node restarted): the admission token comes with a join,
+                # so leave and join again (a task that admits by invite needs a new invite)
+                self.call(self._client.write(f"/v1/tasks/{self.task}/leave", {}))
+                return self.call(self._client.write(path, body))
         except Forbidden as e:
             raise UsageError(f"cannot join {self.task}: {_why(e)}") from None
-        except Conflict:  # already a member (a restarted node): a fresh token comes with...
-            self.call(self._client.write(f"/v1/tasks/{self.task}/leave", {}))
-            return self.call(self._client.write(f"/v1/tasks/{self.task}/join", body))
 
     def worker_index(self) -> int:
         """This node's place in the task's join order: its data shard."""
