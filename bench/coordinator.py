@@ -413,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--ingest",
         type=int,
-        default=max(0, (os.cpu_count() or 1) - 1),
-        help="ingest processes in front of the sequencer (coordinator --ingest)",
+        default=0,
+        help="ingest processes in front of the sequencer (coordinator --ingest); on 2 cores "
+        "shared with wrk, 0 is faster (2273/s against 1988/s with 1)",
     )
     p.add_argument("--soak-s", type=float, default=0.0, help="then this long of load, RSS sampled")
     p.add_argument("--soak-db", default="sqlite")
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print("error: this benchmark needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
-    console = Console()
+    console = Console(width=max(120, shutil.get_terminal_size().columns))
     rows = []
     with databases(console, args.no_postgres) as dbs:
         for name, url in dbs:

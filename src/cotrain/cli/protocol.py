@@ -21,6 +21,7 @@ def _coordinator_model() -> Any:
 
 def _run_coordinator(cfg: Any) -> int:
     import asyncio
+    import gc
 
     from cotrain.core.service import Service
     from cotrain.protocol.coordinator import serve
@@ -33,9 +34,17 @@ def _run_coordinator(cfg: Any) -> int:
             return "no entries written"
         return f"{coord.state.size} entries, {coord.commits} commits"
 
+    def ready(**fields: Any) -> None:
+        # What is alive now (modules, the state loaded from the database) lives as long as the
+        # process: out of the collector's sight, a full collection under load scans only what
+        # came after, in milliseconds instead of a ~100 ms pause of every write
+        gc.collect()
+        gc.freeze()
+        svc.ready(**fields)
+
     async def main(svc: Service) -> None:
         with binding(cfg.host, cfg.port, flag="--port"), user_inputs("the database"):
-            await serve(cfg, ready=svc.ready, stopped=svc.stopped, box=box)
+            await serve(cfg, ready=ready, stopped=svc.stopped, box=box)
 
     with Service("coordinator") as svc:
         svc.summary = summary

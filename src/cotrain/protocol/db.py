@@ -417,9 +417,13 @@ class SQLWork:
         self._cache.clear()
         self._dirty.clear()
 
-    def trim(self, keep: int = 50_000) -> None:
+    def trim(self, keep: int = 4096) -> None:
+        """Bound the cache (called after each commit): the units of writes applied but not yet
+        committed stay, the rest are read back from the database when a verdict names them
+        (validators judge recent work, which is what stays cached between trims)."""
         if len(self._cache) > keep:
             self._cache.clear()
+            self._cache.update(self._dirty)
 
 
 def _redact(url: str) -> str:
