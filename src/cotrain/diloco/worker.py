@@ -68,10 +68,13 @@ class Worker:
         *,
         echo: bool = True,
         on_contribution: Callable[[int, torch.Tensor, int], None] | None = None,
+        on_outer: Callable[[SyncReport], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.on_contribution = on_contribution
         """DiLoCo's hook: each pseudo-gradient this worker puts into an average."""
+        self.on_outer = on_outer
+        """Called with each synchronisation's ``SyncReport`` (after it is logged)."""
         torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out_dir)
         self.wdir = self.out / f"worker{cfg.worker_index}"
@@ -362,6 +365,8 @@ class Worker:
                 digest=rep.digest,
                 fetched=rep.fetched,
             )
+            if self.on_outer is not None:
+                self.on_outer(rep)
 
         d = DiLoCo(
             self.comm,

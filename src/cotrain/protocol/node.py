@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import socket
 import sys
@@ -28,11 +29,13 @@ import aiohttp
 import torch
 from pydantic import Field
 
+from cotrain.comm.faults import FaultPlan
 from cotrain.core.config import ConfigModel
 from cotrain.core.errors import UsageError
 from cotrain.core.files import write_atomic
 from cotrain.core.identity import Identity
 from cotrain.core.signed import canonical
+from cotrain.diloco.diloco import SyncReport
 from cotrain.protocol import runs
 from cotrain.protocol.client import Client
 from cotrain.protocol.errors import Conflict, Forbidden, NotFound, ProtocolError
@@ -40,6 +43,19 @@ from cotrain.protocol.errors import Conflict, Forbidden, NotFound, ProtocolError
 log = logging.getLogger("cotrain.protocol")
 T = TypeVar("T")
 _NET_ERRORS = (ProtocolError, aiohttp.ClientError, OSError, TimeoutError)
+
+
+class NodeWorker(ConfigModel):
+    """This machine's side of the task's run (the rest of its config comes from the task)."""
+
+    listen_host: str = "127.0.0.1"
+    """Where the worker's ring server listens (0.0.0.0 for other machines)."""
+    listen_port: int = Field(default=0, ge=0, le=65535)
+    advertise_host: str | None = None
+    """The address the other workers dial (behind NAT: the public one)."""
+    advertise_port: int | None = None
+    faults: FaultPlan = Field(default_factory=FaultPlan)
+    """Faults to inject into this worker's collectives (tests, drills)."""
 
 
 class NodeConfig(ConfigModel):
@@ -61,6 +77,7 @@ class NodeConfig(ConfigModel):
     """Deadline of each call to the coordinator."""
     threads: int = Field(1, ge=1)
     """torch threads of the worker."""
+    worker: NodeWorker = Field(default_factory=NodeWorker)
 
 
 class NodeEjected(Exception):
@@ -79,6 +96,7 @@ class Agent:
         self.ejected: str | None = None
         self.submitted = 0
         self.unrecorded = 0
+        self.pending: dict[int, tuple[str, int]] = {}  # outer step -> (work key, tokens)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cotrain-node")
         self._client = Client(cfg.coordinator, identity, timeout_s=cfg.timeout_s)
@@ -176,13 +194,52 @@ class Agent:
             await asyncio.sleep(every_s)
 
     def contribute(self, step: int, delta: torch.Tensor, tokens: int) -> None:
-        """DiLoCo's hook: put the pseudo-gradient in the store and submit it as work."""
+        """DiLoCo's hook, as the pseudo-gradient of outer step ``step`` enters the average: put
+        it in the store. It is recorded as work once the synchronisation says whether the run
+        used it (``reported``); until then it is pending, in a file that outlives a crash."""
         if self.ejected is not None:
             raise NodeEjected(self.ejected)
         key = runs.put_pseudo_gradient(
             self.store, self.task, delta, {"task": self.task, "step": str(step), "node": self.key}
         )
+        self.pending[step] = (key, tokens)
+        self._save_pending()
+
+    def reported(self, rep: SyncReport) -> None:
+        """The worker's hook after each synchronisation: record the pending work, used by the
+        run, or dropped by it (this worker's state was replaced by the run's: it fell behind,
+        or the collective went on without it)."""
+        for step in sorted(self.pending):
+            key, tokens = self.pending.pop(step)
+            meta: dict[str, Any]
+            if not rep.fetched and step == rep.outer_step - 1:
+                meta = {"used": True, "world": rep.world}
+            else:
+                why = "this worker's state was replaced by the run's (it fell behind)"
+                meta = {"used": False, "why": why}
+            self._submit(step, key, tokens, meta)
+        self._save_pending()
+
+    def flush_unfinished(self) -> None:
+        """Record what a previous run of this node left pending: the run went on without it
+        (the node stopped before that synchronisation finished). Its credit is not lost."""
+        path = self._pending_path()
+        try:
+            left = json.loads(path.read_text())
+        except FileNotFoundError:
+            return
+        except ValueError:
+            log.warning("%s is not JSON: ignored", path)
+            return
+        why = "the node stopped before the run's synchronisation finished"
+        for step, (key, tokens) in sorted((int(k), v) for k, v in left.items()):
+            if runs.artifact_path(self.store, self.task, key).exists():
+                self._submit(step, key, int(tokens), {"used": False, "why": why})
+        path.unlink(missing_ok=True)
+
+    def _submit(self, step: int, key: str, tokens: int, meta: dict[str, Any]) -> None:
         body = {"work_key": key, "kind": runs.WORK_KIND, "units": tokens, "step": step}
+        body["meta"] = meta
         try:
             self.call(self._client.write(f"/v1/tasks/{self.task}/work", body))
             self.submitted += 1
@@ -194,6 +251,13 @@ class Agent:
         except _NET_ERRORS as e:
             self.unrecorded += 1
             log.warning("work of outer step %d not recorded: %s", step, e)
+
+    def _pending_path(self) -> Path:
+        return Path(self.cfg.work_dir) / self.task / "pending-work.json"
+
+    def _save_pending(self) -> None:
+        body = {str(k): list(v) for k, v in self.pending.items()}
+        write_atomic(self._pending_path(), json.dumps(body).encode())
 
     def leave(self) -> None:
         try:
@@ -235,10 +299,17 @@ def run(cfg: NodeConfig) -> dict[str, Any]:
         token = work / "admission-token.json"
         work.mkdir(parents=True, exist_ok=True)
         write_atomic(token, canonical(joined["admission_token"]))
+        agent.flush_unfinished()
         index = agent.worker_index()
         train = spec.train_config(
             agent.task,
-            comm={"key_file": cfg.key, "token_file": str(token), "secret": ""},
+            comm={
+                "key_file": cfg.key,
+                "token_file": str(token),
+                "secret": "",
+                **cfg.worker.model_dump(exclude={"faults"}),
+            },
+            faults=cfg.worker.faults.model_dump(),
             worker_index=index,
             out_dir=str(work / "run"),
             threads=cfg.threads,
@@ -252,7 +323,8 @@ def run(cfg: NodeConfig) -> dict[str, Any]:
         agent.start_heartbeats(10.0)
         left = False
         try:
-            summary = Worker(train, on_contribution=agent.contribute).run()
+            worker = Worker(train, on_contribution=agent.contribute, on_outer=agent.reported)
+            summary = worker.run()
             agent.leave()
             left = True
         finally:

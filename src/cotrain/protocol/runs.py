@@ -108,10 +108,19 @@ class ArtifactError(Exception):
     """A work record's artifact is missing, or is not what the record's key names."""
 
 
-def get_pseudo_gradient(store: str | Path, task: str, work_key: str) -> torch.Tensor:
-    """The pseudo-gradient of a work record, checked against its key."""
+def get_pseudo_gradient(
+    store: str | Path, task: str, work_key: str, *, numel: int | None = None
+) -> torch.Tensor:
+    """The pseudo-gradient of a work record, checked against its key (and, with ``numel``,
+    its size before it is read: a huge file from a hostile node is refused unread)."""
     path = artifact_path(store, task, work_key)
     try:
+        size = path.stat().st_size
+        if numel is not None and size > 4 * numel + (64 << 10):
+            raise ArtifactError(
+                f"the artifact of {work_key[:16]}... is {size} bytes, over a pseudo-gradient of "
+                f"{numel} values"
+            )
         blob = path.read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"no artifact {work_key[:16]}... in the store") from None

@@ -63,6 +63,8 @@ class Unit:
     votes: dict[str, str] = field(default_factory=dict)
     reason: str = ""
     last_seq: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    """What its node said of it (a DiLoCo node: whether the run used it)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -395,6 +397,7 @@ class State:
             step=body.step,
             seq=seq,
             last_seq=seq,
+            meta=dict(body.meta),
         )
         self.work.put(unit)
         m.submitted_units += body.units

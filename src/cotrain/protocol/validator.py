@@ -151,9 +151,10 @@ class Validator:
         self.after = -1
         self.rows: dict[int, list[dict[str, Any]]] = {}  # step -> its work records, by seq
         self.judged: set[str] = set()
-        self.verdicts: dict[str, int] = {"accept": 0, "soft_reject": 0, "hard_reject": 0}
+        self.verdicts: dict[str, int] = {"accept": 0, "drop": 0, "soft_reject": 0, "hard_reject": 0}
         self._deltas: dict[str, torch.Tensor] = {}
         self._bad: dict[str, str] = {}  # work key -> why its artifact is no pseudo-gradient
+        self.unused: list[dict[str, Any]] = []  # records their node says the run dropped
 
     async def setup(self) -> None:
         c = self.client
@@ -186,7 +187,11 @@ class Validator:
             rows = page["work"]
             for row in rows:
                 self.after = max(self.after, int(row["seq"]))
-                if row.get("kind") == runs.WORK_KIND:
+                if row.get("kind") != runs.WORK_KIND:
+                    continue
+                if row.get("meta", {}).get("used") is False:
+                    self.unused.append(row)  # the run did not average it: no state needed
+                else:
                     self.rows.setdefault(int(row["step"]), []).append(row)
             got += len(rows)
             if len(rows) < 1000:
@@ -200,6 +205,10 @@ class Validator:
         (``settled``: the run's last step)."""
         rep = self.replica
         assert rep is not None
+        while self.unused:
+            row = self.unused.pop(0)
+            if row["key"] not in self.judged:
+                await self._judge(row, int(row["step"]))
         while True:
             step = rep.step
             for late in sorted(s for s in self.rows if s < step and s in rep.snapshots):
@@ -235,7 +244,7 @@ class Validator:
         assert rep is not None and self.spec is not None
         key = row["key"]
         try:
-            delta = runs.get_pseudo_gradient(self.spec.store, self.task, key)
+            delta = runs.get_pseudo_gradient(self.spec.store, self.task, key, numel=rep.outer.numel)
         except runs.ArtifactError as e:
             self._bad[key] = str(e)
             return
@@ -270,6 +279,13 @@ class Validator:
         rep = self.replica
         assert rep is not None
         key = row["key"]
+        meta = row.get("meta", {})
+        if meta.get("used") is False:
+            self._load(row)
+            self._deltas.pop(key, None)  # not part of any average
+            if key in self._bad:
+                return "hard_reject", self._bad[key], None
+            return "drop", f"the run did not use it: {str(meta.get('why', ''))[:200]}", None
         if key in self._bad:
             return "hard_reject", self._bad[key], None
         delta = self._deltas[key]
