@@ -63,3 +63,26 @@ def test_task_specs_are_checked_with_the_field_named() -> None:
         runs.DiLoCoSpec.of(
             {"id": "t1", "kind": "diloco", "spec": {**good, "train": {"algo": {"inner_steps": 0}}}}
         ).train_config("t1")
+
+
+def test_an_rl_task_makes_the_node_an_inference_worker_of_its_orchestrator(tmp_path: Path) -> None:
+    task = {
+        "id": "t4",
+        "kind": "rl",
+        "spec": {
+            "orchestrator": "http://10.0.0.2:8480",
+            "rl": {"run": {"id": "math"}, "env": {"name": "chain_sum"}},
+        },
+    }
+    spec = runs.RLSpec.of(task)
+    key = tmp_path / "node.pem"
+    cfg = spec.worker_config("t4", key=key, coordinator="http://c:8740", out_dir=tmp_path / "rl")
+    assert cfg.orchestrator_url == "http://10.0.0.2:8480" and cfg.run.id == "math"
+    assert cfg.path(cfg.worker.key) == key.resolve()
+    assert (cfg.worker.coordinator, cfg.worker.coordinator_task) == ("http://c:8740", "t4")
+    # a task may not set a node's own settings (its key, its cheats)
+    bad = {**task, "spec": {**task["spec"], "rl": {"worker": {"cheat": "stale"}}}}
+    with pytest.raises(UsageError, match="not \\['worker'\\]"):
+        runs.RLSpec.of(bad).worker_config("t4", key=key, coordinator="", out_dir=tmp_path)
+    with pytest.raises(UsageError, match=r"spec\.orchestrator"):
+        runs.RLSpec.of({**task, "spec": {"orchestrator": "ftp://x"}})

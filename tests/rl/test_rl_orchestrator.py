@@ -8,7 +8,6 @@ end-to-end tests); this test signs the verdicts with a validator key itself."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import rl_wire_harness
 
 from cotrain.core.identity import Identity
 from cotrain.core.signed import Envelope
@@ -70,45 +70,18 @@ def serve(
 
 
 def _request(who: Identity, role: str = "worker", **over: Any) -> dict[str, Any]:
-    body = wire.Request("rl", role, wire.new_nonce(), time.time(), 0, 1).to_body()
-    body.update(over)
-    return Envelope.seal(who, wire.REQUEST, body).to_json()
+    return rl_wire_harness.request(who, role, **over)
 
 
 def _version(v: int, step: int = 0) -> dict[str, Any]:
-    notice = wire.VersionNotice("rl", v, f"{v:064x}", step, time.time(), ["http://127.0.0.1:1"])
-    return Envelope.seal(TRAINER, wire.VERSION, notice.to_body()).to_json()
+    return rl_wire_harness.version(TRAINER, v, step)
 
 
-def _rollout(who: Identity, assignment: dict[str, Any], sample: int, answer: str) -> dict:
-    a = wire.Assignment.from_body(assignment["body"])
-    ids = list(answer.encode())
-    body = wire.Rollout(
-        assignment=assignment,
-        sample=sample,
-        version=1,
-        manifest_sha256=f"{1:064x}",
-        prompt_ids=a.prompt_ids,
-        completion_ids=ids,
-        logprobs=[-0.5] * len(ids),
-        finish_reason="length",
-        proof=base64.b64encode(b"\0" * 8).decode(),
-        proof_chunk=32,
-        proof_topk=128,
-        claimed_reward=None,
-        t_start_unix=time.time(),
-        t_end_unix=time.time(),
-        nonce=wire.new_nonce(),
-    ).to_body()
-    return Envelope.seal(who, wire.ROLLOUT, body).to_json()
+_rollout = rl_wire_harness.rollout
 
 
 def _verdict(rollout: dict[str, Any], assignment_id: str, sample: int, ok: bool) -> dict:
-    sha = __import__("hashlib").sha256(Envelope.from_json(rollout, domain=wire.ROLLOUT).to_bytes())
-    v = wire.Verdict(
-        f"{assignment_id}/{sample}", sha.hexdigest(), ok, None if ok else "sampling", "t", None, {}
-    )
-    return Envelope.seal(VALIDATOR, wire.VERDICT, v.to_body()).to_json()
+    return rl_wire_harness.verdict(VALIDATOR, rollout, assignment_id, sample, ok)
 
 
 async def _post(s: aiohttp.ClientSession, orch: Orchestrator, path: str, body: Any) -> tuple:

@@ -68,7 +68,8 @@ class NodeConfig(ConfigModel):
     name: str = ""
     """The name it registers under (default: the host name)."""
     task: str = ""
-    """The task to join (default: the first open diloco task that admits openly)."""
+    """The task to join (default: the first open diloco task that admits openly); a diloco
+    task makes this node a DiLoCo worker, an rl task one of its inference workers."""
     invite: str = ""
     """An invite id from the task's initiator (tasks that admit by invite)."""
     work_dir: str = "cotrain-node"
@@ -278,6 +279,42 @@ def _why(e: Exception) -> str:
     return text.split(": 403: ", 1)[-1]
 
 
+def _run_rl(cfg: NodeConfig, agent: Agent, spec: runs.RLSpec) -> dict[str, Any]:
+    """An ``rl`` task: this node is one of its inference workers. The worker records each
+    rollout the orchestrator takes in as work, and heartbeats, itself (``rl.worker``)."""
+    from cotrain.rl.worker import Worker as RLWorker
+
+    work = Path(cfg.work_dir) / agent.task
+    rl_cfg = spec.worker_config(
+        agent.task, key=Path(cfg.key), coordinator=cfg.coordinator, out_dir=work / "rl"
+    )
+    print(
+        f"node {agent.key[:16]} joined {agent.task}: inference worker of {spec.orchestrator}",
+        file=sys.stderr,
+        flush=True,
+    )
+    from cotrain.rl.client import Refused
+
+    worker = RLWorker(rl_cfg)
+    try:
+        asyncio.run(worker.run())
+    except Refused as e:
+        if e.status == 403:  # the orchestrator banned this key
+            raise NodeEjected(str(e)) from None
+        raise
+    finally:
+        agent.leave()
+    member = agent.account()
+    return {
+        **worker.summary(),
+        "task": agent.task,
+        "node": agent.key,
+        "accepted_units": member.get("accepted_units"),
+        "earned": member.get("earned"),
+        "locked": member.get("locked"),
+    }
+
+
 def run(cfg: NodeConfig) -> dict[str, Any]:
     """Run the node to the end of its task's run; its summary."""
     from cotrain.diloco.worker import Worker
@@ -290,6 +327,10 @@ def run(cfg: NodeConfig) -> dict[str, Any]:
         try:
             agent.register()
             task = agent.pick_task()
+            if task.get("kind") == "rl":
+                rl_spec = runs.RLSpec.of(task)
+                agent.join(task)
+                return _run_rl(cfg, agent, rl_spec)
             spec = runs.DiLoCoSpec.of(task)
             joined = agent.join(task)
         except (aiohttp.ClientError, OSError, TimeoutError) as e:

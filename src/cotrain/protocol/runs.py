@@ -83,6 +83,54 @@ class DiLoCoSpec(BaseModel):
             raise UsageError(f"task {task}: spec.train.{where}: {err['msg']}") from None
 
 
+class RLSpec(BaseModel):
+    """The ``spec`` of an ``rl`` task: its orchestrator and the run's shared settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    orchestrator: str = Field(pattern=r"^https?://[^\s/]+$")
+    """The run's orchestrator, http://host:port."""
+    rl: dict[str, Any] = {}
+    """The RLConfig sections every worker shares: run (its id), model, env, sampling, proof."""
+
+    @classmethod
+    def of(cls, task: dict[str, Any]) -> RLSpec:
+        try:
+            return cls.model_validate(task.get("spec") or {})
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "spec"
+            raise UsageError(f"task {task.get('id')}: spec.{where}: {err['msg']}") from None
+
+    def worker_config(self, task: str, *, key: Path, coordinator: str, out_dir: Path) -> Any:
+        """The RLConfig of a node's inference worker in task ``task``."""
+        from cotrain.rl.config import RLConfig
+
+        shared = {
+            k: v for k, v in self.rl.items() if k in ("run", "model", "env", "sampling", "proof")
+        }
+        if len(shared) != len(self.rl):
+            extra = sorted(set(self.rl) - set(shared))
+            raise UsageError(
+                f"task {task}: spec.rl may set run, model, env, sampling, proof; not {extra}"
+            )
+        body = {
+            **shared,
+            "run": {**shared.get("run", {}), "out_dir": str(out_dir)},
+            "orchestrator": {"url": self.orchestrator},
+            "worker": {
+                "key": str(key.resolve()),
+                "coordinator": coordinator,
+                "coordinator_task": task,
+            },
+        }
+        try:
+            return RLConfig.model_validate(body)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "rl"
+            raise UsageError(f"task {task}: spec.rl.{where}: {err['msg']}") from None
+
+
 # ---- artifacts --------------------------------------------------------------------------------
 
 

@@ -130,6 +130,13 @@ class OrchestratorConfig(ConfigModel):
     fsspec URL such as s3://bucket/prefix."""
     max_body_mb: float = Field(default=8.0, gt=0)
     """Largest request body accepted, in MB."""
+    coordinator: str = ""
+    """A protocol coordinator's URL: record each rollout's final verdict there (accept; drop:
+    valid but its slot was filled; soft reject: a failed check; hard reject: the one that gets
+    its worker banned), signed with this orchestrator's key, which ``coordinator_task`` must
+    list as a validator."""
+    coordinator_task: str = ""
+    """The task of the coordinator this run is (its id, e.g. t7)."""
 
 
 class TrainerConfig(ConfigModel):
@@ -198,6 +205,14 @@ class WorkerConfig(ConfigModel):
     """How long the orchestrator may hold a request when there is no work."""
     max_assignments: int = Field(default=0, ge=0)
     """Stop after this many assignments (0: run until the run ends)."""
+    coordinator: str = ""
+    """A protocol coordinator's URL: join ``coordinator_task`` as a node with this worker's
+    key and record each rollout the orchestrator takes in as work (kind ``rollout_tokens``,
+    units: completion tokens), so its verdicts can credit (or eject) this key."""
+    coordinator_task: str = ""
+    """The task to join."""
+    coordinator_invite: str = ""
+    """An invite of that task (tasks that admit by invite)."""
 
 
 class ValidatorConfig(ConfigModel):

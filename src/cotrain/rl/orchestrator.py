@@ -145,6 +145,17 @@ class Orchestrator:
         self._replayed_steps: list[int] = []
         self.url = ""
         self.prompt = lru_cache(maxsize=4096)(self._prompt)
+        self.recorder: Any = None
+        """The coordinator's ``Recorder``, when this run is a task of one: every final verdict
+        goes there too (those replayed from the journal again: already-recorded ones are
+        refused as such, none is lost to a crash)."""
+        o = cfg.orchestrator
+        if o.coordinator:
+            from cotrain.protocol.recorder import Recorder
+
+            if not o.coordinator_task:
+                raise ValueError("orchestrator.coordinator needs orchestrator.coordinator_task")
+            self.recorder = Recorder(o.coordinator, identity, o.coordinator_task)
         self._replay()
 
     # ---- the journal -----------------------------------------------------------------------
@@ -241,6 +252,14 @@ class Orchestrator:
             self.stats.rejected[verdict.check or "unknown"] += 1
             worker["rejected"] += 1
             self.planner.apply_reject(a.id, signed.worker)
+            # each failed check costs that rollout's credit; the one that gets the worker
+            # banned here ejects it from the task (and forfeits what it has locked)
+            banned = self.planner.banned(signed.worker)
+            self._record_verdict(
+                signed,
+                "hard_reject" if banned else "soft_reject",
+                f"{verdict.check}: {verdict.reason}",
+            )
             self._form_batches()  # a dropped slot may be the step's last one
             return
         rec.status = "accepted"
@@ -257,7 +276,9 @@ class Orchestrator:
         worker["accepted"] += 1
         if not self.planner.slot_needs(a.id, signed.rollout.sample):
             self.stats.superseded += 1
+            self._record_verdict(signed, "drop", "valid, but its slot was filled before it")
             return
+        self._record_verdict(signed, "accept", f"reward {rec.reward:g}")
         r = signed.rollout
         self.planner.apply_accept(
             a.id,
@@ -273,6 +294,10 @@ class Orchestrator:
             ),
         )
         self._form_batches()
+
+    def _record_verdict(self, signed: SignedRollout, verdict: str, reason: str) -> None:
+        if self.recorder is not None:
+            self.recorder.verdict(signed.sha256, verdict, reason)
 
     def _form_batches(self) -> None:
         try:
@@ -544,7 +569,12 @@ class Orchestrator:
             "workers": {w: {**dict(c), "banned": p.banned(w)} for w, c in s.by_worker.items()},
             "validators": dict(s.verdicts_by_validator),
             "staleness": {str(k): v for k, v in sorted(s.staleness.items())},
+            **({"ledger": self._ledger_status()} if self.recorder is not None else {}),
         }
+
+    def _ledger_status(self) -> dict[str, Any]:
+        r = self.recorder
+        return {"sent": r.sent, "pending": r.pending, "refused": dict(r.refused), "lost": r.lost}
 
     def step_records(self, step: int) -> list[dict[str, Any]] | None:
         if self.planner.batch(step) is None:
@@ -729,11 +759,15 @@ class Orchestrator:
         await site.start()
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
+        if self.recorder is not None:
+            self.recorder.start()
         return self.url
 
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.recorder is not None:
+            await self.recorder.close()
         await asyncio.to_thread(self._store_pool.shutdown, wait=True)
         self.journal.close()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import sys
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cotrain.core.identity import Identity
-from cotrain.core.signed import Envelope
+from cotrain.core.signed import Envelope, canonical
 from cotrain.rl import wire
 from cotrain.rl.client import OrchestratorClient, Refused, Weights
 from cotrain.rl.config import RLConfig
@@ -85,6 +86,9 @@ class Worker:
         self.stats = WorkerStats()
         self.weights: Weights | None = None
         self._first_version = 0
+        self.recorder: Any = None
+        """The coordinator's ``Recorder`` when the run is a task of one."""
+        self._beat: asyncio.Task[None] | Any = None
 
     @property
     def key(self) -> str:
@@ -109,21 +113,57 @@ class Worker:
                 keep=cfg.keep_versions + 1,
             )
             emit("joined", worker=self.key, run=cfg.run.id)
-            while True:
-                t0 = time.monotonic()
-                got = await client.work(
-                    have_version=self.weights.loaded, wait_s=cfg.worker.idle_wait_s
-                )
-                self.stats.wait_s += time.monotonic() - t0
-                if got["status"] != "running" and not got["assignments"]:
-                    emit("finished", status=got["status"], **self.summary())
+            recorder = await self._ledger()
+            try:
+                await self._loop(client)
+            finally:
+                if recorder is not None:
+                    await recorder.close()
+                    self._beat.cancel()
+                    emit(
+                        "recorded",
+                        sent=recorder.sent,
+                        refused=dict(recorder.refused),
+                        lost=recorder.lost,
+                    )
+
+    async def _ledger(self) -> Any:
+        """Join the coordinator's task as a node, when the run is one (``worker.coordinator``)."""
+        w = self.cfg.worker
+        if not w.coordinator:
+            return None
+        from cotrain.protocol.recorder import Recorder
+
+        if not w.coordinator_task:
+            raise RLError("worker.coordinator needs worker.coordinator_task (the task id)")
+        rec = Recorder(w.coordinator, self.identity, w.coordinator_task)
+        try:
+            await rec.join_as_node(f"rl-worker-{self.key[:8]}", w.coordinator_invite)
+        except Exception as e:
+            await rec.client.close()
+            raise RLError(f"cannot join {w.coordinator_task} at {w.coordinator}: {e}") from None
+        rec.start()
+        self._beat = asyncio.create_task(rec.heartbeats())
+        self.recorder = rec
+        emit("task_joined", task=w.coordinator_task, coordinator=w.coordinator)
+        return rec
+
+    async def _loop(self, client: OrchestratorClient) -> None:
+        cfg = self.cfg
+        assert self.weights is not None
+        while True:
+            t0 = time.monotonic()
+            got = await client.work(have_version=self.weights.loaded, wait_s=cfg.worker.idle_wait_s)
+            self.stats.wait_s += time.monotonic() - t0
+            if got["status"] != "running" and not got["assignments"]:
+                emit("finished", status=got["status"], **self.summary())
+                return
+            for raw in got["assignments"]:
+                await self._one(client, raw, got)
+                limit = cfg.worker.max_assignments
+                if limit and self.stats.assignments >= limit:
+                    emit("finished", status="max_assignments", **self.summary())
                     return
-                for raw in got["assignments"]:
-                    await self._one(client, raw, got)
-                    limit = cfg.worker.max_assignments
-                    if limit and self.stats.assignments >= limit:
-                        emit("finished", status="max_assignments", **self.summary())
-                        return
 
     def summary(self) -> dict[str, Any]:
         s = self.stats
@@ -300,6 +340,8 @@ class Worker:
                 raise
             return
         self.stats.rollouts += len(envelopes)
+        if self.recorder is not None:  # what the orchestrator took in is this key's work
+            record_rollouts(self.recorder, envelopes, got["results"], a.step)
         for r, cheat in zip(got["results"], cheating, strict=False):
             emit(
                 "submitted",
@@ -309,6 +351,26 @@ class Worker:
                 cheat=self.cheat if cheat else None,
                 step=a.step,
             )
+
+
+def record_rollouts(
+    recorder: Any, envelopes: list[dict[str, Any]], results: list[dict[str, Any]], step: int
+) -> int:
+    """Record as work each rollout the orchestrator took in (status ``queued``): its key is
+    the SHA-256 of the signed envelope (what the orchestrator's verdict names), its units the
+    completion's tokens. Returns how many were recorded."""
+    n = 0
+    for env, r in zip(envelopes, results, strict=False):
+        if r.get("status") == "queued":
+            body = env.get("body", {})
+            recorder.work(
+                hashlib.sha256(canonical(env)).hexdigest(),
+                "rollout_tokens",
+                max(1, len(body.get("completion_ids", []))),
+                int(step),
+            )
+            n += 1
+    return n
 
 
 def run_worker(cfg: RLConfig) -> int:
