@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from diloco_harness import tiny_train_config, write_fake_shakespeare
 from protocol_harness import config, identities, running
 
 from cotrain.rl.launch import free_port
@@ -80,6 +81,28 @@ def test_node_and_validator_mistakes_are_one_line(tmp_path: Path) -> None:
                 "is not among",
             )
             _one_error(*await _cotrain("validator", "--coordinator", url), "give --task")
+            # a task whose run cannot be reached: the node says where it looked
+            cache = tmp_path / "cache"
+            write_fake_shakespeare(cache)
+            train = tiny_train_config(cache, tmp_path / "x", **{"comm.connect_timeout_s": 2})
+            del train["out_dir"]
+            gone = {**spec, "master": f"127.0.0.1:{free_port()}", "train": train}
+            t = (
+                await c.write(
+                    "/v1/tasks",
+                    {
+                        "name": "z",
+                        "kind": "diloco",
+                        "spec": gone,
+                        "budget": 10,
+                        "rate_per_unit": 1,
+                        "admission": "open",
+                    },
+                )
+            )["task"]
+            await c.write(f"/v1/tasks/{t}/open", {})
+            wd = ("--work_dir", str(tmp_path / "wd"))
+            _one_error(*await _cotrain(*node, "--task", t, *wd), "cannot reach the task's run")
             for c2 in (c, ids["v"][1]):
                 await c2.close()
 

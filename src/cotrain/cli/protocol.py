@@ -270,7 +270,7 @@ def _node_model() -> Any:
 
 
 def _run_node(cfg: Any) -> int:
-    from cotrain.comm.errors import KickedError
+    from cotrain.comm.errors import AuthError, KickedError, MasterUnreachableError
     from cotrain.core.service import Service
     from cotrain.protocol import node
 
@@ -281,6 +281,8 @@ def _run_node(cfg: Any) -> int:
         except (node.NodeEjected, KickedError) as e:
             print(f"cotrain node: out of the task: {e}", file=sys.stderr, flush=True)
             return 1
+        except (MasterUnreachableError, AuthError) as e:
+            raise usage(f"cannot reach the task's run (the address in its spec): {e}") from None
         print(json.dumps({"event": "node_done", **summary}), flush=True)
     return svc.exit_code
 
