@@ -240,3 +240,42 @@ def test_a_master_without_an_admission_rule_refuses_to_start(
         Master(MasterConfig(secret=""))
     with pytest.raises(ValueError, match="64-hex"):
         MasterConfig(allow_keys=["not-a-key"])
+
+
+@pytest.mark.timeout(60)
+def test_a_banned_key_is_dropped_and_never_readmitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cotrain.comm.errors import CommError, KickedError
+
+    monkeypatch.delenv("COTRAIN_SECRET", raising=False)
+    a, b, c = Identity.generate(), Identity.generate(), Identity.generate()
+    master = MasterThread(secret="", allow_keys=[k.public_hex for k in (a, b, c)])
+    comms = [Communicator(_keyed_config(master, k, tmp_path)) for k in (a, b, c)]
+    try:
+        _ring_of(comms)
+        master.call(lambda: master.master.ban(c.public_hex, "ejected by the coordinator"))
+        with pytest.raises(CommError):  # kicked: its next collective fails at once
+            comms[2].all_reduce(np.ones(100, np.float32), op="sum")
+        assert master.call(lambda: dict(master.master.banned)) == {
+            c.public_hex: "ejected by the coordinator"
+        }
+        events = master.call(lambda: [e["event"] for e in master.master.events])
+        assert "banned" in events
+        # on the allow-list, with its key: still refused
+        again = Communicator(_keyed_config(master, c, tmp_path, connect_timeout_s=2))
+        with pytest.raises((KickedError, AuthError), match="banned"):
+            again.connect(timeout_s=2)
+        again.close()
+        # the others go on without it
+        parallel([lambda x=x: x.update_topology() for x in comms[:2]])
+        assert [x.world_size for x in comms[:2]] == [2, 2]
+        xs = [np.full(100, 1.0, np.float32) for _ in range(2)]
+        parallel(
+            [lambda x=x, v=v: x.all_reduce(v, op="sum") for x, v in zip(comms[:2], xs, strict=True)]
+        )
+        assert all(np.all(v == 2.0) for v in xs)
+    finally:
+        for x in comms:
+            x.close()
+        master.stop()
