@@ -35,6 +35,13 @@ log = logging.getLogger("cotrain.protocol")
 WORK_KIND = "tokens"
 
 
+def _invalid(task: Any, where: str, e: ValidationError) -> UsageError:
+    """A task's spec that does not fit: one line naming the field."""
+    err = e.errors()[0]
+    field = ".".join(str(p) for p in err["loc"])
+    return UsageError(f"task {task}: {where}{'.' + field if field else ''}: {err['msg']}")
+
+
 class DiLoCoSpec(BaseModel):
     """The ``spec`` of a ``diloco`` task."""
 
@@ -57,9 +64,7 @@ class DiLoCoSpec(BaseModel):
         try:
             return cls.model_validate(task.get("spec") or {})
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "spec"
-            raise UsageError(f"task {task.get('id')}: spec.{where}: {err['msg']}") from None
+            raise _invalid(task.get("id"), "spec", e) from None
 
     def train_config(self, task: str, **fields: Any) -> Any:
         """The TrainConfig a node of task ``task`` runs: the spec's, this run's master and
@@ -78,9 +83,7 @@ class DiLoCoSpec(BaseModel):
         try:
             return TrainConfig.model_validate(body)
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "train"
-            raise UsageError(f"task {task}: spec.train.{where}: {err['msg']}") from None
+            raise _invalid(task, "spec.train", e) from None
 
 
 class RLSpec(BaseModel):
@@ -97,9 +100,7 @@ class RLSpec(BaseModel):
         try:
             return cls.model_validate(task.get("spec") or {})
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "spec"
-            raise UsageError(f"task {task.get('id')}: spec.{where}: {err['msg']}") from None
+            raise _invalid(task.get("id"), "spec", e) from None
 
     def worker_config(self, task: str, *, key: Path, coordinator: str, out_dir: Path) -> Any:
         """The RLConfig of a node's inference worker in task ``task``."""
@@ -126,9 +127,7 @@ class RLSpec(BaseModel):
         try:
             return RLConfig.model_validate(body)
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "rl"
-            raise UsageError(f"task {task}: spec.rl.{where}: {err['msg']}") from None
+            raise _invalid(task, "spec.rl", e) from None
 
 
 # ---- artifacts --------------------------------------------------------------------------------
