@@ -12,6 +12,7 @@ import json
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -272,3 +273,118 @@ def test_every_cheat_is_caught(running: LocalRun, cheaters: dict[str, Any], chea
         )
         rec = _get(run, f"/v1/record?id={rid}")
         assert rec["status"] == "rejected", (cheat, rec)
+
+
+@pytest.mark.timeout(420)
+def test_a_run_that_is_a_protocol_task_records_through_the_coordinator(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The RL run as a task of a ``cotrain coordinator``: every worker joins it with its key
+    and records the rollouts the orchestrator takes in, the orchestrator records each final
+    verdict; a worker whose rollouts fail the checks is banned and ejected, the honest ones
+    earn, and ``cotrain audit`` replays it all."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    from cotrain.core.identity import Identity
+    from cotrain.protocol.client import Client
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COTRAIN_")}
+    log = tmp_path / "coordinator.err"
+    with log.open("wb") as err:
+        coord = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "cotrain", "coordinator", "--port", "0"),
+                *("--db", str(tmp_path / "coord.db"), "--key", str(tmp_path / "coord.pem")),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=env,
+            text=True,
+        )
+    try:
+        assert coord.stdout is not None
+        ready = json.loads(coord.stdout.readline() or "{}")
+        assert ready.get("event") == "ready", log.read_text()
+        url = ready["url"]
+        out = tmp_path / "run"
+        orch = Identity.generate()
+        (out / "keys").mkdir(parents=True)
+        orch.save(out / "keys" / "orchestrator.pem")
+        init = Identity.generate()
+
+        async def publish() -> str:
+            async with Client(url, orch) as c:
+                await c.register(["validator"], "orchestrator")
+            async with Client(url, init) as c:
+                await c.register(["initiator"], "initiator")
+                t = await c.write(
+                    "/v1/tasks",
+                    {
+                        "name": "reverse_text",
+                        "kind": "rl",
+                        "budget": 1_000_000,
+                        "rate_per_unit": 1,
+                        "admission": "open",
+                        "validators": [orch.public_hex],
+                        "quorum": 1,
+                        "weights": {"rollout_tokens": 1},
+                    },
+                )
+                await c.write(f"/v1/tasks/{t['task']}/open", {})
+                return str(t["task"])
+
+        tid = asyncio.run(publish())
+        cfg = _cfg(model_dir, out, async_level=1, total_steps=4)
+        cfg.trainer.eval_every = 0
+        cfg.orchestrator.coordinator, cfg.orchestrator.coordinator_task = url, tid
+        cfg.worker.coordinator, cfg.worker.coordinator_task = url, tid
+        cfg.orchestrator.ban_after_rejects = 2
+        cfg.launch.workers, cfg.launch.cheaters = 2, ["by_hand"]
+        run = LocalRun(cfg)
+        try:
+            run.start_all()
+            assert run.wait_trainer(300) == 0
+            status = run.status()
+        except BaseException:
+            _dump(run)
+            raise
+        finally:
+            run.stop()
+
+        async def read() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            async with Client(url) as c:
+                view = await c.get(f"/v1/tasks/{tid}")
+                rows = (await c.get(f"/v1/tasks/{tid}/work", limit=1000))["work"]
+            return view, rows
+
+        view, rows = asyncio.run(read())
+        by_worker = dict(status["workers"])
+        members = {m["node"]: m for m in view["members"]}
+        states: dict[str, Counter[str]] = {}
+        for r in rows:
+            states.setdefault(r["node"], Counter())[r["state"]] += 1
+        cheater = [w for w, c in by_worker.items() if c.get("rejected")]
+        honest = [w for w in by_worker if w not in cheater]
+        assert len(honest) == 2 and len(cheater) == 1, by_worker
+        for w in honest:  # every rollout the orchestrator took in, recorded and judged
+            assert members[w]["accepted_units"] > 0 and members[w]["status"] != "ejected"
+            assert states[w]["submitted"] == 0, states[w]
+            assert states[w]["accepted"] + states[w]["dropped"] == by_worker[w]["accepted"]
+        [bad] = cheater
+        assert states[bad]["accepted"] == 0 and members[bad]["weight"] == 0, states[bad]
+        assert by_worker[bad]["rejected"] >= 2, by_worker[bad]  # enough to be banned
+        assert members[bad]["status"] == "ejected", members[bad]
+        assert states[bad]["soft_rejected"] == 1 and states[bad]["hard_rejected"] >= 1
+        cp = subprocess.run(
+            [sys.executable, "-m", "cotrain", "audit", url, "--cache", ""],
+            capture_output=True,
+            env=env,
+            timeout=120,
+        )
+        assert cp.returncode == 0, cp.stdout.decode() + cp.stderr.decode()
+    finally:
+        coord.kill()
+        coord.wait(30)
