@@ -315,7 +315,7 @@ def test_a_run_that_is_a_protocol_task_records_through_the_coordinator(
         orch.save(out / "keys" / "orchestrator.pem")
         init = Identity.generate()
 
-        async def publish() -> str:
+        async def publish(spec: dict[str, Any]) -> str:
             async with Client(url, orch) as c:
                 await c.register(["validator"], "orchestrator")
             async with Client(url, init) as c:
@@ -325,6 +325,7 @@ def test_a_run_that_is_a_protocol_task_records_through_the_coordinator(
                     {
                         "name": "reverse_text",
                         "kind": "rl",
+                        "spec": spec,
                         "budget": 1_000_000,
                         "rate_per_unit": 1,
                         "admission": "open",
@@ -336,23 +337,54 @@ def test_a_run_that_is_a_protocol_task_records_through_the_coordinator(
                 await c.write(f"/v1/tasks/{t['task']}/open", {})
                 return str(t["task"])
 
-        tid = asyncio.run(publish())
         cfg = _cfg(model_dir, out, async_level=1, total_steps=4)
         cfg.trainer.eval_every = 0
-        cfg.orchestrator.coordinator, cfg.orchestrator.coordinator_task = url, tid
-        cfg.worker.coordinator, cfg.worker.coordinator_task = url, tid
         cfg.orchestrator.ban_after_rejects = 2
-        cfg.launch.workers, cfg.launch.cheaters = 2, ["by_hand"]
-        run = LocalRun(cfg)
+        # the only honest worker is the contributor's `cotrain node`: the run needs its work
+        cfg.launch.workers, cfg.launch.cheaters = 0, ["by_hand"]
+        run = LocalRun(cfg)  # picks the orchestrator's address, which the task's spec names
+        c = run.cfg
+        spec = {
+            "orchestrator": c.orchestrator.url,
+            "rl": {
+                "run": {"id": c.run.id},
+                "model": c.model.model_dump(mode="json"),
+                "env": c.env.model_dump(mode="json"),
+                "sampling": c.sampling.model_dump(mode="json"),
+                "proof": c.proof.model_dump(mode="json"),
+            },
+        }
+        tid = asyncio.run(publish(spec))
+        for section in (run.cfg, cfg):
+            section.orchestrator.coordinator = url
+            section.orchestrator.coordinator_task = tid
+            section.worker.coordinator, section.worker.coordinator_task = url, tid
+        node_log = tmp_path / "node.err"
         try:
             run.start_all()
+            with node_log.open("wb") as err:
+                node = subprocess.Popen(
+                    [
+                        *(sys.executable, "-m", "cotrain", "node", "--coordinator", url),
+                        *("--key", str(tmp_path / "node.pem"), "--task", tid),
+                        *("--work_dir", str(tmp_path / "node")),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    env=env,
+                    text=True,
+                )
             assert run.wait_trainer(300) == 0
             status = run.status()
+            node_out, _ = node.communicate(timeout=120)
+            assert node.returncode == 0, node_log.read_text()[-3000:]
         except BaseException:
             _dump(run)
             raise
         finally:
             run.stop()
+        done = json.loads([x for x in node_out.splitlines() if '"node_done"' in x][-1])
+        assert done["task"] == tid and done["rollouts"] > 0  # verdicts may come after it left
 
         async def read() -> tuple[dict[str, Any], list[dict[str, Any]]]:
             async with Client(url) as c:
@@ -368,7 +400,8 @@ def test_a_run_that_is_a_protocol_task_records_through_the_coordinator(
             states.setdefault(r["node"], Counter())[r["state"]] += 1
         cheater = [w for w, c in by_worker.items() if c.get("rejected")]
         honest = [w for w in by_worker if w not in cheater]
-        assert len(honest) == 2 and len(cheater) == 1, by_worker
+        assert len(cheater) == 1, by_worker
+        assert honest == [Identity.load(tmp_path / "node.pem").public_hex], by_worker
         for w in honest:  # every rollout the orchestrator took in, recorded and judged
             assert members[w]["accepted_units"] > 0 and members[w]["status"] != "ejected"
             assert states[w]["submitted"] == 0, states[w]
