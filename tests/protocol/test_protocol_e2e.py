@@ -131,6 +131,17 @@ def test_diloco_task_published_trained_judged_finalized_and_audited(
     ready = procs.ready("coordinator")
     url, coord_key = ready["url"], ready["key"]
 
+    def cotrain(*args: str) -> str:
+        cp = subprocess.run(
+            [sys.executable, "-m", "cotrain", *args],
+            capture_output=True,
+            env=procs.env,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert cp.returncode == 0, f"{args}: {cp.stdout.decode()}{cp.stderr.decode()}"
+        return cp.stdout.decode()
+
     H, batch, seq, rounds = 4, 4, 16, 6
     train = tiny_train_config(
         cache,
@@ -152,40 +163,40 @@ def test_diloco_task_published_trained_judged_finalized_and_audited(
     store = tmp_path / "store"
     init = keys["init"]
 
-    async def publish() -> tuple[str, list[str]]:
+    async def validators() -> None:
         for v in ("v1", "v2"):  # validators stand for election before tasks name them
             async with Client(url, keys[v]) as c:
                 await c.register(["validator"], v)
-        async with Client(url, init) as c:
-            await c.register(["initiator"], "initiator")
-            task = await c.write(
-                "/v1/tasks",
-                {
-                    "name": "tiny gpt",
-                    "kind": "diloco",
-                    "spec": {
-                        "master": f"127.0.0.1:{master_port}",
-                        "master_key": keys["master"].public_hex,
-                        "store": str(store),
-                        "train": train,
-                    },
-                    "budget": 100_000,
-                    "rate_per_unit": 10,
-                    "validator_fee": 1,
-                    "lock_s": 3600,
-                    "admission": "invite",
-                    "validators": [keys["v1"].public_hex, keys["v2"].public_hex],
-                    "quorum": 2,
-                    "weights": {"tokens": 1},
-                    "max_units": H * batch * seq,
-                },
-            )
-            tid = task["task"]
-            await c.write(f"/v1/tasks/{tid}/open", {})
-            invites = [(await c.write(f"/v1/tasks/{tid}/invites", {}))["invite"] for _ in range(5)]
-            return tid, invites
 
-    tid, invites = _run(publish())
+    _run(validators())
+    task_file = tmp_path / "task.json"
+    task_file.write_text(
+        json.dumps(
+            {
+                "name": "tiny gpt",
+                "kind": "diloco",
+                "spec": {
+                    "master": f"127.0.0.1:{master_port}",
+                    "master_key": keys["master"].public_hex,
+                    "store": str(store),
+                    "train": train,
+                },
+                "budget": 100_000,
+                "rate_per_unit": 10,
+                "validator_fee": 1,
+                "lock_s": 3600,
+                "admission": "invite",
+                "validators": [keys["v1"].public_hex, keys["v2"].public_hex],
+                "quorum": 2,
+                "weights": {"tokens": 1},
+                "max_units": H * batch * seq,
+            }
+        )
+    )
+    as_init = ("--coordinator", url, "--key", str(tmp_path / "init.pem"))
+    tid = cotrain("task", "publish", str(task_file), *as_init).strip()
+    invites = cotrain("task", "invite", tid, "--count", "5", *as_init).split()
+    assert len(invites) == 5
     procs.start(
         "master",
         *("master", "--port", str(master_port), "--run_id", tid),
@@ -243,7 +254,8 @@ def test_diloco_task_published_trained_judged_finalized_and_audited(
 
             rows = await _until(all_judged, "the validators' verdicts on every honest record")
             view = await c.get(f"/v1/tasks/{tid}")
-            await c.write(f"/v1/tasks/{tid}/finalize", {})
+            finalized = await asyncio.to_thread(cotrain, "task", "finalize", tid, *as_init)
+            assert json.loads(finalized)["state"] == "finalized"
             export = await c.get(f"/v1/tasks/{tid}/shares/export")
             state = await c.get("/v1/state")
             return {"rows": rows, "view": view, "export": export, "state": state}
@@ -273,17 +285,6 @@ def test_diloco_task_published_trained_judged_finalized_and_audited(
     # shares: frozen at finalize, the accepted tokens of each node; the poisoner holds none
     shares_file = tmp_path / "shares.json"
     cli = [sys.executable, "-m", "cotrain", "shares"]
-
-    def cotrain(*args: str) -> str:
-        cp = subprocess.run(
-            [sys.executable, "-m", "cotrain", *args],
-            capture_output=True,
-            env=procs.env,
-            timeout=300,
-            cwd=tmp_path,
-        )
-        assert cp.returncode == 0, f"{args}: {cp.stdout.decode()}{cp.stderr.decode()}"
-        return cp.stdout.decode()
 
     cotrain("shares", "export", url, tid, "--out", str(shares_file), "--key", coord_key)
     leaves = {x["node"]: x["weight"] for x in json.loads(shares_file.read_text())["leaves"]}

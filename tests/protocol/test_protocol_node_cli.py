@@ -81,6 +81,22 @@ def test_node_and_validator_mistakes_are_one_line(tmp_path: Path) -> None:
                 "is not among",
             )
             _one_error(*await _cotrain("validator", "--coordinator", url), "give --task")
+            # an initiator's mistakes with `cotrain task`
+            as_init = ("--coordinator", url, "--key", str(tmp_path / "i.pem"))
+            _one_error(
+                *await _cotrain("task", "publish", str(tmp_path / "none.json"), *as_init),
+                "cannot read a task",
+            )
+            bad = tmp_path / "bad.json"
+            bad.write_text('{"name": "x", "kind": "diloco", "budget": -1, "rate_per_unit": 1}')
+            _one_error(*await _cotrain("task", "publish", str(bad), *as_init), "budget")
+            gone_url = f"http://127.0.0.1:{free_port()}"
+            _one_error(
+                *await _cotrain("task", "finalize", "t1", "--coordinator", gone_url),
+                "cannot reach the coordinator",
+            )
+            rc, err = await _cotrain("task", "finalize", other["task"], *as_init)
+            assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
             # a task whose run cannot be reached: the node says where it looked
             cache = tmp_path / "cache"
             write_fake_shakespeare(cache)

@@ -329,9 +329,148 @@ VALIDATOR = Role(
 )
 
 
+task_app = typer.Typer(
+    help="An initiator's tasks: publish one from a JSON file, invite nodes, finalize, cancel.",
+    no_args_is_help=True,
+)
+_COORD = typer.Option("--coordinator", help="the coordinator, http://host:port")
+_KEY = typer.Option("--key", help="the initiator's key (created if missing)")
+
+
+def _initiator(url: str, key: Path, call: Any) -> Any:
+    """Run ``call(client)`` signed with ``key``, registered as an initiator first if needed;
+    an unreachable coordinator is one line."""
+    import asyncio
+
+    import aiohttp
+
+    from cotrain.core.identity import Identity
+    from cotrain.protocol.client import Client
+    from cotrain.protocol.errors import NotFound, RequestError
+
+    with user_inputs(f"{key}"):
+        ident = Identity.load_or_create(key)
+
+    async def run() -> Any:
+        async with Client(url, ident) as c:
+            try:
+                rec = await c.get(f"/v1/identities/{ident.public_hex}")
+                roles = (
+                    None if "initiator" in rec["roles"] else sorted({*rec["roles"], "initiator"})
+                )
+                name = rec["name"]
+            except NotFound:
+                roles, name = ["initiator"], "initiator"
+            if roles is not None:
+                await c.register(roles, name)
+            return await call(c)
+
+    try:
+        return asyncio.run(run())
+    except RequestError as e:  # the coordinator's 400: what was sent does not fit
+        raise usage(str(e)) from None
+    except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        raise usage(f"cannot reach the coordinator at {url}: {e}") from None
+
+
+@task_app.command("publish")
+def task_publish(
+    file: Annotated[Path, typer.Argument(help="the task as JSON: name, kind, spec, budget, ...")],
+    coordinator: Annotated[str, _COORD] = "http://127.0.0.1:8740",
+    key: Annotated[Path, _KEY] = Path("initiator.pem"),
+    open_: Annotated[bool, typer.Option("--open/--no-open", help="open it at once")] = True,
+) -> None:
+    """Publish a task (the body of POST /v1/tasks) and open it; prints its id."""
+    body = _read_json(file, "a task (JSON object)")
+    if not isinstance(body, dict):
+        raise usage(f"{file} must hold a JSON object (the task)")
+
+    async def call(c: Any) -> dict[str, Any]:
+        got: dict[str, Any] = await c.write("/v1/tasks", body)
+        if open_:
+            await c.write(f"/v1/tasks/{got['task']}/open", {})
+        return got
+
+    got = _initiator(coordinator, key, call)
+    state = "open" if open_ else "published"
+    print(
+        f"{got['task']} {state}: {body.get('name')}, budget {body.get('budget')}", file=sys.stderr
+    )
+    print(got["task"])
+
+
+@task_app.command("invite")
+def task_invite(
+    task: Annotated[str, typer.Argument(help="the task, e.g. t12")],
+    coordinator: Annotated[str, _COORD] = "http://127.0.0.1:8740",
+    key: Annotated[Path, _KEY] = Path("initiator.pem"),
+    node: Annotated[str, typer.Option(help="only this node key may use it")] = "",
+    count: Annotated[int, typer.Option(min=1, max=1000, help="how many")] = 1,
+    ttl_s: Annotated[int, typer.Option(min=1, max=86400, help="valid this long")] = 1000,
+) -> None:
+    """Single-use invites to a task that admits by invite; prints one id a line."""
+    body: dict[str, Any] = {"ttl_s": ttl_s, **({"node": node.lower()} if node else {})}
+
+    async def call(c: Any) -> list[str]:
+        return [(await c.write(f"/v1/tasks/{task}/invites", body))["invite"] for _ in range(count)]
+
+    for invite in _initiator(coordinator, key, call):
+        print(invite)
+
+
+def _transition(task: str, coordinator: str, key: Path, what: str) -> None:
+    async def call(c: Any) -> dict[str, Any]:
+        got: dict[str, Any] = await c.write(f"/v1/tasks/{task}/{what}", {})
+        return got
+
+    got = _initiator(coordinator, key, call)
+    print(json.dumps(got))
+
+
+@task_app.command("pause")
+def task_pause(
+    task: Annotated[str, typer.Argument(help="the task")],
+    coordinator: Annotated[str, _COORD] = "http://127.0.0.1:8740",
+    key: Annotated[Path, _KEY] = Path("initiator.pem"),
+) -> None:
+    """Pause a task (no joins, no new work); `open` resumes it."""
+    _transition(task, coordinator, key, "pause")
+
+
+@task_app.command("open")
+def task_open(
+    task: Annotated[str, typer.Argument(help="the task")],
+    coordinator: Annotated[str, _COORD] = "http://127.0.0.1:8740",
+    key: Annotated[Path, _KEY] = Path("initiator.pem"),
+) -> None:
+    """Open (or reopen) a task."""
+    _transition(task, coordinator, key, "open")
+
+
+@task_app.command("finalize")
+def task_finalize(
+    task: Annotated[str, typer.Argument(help="the task")],
+    coordinator: Annotated[str, _COORD] = "http://127.0.0.1:8740",
+    key: Annotated[Path, _KEY] = Path("initiator.pem"),
+) -> None:
+    """Finalize: shares freeze (export them with `cotrain shares export`), the rest refunded."""
+    _transition(task, coordinator, key, "finalize")
+
+
+@task_app.command("cancel")
+def task_cancel(
+    task: Annotated[str, typer.Argument(help="the task")],
+    coordinator: Annotated[str, _COORD] = "http://127.0.0.1:8740",
+    key: Annotated[Path, _KEY] = Path("initiator.pem"),
+) -> None:
+    """Cancel: the unspent budget is refunded."""
+    _transition(task, coordinator, key, "cancel")
+
+
 def register(app: typer.Typer) -> None:
     add_role(app, COORDINATOR)
     add_role(app, AUDIT)
     add_role(app, NODE)
     add_role(app, VALIDATOR)
     app.add_typer(shares_app, name="shares")
+    app.add_typer(task_app, name="task")
