@@ -105,6 +105,7 @@ _GROUPS: dict[str, str] = {
     "comm": "commands",
     "keys": "commands",
     "launch": "commands",
+    "market": "market",
     "protocol": "commands",
     "rl": "rl",
     "shardcast": "shardcast",
