@@ -20,9 +20,24 @@ STATE_DIR = Path("~/.cache/cotrain/market")
 
 
 def _providers(state_dir: Path) -> list[Any]:
-    from cotrain.market.local import LocalProvider
+    """Local always; each cloud whose API key is configured (``market/keys.py``). A provider's
+    API address can be pointed elsewhere with ``COTRAIN_<NAME>_URL`` (a proxy, a replay)."""
+    import os
 
-    return [LocalProvider(state_dir / "local")]
+    from cotrain.market.keys import key_for
+    from cotrain.market.local import LocalProvider
+    from cotrain.market.provider import ProviderError
+    from cotrain.market.vast import VastProvider
+
+    out: list[Any] = [LocalProvider(state_dir / "local")]
+    try:
+        vast = key_for("vast")
+    except ProviderError as e:
+        raise usage(str(e)) from None
+    if vast:
+        url = os.environ.get("COTRAIN_VAST_URL", "https://console.vast.ai")
+        out.append(VastProvider(vast, url=url))
+    return out
 
 
 @app.command("offers")
