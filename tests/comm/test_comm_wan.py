@@ -79,6 +79,10 @@ def _run_ring(net: WanNetwork, *, numel: int, rounds: int, out_dir: Path | None 
                 listen_port=DATA_PORT,
                 advertise_host=host.ip,
                 advertise_port=proxy.port,
+                # a lost SYN is sent again after 1 s, then 2 s, then 4 s: with 2% loss on every
+                # link, one of the 4 x 4 ring streams (each a handshake through two lossy
+                # links) now and then takes longer than the 10 s default to connect
+                connect_timeout_s=30.0,
             )
             cfg = PeerProgramConfig(
                 comm=comm,
