@@ -186,3 +186,18 @@ def test_store_lists_versions_past_eight_digits(tmp_path) -> None:
     for v in (7, 10**9, 2**53):
         store.write_manifest(v, b"{}")
     assert store.versions() == [7, 10**9, 2**53] and store.latest() == 2**53
+
+
+def test_a_publish_killed_midway_is_discarded_not_skipped(published) -> None:
+    ident, data, _, root = published
+    store = VersionStore(root)
+    # what a publisher SIGKILLed after creating v4 leaves: the directory, a part file, no
+    # manifest (a resumed RL trainer then published v5 after step 3 and stopped)
+    store.version_dir(4).mkdir()
+    (store.version_dir(4) / "data.bin.part").write_bytes(data[:1000])
+    assert store.latest() == 3 and store.next_version() == 5
+    assert store.discard_partial() == [4]
+    assert not store.version_dir(4).exists() and store.next_version() == 4
+    again = sc.publish(data, dir=root, identity=ident, config=sc.PublishConfig(shard_size_mb=0.1))
+    assert again.version == 4
+    assert store.discard_partial() == []

@@ -187,6 +187,8 @@ def resume(learner: Learner, cfg: RLConfig, identity: Identity, *, log: Any = _s
     step = saved.step if saved is not None else 0
     level = int(saved.extra.get("level", cfg.env.start_level)) if saved else cfg.env.start_level
     store = VersionStore(versions_dir(cfg))
+    for v in store.discard_partial():  # a publish the last trainer was killed in
+        log(f"trainer: removed v{v}, a version left half-published")
     latest = store.latest()
     where = f"{store.root} and {ckpt}"
     fix = f"delete {cfg.run.out_dir} (or use another run.out_dir) to start over"

@@ -115,6 +115,21 @@ class VersionStore:
         data = self.data_path(version)
         return ShardLocation(data, offset) if data.exists() else None
 
+    def discard_partial(self) -> list[int]:
+        """Delete the version directories above the newest complete version that have no
+        manifest: what a publisher killed mid-publish leaves. Without this, the next publish
+        would number itself after the partial one and skip a version. Under the publish
+        lock, so no publish in progress is touched."""
+        import fcntl
+
+        with open(self.root / ".publish.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            newest = self.latest() or 0
+            gone = [v for v in self._dirs() if v > newest and not self.manifest_path(v).exists()]
+            for v in gone:
+                shutil.rmtree(self.version_dir(v), ignore_errors=True)
+        return gone
+
     def retire(self, keep: int) -> list[int]:
         """Delete all but the newest ``keep`` complete versions (and stale partial ones)."""
         complete = self.versions()
