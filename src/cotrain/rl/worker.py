@@ -308,13 +308,20 @@ class Worker:
     async def _copies(
         self, client: OrchestratorClient, a: Assignment, raw: dict[str, Any], n: int
     ) -> list[dict[str, Any]] | None:
-        """Other workers' accepted rollouts of the last formed step, re-signed as ours."""
+        """Other workers' accepted rollouts of a recently formed step, re-signed as ours (the
+        newest step's records may not be in the store yet: the ones before it are)."""
         status = await client.call("GET", "/v1/status")
-        step = int(status["next_batch"]) - 1
-        if step < 1:
-            return None
-        records = (await client.call("GET", "/v1/rollouts", params={"step": step}))["records"]
-        theirs = [r for r in records if r["status"] == "accepted" and r["worker"] != self.key]
+        last = int(status["next_batch"]) - 1
+        theirs: list[dict[str, Any]] = []
+        for step in range(last, max(0, last - 4), -1):
+            try:
+                got = await client.call("GET", "/v1/rollouts", params={"step": step})
+            except (Refused, OrchestratorUnreachable):  # not stored, or not readable
+                continue
+            records = got["records"]
+            theirs = [r for r in records if r["status"] == "accepted" and r["worker"] != self.key]
+            if theirs:
+                break
         if not theirs:
             return None
         out = []
