@@ -284,7 +284,6 @@ def test_diloco_task_published_trained_judged_finalized_and_audited(
 
     # shares: frozen at finalize, the accepted tokens of each node; the poisoner holds none
     shares_file = tmp_path / "shares.json"
-    cli = [sys.executable, "-m", "cotrain", "shares"]
 
     cotrain("shares", "export", url, tid, "--out", str(shares_file), "--key", coord_key)
     leaves = {x["node"]: x["weight"] for x in json.loads(shares_file.read_text())["leaves"]}
@@ -298,7 +297,6 @@ def test_diloco_task_published_trained_judged_finalized_and_audited(
         assert f"holds {units} of {sum(leaves.values())}" in cotrain(
             "shares", "verify", str(proof), "--key", coord_key
         )
-    del cli
 
     # the validators stop when the task is finalized
     for v in ("v1", "v2"):

@@ -37,7 +37,11 @@ def _one_error(rc: int, err: str, text: str) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_node_and_validator_mistakes_are_one_line(tmp_path: Path) -> None:
+def test_node_and_validator_mistakes_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a default key file (initiator.pem, ...) lands here
+
     async def main() -> None:
         port = free_port()
         rc, err = await _cotrain(

@@ -427,44 +427,25 @@ def _transition(task: str, coordinator: str, key: Path, what: str) -> None:
     print(json.dumps(got))
 
 
-@task_app.command("pause")
-def task_pause(
-    task: Annotated[str, typer.Argument(help="the task")],
-    coordinator: Annotated[str, _COORD] = "http://127.0.0.1:8740",
-    key: Annotated[Path, _KEY] = Path("initiator.pem"),
-) -> None:
-    """Pause a task (no joins, no new work); `open` resumes it."""
-    _transition(task, coordinator, key, "pause")
+def _transition_command(what: str, doc: str) -> None:
+    def command(
+        task: Annotated[str, typer.Argument(help="the task, e.g. t12")],
+        coordinator: Annotated[str, _COORD] = "http://127.0.0.1:8740",
+        key: Annotated[Path, _KEY] = Path("initiator.pem"),
+    ) -> None:
+        _transition(task, coordinator, key, what)
+
+    command.__doc__ = doc
+    task_app.command(what)(command)
 
 
-@task_app.command("open")
-def task_open(
-    task: Annotated[str, typer.Argument(help="the task")],
-    coordinator: Annotated[str, _COORD] = "http://127.0.0.1:8740",
-    key: Annotated[Path, _KEY] = Path("initiator.pem"),
-) -> None:
-    """Open (or reopen) a task."""
-    _transition(task, coordinator, key, "open")
-
-
-@task_app.command("finalize")
-def task_finalize(
-    task: Annotated[str, typer.Argument(help="the task")],
-    coordinator: Annotated[str, _COORD] = "http://127.0.0.1:8740",
-    key: Annotated[Path, _KEY] = Path("initiator.pem"),
-) -> None:
-    """Finalize: shares freeze (export them with `cotrain shares export`), the rest refunded."""
-    _transition(task, coordinator, key, "finalize")
-
-
-@task_app.command("cancel")
-def task_cancel(
-    task: Annotated[str, typer.Argument(help="the task")],
-    coordinator: Annotated[str, _COORD] = "http://127.0.0.1:8740",
-    key: Annotated[Path, _KEY] = Path("initiator.pem"),
-) -> None:
-    """Cancel: the unspent budget is refunded."""
-    _transition(task, coordinator, key, "cancel")
+for _what, _doc in (
+    ("pause", "Pause a task (no joins, no new work); `open` resumes it."),
+    ("open", "Open (or reopen) a task."),
+    ("finalize", "Finalize: shares freeze (`cotrain shares export`), the rest is refunded."),
+    ("cancel", "Cancel: the unspent budget is refunded."),
+):
+    _transition_command(_what, _doc)
 
 
 def register(app: typer.Typer) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cotrain.core.files import write_atomic
+from cotrain.core.pids import start_ticks
 from cotrain.market.offers import Offer, OfferQuery, canonical_gpu, matches
 from cotrain.market.provider import Cap, Instance, LaunchSpec, ProviderError
 
@@ -57,16 +58,6 @@ def _ram_gb() -> float | None:
     except OSError:
         pass
     return None
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 class LocalProvider:
@@ -139,7 +130,7 @@ class LocalProvider:
             )
         recs[iid] = {
             "pid": proc.pid,
-            "start": _start_time(proc.pid),
+            "start": start_ticks(proc.pid),
             "offer": offer.offer_id,
             "task": spec.task,
             "started_at": time.time(),
@@ -150,7 +141,7 @@ class LocalProvider:
 
     def _alive(self, rec: dict[str, Any]) -> bool:
         _reap(rec["pid"])
-        return rec.get("start") is not None and _start_time(rec["pid"]) == rec["start"]
+        return rec.get("start") is not None and start_ticks(rec["pid"]) == rec["start"]
 
     def _instance(self, iid: str, rec: dict[str, Any]) -> Instance:
         state = rec["state"]

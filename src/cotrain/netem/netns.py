@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from cotrain.core.errors import TimeoutExpired
+from cotrain.core.pids import start_ticks
 from cotrain.netem.errors import NetemCommandError, NetnsUnavailable
 
 PREFIX = "ctn-"
@@ -103,24 +104,13 @@ def in_ns(ns: str, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", ns, *argv]
 
 
-def _start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot, or None when it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces; fields after the last ')' are fixed.
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 def new_network_tag() -> str:
     """A unique ``ctn-<pid>-<start>-<n>`` tag for one network of this process."""
     global _counter
     with _counter_lock:
         _counter += 1
         n = _counter
-    return f"{PREFIX}{os.getpid()}-{_start_ticks(os.getpid())}-{n}"
+    return f"{PREFIX}{os.getpid()}-{start_ticks(os.getpid())}-{n}"
 
 
 @dataclass(frozen=True)
@@ -135,7 +125,7 @@ class NamespaceName:
 
     @property
     def owner_alive(self) -> bool:
-        return _start_ticks(self.owner_pid) == self.owner_start
+        return start_ticks(self.owner_pid) == self.owner_start
 
 
 def parse_name(name: str) -> NamespaceName | None:

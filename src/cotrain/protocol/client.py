@@ -137,4 +137,6 @@ async def _answer(resp: aiohttp.ClientResponse) -> Any:
         return body
     message = body.get("error") if isinstance(body, dict) else None
     kind = _BY_STATUS.get(resp.status, ProtocolError)
-    raise kind(f"{resp.method} {resp.url.path}: {resp.status}: {message or resp.reason}")
+    err = kind(f"{resp.method} {resp.url.path}: {resp.status}: {message or resp.reason}")
+    err.reason = str(message or resp.reason or "")
+    raise err

@@ -23,6 +23,8 @@ from cotrain.core.errors import CotrainError
 
 class ProtocolError(CotrainError):
     status = 500
+    reason = ""
+    """The coordinator's own words, without the method, path and status (set by the client)."""
 
 
 class RequestError(ProtocolError, ValueError):

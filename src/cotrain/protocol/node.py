@@ -275,8 +275,8 @@ class Agent:
 
 
 def _why(e: Exception) -> str:
-    text = str(e)
-    return text.split(": 403: ", 1)[-1]
+    """What the coordinator said (its reason without method, path and status)."""
+    return (getattr(e, "reason", "") or str(e))[:200]
 
 
 def _run_rl(cfg: NodeConfig, agent: Agent, spec: runs.RLSpec) -> dict[str, Any]:

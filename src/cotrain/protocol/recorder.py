@@ -173,8 +173,5 @@ class Recorder:
 
 
 def _why(e: Exception) -> str:
-    text = str(e)
-    for code in (": 400: ", ": 403: ", ": 404: ", ": 409: "):
-        if code in text:
-            return text.split(code, 1)[1][:120]
-    return text[:120]
+    """What the coordinator said (its reason without method, path and status)."""
+    return (getattr(e, "reason", "") or str(e))[:200]

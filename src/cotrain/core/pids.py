@@ -1,0 +1,15 @@
+"""Which process a pid is: a pid is reused, its start time is not."""
+
+from __future__ import annotations
+
+
+def start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22), or None
+    when it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces; fields after the last ')' are fixed.
+    return int(stat.rsplit(")", 1)[1].split()[19])
