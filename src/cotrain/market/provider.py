@@ -92,3 +92,21 @@ class Provider(Protocol):
     async def terminate(self, instance_id: str) -> None: ...
 
     async def instances(self) -> list[Instance]: ...
+
+
+def onstart_script(spec: LaunchSpec, version: str = "") -> str:
+    """What a rented machine runs first (a shell line): install cotrain in a venv, then start
+    ``cotrain node`` in the background, joining ``spec.task`` at ``spec.coordinator``. Every
+    cloud adapter passes this as the machine's start-up command."""
+    import shlex
+
+    pin = f"=={version}" if version else ""
+    args = ["--coordinator", spec.coordinator, "--task", spec.task]
+    args += ["--invite", spec.invite] if spec.invite else []
+    args += ["--name", spec.name] if spec.name else []
+    return (
+        "set -e; python3 -m venv /opt/cotrain && "
+        f"/opt/cotrain/bin/pip install -q 'cotrain{pin}' && "
+        f"nohup /opt/cotrain/bin/cotrain node {shlex.join(args)} "
+        "--key /root/node.pem --work_dir /root/cotrain > /root/node.log 2>&1 &"
+    )

@@ -15,13 +15,11 @@ asks are what ``offers`` lists.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any
 
-import aiohttp
-
+from cotrain.market.http import JsonApi
 from cotrain.market.offers import Offer, OfferQuery, canonical_gpu, matches
 from cotrain.market.provider import (
     Cap,
@@ -30,6 +28,7 @@ from cotrain.market.provider import (
     OutOfStock,
     ProviderError,
     State,
+    onstart_script,
 )
 
 _STATES: dict[str, State] = {
@@ -43,18 +42,12 @@ _STATES: dict[str, State] = {
 }
 
 
-def onstart_script(spec: LaunchSpec, version: str = "") -> str:
-    """What a rented machine runs first: install cotrain in a venv, join the task."""
-    pin = f"=={version}" if version else ""
-    invite = f" --invite {spec.invite}" if spec.invite else ""
-    name = f" --name {spec.name}" if spec.name else ""
-    return (
-        "set -e; python3 -m venv /opt/cotrain && "
-        f"/opt/cotrain/bin/pip install -q 'cotrain{pin}' && "
-        f"nohup /opt/cotrain/bin/cotrain node --coordinator {spec.coordinator} "
-        f"--task {spec.task}{invite}{name} --key /root/node.pem --work_dir /root/cotrain "
-        "> /root/node.log 2>&1 &"
-    )
+URL = "https://console.vast.ai"
+
+
+def _gone(status: int, body: Any, method: str, path: str) -> None:
+    if status == 404 and path.startswith("/api/v0/asks/"):
+        raise OutOfStock(f"vast: offer {path.split('/')[4]} is no longer available")
 
 
 class VastProvider:
@@ -65,58 +58,29 @@ class VastProvider:
         self,
         api_key: str,
         *,
-        url: str = "https://console.vast.ai",
+        url: str = URL,
         image: str = "pytorch/pytorch:latest",
         disk_gb: float = 40.0,
         timeout_s: float = 20.0,
         retries_429: int = 3,
     ) -> None:
-        self._key = api_key
-        self.url = url.rstrip("/")
+        self.api = JsonApi(
+            self.name,
+            url,
+            {"Authorization": f"Bearer {api_key}"},
+            secret=api_key,
+            timeout_s=timeout_s,
+            retries_429=retries_429,
+            on_error=_gone,
+        )
         self.image = image
         self.disk_gb = disk_gb
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self.retries_429 = retries_429
 
     def __repr__(self) -> str:  # never the key
-        return f"VastProvider(url={self.url!r})"
+        return f"VastProvider(url={self.api.url!r})"
 
     async def _call(self, method: str, path: str, **kw: Any) -> Any:
-        headers = {"Authorization": f"Bearer {self._key}", "Accept": "application/json"}
-        for attempt in range(self.retries_429 + 1):
-            try:
-                async with (
-                    aiohttp.ClientSession(timeout=self.timeout) as s,
-                    s.request(method, self.url + path, headers=headers, **kw) as r,
-                ):
-                    text = await r.text()
-                    if r.status == 429 and attempt < self.retries_429:
-                        wait = r.headers.get("Retry-After", "1")
-                        await asyncio.sleep(min(30.0, float(wait) if wait.isdigit() else 1.0))
-                        continue
-                    return self._answer(r.status, text, method, path)
-            except aiohttp.ClientError as e:
-                raise ProviderError(f"vast: {method} {path}: {type(e).__name__}") from None
-            except TimeoutError:
-                raise ProviderError(f"vast: {method} {path}: no answer in time") from None
-        raise ProviderError(f"vast: {method} {path}: still rate-limited")
-
-    def _answer(self, status: int, text: str, method: str, path: str) -> Any:
-        try:
-            body = json.loads(text) if text else {}
-        except ValueError:
-            body = {"msg": text[:200]}
-        msg = body.get("msg") or body.get("error") if isinstance(body, dict) else None
-        msg = str(msg or "").replace(self._key, "<key>")[:200]
-        if status == 401 or status == 403:
-            raise ProviderError(f"vast: the API key was refused ({status}): {msg}")
-        if status == 404 and path.startswith("/api/v0/asks/"):
-            raise OutOfStock(f"vast: offer {path.split('/')[4]} is no longer available")
-        if status == 429:
-            raise ProviderError("vast: rate limited (429), try again later")
-        if status >= 400:
-            raise ProviderError(f"vast: {method} {path}: {status} {msg}")
-        return body
+        return await self.api.call(method, path, **kw)
 
     # ---- offers ------------------------------------------------------------------------------
 
