@@ -1,6 +1,6 @@
 """The one HTTP client every cloud adapter uses: JSON over aiohttp, the key in a header only.
 
-    api = JsonApi("lambda", "https://cloud.lambdalabs.com", {"Authorization": f"Bearer {key}"},
+    api = JsonApi("lambda", "https://cloud.lambda.ai", {"Authorization": f"Bearer {key}"},
                   secret=key)
     body = await api.call("GET", "/api/v1/instance-types")
 

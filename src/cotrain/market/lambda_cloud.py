@@ -38,7 +38,7 @@ from cotrain.market.provider import (
     onstart_script,
 )
 
-URL = "https://cloud.lambdalabs.com"
+URL = "https://cloud.lambda.ai"
 LAUNCH = "/api/v1/instance-operations/launch"
 LAUNCH_INTERVAL_S = 12.0
 """Lambda's documented launch rate limit: one per this many seconds."""
@@ -59,9 +59,12 @@ class _LaunchRateLimited(ProviderError):
     """A launch answered 429 after the HTTP client's own retries."""
 
 
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
 def _error(body: Any) -> dict[str, Any]:
-    err = body.get("error") if isinstance(body, dict) else None
-    return err if isinstance(err, dict) else {}
+    return _dict(_dict(body).get("error"))
 
 
 def _gpu(desc: str, n: int) -> tuple[str, float]:
@@ -122,13 +125,15 @@ class LambdaProvider:
             raise _LaunchRateLimited("lambda: launches are rate limited (one per 12 s)")
         if status == 404 and path.startswith("/api/v1/instances/"):
             raise ProviderError(f"lambda: no instance {path.rsplit('/', 1)[-1]}")
-        if code:
+        if code and status != 429:  # (a 429 keeps the HTTP client's own message)
             fields = body.get("field_errors") if isinstance(body, dict) else None
             if isinstance(fields, dict) and fields:
                 field, ferr = next(iter(fields.items()))
                 msg += f" ({field}: {message_of(ferr)})"
             hint = str(err.get("suggestion") or "")
-            text = f"lambda: {method} {path}: {status} {code}: {msg}" + (f"; {hint}" if hint else "")
+            text = f"lambda: {method} {path}: {status} {code}: {msg}" + (
+                f"; {hint}" if hint else ""
+            )
             raise ProviderError(" ".join(self.api.scrub(text).split())[:400])
 
     # ---- offers ------------------------------------------------------------------------------
@@ -224,7 +229,8 @@ class LambdaProvider:
                 got = await self._call("POST", LAUNCH, json=body)
                 break
             except OutOfStock as e:
-                raise OutOfStock(f"lambda: {offer.offer_id} is sold out: {e}") from None
+                why = str(e).removeprefix("lambda: ")
+                raise OutOfStock(f"lambda: {offer.offer_id} is sold out: {why}") from None
             except _LaunchRateLimited:
                 if attempt == LAUNCH_TRIES - 1:
                     raise ProviderError(
@@ -248,14 +254,14 @@ class LambdaProvider:
 
     def _instance(self, r: dict[str, Any]) -> Instance:
         status = str(r.get("status") or "unknown")
-        t = r.get("instance_type") if isinstance(r.get("instance_type"), dict) else {}
-        region = r.get("region") if isinstance(r.get("region"), dict) else {}
+        t = _dict(r.get("instance_type"))
+        region = _dict(r.get("region")).get("name")
         name = str(r.get("name") or "")
         cents = t.get("price_cents_per_hour")
         return Instance(
             provider=self.name,
             instance_id=str(r["id"]),
-            offer_id=f"{t['name']}@{region['name']}" if t.get("name") and region.get("name") else "",
+            offer_id=f"{t['name']}@{region}" if t.get("name") and region else "",
             state=_STATES.get(status, "unknown"),
             usd_per_hour=int(cents) / 100 if cents is not None else 0.0,
             host=str(r["ip"]) if r.get("ip") else None,
