@@ -3,14 +3,14 @@
 
     GET    /v1/gpu-prices                 per GPU model: availability and recent winning bids
                                           (USD per GPU-hour: min, max, avg, med)
-    POST   /v1/deployments                {"data": {"sdl", "deposit"}}: {"data": {"dseq", "manifest"}}
+    POST   /v1/deployments                {"data": {"sdl", "deposit"}}: {"data": {"dseq", ...}}
     GET    /v1/bids?dseq=                 {"data": [{"bid": {"id", "state", "price"}}, ...]}
     POST   /v1/leases                     accept a bid: {"manifest", "leases": [{dseq, gseq, ...}]}
     GET    /v1/deployments/{dseq}         {"data": {"deployment", "leases": [{"status"}], ...}}
     GET    /v1/deployments?skip=&limit=   ours, paginated: {"data": {"deployments", "pagination"}}
     DELETE /v1/deployments/{dseq}         close it (the escrow's rest is refunded)
 
-An offer is a GPU model and count (``nvidia:h100:80Gi:sxm5:8``), billed by ``bid``: its price is
+An offer is a GPU model and count (``nvidia:h100:80Gi:SXM5:8``), billed by ``bid``: its price is
 the median of the recent winning bids per GPU-hour that the API publishes, times the count, an
 *estimate* (``price_is_estimate``). Those bids are for one-GPU deployments, so a machine of N GPUs
 is estimated at N times the one-GPU price. Akash names no provider tier in that listing and this
@@ -19,7 +19,9 @@ adapter places no audit requirement, so every offer is ``community``.
 A launch is a deployment whose SDL runs cotrain's start-up script and caps the price at
 ``max_over_estimate`` times the estimate; providers bid, the cheapest acceptable bid within
 ``bid_window_s`` is leased, and a deployment that got none is closed and the offer is
-``OutOfStock``. It is "running" once every service of the lease has a ready replica.
+``OutOfStock``. ``status`` is "running" once every service of the lease has a ready replica;
+``instances`` (every deployment of the account) calls an active lease "running", as the
+listing carries no readiness.
 
 Bid prices are per block in the chain's micro-denomination. ``uact`` (ACT, USD-pegged) and USDC
 count as US dollars; at the Console API's own average of 6.174 s a block (``BLOCK_TIME_S``), an
@@ -35,7 +37,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from cotrain.market.http import JsonApi, message_of
 from cotrain.market.offers import Offer, OfferQuery, canonical_gpu, matches
@@ -239,7 +241,9 @@ class AkashProvider:
             if n > 1 and n > available:
                 break
             # One free GPU is one free GPU; N of them on one machine is the provider's to say.
-            stock = "none" if available <= 0 else "available" if n == 1 else "unknown"
+            stock: Literal["none", "available", "unknown"] = (
+                "none" if available <= 0 else "available" if n == 1 else "unknown"
+            )
             out.append(
                 Offer(
                     provider=self.name,
@@ -342,9 +346,10 @@ class AkashProvider:
                     _bid_id(entry)
                 except (KeyError, TypeError, ValueError):
                     continue
-                if price is not None and price <= cap_usd * (1 + 1e-9):
-                    if best is None or price < best[0]:
-                        best = (price, entry)
+                if price is None or price > cap_usd * (1 + 1e-9):
+                    continue  # not dollars, or over the cap
+                if best is None or price < best[0]:
+                    best = (price, entry)
             if best is not None:
                 return best[1]
             if time.monotonic() >= deadline:
@@ -369,7 +374,7 @@ class AkashProvider:
         else:
             state, detail = _readiness(active)
         settings = d.get("consoleSettings") or {}
-        found = dict(m.groups() for m in _ENV.finditer(str(settings.get("sdl") or "")))
+        found = {m[1]: m[2] for m in _ENV.finditer(str(settings.get("sdl") or ""))}
         price = usd_per_hour(active[0]["price"]) if active and "price" in active[0] else None
         return Instance(
             provider=self.name,
@@ -387,7 +392,9 @@ class AkashProvider:
         try:
             return self._instance(got["data"], detailed=True)
         except (KeyError, TypeError) as e:
-            raise ProviderError(f"akash: deployment {instance_id}: unexpected answer ({e})") from None
+            raise ProviderError(
+                f"akash: deployment {instance_id}: unexpected answer ({e})"
+            ) from None
 
     async def instances(self) -> list[Instance]:
         out: list[Instance] = []
