@@ -128,3 +128,34 @@ class SshServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+def processes_under(path: Path) -> list[int]:
+    """Live processes (not zombies) whose command line mentions ``path``."""
+    import os
+
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(path) in cmd and state != "Z":
+            out.append(int(d))
+    return out
+
+
+def kill_under(path: Path) -> None:
+    """Whatever a failed test left running under ``path`` (nodes, watchdogs)."""
+    import os
+    import signal
+
+    for pid in processes_under(path):
+        if pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from sshd_harness import SshServer, require_sshd
+from sshd_harness import SshServer, kill_under, processes_under, require_sshd
 
 from cotrain.market.offers import OfferQuery
 from cotrain.market.provider import LaunchSpec, ProviderError
@@ -55,22 +55,6 @@ def coordinator() -> Iterator[str]:
         loop.close()
 
 
-def _processes_under(path: Path) -> list[str]:
-    """Command lines of live processes that mention ``path``."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if str(path) in cmd and state != "Z":
-            out.append(cmd)
-    return out
-
-
 @pytest.mark.timeout(240)
 def test_ssh_offers_launch_status_terminate(tmp_path: Path, coordinator: str) -> None:
     require_sshd()
@@ -108,9 +92,9 @@ def test_ssh_offers_launch_status_terminate(tmp_path: Path, coordinator: str) ->
         assert busy["good"] == "none"  # one node per host
         with pytest.raises(ProviderError, match="already runs"):
             await other.launch(o, spec)
-        assert _processes_under(Path(hosts[0].workdir)), "no node process on the host"
+        assert processes_under(Path(hosts[0].workdir)), "no node process on the host"
         await other.terminate(inst.instance_id, grace_s=10)
-        assert _processes_under(Path(hosts[0].workdir)) == []
+        assert processes_under(Path(hosts[0].workdir)) == []
         assert (await p.status(inst.instance_id)).state == "terminated"
 
         # failures: one line naming the host and the step, nothing left running
@@ -122,16 +106,17 @@ def test_ssh_offers_launch_status_terminate(tmp_path: Path, coordinator: str) ->
             await p.launch(by["gone"], spec)
         with pytest.raises(ProviderError, match="oldpy: /nonexistent/python3 failed"):
             await p.launch(by["oldpy"], spec)
-        with pytest.raises(ProviderError, match="good: the benchmark measured .* below"):
+        with pytest.raises(ProviderError, match=r"good: the benchmark measured .* below"):
             await SshProvider(hosts, tmp_path / "state", min_gflops=1e9).launch(o, spec)
         states = {i.instance_id: i.state for i in await p.instances()}
         assert sorted(states.values()) == ["failed"] * 4 + ["terminated"], states
-        assert _processes_under(Path(hosts[0].workdir)) == []
+        assert processes_under(Path(hosts[0].workdir)) == []
 
     try:
         asyncio.run(asyncio.wait_for(main(), 200))
     finally:
         good.stop()
+        kill_under(tmp_path)
 
 
 @pytest.mark.timeout(60)

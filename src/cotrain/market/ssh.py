@@ -42,12 +42,15 @@ import shlex
 import sys
 import time
 import tomllib
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import asyncssh
+with warnings.catch_warnings():  # asyncssh still imports cryptography's DSA: not ours to show
+    warnings.filterwarnings("ignore", message="DSA is deprecated")
+    import asyncssh
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cotrain.core.files import write_atomic
@@ -181,6 +184,8 @@ def local_wheel(out_dir: Path) -> Path:
 class SshProvider:
     name = "ssh"
     caps = frozenset({Cap.MULTI_NODE, Cap.OPEN_PORTS})
+    one_per_offer = True
+    """An offer is a host, and a host runs one node."""
 
     def __init__(
         self,

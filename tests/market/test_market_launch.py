@@ -1,0 +1,204 @@
+"""``cotrain market launch|status|cost|terminate|watch`` on loopback: a real coordinator with an
+open DiLoCo task, real sshd hosts that cost money, and the budget.
+
+- a launch whose nodes would cost more than the budget over --max-hours is refused before
+  anything starts;
+- the cheapest host fails its install, the launch falls over to the next offer, whose node
+  joins the task on the coordinator;
+- the watchdog terminates the node when the spend reaches the budget (no process left on the
+  host), and from then on no launch for the task starts;
+- a cloud launch that never becomes ready (Vast's replay: the machine never runs a node) is
+  given up after --ready-timeout-s and terminated at the provider; the API key is in no output
+  and no file the market wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from market_harness import Coordinator, cli, master_key, publish, start_master
+from market_replays import vast as vast_replay
+from sshd_harness import SshServer, kill_under, processes_under, require_sshd
+
+from cotrain.core.identity import Identity
+from cotrain.rl.launch import free_port
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sshd logs in as root here")
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
+    c = Coordinator.start(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _hosts_file(tmp: Path, hosts: list[Any]) -> Path:
+    f = tmp / "hosts.toml"
+    lines = []
+    for h in hosts:
+        lines.append("[[host]]")
+        for k, v in h.model_dump().items():
+            if isinstance(v, dict):
+                inner = ", ".join(f"{a} = {json.dumps(b)}" for a, b in v.items())
+                lines.append(f"{k} = {{ {inner} }}")
+            elif v is not None:
+                lines.append(f"{k} = {json.dumps(v)}")
+    f.write_text("\n".join(lines) + "\n")
+    return f
+
+
+@pytest.mark.timeout(300)
+def test_budget_fallover_watchdog(tmp_path: Path, coordinator: Coordinator) -> None:
+    require_sshd()
+    server = SshServer.start(tmp_path, "box")
+    master = None
+    try:
+        good = server.ssh_host(tmp_path, usd_per_hour=3600.0)  # a dollar a second
+        bad = server.ssh_host(
+            tmp_path, name="bargain", usd_per_hour=1800.0, workdir=str(tmp_path / "bargain"),
+            pip_args=["--no-index", "--find-links", str(tmp_path / "nothing"), "no-such-pkg"],
+        )  # fmt: skip
+        hosts = _hosts_file(tmp_path, [good, bad])
+        # one worker trains for long: the node runs until something stops it
+        port = free_port()
+        task = publish(
+            tmp_path, coordinator.url, master=f"127.0.0.1:{port}", master_key=master_key(tmp_path),
+            **{"world": 1, "total_steps": 100_000, "checkpoint": "none", "save_model": False},
+        )  # fmt: skip
+        master = start_master(tmp_path, coordinator, task, port)
+        state = tmp_path / "state"
+        common = ("--task", task, "--coordinator", coordinator.url, "--hosts", str(hosts))
+        common += ("--state-dir", str(state), "--provider", "ssh")
+
+        # two nodes for an hour cost $5400: over a $100 budget, refused, nothing started
+        cp = cli("market", "launch", *common, "--count", "2", "--budget-usd", "100",
+                 "--max-hours", "1")  # fmt: skip
+        assert cp.returncode == 1, cp.stdout + cp.stderr
+        assert "exceeds the budget of $100.00" in cp.stderr, cp.stderr
+        assert not (state / "ssh" / "instances.json").exists()
+
+        # one node, a $25 budget: the bargain fails its install, the box's node joins
+        t0 = time.time()
+        cp = cli("market", "launch", *common, "--budget-usd", "25", "--watch-every-s", "0.3",
+                 "--json")  # fmt: skip
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        rec = json.loads(cp.stdout)
+        assert "bargain: installing cotrain failed" in cp.stderr, cp.stderr
+        [failure] = rec["failures"]
+        assert failure["offer_id"] == "bargain"
+        joined = [n for n in rec["nodes"] if n["state"] == "joined"]
+        assert [n["offer_id"] for n in joined] == ["box"] and joined[0]["node_key"]
+        status = cli("market", "status", "--json", "--task", task, "--state-dir", str(state),
+                     "--hosts", str(hosts))  # fmt: skip
+        members = json.loads(status.stdout)[0]["members"]
+        assert joined[0]["node_key"] in members
+
+        # the watchdog stops it when $25 are spent
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            rec = json.loads((state / "launches" / f"{task}.json").read_text())
+            if rec["stopped"] == "budget":
+                break
+            time.sleep(0.2)
+        assert rec["stopped"] == "budget", (state / "launches" / f"{task}.watch.log").read_text()
+        box = next(n for n in rec["nodes"] if n["offer_id"] == "box")
+        assert box["state"] == "terminated (budget)"
+        spent = sum(
+            n["usd_per_hour"] * ((n["ended_at"] or time.time()) - n["started_at"]) / 3600
+            for n in rec["nodes"]
+        )
+        assert 17.0 <= spent <= 25.0, spent  # stopped before the cap, not long before
+        assert time.time() - t0 >= 20
+        assert processes_under(Path(good.workdir)) == []
+
+        report = json.loads(cli("market", "cost", "--task", task, "--state-dir", str(state),
+                                "--json").stdout)  # fmt: skip
+        assert report["spent_usd"] == pytest.approx(spent, abs=0.05)
+        assert {r["node"].split("-")[0] for r in report["nodes"]} == {"ssh"}
+
+        # the budget is spent: no launch starts
+        cp = cli("market", "launch", *common, "--budget-usd", "25")
+        assert cp.returncode == 1 and "budget is spent" in cp.stderr, cp.stderr
+    finally:
+        server.stop()
+        if master is not None:
+            master.kill()
+            master.wait(10)
+        kill_under(tmp_path)
+
+
+@pytest.mark.timeout(180)
+def test_a_cloud_launch_that_never_becomes_ready_falls_over_and_keys_stay_secret(
+    tmp_path: Path, coordinator: Coordinator
+) -> None:
+    replay = vast_replay.Replay()
+    replay.rate_limit_once = False
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(replay.app())
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        task = publish(
+            tmp_path,
+            coordinator.url,
+            master="127.0.0.1:9",
+            master_key=Identity.generate().public_hex,
+        )
+        state = tmp_path / "state"
+        keyed = {"VAST_API_KEY": vast_replay.KEY, "COTRAIN_VAST_URL": f"http://127.0.0.1:{port}"}
+        cp = cli(
+            *("market", "launch", "--task", task, "--coordinator", coordinator.url),
+            *("--provider", "vast", "--gpu", "H100", "--ready-timeout-s", "2"),
+            *("--state-dir", str(state), "--no-watch"),
+            extra_env=keyed,
+        )
+        assert cp.returncode == 1, cp.stdout + cp.stderr
+        assert "not joined after 2 s" in cp.stderr, cp.stderr
+        assert "0 of 1 node(s) joined" in cp.stderr, cp.stderr
+        assert replay.instances == {}, "the machine that never joined was not terminated"
+        deletes = [c for c in replay.calls if c[0] == "PUT"]
+        assert deletes, replay.calls
+        cp2 = cli("market", "status", "--task", task, "--state-dir", str(state), extra_env=keyed)
+        assert "failed" in cp2.stdout, cp2.stdout + cp2.stderr
+        written = "".join(
+            p.read_text(errors="replace") for p in state.rglob("*") if p.is_file()
+        )  # fmt: skip
+        for text in (cp.stdout, cp.stderr, cp2.stdout, cp2.stderr, written):
+            assert vast_replay.KEY not in text
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+
+def test_launch_mistakes_are_one_line(tmp_path: Path, coordinator: Coordinator) -> None:
+    state = ("--state-dir", str(tmp_path / "state"))
+    for args, want in [
+        ((), "--task: which task"),
+        (("--task", "t999", "--coordinator", coordinator.url), "no task t999 at"),
+        (("--task", "t1", "--coordinator", "http://127.0.0.1:9"), "cannot reach the coordinator"),
+        (("--task", "t1", "x:y", "--cheapest"), "not both"),
+        (("--task", "t1", "--secure", "--community"), "exclude each other"),
+    ]:
+        cp = cli("market", "launch", *args, *state)
+        assert cp.returncode == 2, (args, cp.stdout, cp.stderr)
+        assert want in cp.stderr and "Traceback" not in cp.stderr, cp.stderr
+    for cmd in ("status", "cost", "terminate", "watch"):
+        cp = cli("market", cmd, "--task", "t5", *state)
+        assert cp.returncode == 2 and "no launch for task t5" in cp.stderr, (cmd, cp.stderr)
