@@ -166,15 +166,19 @@ def local_wheel(out_dir: Path) -> Path:
         old.unlink()
     root = Path(cotrain.__file__).resolve().parents[2]
     if (root / "pyproject.toml").is_file():
-        src = [str(root), "--no-build-isolation"]
+        # offline with the setuptools here first; in an isolated build env if that is too old
+        tries = [[str(root), "--no-build-isolation"], [str(root)]]
     else:
-        src = [f"cotrain=={metadata.version('cotrain')}"]
-    cp = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out_dir), *src],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+        tries = [[f"cotrain=={metadata.version('cotrain')}"]]
+    for src in tries:
+        cp = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out_dir), *src],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if cp.returncode == 0:
+            break
     wheels = sorted(out_dir.glob("cotrain-*.whl"))
     if cp.returncode != 0 or not wheels:
         raise ProviderError(f"could not build cotrain's wheel: {cp.stderr.strip()[-300:]}")
@@ -206,6 +210,7 @@ class SshProvider:
         self.min_gflops = min_gflops
         self.progress = progress or (lambda line: None)
         self._wheel: Path | None = None
+        self._wheel_lock = asyncio.Lock()
 
     # ---- records -----------------------------------------------------------------------------
 
@@ -456,7 +461,8 @@ class SshProvider:
             facts["machine"] == platform.machine()
         )
         if same:
-            wheel = await asyncio.to_thread(self._wheel_file)
+            async with self._wheel_lock:  # one build for every host launched at once
+                wheel = await asyncio.to_thread(self._wheel_file)
             say(f"{iid}: copying {wheel.name} ({wheel.stat().st_size // 1024} KiB)")
             await self._run(conn, h, f"mkdir -p {wd}/wheels", 30)
             try:
