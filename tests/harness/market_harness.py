@@ -152,3 +152,57 @@ def master_key(tmp: Path) -> str:
     ident = Identity.generate()
     ident.save(tmp / "master.pem")
     return ident.public_hex
+
+
+class Replays:
+    """Every cloud's replay server (``market_replays``) on loopback in a background thread, with
+    ``latency_s`` added to each answer (an API across the internet); ``env`` points the CLI at
+    them: the API keys, and ``COTRAIN_<NAME>_URL``."""
+
+    def __init__(self, latency_s: float = 0.0) -> None:
+        import asyncio
+        import threading
+
+        from aiohttp import web
+        from market_replays import MODULES, load
+
+        self.latency_s = latency_s
+        self.loop = asyncio.new_event_loop()
+        self.runners: list[web.AppRunner] = []
+        self.replays: dict[str, Any] = {}
+        self.env: dict[str, str] = {}
+
+        @web.middleware
+        async def slow(request: web.Request, handler: Any) -> Any:
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
+            return await handler(request)
+
+        for name in MODULES:
+            mod = load(name)
+            replay = mod.Replay()
+            app = replay.app()
+            app.middlewares.append(slow)
+            runner = web.AppRunner(app)
+            self.loop.run_until_complete(runner.setup())
+            self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+            self.runners.append(runner)
+            self.replays[mod.NAME] = replay
+            up = mod.NAME.upper()
+            self.env[f"COTRAIN_{up}_API_KEY"] = mod.KEY
+            self.env[f"COTRAIN_{up}_URL"] = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        for r in self.runners:
+            self.loop.run_until_complete(r.cleanup())
+        self.loop.close()
+
+    def __enter__(self) -> Replays:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -32,7 +32,7 @@ def serve(replay: Replay, body: Callable[[str], Awaitable[Any]]) -> Any:
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         try:
-            url = f"http://127.0.0.1:{runner.addresses[0][1]}/api/v2"
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}"
             return await asyncio.wait_for(body(url), 60)
         finally:
             await runner.cleanup()

@@ -46,7 +46,8 @@ from cotrain.market.provider import (
     onstart_script,
 )
 
-URL = "https://dashboard.tensordock.com/api/v2"
+URL = "https://dashboard.tensordock.com"
+"""The host; every path is under its ``/api/v2``."""
 COUNTS = (1, 2, 4, 8)
 MIN_DISK_GB = 100
 
@@ -144,7 +145,7 @@ class TensorDockProvider:
             raise ValueError(f"disk_gb={disk_gb}: TensorDock's minimum is {MIN_DISK_GB} GB")
         self.api = JsonApi(
             self.name,
-            url,
+            url.rstrip("/") + "/api/v2",
             {"Authorization": f"Bearer {api_key}"},
             secret=api_key,
             timeout_s=timeout_s,

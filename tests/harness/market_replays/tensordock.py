@@ -186,4 +186,4 @@ class Replay:
 
 
 def provider(url: str, key: str = KEY) -> TensorDockProvider:
-    return TensorDockProvider(key, url=f"{url}/api/v2", ssh_key=SSH_KEY)
+    return TensorDockProvider(key, url=url, ssh_key=SSH_KEY)
