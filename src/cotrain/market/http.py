@@ -20,8 +20,6 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import aiohttp
-
 from cotrain.market.provider import ProviderError
 
 ErrorHook = Callable[[int, Any, str, str], None]
@@ -59,7 +57,7 @@ class JsonApi:
         self.url = url.rstrip("/")
         self._headers = {"Accept": "application/json", **headers}
         self._secret = secret
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.timeout_s = timeout_s
         self.retries_429 = retries_429
         self.on_error = on_error
 
@@ -71,10 +69,13 @@ class JsonApi:
 
     async def call(self, method: str, path: str, **kw: Any) -> Any:
         """The decoded JSON body of a successful call ({} when empty)."""
+        import aiohttp  # here: `cotrain market offers` from the cache asks no provider
+
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         for attempt in range(self.retries_429 + 1):
             try:
                 async with (
-                    aiohttp.ClientSession(timeout=self.timeout) as s,
+                    aiohttp.ClientSession(timeout=timeout) as s,
                     s.request(method, self.url + path, headers=self._headers, **kw) as r,
                 ):
                     text = await r.text()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import urllib.request
 
 FACTS = r"""
 import json, os, platform, shutil, subprocess, sys
@@ -78,6 +77,8 @@ def matmul_gflops(seconds: float = 1.0, n: int = 1024) -> tuple[float, str]:
 
 def rtt_ms(url: str, tries: int = 3, timeout_s: float = 5.0) -> float | None:
     """The best of ``tries`` round trips to the coordinator's status page, in ms."""
+    import urllib.request
+
     best = None
     for _ in range(tries):
         t0 = time.perf_counter()

@@ -42,21 +42,33 @@ import shlex
 import sys
 import time
 import tomllib
-import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-with warnings.catch_warnings():  # asyncssh still imports cryptography's DSA: not ours to show
-    warnings.filterwarnings("ignore", message="DSA is deprecated")
-    import asyncssh
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cotrain.core.files import write_atomic
 from cotrain.market.offers import Offer, OfferQuery, Tier, canonical_gpu, matches
 from cotrain.market.probe import FACTS
 from cotrain.market.provider import Cap, Instance, LaunchSpec, ProviderError
+
+if TYPE_CHECKING:
+    import asyncssh
+
+
+def _asyncssh() -> Any:
+    """asyncssh, imported when first needed (it takes a fifth of a second: ``cotrain market
+    offers`` from the cache needs none of it)."""
+    import warnings
+
+    with warnings.catch_warnings():  # it still imports cryptography's DSA: not ours to show
+        warnings.filterwarnings("ignore", message="DSA is deprecated")
+        import asyncssh
+
+    return asyncssh
+
 
 HOSTS_FILE = Path("~/.config/cotrain/ssh-hosts.toml")
 Progress = Callable[[str], None]
@@ -243,6 +255,7 @@ class SshProvider:
     # ---- SSH ---------------------------------------------------------------------------------
 
     async def _connect(self, h: SshHost) -> asyncssh.SSHClientConnection:
+        asyncssh = _asyncssh()
         known = Path(h.known_hosts).expanduser()
         if not known.is_file():
             raise ProviderError(
@@ -271,6 +284,7 @@ class SshProvider:
 
     @contextlib.asynccontextmanager
     async def _session(self, h: SshHost) -> AsyncIterator[asyncssh.SSHClientConnection]:
+        asyncssh = _asyncssh()
         conn = await self._connect(h)
         try:
             yield conn
@@ -282,6 +296,7 @@ class SshProvider:
     async def _run(
         self, conn: asyncssh.SSHClientConnection, h: SshHost, cmd: str, timeout_s: float
     ) -> asyncssh.SSHCompletedProcess:
+        asyncssh = _asyncssh()
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in h.env.items())
         try:
             return await conn.run(
@@ -455,6 +470,7 @@ class SshProvider:
     ) -> None:
         import platform
 
+        asyncssh = _asyncssh()
         say = self.progress
         wd = shlex.quote(h.workdir)
         same = tuple(facts["python"]) == sys.version_info[:2] and (
