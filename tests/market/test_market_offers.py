@@ -176,3 +176,31 @@ def test_the_offers_command(tmp_path: Path) -> None:
     for bad, why in ((("--secure", "--community"), "exclude"), (("--sort", "cost"), "--sort")):
         cp = run(*bad)
         assert cp.returncode == 2 and why in cp.stderr and "Traceback" not in cp.stderr, cp.stderr
+
+
+def test_cost_per_token_weighs_compute_and_the_link() -> None:
+    from cotrain.market.value import Workload, usd_per_mtoken, useful_tokens_per_s
+
+    fast_slow_link = _offer("a", "1", "H100_80GB", 8, 2.0, net_up_mbps=50.0)
+    slower_fast_link = _offer("b", "2", "A100_80GB", 8, 1.2, net_up_mbps=10_000.0)
+    small = Workload(params=1.2e8, inner_steps=500, tokens_per_step=2**20)
+    big = Workload(params=7e9, inner_steps=20)
+    # a small model, large batches, rare syncs: the price per FLOP decides (H100: 3.2x the
+    # FLOPs for 1.7x the price)
+    ranked = choose([slower_fast_link, fast_slow_link], OfferQuery(), "cost_per_token", small)
+    assert [o.provider for o in ranked] == ["a", "b"]
+    # a 7B model synced often over 50 Mbit/s: the link dominates, the cheaper A100 box wins
+    ranked = choose([slower_fast_link, fast_slow_link], OfferQuery(), "cost_per_token", big)
+    assert [o.provider for o in ranked] == ["b", "a"]
+    a_small, a_big = (usd_per_mtoken(fast_slow_link, w) for w in (small, big))
+    assert a_small is not None and a_big is not None and a_big > 10 * a_small
+    # a benchmark beats the datasheet; an unknown machine has no estimate and sorts last
+    measured = _offer("c", "3", "cpu", 0, 0.05, measured_gflops=180.0)
+    unknown = _offer("d", "4", "MYSTERY_16GB", 1, 0.01)
+    tps = useful_tokens_per_s(measured, small)
+    assert tps is not None and tps == pytest.approx(
+        500 * 2**20 / (500 * 6 * 1.2e8 * 2**20 / (180e9 * 0.6) + 2 * 1.2e8 * 8 / 1e9)
+    )
+    assert useful_tokens_per_s(unknown, small) is None
+    ranked = choose([unknown, measured, fast_slow_link], OfferQuery(), "cost_per_token", small)
+    assert ranked[-1].provider == "d"

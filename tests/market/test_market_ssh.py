@@ -82,6 +82,7 @@ def test_ssh_offers_launch_status_terminate(tmp_path: Path, coordinator: str) ->
         inst = await p.launch(o, spec)
         assert (inst.state, inst.host, inst.usd_per_hour) == ("running", "127.0.0.1", 0.5)
         assert "GFLOP/s" in inst.detail
+        inst_gflops = float(inst.detail.split(", ")[1].split()[0])
         assert any("installing cotrain" in x for x in lines), lines
         assert any("benchmarking" in x for x in lines), lines
         venv = Path(hosts[0].workdir) / "venv"
@@ -96,6 +97,8 @@ def test_ssh_offers_launch_status_terminate(tmp_path: Path, coordinator: str) ->
         await other.terminate(inst.instance_id, grace_s=10)
         assert processes_under(Path(hosts[0].workdir)) == []
         assert (await p.status(inst.instance_id)).state == "terminated"
+        remeasured = {x.offer_id: x for x in await p.offers(OfferQuery(in_stock=False))}
+        assert remeasured["good"].measured_gflops == pytest.approx(inst_gflops, abs=0.5)
 
         # failures: one line naming the host and the step, nothing left running
         bad = await p.offers(OfferQuery(in_stock=False))

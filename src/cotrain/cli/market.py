@@ -75,8 +75,14 @@ def offers(
     region: Annotated[str, typer.Option(help="region, country or datacenter; EU")] = "",
     max_price: Annotated[float, typer.Option(min=0, help="most USD per GPU-hour")] = 0,
     sort: Annotated[
-        str, typer.Option(help="price | price_per_gpu | price_per_tflop | reliability")
+        str,
+        typer.Option(help="price | price_per_gpu | price_per_tflop | reliability | cost_per_token"),
     ] = "price_per_gpu",
+    params: Annotated[float, typer.Option(min=1, help="cost_per_token: model parameters")] = 1e9,
+    inner_steps: Annotated[int, typer.Option(min=1, help="cost_per_token: steps per sync")] = 100,
+    tokens_per_step: Annotated[
+        int, typer.Option(min=1, help="cost_per_token: tokens per inner step")
+    ] = 65_536,
     json_out: Annotated[bool, typer.Option("--json", help="JSON on stdout")] = False,
     provider: Annotated[list[str] | None, typer.Option(help="only these providers")] = None,
     refresh: Annotated[bool, typer.Option(help="ask every provider now (no cache)")] = False,
@@ -89,40 +95,48 @@ def offers(
 
     from cotrain.market.catalog import Catalog
     from cotrain.market.offers import choose
+    from cotrain.market.value import Workload, usd_per_mtoken
 
-    if sort not in ("price", "price_per_gpu", "price_per_tflop", "reliability"):
-        raise usage(f"--sort {sort}: use price, price_per_gpu, price_per_tflop or reliability")
+    sorts = ("price", "price_per_gpu", "price_per_tflop", "reliability", "cost_per_token")
+    if sort not in sorts:
+        raise usage(f"--sort {sort}: use one of {', '.join(sorts)}")
     q = _query(gpu, count, min_vram_gb, secure, community, region, max_price, provider)
+    work = Workload(params=params, inner_steps=inner_steps, tokens_per_step=tokens_per_step)
     state = state_dir.expanduser()
     cat = Catalog(list(_providers(state, hosts).values()), state / "offers.json")
     listing = asyncio.run(cat.listing(refresh=refresh))
-    chosen = choose(listing.offers, q, by=sort)  # type: ignore[arg-type]
+    chosen = choose(listing.offers, q, by=sort, workload=work)  # type: ignore[arg-type]
     sources = [
         {"provider": s.provider, "offers": s.offers, "age_s": round(s.age_s, 1), "error": s.error}
         for s in listing.sources
     ]
     if json_out:
-        out = {"offers": [o.model_dump() for o in chosen], "sources": sources}
-        print(json.dumps(out, indent=1))
+        rows = [{**o.model_dump(), "usd_per_mtoken": usd_per_mtoken(o, work)} for o in chosen]
+        print(json.dumps({"offers": rows, "sources": sources}, indent=1))
         return
-    _table(chosen, sources)
+    _table(chosen, sources, work)
 
 
-def _table(chosen: list[Any], sources: list[dict[str, Any]]) -> None:
+def _table(chosen: list[Any], sources: list[dict[str, Any]], work: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from cotrain.market.value import usd_per_mtoken
+
     t = Table(title=f"{len(chosen)} offers")
-    for col in ("provider", "gpu", "n", "$/h", "$/GPU-h", "tier", "billing", "where", "rel."):
+    cols = ("provider", "gpu", "n", "$/h", "$/GPU-h", "$/Mtok", "tier", "billing", "where", "rel.")
+    for col in cols:
         t.add_column(col)
     for o in chosen:
         price = f"{o.usd_per_hour:.2f}" + ("~" if o.price_is_estimate else "")
+        per_tok = usd_per_mtoken(o, work)
         t.add_row(
             o.provider,
             o.gpu,
             str(o.gpu_count),
             price,
             f"{o.usd_per_gpu_hour:.3f}",
+            "" if per_tok is None else f"{per_tok:.3f}",
             o.tier,
             o.billing,
             o.region or o.country or "",
@@ -187,6 +201,14 @@ def launch(
     max_price: Annotated[float, typer.Option(min=0, help="most USD per GPU-hour")] = 0,
     provider: Annotated[list[str] | None, typer.Option(help="only these providers")] = None,
     min_gflops: Annotated[float, typer.Option(min=0, help="a measured floor (SSH hosts)")] = 0,
+    rank: Annotated[str, typer.Option(help="price | cost_per_token: which offer first")] = (
+        "price"
+    ),
+    params: Annotated[float, typer.Option(min=1, help="cost_per_token: model parameters")] = 1e9,
+    inner_steps: Annotated[int, typer.Option(min=1, help="cost_per_token: steps per sync")] = 100,
+    tokens_per_step: Annotated[
+        int, typer.Option(min=1, help="cost_per_token: tokens per inner step")
+    ] = 65_536,
     ready_timeout_s: Annotated[float, typer.Option(min=1, help="give up on a machine")] = 900,
     watch: Annotated[bool, typer.Option(help="start the budget watchdog in the background")] = (
         True
@@ -204,6 +226,7 @@ def launch(
     from cotrain.market.catalog import Catalog
     from cotrain.market.offers import choose
     from cotrain.market.provider import LaunchSpec
+    from cotrain.market.value import Workload
 
     if not task:
         raise usage("--task: which task the nodes join")
@@ -211,7 +234,10 @@ def launch(
         raise usage("name an OFFER or --cheapest, not both")
     if invite and key:
         raise usage("--invite or --key, not both")
+    if rank not in ("price", "cost_per_token"):
+        raise usage(f"--rank {rank}: use price or cost_per_token")
     q = _query(gpu, gpus, min_vram_gb, secure, community, region, max_price, provider)
+    work = Workload(params=params, inner_steps=inner_steps, tokens_per_step=tokens_per_step)
     state = state_dir.expanduser()
     ln = _launcher(state, hosts, ready_timeout_s=ready_timeout_s, invites=invite,
                    min_gflops=min_gflops)  # fmt: skip
@@ -224,8 +250,7 @@ def launch(
         listing = await Catalog(list(ln.providers.values()), state / "offers.json").listing(
             refresh=True
         )
-        offers = choose(listing.offers, q.model_copy(update={"providers": None}), by="price")
-        offers = [o for o in offers if not q.providers or o.provider in q.providers]
+        offers = choose(listing.offers, q, by=rank, workload=work)  # type: ignore[arg-type]
         if offer:
             offers = [_find_offer(listing.offers, offer)]
         if not offers:

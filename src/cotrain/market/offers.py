@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+if TYPE_CHECKING:
+    from cotrain.market.value import Workload
+
 Tier = Literal["secure", "community", "unknown"]
 Billing = Literal["on_demand", "spot", "bid", "prepaid", "owned"]
-SortKey = Literal["price", "price_per_gpu", "price_per_tflop", "reliability"]
+SortKey = Literal["price", "price_per_gpu", "price_per_tflop", "reliability", "cost_per_token"]
 
 # Dense BF16 tensor TFLOP/s per GPU (vendor datasheets, without sparsity): what
 # ``price_per_tflop`` divides by. A GPU not listed here sorts last on that key.
@@ -74,6 +77,8 @@ class Offer(BaseModel):
     net_down_mbps: float | None = None
     net_up_mbps: float | None = None
     provision_eta_s: float | None = None
+    measured_gflops: float | None = None
+    """What cotrain's benchmark measured on this machine (SSH hosts, once launched)."""
     fetched_at: float = 0.0
     """Unix time the provider was asked."""
 
@@ -177,7 +182,7 @@ def matches(o: Offer, q: OfferQuery) -> bool:
     return not (q.in_stock and o.stock == "none")
 
 
-def _key(o: Offer, by: SortKey) -> tuple[float, ...]:
+def _key(o: Offer, by: SortKey, workload: Workload | None) -> tuple[float, ...]:
     inf = float("inf")
     if by == "price":
         return (o.usd_per_hour, o.usd_per_gpu_hour)
@@ -186,16 +191,27 @@ def _key(o: Offer, by: SortKey) -> tuple[float, ...]:
     if by == "price_per_tflop":
         per = o.usd_per_tflop_hour
         return (per if per is not None else inf, o.usd_per_gpu_hour)
+    if by == "cost_per_token":
+        from cotrain.market.value import Workload, usd_per_mtoken
+
+        cost = usd_per_mtoken(o, workload or Workload())
+        return (cost if cost is not None else inf, o.usd_per_hour)
     rel = o.reliability if o.reliability is not None else -1.0
     return (-rel, o.usd_per_gpu_hour)
 
 
-def choose(offers: Iterable[Offer], q: OfferQuery, by: SortKey = "price_per_gpu") -> list[Offer]:
+def choose(
+    offers: Iterable[Offer],
+    q: OfferQuery,
+    by: SortKey = "price_per_gpu",
+    workload: Workload | None = None,
+) -> list[Offer]:
     """The offers that match ``q``, duplicates merged, best first by ``by`` (ties: the provider
-    and id, so the order is stable)."""
+    and id, so the order is stable). ``cost_per_token`` ranks by ``value.usd_per_mtoken`` for
+    ``workload``."""
     return sorted(
         merge_duplicates(o for o in offers if matches(o, q)),
-        key=lambda o: (*_key(o, by), o.provider, o.offer_id),
+        key=lambda o: (*_key(o, by, workload), o.provider, o.offer_id),
     )
 
 

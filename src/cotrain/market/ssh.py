@@ -323,13 +323,19 @@ class SshProvider:
     # ---- offers ------------------------------------------------------------------------------
 
     async def offers(self, q: OfferQuery) -> list[Offer]:
-        busy = {
-            r["host"] for r in self._load().values() if r.get("state") in ("starting", "running")
+        recs = self._load()
+        busy = {r["host"] for r in recs.values() if r.get("state") in ("starting", "running")}
+        measured = {  # the latest benchmark of each host
+            r["host"]: float(r["probe"]["gflops"])
+            for r in sorted(recs.values(), key=lambda r: r.get("started_at", 0))
+            if r.get("probe")
         }
-        got = await asyncio.gather(*(self._offer(h, h.name in busy) for h in self.hosts.values()))
+        got = await asyncio.gather(
+            *(self._offer(h, h.name in busy, measured.get(h.name)) for h in self.hosts.values())
+        )
         return [o for o in got if matches(o, q)]
 
-    async def _offer(self, h: SshHost, busy: bool) -> Offer:
+    async def _offer(self, h: SshHost, busy: bool, gflops: float | None) -> Offer:
         facts: dict[str, Any] = {}
         try:
             async with self._session(h) as conn:
@@ -355,6 +361,7 @@ class SshProvider:
             usd_per_hour=price,
             usd_per_gpu_hour=price / max(n, 1),
             stock="none" if busy or not facts else "available",
+            measured_gflops=gflops,
             fetched_at=time.time(),
         )
 
@@ -435,6 +442,12 @@ class SshProvider:
                 raise ProviderError(
                     f"ssh {h.name}: the benchmark measured {probe['gflops']:.0f} GFLOP/s, below "
                     f"the floor of {self.min_gflops:.0f}"
+                )
+            promised = offer.tflops
+            if promised and probe["device"] == "cuda" and probe["gflops"] < 250 * promised:
+                raise ProviderError(
+                    f"ssh {h.name}: the benchmark measured {probe['gflops']:.0f} GFLOP/s, a "
+                    f"quarter of the {promised:.0f} TFLOP/s its GPUs promise is not met"
                 )
             if probe.get("rtt_ms") is None:
                 raise ProviderError(f"ssh {h.name}: cannot reach the coordinator from the host")
