@@ -202,3 +202,48 @@ def test_launch_mistakes_are_one_line(tmp_path: Path, coordinator: Coordinator) 
     for cmd in ("status", "cost", "terminate", "watch"):
         cp = cli("market", cmd, "--task", "t5", *state)
         assert cp.returncode == 2 and "no launch for task t5" in cp.stderr, (cmd, cp.stderr)
+
+
+@pytest.mark.timeout(180)
+def test_a_node_on_a_machine_that_is_not_what_was_offered_is_terminated(
+    tmp_path: Path, coordinator: Coordinator
+) -> None:
+    """The node registers what it runs on; a machine with fewer GPUs than its offer promised
+    is reported, terminated, and the slot falls over to the next offer."""
+    from cotrain.market.launcher import Launcher, Ledger
+    from cotrain.market.local import LocalProvider
+    from cotrain.market.offers import OfferQuery
+    from cotrain.market.provider import LaunchSpec, ProviderError
+
+    port = free_port()
+    task = publish(
+        tmp_path, coordinator.url, master=f"127.0.0.1:{port}", master_key=master_key(tmp_path),
+        **{"world": 1, "total_steps": 100_000, "checkpoint": "none", "save_model": False},
+    )  # fmt: skip
+    master = start_master(tmp_path, coordinator, task, port)
+    lines: list[str] = []
+
+    async def main() -> None:
+        local = LocalProvider(tmp_path / "local")
+        [real] = await local.offers(OfferQuery())
+        fake = real.model_copy(update={"offer_id": "local:8xH100", "gpu": "H100_80GB",
+                                       "gpu_count": 8, "gpu_mem_gb": 80.0})  # fmt: skip
+        ln = Launcher({"local": local}, Ledger(tmp_path / "state"), say=lines.append, poll_s=0.2)
+        spec = LaunchSpec(coordinator=coordinator.url, task=task)
+        rec = await ln.launch(spec, [fake, real], count=1)
+        [failure] = rec.failures
+        assert failure["offer_id"] == "local:8xH100"
+        assert "reports 0 GPU(s), the offer promised 8" in failure["why"], lines
+        states = {i.instance_id: i.state for i in await local.instances()}
+        assert sorted(states.values()) == ["running", "terminated"], states
+        await ln.terminate(task)
+        with pytest.raises(ProviderError, match="0 of 1 node"):
+            await ln.launch(spec, [fake], count=1)
+        assert {i.state for i in await local.instances()} == {"terminated"}
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 150))
+    finally:
+        master.kill()
+        master.wait(10)
+        kill_under(tmp_path)

@@ -2,7 +2,8 @@
 
 A launch fills ``count`` slots from a list of offers, best first. Each slot takes the next offer,
 launches it (``LaunchSpec`` names the node), and waits until the node has joined the task on
-the coordinator (a member whose registered name is the one we gave it). An offer whose launch
+the coordinator (a member whose registered name is the one we gave it, on a machine with the
+GPUs the offer promised: a node registers what it runs on). An offer whose launch
 fails, whose machine fails, or whose node has not joined within ``ready_timeout_s`` is given
 up: its machine is terminated, the failure recorded, and the slot moves on to the next offer.
 Slots fill at once, so three SSH hosts install in parallel.
@@ -29,6 +30,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -121,11 +123,14 @@ class Ledger:
             write_atomic(self.path(task), rec.model_dump_json(indent=1).encode())
 
 
-async def _joined(coordinator: str, task: str, names: set[str]) -> dict[str, str]:
-    """Which of ``names`` are members of ``task`` now: name -> node key."""
+async def _joined(
+    coordinator: str, task: str, names: set[str]
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Which of ``names`` are members of ``task`` now: name -> (node key, the machine the node
+    says it runs on)."""
     from cotrain.protocol.client import Client
 
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
     async with Client(coordinator, timeout_s=10) as c:
         view = await c.get(f"/v1/tasks/{task}")
         for m in view.get("members", []):
@@ -133,7 +138,7 @@ async def _joined(coordinator: str, task: str, names: set[str]) -> dict[str, str
                 continue
             ident = await c.get(f"/v1/identities/{m['node']}")
             if ident.get("name") in names:
-                out[ident["name"]] = m["node"]
+                out[ident["name"]] = (m["node"], dict(ident.get("specs") or {}))
     return out
 
 
@@ -268,7 +273,7 @@ class Launcher:
         )
         self._save(spec.task, node)
         try:
-            key = await self._wait_joined(provider, spec, node)
+            key = await self._wait_joined(provider, offer, spec, node)
         except BaseException as e:
             why = str(e) if isinstance(e, ProviderError) else type(e).__name__
             with contextlib.suppress(ProviderError, OSError):
@@ -280,7 +285,9 @@ class Launcher:
         self._save(spec.task, node)
         return node
 
-    async def _wait_joined(self, provider: Provider, spec: LaunchSpec, node: NodeRecord) -> str:
+    async def _wait_joined(
+        self, provider: Provider, offer: Offer, spec: LaunchSpec, node: NodeRecord
+    ) -> str:
         deadline = time.monotonic() + self.ready_timeout_s
         while True:
             try:
@@ -289,7 +296,14 @@ class Launcher:
                 got = {}
                 self.say(f"{node.name}: coordinator: {type(e).__name__}: {e}")
             if node.name in got:
-                return got[node.name]
+                key, machine = got[node.name]
+                have = len(machine.get("gpus") or [])
+                if machine and have < offer.gpu_count:
+                    raise ProviderError(
+                        f"{node.name}: the node reports {have} GPU(s), the offer promised "
+                        f"{offer.gpu_count}: not what was paid for"
+                    )
+                return key
             inst: Instance = await provider.status(node.instance_id)
             if inst.state in ("failed", "exited", "terminated"):
                 raise ProviderError(

@@ -81,6 +81,17 @@ class NodeConfig(ConfigModel):
     worker: NodeWorker = Field(default_factory=NodeWorker)
 
 
+def _machine() -> dict[str, Any]:
+    """What this machine is (CPUs, memory, GPUs; ``market/probe.py``), in the node's identity:
+    a launcher compares it with the offer it paid for."""
+    from cotrain.market.probe import facts
+
+    try:
+        return facts()
+    except Exception:
+        return {}
+
+
 class NodeEjected(Exception):
     """The coordinator ejected this node from the task (its work was hard-rejected)."""
 
@@ -133,7 +144,7 @@ class Agent:
         except NotFound:
             roles = ["node"]
         name = self.cfg.name or socket.gethostname()[:60] or "node"
-        self.call(c.register(roles, name))
+        self.call(c.register(roles, name, _machine()))
 
     def pick_task(self) -> dict[str, Any]:
         c = self._client
