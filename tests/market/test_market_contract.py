@@ -103,3 +103,40 @@ def test_an_instance_that_never_becomes_ready_stays_starting(mod: ModuleType) ->
         await p.terminate(inst.instance_id)
 
     serve(replay, body)
+
+
+def _classes() -> list[tuple[str, type]]:
+    import importlib
+
+    from cotrain.market.local import LocalProvider
+    from cotrain.market.registry import CLOUDS
+    from cotrain.market.ssh import SshProvider
+
+    out: list[tuple[str, type]] = [("local", LocalProvider), ("ssh", SshProvider)]
+    for name, (module, cls) in CLOUDS.items():
+        out.append((name, getattr(importlib.import_module(module), cls)))
+    return out
+
+
+@pytest.mark.parametrize(("name", "cls"), _classes(), ids=[n for n, _ in _classes()])
+def test_every_provider_implements_the_interface(name: str, cls: type) -> None:
+    """All nine providers (the seven clouds above, local and ssh, whose behaviour their own
+    tests check against real processes and sshd) have the one interface: a name, their
+    capabilities, and offers, launch, status, terminate and instances as coroutines."""
+    import inspect
+
+    from cotrain.market.provider import Cap
+
+    assert cls.name == name
+    assert isinstance(cls.caps, frozenset) and all(isinstance(c, Cap) for c in cls.caps)
+    for method, params in [
+        ("offers", ["q"]),
+        ("launch", ["offer", "spec"]),
+        ("status", ["instance_id"]),
+        ("terminate", ["instance_id"]),
+        ("instances", []),
+    ]:
+        fn = getattr(cls, method)
+        assert inspect.iscoroutinefunction(fn), (name, method)
+        got = [p for p in inspect.signature(fn).parameters if p != "self"]
+        assert got[: len(params)] == params, (name, method, got)

@@ -1,7 +1,8 @@
 """``cotrain market launch --provider ssh --count 3`` against three real sshd hosts, each in its
 own network namespace behind a shaped link (100 Mbit/s each way), as remote machines are.
 
-The user's machine (namespace h0) runs the coordinator, the task's master and the market CLI.
+The user's machine (namespace h0) runs the coordinator, the task's master and the market CLI;
+the task admits by invite, and the launch mints one for each node with the initiator's key.
 The hosts file lists the three hosts and a fourth, cheaper entry whose install fails: the
 launch tries it first (cheapest), falls over to the next offer, and ends with three nodes that
 installed cotrain into a venv on their host, passed their benchmark, joined the task on the
@@ -57,6 +58,7 @@ def test_launch_three_ssh_hosts_that_join_a_diloco_run_then_terminate(tmp_path: 
             mkey = master_key(tmp_path)
             task = publish(
                 tmp_path, coordinator.url, master=f"{h0.ip}:{port}", master_key=mkey, host=h0,
+                admission="invite",
                 **{"world": 3, "total_steps": 4000, "algo.min_workers": 3,
                    "algo.min_workers_timeout_s": 300, "checkpoint": "none", "save_model": False,
                    "comm.heartbeat_interval_s": 0.3},
@@ -76,6 +78,7 @@ def test_launch_three_ssh_hosts_that_join_a_diloco_run_then_terminate(tmp_path: 
             cp = cli(
                 *("market", "launch", *common, "--coordinator", coordinator.url),
                 *("--provider", "ssh", "--count", "3", "--json", "--no-watch"),
+                *("--key", str(tmp_path / "init.pem")),  # an invite minted for each node
                 host=h0,
                 timeout_s=400,
             )

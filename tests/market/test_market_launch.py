@@ -109,7 +109,7 @@ def test_budget_fallover_watchdog(tmp_path: Path, coordinator: Coordinator) -> N
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             rec = json.loads((state / "launches" / f"{task}.json").read_text())
-            if rec["stopped"] == "budget":
+            if rec["stopped"] == "budget" and all(n["ended_at"] for n in rec["nodes"]):
                 break
             time.sleep(0.2)
         assert rec["stopped"] == "budget", (state / "launches" / f"{task}.watch.log").read_text()
@@ -247,3 +247,28 @@ def test_a_node_on_a_machine_that_is_not_what_was_offered_is_terminated(
         master.kill()
         master.wait(10)
         kill_under(tmp_path)
+
+
+def test_the_budget_counts_every_node_and_cannot_be_dodged(tmp_path: Path) -> None:
+    """A machine type launched N times costs N times; leaving out --budget-usd keeps the
+    task's budget; once the watchdog stopped a task only a larger budget launches again."""
+    from cotrain.market.launcher import BudgetExceeded, Launcher, Ledger
+    from cotrain.market.local import LocalProvider
+    from cotrain.market.offers import Offer
+
+    def offer(oid: str, rate: float) -> Offer:
+        return Offer(provider="local", offer_id=oid, gpu="cpu", gpu_count=0, gpu_mem_gb=0,
+                     usd_per_hour=rate, usd_per_gpu_hour=rate)  # fmt: skip
+
+    ln = Launcher({"local": LocalProvider(tmp_path / "local")}, Ledger(tmp_path / "state"))
+    two = offer("a", 2.0)
+    with pytest.raises(BudgetExceeded, match=r"4 node\(s\) at \$8.00/h for 5 h cost \$40.00"):
+        ln.check_budget("t1", [two], 4, 10.0, 5.0)  # four of one type, not one
+    assert ln.check_budget("t1", [two], 1, 10.0, 5.0) == 10.0
+    with ln.ledger.update("t1", "http://c") as rec:
+        rec.budget_usd, rec.stopped = 10.0, "budget"
+    with pytest.raises(BudgetExceeded, match="its budget is spent"):
+        ln.check_budget("t1", [two], 1, None, None)  # no --budget-usd: the task's own applies
+    with pytest.raises(BudgetExceeded, match="its budget is spent"):
+        ln.check_budget("t1", [two], 1, 10.0, None)
+    assert ln.check_budget("t1", [two], 1, 20.0, None) == 20.0  # raised: allowed again

@@ -256,13 +256,12 @@ def launch(
         if not offers:
             raise usage("no offer fits (see `cotrain market offers`)")
         _say(f"{len(offers)} offer(s) fit; launching {count} node(s) for task {task}")
+        ln.begin(spec, offers, count=count, budget_usd=budget_usd or None)
+        if watch:  # on duty from the first machine on, not once they have all joined
+            _start_watchdog(state, hosts, task, watch_every_s)
         return await ln.launch(spec, offers, count=count, budget_usd=budget_usd or None)
 
-    try:
-        rec = asyncio.run(run())
-    finally:
-        if watch:
-            _start_watchdog(state, hosts, task, watch_every_s)
+    rec = asyncio.run(run())
     if json_out:
         print(rec.model_dump_json(indent=1))
         return
@@ -295,8 +294,16 @@ def _minter(coordinator: str, key: Path, task: str) -> Any:
         ident = Identity.load(key)
 
     async def mint() -> str:
-        async with Client(coordinator, ident) as c:
-            got = await c.write(f"/v1/tasks/{task}/invites", {"ttl_s": 3600})
+        import aiohttp
+
+        from cotrain.market.provider import ProviderError
+        from cotrain.protocol.errors import ProtocolError
+
+        try:
+            async with Client(coordinator, ident, timeout_s=30) as c:
+                got = await c.write(f"/v1/tasks/{task}/invites", {"ttl_s": 3600})
+        except (ProtocolError, aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise ProviderError(f"could not mint an invite for {task}: {e}") from None
         return str(got["invite"])
 
     return mint
@@ -317,7 +324,7 @@ def _start_watchdog(state: Path, hosts: Path | None, task: str, every_s: float) 
 
     ledger = Ledger(state)
     rec = ledger.get(task)
-    if rec is None or not any(n.live for n in rec.nodes):
+    if rec is None:
         return
     if rec.watchdog_pid and _alive(rec.watchdog_pid):
         return
@@ -413,7 +420,7 @@ def status(
     out = []
     for t in tasks:
         _record(state, t)
-        asyncio.run(ln.watch_once(t, every_s=0))  # refresh the machines' states
+        asyncio.run(ln.refresh(t))  # the machines' states now
         rec = _record(state, t)
         members = _member_units(rec.coordinator, t)
         if json_out:
@@ -507,7 +514,12 @@ def watch(
     ln = _launcher(state, hosts)
 
     async def run() -> None:
-        while await ln.watch_once(task, every_s=every_s):
+        while True:
+            try:
+                if not await ln.watch_once(task, every_s=every_s):
+                    return
+            except Exception as e:
+                _say(f"{time.strftime('%H:%M:%S')} {type(e).__name__}: {e}; again in {every_s:g} s")
             await asyncio.sleep(every_s)
 
     _say(f"{time.strftime('%H:%M:%S')} watching task {task} every {every_s:g} s")

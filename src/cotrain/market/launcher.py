@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -34,7 +35,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cotrain.core.errors import CotrainError
+from cotrain.core.errors import CotrainError, UsageError
 from cotrain.core.files import write_atomic
 from cotrain.market.offers import Offer
 from cotrain.market.provider import Instance, LaunchSpec, Provider, ProviderError
@@ -84,6 +85,8 @@ class LaunchRecord(BaseModel):
     stopped: str | None = None
     """Why the watchdog stopped every node (``budget``), if it did."""
     watchdog_pid: int | None = None
+    launcher_pid: int | None = None
+    """A ``cotrain market launch`` at work on this task (the watchdog stays on duty)."""
 
     def spent(self, now: float | None = None) -> float:
         now = time.time() if now is None else now
@@ -159,6 +162,9 @@ class Launcher:
         hand) for a task that admits by invite; an invite whose node never joined is reused."""
         self.invites = list(invites or [])
         self.stop_s = stop_s
+        self._pending = 0.0  # $/h of launches in flight in this process
+        self._hours: float | None = None
+        self._begun = False
         self.mint_invite = mint_invite
         self.providers = providers
         self.ledger = ledger
@@ -166,24 +172,35 @@ class Launcher:
         self.ready_timeout_s = ready_timeout_s
         self.poll_s = poll_s
 
+    def _reusable(self, o: Offer) -> bool:
+        p = self.providers.get(o.provider)
+        return p is not None and not getattr(p, "one_per_offer", False)
+
     def check_budget(
         self, task: str, offers: list[Offer], count: int, budget: float | None, hours: float | None
-    ) -> None:
+    ) -> float | None:
+        """Refuse (``BudgetExceeded``) a launch the budget cannot pay for; the budget that
+        applies (the task's recorded one when none is given)."""
         rec = self.ledger.get(task)
         spent = rec.spent() if rec else 0.0
+        recorded = rec.budget_usd if rec else None
         if budget is None:
-            return
-        if spent >= budget or (
-            rec is not None and rec.stopped == "budget" and budget <= (rec.budget_usd or 0)
-        ):
+            budget = recorded
+        if budget is None:
+            return None
+        stopped = rec is not None and rec.stopped == "budget" and budget <= (recorded or 0)
+        if spent >= budget or stopped:
             raise BudgetExceeded(
                 f"task {task}: its budget is spent (${spent:.2f} of ${budget:.2f}; the watchdog "
                 "stopped its nodes): a larger --budget-usd launches more"
             )
         if hours is None or not offers:
-            return
+            return budget
         running = rec.rate() if rec else 0.0
-        cheapest = sorted(o.usd_per_hour for o in offers)[:count]
+        rates = []  # what `count` nodes cost at the least: a machine type counts `count` times
+        for o in offers:
+            rates += [o.usd_per_hour] * (count if self._reusable(o) else 1)
+        cheapest = sorted(rates)[:count]
         cost = (running + sum(cheapest)) * hours
         if spent + cost > budget:
             raise BudgetExceeded(
@@ -192,6 +209,21 @@ class Launcher:
                 + f" for {hours:g} h cost ${cost:.2f}; with ${spent:.2f} spent that exceeds the"
                 f" budget of ${budget:.2f}"
             )
+        return budget
+
+    def begin(
+        self, spec: LaunchSpec, offers: list[Offer], *, count: int, budget_usd: float | None
+    ) -> None:
+        """Check the budget and record the launch (and that this process is launching, which
+        keeps the watchdog on duty until it is done)."""
+        budget = self.check_budget(spec.task, offers, count, budget_usd, spec.max_hours)
+        with self.ledger.update(spec.task, spec.coordinator) as rec:
+            if budget is not None and budget > (rec.budget_usd or 0):
+                rec.stopped = None  # a larger budget: launching again is allowed
+            rec.budget_usd = budget
+            rec.max_hours = spec.max_hours if spec.max_hours is not None else rec.max_hours
+            rec.launcher_pid = os.getpid()
+        self._begun = True
 
     async def launch(
         self,
@@ -202,16 +234,21 @@ class Launcher:
         budget_usd: float | None = None,
     ) -> LaunchRecord:
         """Fill ``count`` slots from ``offers`` (best first); the record once every slot has a
-        joined node or the offers ran out (then ``ProviderError`` says how many joined)."""
-        self.check_budget(spec.task, offers, count, budget_usd, spec.max_hours)
-        with self.ledger.update(spec.task, spec.coordinator) as rec:
-            rec.budget_usd = budget_usd if budget_usd is not None else rec.budget_usd
-            rec.max_hours = spec.max_hours if spec.max_hours is not None else rec.max_hours
-            rec.stopped = None
+        joined node or the offers ran out (then ``ProviderError`` says how many joined). Each
+        launch is checked against the budget again first (with what this launch has started
+        so far), so falling over to a dearer offer cannot pass it."""
+        if not getattr(self, "_begun", False):
+            self.begin(spec, offers, count=count, budget_usd=budget_usd)
+        self._hours = spec.max_hours
         queue = list(offers)
-        results = await asyncio.gather(
-            *(self._slot(i + 1, spec, queue) for i in range(count)), return_exceptions=True
-        )
+        try:
+            results = await asyncio.gather(
+                *(self._slot(i + 1, spec, queue) for i in range(count)), return_exceptions=True
+            )
+        finally:
+            with self.ledger.update(spec.task) as rec:
+                rec.launcher_pid = None
+            self._begun = False
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, ProviderError):
                 raise r
@@ -225,11 +262,37 @@ class Launcher:
             )
         return final
 
+    def _affordable(self, task: str, offer: Offer) -> str | None:
+        """Why ``offer`` cannot be launched now within the budget (None: it can)."""
+        rec = self.ledger.get(task)
+        if rec is None or rec.budget_usd is None:
+            return None
+        if rec.stopped == "budget":
+            return "the budget is spent"
+        spent, hours = rec.spent(), self._hours
+        rate = rec.rate() + self._pending + offer.usd_per_hour
+        if hours is None:  # no horizon: the watchdog stops it; refuse only a spent budget
+            return None if spent < rec.budget_usd else "the budget is spent"
+        if spent + rate * hours > rec.budget_usd:
+            return (
+                f"at ${offer.usd_per_hour:.2f}/h for {hours:g} h it would pass the budget "
+                f"(${spent:.2f} spent, ${rate:.2f}/h with it, budget ${rec.budget_usd:.2f})"
+            )
+        return None
+
     async def _slot(self, slot: int, spec: LaunchSpec, queue: list[Offer]) -> NodeRecord:
         while queue:
             offer = queue.pop(0)
             provider = self.providers.get(offer.provider)
             if provider is None:
+                continue
+            over = self._affordable(spec.task, offer)
+            if over is not None:
+                self.say(f"slot {slot}: skipping {offer.provider}:{offer.offer_id}: {over}")
+                with self.ledger.update(spec.task) as rec:
+                    rec.failures.append(
+                        {"provider": offer.provider, "offer_id": offer.offer_id, "why": over}
+                    )
                 continue
             name = f"{offer.provider}-{secrets.token_hex(3)}"
             self.say(
@@ -238,22 +301,25 @@ class Launcher:
                 f"${offer.usd_per_hour:.2f}/h) as {name}"
             )
             invite = spec.invite
-            if self.invites:
-                invite = self.invites.pop(0)
-            elif self.mint_invite is not None:
-                invite = await self.mint_invite()
-            one = spec.model_copy(update={"name": name, "invite": invite})
+            self._pending += offer.usd_per_hour
             try:
+                if self.invites:
+                    invite = self.invites.pop(0)
+                elif self.mint_invite is not None:
+                    invite = await self.mint_invite()
+                one = spec.model_copy(update={"name": name, "invite": invite})
                 node = await self._one(provider, offer, one)
             except ProviderError as e:
                 if invite and invite != spec.invite:
                     self.invites.insert(0, invite)
                 self.say(f"slot {slot}: {offer.provider}:{offer.offer_id} failed: {e}")
+                self._pending -= offer.usd_per_hour
                 with self.ledger.update(spec.task) as rec:
                     rec.failures.append(
                         {"provider": offer.provider, "offer_id": offer.offer_id, "why": str(e)}
                     )
                 continue
+            self._pending -= offer.usd_per_hour  # in the ledger now, as a live node
             if not getattr(provider, "one_per_offer", False):
                 queue.insert(0, offer)  # a cloud's offer is a machine type: launch it again
             self.say(f"slot {slot}: {name} joined the task ({node.node_key})")
@@ -276,9 +342,13 @@ class Launcher:
             key = await self._wait_joined(provider, offer, spec, node)
         except BaseException as e:
             why = str(e) if isinstance(e, ProviderError) else type(e).__name__
-            with contextlib.suppress(ProviderError, OSError):
-                await provider.terminate(node.instance_id)
-            node.state, node.ended_at, node.detail = "failed", time.time(), why[:300]
+            try:
+                await asyncio.shield(provider.terminate(node.instance_id))
+                node.state, node.ended_at = "failed", time.time()
+            except (ProviderError, OSError, asyncio.CancelledError) as stop:
+                # still billed, maybe: kept live, so `terminate` and the watchdog try again
+                node.state, why = "unknown", f"{why}; terminating it failed: {stop}"
+            node.detail = why[:300]
             self._save(spec.task, node)
             raise
         node.state, node.node_key, node.joined_at = "joined", key, time.time()
@@ -326,13 +396,19 @@ class Launcher:
     async def terminate(
         self, task: str, only: list[str] | None = None, *, why: str = "terminated"
     ) -> list[NodeRecord]:
-        """Terminate the task's live nodes (or those of ``only``, by instance id or name)."""
+        """Terminate the task's live nodes (or those of ``only``, by instance id or name); a
+        node whose provider fails to stop it stays live (and is named in the error)."""
         rec = self.ledger.get(task)
         if rec is None:
             raise CotrainError(f"no launch for task {task} in {self.ledger.dir}")
+        if only:
+            known = {n.instance_id for n in rec.nodes} | {n.name for n in rec.nodes}
+            unknown = [x for x in only if x not in known]
+            if unknown:
+                raise UsageError(f"task {task} has no node {unknown[0]!r} (see market status)")
         chosen = [
             n for n in rec.nodes
-            if n.live and (only is None or n.instance_id in only or n.name in only)
+            if n.live and (not only or n.instance_id in only or n.name in only)
         ]  # fmt: skip
         errors: list[str] = []
 
@@ -342,11 +418,11 @@ class Launcher:
                 errors.append(f"{n.name}: provider {n.provider} is not configured here")
                 return
             try:
-                await p.terminate(n.instance_id)
-            except ProviderError as e:
-                errors.append(f"{n.name}: {e}")
+                await asyncio.wait_for(p.terminate(n.instance_id), 120)
+            except (ProviderError, OSError, TimeoutError) as e:
+                errors.append(f"{n.name}: {e or type(e).__name__}")
                 return
-            n.state, n.ended_at, n.detail = why, time.time(), n.detail
+            n.state, n.ended_at = why, time.time()
             self.say(f"{n.name}: {why}")
 
         await asyncio.gather(*(stop(n) for n in chosen))
@@ -357,45 +433,74 @@ class Launcher:
             raise ProviderError("; ".join(errors))
         return chosen
 
+    async def refresh(self, task: str) -> None:
+        """Ask each live node's provider how its machine is (at once, 60 s at most each): one
+        that stopped by itself is terminated at its provider (a stopped cloud machine may
+        still bill for its disk) and stops costing."""
+        rec = self.ledger.get(task)
+        if rec is None:
+            return
+        live = [n for n in rec.nodes if n.live and n.provider in self.providers]
+
+        async def check(n: NodeRecord) -> tuple[NodeRecord, str | None]:
+            p = self.providers[n.provider]
+            try:
+                inst = await asyncio.wait_for(p.status(n.instance_id), 60)
+                if inst.state not in ("exited", "failed", "terminated"):
+                    return n, None
+                if inst.state != "terminated":
+                    await asyncio.wait_for(p.terminate(n.instance_id), 120)
+                return n, inst.state
+            except (ProviderError, OSError, TimeoutError):
+                return n, None  # unknown now: still counted, asked again next round
+
+        ended = [(n, st) for n, st in await asyncio.gather(*(check(n) for n in live)) if st]
+        if ended:
+            now = time.time()
+            with self.ledger.update(task) as fresh:
+                for n, st in ended:
+                    for m in fresh.nodes:
+                        if (m.provider, m.instance_id) == (n.provider, n.instance_id):
+                            m.state, m.ended_at = st, now
+
     async def watch_once(self, task: str, *, every_s: float) -> bool:
-        """One round of the watchdog; False once nothing of the task is left running."""
+        """One round of the watchdog; False once nothing of the task is left running and no
+        launch for it is at work."""
+        t0 = time.monotonic()
+        await self.refresh(task)
         rec = self.ledger.get(task)
         if rec is None:
             return False
         now = time.time()
         live = [n for n in rec.nodes if n.live]
-        for n in live:  # machines that stopped by themselves stop costing
-            p = self.providers.get(n.provider)
-            if p is None:
-                continue
-            with contextlib.suppress(ProviderError, OSError):
-                inst = await p.status(n.instance_id)
-                if inst.state in ("exited", "failed", "terminated"):
-                    with self.ledger.update(task) as fresh:
-                        for m in fresh.nodes:
-                            if m.instance_id == n.instance_id and m.provider == n.provider:
-                                m.state, m.ended_at = inst.state, now
-        rec = self.ledger.get(task)
-        assert rec is not None
-        live = [n for n in rec.nodes if n.live]
+        launching = rec.launcher_pid is not None and _alive(rec.launcher_pid)
         if not live:
-            return False
+            return launching
         if rec.budget_usd is not None:
-            # what the next round would find, plus the time a stop takes: stop before the cap
-            ahead = rec.spent(now) + rec.rate() * (every_s + self.stop_s) / 3600
+            # what the next round would find (its wait and a round as long as this one), plus
+            # the time a stop takes: stop before the cap, not after
+            margin_s = every_s + (time.monotonic() - t0) + self.stop_s
+            ahead = rec.spent(now) + rec.rate() * margin_s / 3600
             if ahead >= rec.budget_usd:
                 self.say(
                     f"task {task}: ${rec.spent(now):.2f} spent of ${rec.budget_usd:.2f}: "
                     "the budget is reached, terminating every node"
                 )
-                try:
-                    await self.terminate(task, why="terminated (budget)")
-                finally:
-                    with self.ledger.update(task) as fresh:
-                        fresh.stopped = "budget"
-                return False
+                with self.ledger.update(task) as fresh:
+                    fresh.stopped = "budget"  # from now on no launch starts
+                await self.terminate(task, why="terminated (budget)")
+                after = self.ledger.get(task)
+                return launching or (after is not None and any(n.live for n in after.nodes))
         if rec.max_hours is not None:
             over = [n.instance_id for n in live if n.hours(now) >= rec.max_hours]
             if over:
                 await self.terminate(task, over, why="terminated (max hours)")
         return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -38,6 +38,8 @@ import contextlib
 import fcntl
 import getpass
 import json
+import os
+import re
 import shlex
 import sys
 import time
@@ -47,10 +49,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cotrain.core.files import write_atomic
-from cotrain.market.offers import Offer, OfferQuery, Tier, canonical_gpu, matches
+from cotrain.market.offers import TFLOPS, Offer, OfferQuery, Tier, canonical_gpu, matches
 from cotrain.market.probe import FACTS
 from cotrain.market.provider import Cap, Instance, LaunchSpec, ProviderError
 
@@ -71,6 +73,10 @@ def _asyncssh() -> Any:
 
 
 HOSTS_FILE = Path("~/.config/cotrain/ssh-hosts.toml")
+OFFER_PROBE_S = 6.0
+COPY_TIMEOUT_S = 300.0
+STALE_START_S = 3600.0
+"""A launch recorded as starting for longer than this was interrupted: the host is free."""
 Progress = Callable[[str], None]
 
 # Run by the host's python3: is the recorded process (pid, start ticks) alive, and which
@@ -130,6 +136,15 @@ class SshHost(BaseModel):
     pip_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     """Set for the install, the benchmark and the node (a proxy, CUDA_VISIBLE_DEVICES...)."""
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = next((k for k in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)), None)
+        if bad is not None:
+            raise ValueError(f"{bad!r} is not an environment variable name")
+        return v
+
     usd_per_hour: float = Field(default=0.0, ge=0)
     region: str | None = None
     tier: Tier = "unknown"
@@ -183,12 +198,15 @@ def local_wheel(out_dir: Path) -> Path:
     else:
         tries = [[f"cotrain=={metadata.version('cotrain')}"]]
     for src in tries:
-        cp = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out_dir), *src],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        try:
+            cp = subprocess.run(
+                [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out_dir), *src],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ProviderError(f"could not build cotrain's wheel: {e}") from None
         if cp.returncode == 0:
             break
     wheels = sorted(out_dir.glob("cotrain-*.whl"))
@@ -271,6 +289,8 @@ class SshProvider:
                     client_keys=[str(Path(h.identity).expanduser())],
                     known_hosts=str(known),
                     agent_path=None,
+                    keepalive_interval=15,
+                    keepalive_count_max=4,
                     config=[],
                 ),
                 self.connect_timeout_s,
@@ -294,15 +314,24 @@ class SshProvider:
                 await asyncio.wait_for(conn.wait_closed(), 5)
 
     async def _run(
-        self, conn: asyncssh.SSHClientConnection, h: SshHost, cmd: str, timeout_s: float
+        self,
+        conn: asyncssh.SSHClientConnection,
+        h: SshHost,
+        cmd: str,
+        timeout_s: float,
+        *,
+        stdin: str | None = None,
     ) -> asyncssh.SSHCompletedProcess:
+        """``cmd`` in ``sh`` on the host (whatever the user's login shell), with the host's
+        ``env``; ``stdin`` is what it reads (a secret: not on any command line)."""
         asyncssh = _asyncssh()
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in h.env.items())
+        env = [f"{k}={v}" for k, v in h.env.items()]
         try:
             return await conn.run(
-                f"env {env} sh -c {shlex.quote(cmd)}" if env else cmd,
+                shlex.join(["env", *env, "sh", "-c", cmd]),
                 check=False,
                 timeout=timeout_s,
+                input=stdin,
             )
         except asyncssh.TimeoutError:
             raise ProviderError(
@@ -310,6 +339,15 @@ class SshProvider:
             ) from None
         except (OSError, asyncssh.Error) as e:
             raise ProviderError(f"ssh {h.name}: {_why(e)}") from None
+
+    async def _facts(self, conn: asyncssh.SSHClientConnection, h: SshHost) -> dict[str, Any]:
+        out = await self._python(conn, h, FACTS)
+        try:  # the last line: a login script may print before it
+            facts = json.loads(out.splitlines()[-1])
+            facts["python"], facts["gpus"]
+            return dict(facts)
+        except (ValueError, IndexError, KeyError, TypeError):
+            raise ProviderError(f"ssh {h.name}: cannot read its facts: {_tail(out)}") from None
 
     async def _python(
         self, conn: asyncssh.SSHClientConnection, h: SshHost, script: str, *args: str
@@ -324,7 +362,7 @@ class SshProvider:
 
     async def offers(self, q: OfferQuery) -> list[Offer]:
         recs = self._load()
-        busy = {r["host"] for r in recs.values() if r.get("state") in ("starting", "running")}
+        busy = {r["host"] for r in recs.values() if _busy(r)}
         measured = {  # the latest benchmark of each host
             r["host"]: float(r["probe"]["gflops"])
             for r in sorted(recs.values(), key=lambda r: r.get("started_at", 0))
@@ -337,10 +375,14 @@ class SshProvider:
 
     async def _offer(self, h: SshHost, busy: bool, gflops: float | None) -> Offer:
         facts: dict[str, Any] = {}
-        try:
+
+        async def probe() -> dict[str, Any]:
             async with self._session(h) as conn:
-                facts = json.loads(await self._python(conn, h, FACTS))
-        except (ProviderError, ValueError):
+                return await self._facts(conn, h)
+
+        try:  # well inside the catalog's 10 s: one dead host must not hide the others
+            facts = await asyncio.wait_for(probe(), OFFER_PROBE_S)
+        except (ProviderError, TimeoutError):
             pass  # unreachable: listed, out of stock
         gpus = facts.get("gpus") or []
         n = len(gpus)
@@ -369,7 +411,7 @@ class SshProvider:
 
     def _wheel_file(self) -> Path:
         if self._wheel is None or not self._wheel.exists():
-            self._wheel = local_wheel(self.dir / "wheel")
+            self._wheel = local_wheel(self.dir / f"wheel-{os.getpid()}")
         return self._wheel
 
     async def launch(self, offer: Offer, spec: LaunchSpec) -> Instance:
@@ -377,7 +419,7 @@ class SshProvider:
             raise ProviderError(f"offer {offer.offer_id} is {offer.provider}'s, not ssh's")
         h = self._host(offer.offer_id)
         with self._records() as recs:
-            busy = [k for k, r in recs.items() if r["host"] == h.name and r["state"] == "running"]
+            busy = [k for k, r in recs.items() if r["host"] == h.name and _busy(r)]
             if busy:
                 raise ProviderError(f"ssh {h.name}: already runs {busy[0]}")
             n = 1 + max((int(k.rsplit("-", 1)[1]) for k in recs), default=0)
@@ -390,12 +432,19 @@ class SshProvider:
                 "started_at": time.time(),
                 "usd_per_hour": h.usd_per_hour,
             }
+        started: dict[str, Any] = {}
         try:
-            probe, pid, ticks = await self._launch(h, offer, spec, iid)
+            probe, pid, ticks = await self._launch(h, offer, spec, iid, started)
         except BaseException as e:
+            why = str(e)[:300] if isinstance(e, ProviderError) else "interrupted"
+            if "pid" in started:  # started, then interrupted: stop it, it is no one's now
+                rec = {"pid": started["pid"], "ticks": started["ticks"]}
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(asyncio.wait_for(self._group(h, rec, "terminate", 5), 60))
             with self._records() as recs:
                 recs[iid]["state"] = "failed"
-                recs[iid]["detail"] = str(e)[:300] if isinstance(e, ProviderError) else "stopped"
+                recs[iid]["detail"] = why
+                recs[iid].update(started)
             raise
         with self._records() as recs:
             recs[iid].update(state="running", pid=pid, ticks=ticks, probe=probe)
@@ -403,12 +452,12 @@ class SshProvider:
         return self._instance(iid, rec)
 
     async def _launch(
-        self, h: SshHost, offer: Offer, spec: LaunchSpec, iid: str
+        self, h: SshHost, offer: Offer, spec: LaunchSpec, iid: str, started: dict[str, Any]
     ) -> tuple[dict[str, Any], int, str]:
         say = self.progress
         say(f"{iid}: connecting to {h.user}@{h.address}:{h.port}")
         async with self._session(h) as conn:
-            facts = json.loads(await self._python(conn, h, FACTS))
+            facts = await self._facts(conn, h)
             if tuple(facts["python"]) < (3, 11):
                 ver = ".".join(map(str, facts["python"]))
                 raise ProviderError(f"ssh {h.name}: {h.python} is {ver}; cotrain needs 3.11+")
@@ -443,11 +492,11 @@ class SshProvider:
                     f"ssh {h.name}: the benchmark measured {probe['gflops']:.0f} GFLOP/s, below "
                     f"the floor of {self.min_gflops:.0f}"
                 )
-            promised = offer.tflops
-            if promised and probe["device"] == "cuda" and probe["gflops"] < 250 * promised:
+            per_gpu = TFLOPS.get(offer.gpu)  # the benchmark runs on one GPU
+            if per_gpu and probe["device"] == "cuda" and probe["gflops"] < 250 * per_gpu:
                 raise ProviderError(
-                    f"ssh {h.name}: the benchmark measured {probe['gflops']:.0f} GFLOP/s, a "
-                    f"quarter of the {promised:.0f} TFLOP/s its GPUs promise is not met"
+                    f"ssh {h.name}: the benchmark measured {probe['gflops']:.0f} GFLOP/s on one "
+                    f"GPU, under a quarter of the {per_gpu:.0f} TFLOP/s a {offer.gpu} promises"
                 )
             if probe.get("rtt_ms") is None:
                 raise ProviderError(f"ssh {h.name}: cannot reach the coordinator from the host")
@@ -457,25 +506,25 @@ class SshProvider:
             node += ["--task", spec.task, "--name", spec.name or iid, "--key", "node.pem"]
             node += ["--work_dir", ".", "--worker.listen_host", h.listen_host]
             node += ["--worker.advertise_host", h.advertise_host or h.address]
-            node += ["--invite", spec.invite] if spec.invite else []
             if spec.max_hours:  # the host itself stops the node when its time is up
                 node = ["timeout", "-k", "60", f"{int(spec.max_hours * 3600)}s", *node]
             d = f"{h.workdir}/nodes/{iid}"
+            # the invite comes on stdin, into the node's environment: never on a command line
             start = (
                 f"mkdir -p {shlex.quote(d)} && cd {shlex.quote(d)} && "
-                f"(setsid {shlex.join(node)} > node.out 2> node.err < /dev/null & echo $!)"
+                'read -r COTRAIN_INVITE; [ -n "$COTRAIN_INVITE" ] && export COTRAIN_INVITE; '
+                f"(setsid {shlex.join(node)} > node.out 2> node.err < /dev/null & "
+                "echo $! $(cut -d' ' -f22 /proc/$!/stat 2>/dev/null || echo -))"
             )
-            r = await self._run(conn, h, start, 30)
+            r = await self._run(conn, h, start, 30, stdin=f"{spec.invite}\n")
             try:
-                pid = int(str(r.stdout).strip())
+                pid_s, ticks = str(r.stdout).split()[-2:]
+                pid = int(pid_s)
             except ValueError:
                 raise ProviderError(
                     f"ssh {h.name}: the node did not start: {_tail(r.stderr)}"
                 ) from None
-            stat = await self._python(
-                conn, h, "import sys; print(open(sys.argv[1]).read())", f"/proc/{pid}/stat"
-            )
-            ticks = stat.rsplit(")", 1)[1].split()[19]
+            started["pid"], started["ticks"] = pid, ticks
             return probe, pid, ticks
 
     async def _install(
@@ -494,10 +543,14 @@ class SshProvider:
                 wheel = await asyncio.to_thread(self._wheel_file)
             say(f"{iid}: copying {wheel.name} ({wheel.stat().st_size // 1024} KiB)")
             await self._run(conn, h, f"mkdir -p {wd}/wheels", 30)
-            try:
+
+            async def copy() -> None:
                 async with conn.start_sftp_client() as sftp:
                     await sftp.put(str(wheel), f"{h.workdir}/wheels/{wheel.name}")
-            except (OSError, asyncssh.Error) as e:
+
+            try:
+                await asyncio.wait_for(copy(), COPY_TIMEOUT_S)
+            except (OSError, asyncssh.Error, TimeoutError) as e:
                 raise ProviderError(f"ssh {h.name}: copying the wheel failed: {_why(e)}") from None
             target = f"{h.workdir}/wheels/{wheel.name}"
         else:
@@ -580,6 +633,13 @@ class SshProvider:
             if recs[instance_id]["state"] != "failed":
                 recs[instance_id]["state"] = "terminated"
             recs[instance_id]["ended_at"] = time.time()
+
+
+def _busy(rec: dict[str, Any]) -> bool:
+    """Whether this record holds its host: a node runs there, or a launch is at work on it."""
+    if rec.get("state") == "running":
+        return True
+    return rec.get("state") == "starting" and time.time() - rec["started_at"] < STALE_START_S
 
 
 def _why(e: BaseException) -> str:

@@ -5,7 +5,7 @@ every synchronisation long, costs more per token trained. For a workload (model 
 ``inner_steps`` H between synchronisations, ``tokens_per_step`` per inner step, pseudo-gradients
 sent at ``bytes_per_param``), an offer's throughput is
 
-    compute  = measured GFLOP/s x ``measured_efficiency``        (a host we benchmarked)
+    compute  = measured GFLOP/s x GPUs x ``measured_efficiency`` (a host we benchmarked)
              or datasheet TFLOP/s x GPUs x ``mfu``               (``offers.TFLOPS``)
     t_step   = 6 x params x tokens_per_step / compute             (forward and backward)
     t_sync   = 2 x params x bytes_per_param x 8 / link bit rate   (ring all-reduce: out and in)
@@ -38,8 +38,8 @@ class Workload(BaseModel):
 
 
 def compute_flops(o: Offer, w: Workload) -> float | None:
-    if o.measured_gflops:
-        return o.measured_gflops * 1e9 * w.measured_efficiency
+    if o.measured_gflops:  # measured on one device: a GPU host has gpu_count of them
+        return o.measured_gflops * 1e9 * max(o.gpu_count, 1) * w.measured_efficiency
     per = TFLOPS.get(o.gpu)
     if per is None or not o.gpu_count:
         return None
