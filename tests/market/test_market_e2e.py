@@ -6,7 +6,8 @@ the task admits by invite, and the launch mints one for each node with the initi
 The hosts file lists the three hosts and a fourth, cheaper entry whose install fails: the
 launch tries it first (cheapest), falls over to the next offer, and ends with three nodes that
 installed cotrain into a venv on their host, passed their benchmark, joined the task on the
-coordinator and train in one DiLoCo run (the master syncs three workers; each node submits its
+coordinator (each measured first: compute, its link both ways, round trips to the other hosts)
+and train in one DiLoCo run (the master syncs three workers; each node submits its
 pseudo-gradients as work). ``cotrain market terminate`` then leaves no process on any host
 but its sshd.
 """
@@ -88,8 +89,16 @@ def test_launch_three_ssh_hosts_that_join_a_diloco_run_then_terminate(tmp_path: 
             assert [f["offer_id"] for f in rec["failures"]] == ["bargain"], cp.stderr
             joined = {n["offer_id"]: n for n in rec["nodes"] if n["state"] == "joined"}
             assert set(joined) == {"h1", "h2", "h3"}, cp.stderr
-            for line in ("installing cotrain", "benchmarking", "joined the task"):
+            for line in ("installing cotrain", "measuring the link", "benchmarking", "joined"):
                 assert line in cp.stderr, cp.stderr
+            # measured before it counted: its compute, and its link, which the 100 Mbit/s
+            # shaping shows (a blob over SFTP each way), and round trips to the other hosts
+            for n in joined.values():
+                m = n["measured"]
+                assert m["gflops"] > 0 and m["rtt_ms"] is not None, m
+                assert 20 < m["up_mbps"] < 120 and 20 < m["down_mbps"] < 120, m
+                assert all(v is not None for v in m.get("peer_rtt_ms", {}).values()), m
+            assert any(n["measured"].get("peer_rtt_ms") for n in joined.values()), joined
 
             # they train together: every node's work reaches the coordinator
             keys = {n["node_key"] for n in joined.values()}

@@ -62,6 +62,8 @@ class NodeRecord(BaseModel):
     node_key: str | None = None
     joined_at: float | None = None
     detail: str = ""
+    measured: dict[str, Any] = Field(default_factory=dict)
+    """What the provider measured on the machine before it counted (``Instance.measured``)."""
 
     def hours(self, now: float) -> float:
         return max(0.0, (self.ended_at or now) - self.started_at) / 3600
@@ -336,6 +338,7 @@ class Launcher:
             usd_per_hour=inst.usd_per_hour or offer.usd_per_hour,
             started_at=inst.started_at or time.time(),
             detail=inst.detail,
+            measured=inst.measured,
         )
         self._save(spec.task, node)
         try:

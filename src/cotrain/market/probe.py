@@ -4,9 +4,11 @@
 (standard library only): the Python version, CPU count, memory, free disk, architecture and the
 GPUs ``nvidia-smi`` lists. ``python -m cotrain.market.probe --coordinator URL`` runs after the
 install: the same facts, plus the matrix-multiply throughput of the machine's best device
-(GFLOP/s in float32 on a CPU, bfloat16 on a GPU) and the round-trip time to the task's
-coordinator. The launcher records both, and a machine that does not match its offer (fewer
-GPUs than promised, slower than the floor the user set) is terminated and replaced.
+(GFLOP/s in float32 on a CPU, bfloat16 on a GPU), the round-trip time to the task's
+coordinator and to the task's other machines (``--peers``). The SSH provider also measures
+the link between the launcher and the host both ways (a blob copied over SFTP). The launch
+records it all, and a machine that does not match its offer (fewer GPUs than promised, slower
+than the floor the user set) is terminated and replaced.
 """
 
 from __future__ import annotations
@@ -92,10 +94,35 @@ def rtt_ms(url: str, tries: int = 3, timeout_s: float = 5.0) -> float | None:
     return best
 
 
+def peer_rtt_ms(
+    peers: list[str], tries: int = 3, timeout_s: float = 3.0
+) -> dict[str, float | None]:
+    """The best TCP connect time to each ``host:port`` (the task's other machines), in ms;
+    None for one that cannot be reached."""
+    import socket
+
+    out: dict[str, float | None] = {}
+    for peer in peers:
+        host, _, port = peer.rpartition(":")
+        best = None
+        for _ in range(tries):
+            t0 = time.perf_counter()
+            try:
+                with socket.create_connection((host, int(port)), timeout=timeout_s):
+                    pass
+            except (OSError, ValueError):
+                break
+            ms = (time.perf_counter() - t0) * 1000
+            best = ms if best is None else min(best, ms)
+        out[peer] = None if best is None else round(best, 2)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cotrain.market.probe")
     ap.add_argument("--coordinator", default="")
     ap.add_argument("--seconds", type=float, default=1.0)
+    ap.add_argument("--peers", default="", help="host:port,... of the task's other machines")
     args = ap.parse_args(argv)
     out = facts()
     gflops, dev = matmul_gflops(args.seconds)
@@ -103,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.coordinator:
         ms = rtt_ms(args.coordinator)
         out["rtt_ms"] = None if ms is None else round(ms, 2)
+    if args.peers:
+        out["peer_rtt_ms"] = peer_rtt_ms([p for p in args.peers.split(",") if p])
     print(json.dumps(out))
     return 0
 

@@ -18,7 +18,7 @@ the task by itself.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,6 +77,8 @@ class Instance(BaseModel):
     detail: str = ""
     """The provider's words on its state (why it failed, ...)."""
     task: str | None = None
+    measured: dict[str, Any] = Field(default_factory=dict)
+    """What cotrain measured on the machine (SSH: GFLOP/s, round trips, link Mbit/s)."""
 
 
 class Provider(Protocol):

@@ -229,6 +229,7 @@ class SshProvider:
         connect_timeout_s: float = 10.0,
         install_timeout_s: float = 900.0,
         probe_seconds: float = 1.0,
+        link_bytes: int = 4 * 2**20,
         min_gflops: float = 0.0,
         progress: Progress | None = None,
     ) -> None:
@@ -237,6 +238,7 @@ class SshProvider:
         self.connect_timeout_s = connect_timeout_s
         self.install_timeout_s = install_timeout_s
         self.probe_seconds = probe_seconds
+        self.link_bytes = link_bytes
         self.min_gflops = min_gflops
         self.progress = progress or (lambda line: None)
         self._wheel: Path | None = None
@@ -364,16 +366,17 @@ class SshProvider:
         recs = self._load()
         busy = {r["host"] for r in recs.values() if _busy(r)}
         measured = {  # the latest benchmark of each host
-            r["host"]: float(r["probe"]["gflops"])
+            r["host"]: dict(r["probe"])
             for r in sorted(recs.values(), key=lambda r: r.get("started_at", 0))
             if r.get("probe")
         }
         got = await asyncio.gather(
-            *(self._offer(h, h.name in busy, measured.get(h.name)) for h in self.hosts.values())
+            *(self._offer(h, h.name in busy, measured.get(h.name, {})) for h in self.hosts.values())
         )
         return [o for o in got if matches(o, q)]
 
-    async def _offer(self, h: SshHost, busy: bool, gflops: float | None) -> Offer:
+    async def _offer(self, h: SshHost, busy: bool, link: dict[str, Any]) -> Offer:
+        gflops = link.get("gflops")
         facts: dict[str, Any] = {}
 
         async def probe() -> dict[str, Any]:
@@ -404,6 +407,8 @@ class SshProvider:
             usd_per_gpu_hour=price / max(n, 1),
             stock="none" if busy or not facts else "available",
             measured_gflops=gflops,
+            net_down_mbps=link.get("down_mbps"),
+            net_up_mbps=link.get("up_mbps"),
             fetched_at=time.time(),
         )
 
@@ -467,24 +472,19 @@ class SshProvider:
                     f"{len(facts['gpus'])}"
                 )
             await self._install(conn, h, facts, iid)
+            link = await self._link(conn, h, iid) if self.link_bytes else {}
+            peers = self._peers(spec.task, h.name)
             venv = f"{h.workdir}/venv/bin"
             say(f"{iid}: benchmarking ({self.probe_seconds:g} s)")
-            cmd = shlex.join(
-                [
-                    f"{venv}/python",
-                    "-m",
-                    "cotrain.market.probe",
-                    "--coordinator",
-                    spec.coordinator,
-                    "--seconds",
-                    str(self.probe_seconds),
-                ]
-            )
+            probe_cmd = [f"{venv}/python", "-m", "cotrain.market.probe"]
+            probe_cmd += ["--coordinator", spec.coordinator, "--seconds", str(self.probe_seconds)]
+            probe_cmd += ["--peers", ",".join(peers)] if peers else []
+            cmd = shlex.join(probe_cmd)
             r = await self._run(conn, h, cmd, 120 + 2 * self.probe_seconds)
             if r.exit_status != 0:
                 raise ProviderError(f"ssh {h.name}: the benchmark failed: {_tail(r.stderr)}")
             try:
-                probe = json.loads(str(r.stdout).strip().splitlines()[-1])
+                probe = {**json.loads(str(r.stdout).strip().splitlines()[-1]), **link}
             except (ValueError, IndexError):
                 raise ProviderError(f"ssh {h.name}: the benchmark said {_tail(r.stdout)}") from None
             if probe["gflops"] < self.min_gflops:
@@ -526,6 +526,46 @@ class SshProvider:
                 ) from None
             started["pid"], started["ticks"] = pid, ticks
             return probe, pid, ticks
+
+    def _peers(self, task: str, me: str) -> list[str]:
+        """``address:port`` of the other hosts running (or being launched for) ``task``."""
+        out = []
+        for r in self._load().values():
+            h = self.hosts.get(r["host"])
+            if h is not None and r["host"] != me and r.get("task") == task and _busy(r):
+                out.append(f"{h.address}:{h.port}")
+        return sorted(set(out))
+
+    async def _link(
+        self, conn: asyncssh.SSHClientConnection, h: SshHost, iid: str
+    ) -> dict[str, float]:
+        """The link between here and the host, both ways: ``link_bytes`` of noise copied over
+        SFTP there (the host's download) and back (its upload), in Mbit/s."""
+        import tempfile
+
+        asyncssh = _asyncssh()
+        self.progress(f"{iid}: measuring the link ({self.link_bytes // 2**20} MiB each way)")
+        remote = f"{h.workdir}/link-{iid}.bin"
+        with tempfile.TemporaryDirectory() as d:
+            blob, back = Path(d) / "blob", Path(d) / "back"
+            blob.write_bytes(os.urandom(self.link_bytes))
+
+            async def both() -> tuple[float, float]:
+                async with conn.start_sftp_client() as sftp:
+                    t0 = time.perf_counter()
+                    await sftp.put(str(blob), remote)
+                    t1 = time.perf_counter()
+                    await sftp.get(remote, str(back))
+                    t2 = time.perf_counter()
+                    await sftp.remove(remote)
+                return t1 - t0, t2 - t1
+
+            try:
+                down_s, up_s = await asyncio.wait_for(both(), COPY_TIMEOUT_S)
+            except (OSError, asyncssh.Error, TimeoutError) as e:
+                raise ProviderError(f"ssh {h.name}: measuring the link failed: {_why(e)}") from None
+        bits = self.link_bytes * 8 / 1e6
+        return {"down_mbps": round(bits / down_s, 1), "up_mbps": round(bits / up_s, 1)}
 
     async def _install(
         self, conn: asyncssh.SSHClientConnection, h: SshHost, facts: dict[str, Any], iid: str
@@ -589,6 +629,7 @@ class SshProvider:
             host=h.address if h else None,
             detail=detail[:300],
             task=rec.get("task"),
+            measured=probe,
         )
 
     async def _group(self, h: SshHost, rec: dict[str, Any], action: str, grace_s: float) -> str:
