@@ -441,7 +441,7 @@ def terminate(
     state_dir: Annotated[Path, _STATE] = STATE_DIR,
     hosts: Annotated[Path | None, _HOSTS] = None,
 ) -> None:
-    """Terminate the task's nodes (or the named ones); each machine is checked to be gone."""
+    """Terminate the task's nodes (or the named ones); on SSH hosts, no process is left."""
     import asyncio
 
     if not task:
@@ -502,7 +502,7 @@ def watch(
     state_dir: Annotated[Path, _STATE] = STATE_DIR,
     hosts: Annotated[Path | None, _HOSTS] = None,
 ) -> None:
-    """The budget watchdog (``launch`` starts it): terminates every node of the task when its
+    """The budget watchdog (launch starts it): terminates every node of the task before its
     budget is spent, each node after --max-hours; exits when no node is left."""
     import asyncio
     import time
