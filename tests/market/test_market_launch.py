@@ -89,9 +89,9 @@ def test_budget_fallover_watchdog(tmp_path: Path, coordinator: Coordinator) -> N
         assert "exceeds the budget of $100.00" in cp.stderr, cp.stderr
         assert not (state / "ssh" / "instances.json").exists()
 
-        # one node, a $25 budget: the bargain fails its install, the box's node joins
-        t0 = time.time()
-        cp = cli("market", "launch", *common, "--budget-usd", "25", "--watch-every-s", "0.3",
+        # one node: the bargain fails its install, the box's node joins (a budget large enough
+        # for however long the launch takes on a loaded machine)
+        cp = cli("market", "launch", *common, "--budget-usd", "3000", "--watch-every-s", "0.3",
                  "--json")  # fmt: skip
         assert cp.returncode == 0, cp.stdout + cp.stderr
         rec = json.loads(cp.stdout)
@@ -105,7 +105,13 @@ def test_budget_fallover_watchdog(tmp_path: Path, coordinator: Coordinator) -> N
         members = json.loads(status.stdout)[0]["members"]
         assert joined[0]["node_key"] in members
 
-        # the watchdog stops it when $25 are spent
+        # the budget lowered to $6 more than is spent: the watchdog stops the node before that
+        spent0 = json.loads(cli("market", "cost", "--task", task, "--state-dir", str(state),
+                                "--json").stdout)["spent_usd"]  # fmt: skip
+        cap = round(spent0 + 6, 2)
+        cp = cli("market", "budget", "--task", task, "--usd", str(cap), "--state-dir", str(state),
+                 "--hosts", str(hosts), "--watch-every-s", "0.3")  # fmt: skip
+        assert cp.returncode == 0, cp.stderr
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             rec = json.loads((state / "launches" / f"{task}.json").read_text())
@@ -119,8 +125,7 @@ def test_budget_fallover_watchdog(tmp_path: Path, coordinator: Coordinator) -> N
             n["usd_per_hour"] * ((n["ended_at"] or time.time()) - n["started_at"]) / 3600
             for n in rec["nodes"]
         )
-        assert 17.0 <= spent <= 25.0, spent  # stopped before the cap, not long before
-        assert time.time() - t0 >= 20
+        assert cap - 6 <= spent <= cap, (spent, cap)  # stopped before the cap
         assert processes_under(Path(good.workdir)) == []
 
         report = json.loads(cli("market", "cost", "--task", task, "--state-dir", str(state),
@@ -128,9 +133,10 @@ def test_budget_fallover_watchdog(tmp_path: Path, coordinator: Coordinator) -> N
         assert report["spent_usd"] == pytest.approx(spent, abs=0.05)
         assert {r["node"].split("-")[0] for r in report["nodes"]} == {"ssh"}
 
-        # the budget is spent: no launch starts
-        cp = cli("market", "launch", *common, "--budget-usd", "25")
-        assert cp.returncode == 1 and "budget is spent" in cp.stderr, cp.stderr
+        # the budget is spent: no launch starts, with the same budget or none given
+        for again in (("--budget-usd", str(cap)), ()):
+            cp = cli("market", "launch", *common, *again)
+            assert cp.returncode == 1 and "budget is spent" in cp.stderr, cp.stderr
     finally:
         server.stop()
         if master is not None:

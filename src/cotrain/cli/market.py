@@ -495,6 +495,33 @@ def cost(
           + f", {units} accepted units" + (f", ${per:.6f}/unit" if per else ""))  # fmt: skip
 
 
+@app.command("budget")
+def budget(
+    task: Annotated[str, typer.Option(help="the task")] = "",
+    usd: Annotated[float, typer.Option(min=0, help="the task's budget, in US dollars")] = -1.0,
+    watch_every_s: Annotated[float, typer.Option(min=0.05, help="the watchdog's period")] = 30,
+    state_dir: Annotated[Path, _STATE] = STATE_DIR,
+    hosts: Annotated[Path | None, _HOSTS] = None,
+) -> None:
+    """Set the task's budget (raise it to launch again after the watchdog stopped it, lower
+    it to stop sooner); the watchdog is started if its nodes run without one."""
+    import time
+
+    from cotrain.market.launcher import Ledger
+
+    if not task or usd < 0:
+        raise usage("--task and --usd: which task, and its budget")
+    state = state_dir.expanduser()
+    _record(state, task)
+    with Ledger(state).update(task) as rec:
+        spent = rec.spent(time.time())
+        if rec.stopped == "budget" and usd > spent:
+            rec.stopped = None
+        rec.budget_usd = usd
+    _start_watchdog(state, hosts, task, watch_every_s)
+    print(f"task {task}: budget ${usd:.2f}, spent ${spent:.2f}")
+
+
 @app.command("watch")
 def watch(
     task: Annotated[str, typer.Option(help="the task to watch")] = "",
