@@ -96,7 +96,7 @@ def test_launch_three_ssh_hosts_that_join_a_diloco_run_then_terminate(tmp_path: 
             for n in joined.values():
                 m = n["measured"]
                 assert m["gflops"] > 0 and m["rtt_ms"] is not None, m
-                assert 20 < m["up_mbps"] < 120 and 20 < m["down_mbps"] < 120, m
+                assert 2 < m["up_mbps"] < 120 and 2 < m["down_mbps"] < 120, m
                 assert all(v is not None for v in m.get("peer_rtt_ms", {}).values()), m
             assert any(n["measured"].get("peer_rtt_ms") for n in joined.values()), joined
 
