@@ -40,6 +40,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -443,6 +444,7 @@ class Coordinator:
             ("/v1/log/proof/consistency", self._h_consistency),
         ]
         app.add_routes([web.get(path, h) for path, h in get])
+        app.add_routes([web.get("/", self._h_dashboard), web.get("/ui/{name}", self._h_ui)])
         app.add_routes(
             [
                 web.post("/v1/tasks/{t}/heartbeat", self._h_heartbeat),
@@ -678,8 +680,37 @@ class Coordinator:
         proof = await asyncio.to_thread(self.tree.consistency, old, new)
         return web.json_response({"old": old, "new": new, "proof": [h.hex() for h in proof]})
 
+    async def _h_dashboard(self, request: web.Request) -> web.Response:
+        return _ui_file("index.html")
+
+    async def _h_ui(self, request: web.Request) -> web.Response:
+        return _ui_file(request.match_info["name"])
+
     def _committed_size(self) -> int:
         return self.state.size - len(self._pending.entries)
+
+
+# The dashboard (``protocol/dashboard``): plain files, read-only, same origin as the API.
+_UI = {
+    "index.html": "text/html",
+    "dashboard.js": "text/javascript",
+    "dashboard.css": "text/css",
+}
+_UI_HEADERS = {
+    # its scripts and data come from here only; nothing it shows can run as code
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+def _ui_file(name: str) -> web.Response:
+    kind = _UI.get(name)
+    if kind is None:
+        raise NotFound(f"no dashboard file {name[:40]}")
+    body = (Path(__file__).parent / "dashboard" / name).read_bytes()
+    return web.Response(body=body, content_type=kind, charset="utf-8", headers=_UI_HEADERS)
 
 
 def _task_of(path: str) -> str | None:
