@@ -340,7 +340,8 @@ class Maker:
             return Bad("unknown-path", "POST", path, headers, raw, _404, "no write")
         method = self.rng.choice(["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
         path = self.rng.choice(
-            ["/v1/nothing", "/", "/v1/claims", "/v1/tasks/t1/verdicts", "/x" * 50]
+            # "/" is the dashboard (GET); /ui/ serves only its three files
+            ["/v1/nothing", "/ui/coord.pem", "/v1/claims", "/v1/tasks/t1/verdicts", "/x" * 50]
         )
         return Bad("unknown-path", method, path, {}, b"", frozenset({404, 405}))
 

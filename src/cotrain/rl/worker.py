@@ -222,8 +222,11 @@ class Worker:
         if self.cheat == "stale" and version >= a.min_version:
             cheating = False  # the run is too young to be stale in: an honest rollout
         if self.cheat == "unfetched_version":
+            # a version it did not use: the newest when that is two or more updates away (its
+            # outputs differ beyond the check's tolerance), else one that does not exist yet (a
+            # version one small update away can score within tolerance: a CI flake)
             latest = int(got["latest_version"])
-            claimed_version = latest if latest != version else latest + 1
+            claimed_version = latest if latest - version >= 2 else latest + 1
         envelopes = []
         for i, g in enumerate(gens):
             reward = None
