@@ -60,19 +60,11 @@ def _cli(args: list[str], env: dict[str, str]) -> tuple[float, dict[str, Any]]:
 def _ssh_host(tmp: Path) -> tuple[Any, Path | None]:
     if os.geteuid() != 0 or not Path("/usr/sbin/sshd").exists():
         return None, None
-    from sshd_harness import SshServer
+    from sshd_harness import SshServer, hosts_toml
 
     s = SshServer.start(tmp, "bench")
-    h = s.ssh_host(tmp, usd_per_hour=0.2)
-    lines = ["[[host]]"]
-    for k, v in h.model_dump().items():
-        if isinstance(v, dict):
-            inner = ", ".join(f"{a} = {json.dumps(b)}" for a, b in v.items())
-            lines.append(f"{k} = {{ {inner} }}")
-        elif v is not None:
-            lines.append(f"{k} = {json.dumps(v)}")
     f = tmp / "hosts.toml"
-    f.write_text("\n".join(lines) + "\n")
+    f.write_text(hosts_toml([s.ssh_host(tmp, usd_per_hour=0.2)]))
     return s, f
 
 

@@ -159,3 +159,19 @@ def kill_under(path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def hosts_toml(hosts: list[SshHost]) -> str:
+    """A hosts file (``[[host]]`` tables) listing ``hosts``, as a user would write it."""
+    import json
+
+    lines = []
+    for h in hosts:
+        lines.append("[[host]]")
+        for k, v in h.model_dump().items():
+            if isinstance(v, dict):
+                inner = ", ".join(f"{a} = {json.dumps(b)}" for a, b in v.items())
+                lines.append(f"{k} = {{ {inner} }}")
+            elif v is not None:
+                lines.append(f"{k} = {json.dumps(v)}")
+    return "\n".join(lines) + "\n"

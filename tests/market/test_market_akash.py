@@ -8,15 +8,13 @@ the API's error shapes are one-line errors, and the key is in no error, repr or 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp import web
+from market_replays import serve
 from market_replays.akash import CHEAPEST, KEY, SOLD_OUT, Replay
 
 from cotrain.market import akash
@@ -25,19 +23,6 @@ from cotrain.market.offers import OfferQuery
 from cotrain.market.provider import LaunchSpec, OutOfStock, ProviderError
 
 SPEC = LaunchSpec(coordinator="http://coord:8740", task="t3", invite="ab" * 16)
-
-
-def serve(replay: Replay, body: Callable[[str], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        runner = web.AppRunner(replay.app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        try:
-            return await asyncio.wait_for(body(f"http://127.0.0.1:{runner.addresses[0][1]}"), 60)
-        finally:
-            await runner.cleanup()
-
-    return asyncio.run(main())
 
 
 def fast(url: str, key: str = KEY, **kw: Any) -> AkashProvider:

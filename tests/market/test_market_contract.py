@@ -7,33 +7,16 @@ one-line ``ProviderError`` and no key appears in any message, repr or log line."
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from types import ModuleType
-from typing import Any
 
 import pytest
-from aiohttp import web
-from market_replays import MODULES, load
+from market_replays import MODULES, load, serve
 
 from cotrain.market.offers import TFLOPS, OfferQuery
 from cotrain.market.provider import LaunchSpec, OutOfStock, ProviderError
 
 SPEC = LaunchSpec(coordinator="http://coord.example:8740", task="t-contract", invite="ab" * 16)
-
-
-def serve(replay: Any, body: Callable[[str], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        runner = web.AppRunner(replay.app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        try:
-            return await asyncio.wait_for(body(f"http://127.0.0.1:{runner.addresses[0][1]}"), 60)
-        finally:
-            await runner.cleanup()
-
-    return asyncio.run(main())
 
 
 @pytest.fixture(params=MODULES)

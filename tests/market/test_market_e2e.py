@@ -20,26 +20,13 @@ from pathlib import Path
 
 import pytest
 from market_harness import Coordinator, cli, master_key, publish, start_master
-from sshd_harness import SshServer, kill_under, require_sshd
+from sshd_harness import SshServer, hosts_toml, kill_under, require_sshd
 
 from cotrain.netem.netns import netns_pids, netns_unavailable_reason
 
 pytestmark = pytest.mark.skipif(
     netns_unavailable_reason() is not None, reason=str(netns_unavailable_reason())
 )
-
-
-def _hosts_toml(hosts: list[object]) -> str:
-    lines = []
-    for h in hosts:
-        lines.append("[[host]]")
-        for k, v in h.model_dump().items():  # type: ignore[attr-defined]
-            if isinstance(v, dict):
-                inner = ", ".join(f"{a} = {json.dumps(b)}" for a, b in v.items())
-                lines.append(f"{k} = {{ {inner} }}")
-            elif v is not None:
-                lines.append(f"{k} = {json.dumps(v)}")
-    return "\n".join(lines) + "\n"
 
 
 @pytest.mark.timeout(600)
@@ -70,7 +57,7 @@ def test_launch_three_ssh_hosts_that_join_a_diloco_run_then_terminate(tmp_path: 
                 tmp_path, name="bargain", usd_per_hour=0.10, workdir=str(tmp_path / "bargain"),
                 pip_args=["--no-index", "--find-links", str(tmp_path / "none"), "no-such-pkg"],
             )  # fmt: skip
-            (tmp_path / "hosts.toml").write_text(_hosts_toml([*hosts, bargain]))
+            (tmp_path / "hosts.toml").write_text(hosts_toml([*hosts, bargain]))
             state = tmp_path / "state"
             common = ("--task", task, "--state-dir", str(state))
             common += ("--hosts", str(tmp_path / "hosts.toml"))

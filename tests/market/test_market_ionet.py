@@ -8,14 +8,11 @@ FastAPI's error shapes are one-line errors, and the key is in no error, repr or 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
-from aiohttp import web
+from market_replays import serve
 from market_replays.ionet import KEY, SOLD_OUT, Replay, quote
 
 from cotrain.market import ionet
@@ -24,19 +21,6 @@ from cotrain.market.offers import OfferQuery
 from cotrain.market.provider import LaunchSpec, OutOfStock, ProviderError
 
 SPEC = LaunchSpec(coordinator="http://coord:8740", task="t3", invite="ab" * 16)
-
-
-def serve(replay: Replay, body: Callable[[str], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        runner = web.AppRunner(replay.app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        try:
-            return await asyncio.wait_for(body(f"http://127.0.0.1:{runner.addresses[0][1]}"), 60)
-        finally:
-            await runner.cleanup()
-
-    return asyncio.run(main())
 
 
 @pytest.mark.timeout(60)

@@ -7,14 +7,11 @@ one-line errors without the key."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
-from aiohttp import web
+from market_replays import serve
 from market_replays.lambda_cloud import KEY, SOLD_OUT, Replay
 
 from cotrain.market.lambda_cloud import LambdaProvider
@@ -22,19 +19,6 @@ from cotrain.market.offers import OfferQuery
 from cotrain.market.provider import LaunchSpec, OutOfStock, ProviderError
 
 SPEC = LaunchSpec(coordinator="http://coord:8740", task="t3", invite="ab" * 16)
-
-
-def serve(replay: Replay, body: Callable[[str], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        runner = web.AppRunner(replay.app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        try:
-            return await asyncio.wait_for(body(f"http://127.0.0.1:{runner.addresses[0][1]}"), 60)
-        finally:
-            await runner.cleanup()
-
-    return asyncio.run(main())
 
 
 @pytest.mark.timeout(60)

@@ -21,13 +21,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp import web
 from market_harness import Coordinator, cli, master_key, publish, start_master
 from market_replays import vast as vast_replay
-from sshd_harness import SshServer, kill_under, processes_under, require_sshd
+from sshd_harness import SshServer, hosts_toml, kill_under, processes_under, require_sshd
 
 from cotrain.core.identity import Identity
 from cotrain.rl.launch import free_port
@@ -44,21 +43,6 @@ def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
         c.stop()
 
 
-def _hosts_file(tmp: Path, hosts: list[Any]) -> Path:
-    f = tmp / "hosts.toml"
-    lines = []
-    for h in hosts:
-        lines.append("[[host]]")
-        for k, v in h.model_dump().items():
-            if isinstance(v, dict):
-                inner = ", ".join(f"{a} = {json.dumps(b)}" for a, b in v.items())
-                lines.append(f"{k} = {{ {inner} }}")
-            elif v is not None:
-                lines.append(f"{k} = {json.dumps(v)}")
-    f.write_text("\n".join(lines) + "\n")
-    return f
-
-
 @pytest.mark.timeout(300)
 def test_budget_fallover_watchdog(tmp_path: Path, coordinator: Coordinator) -> None:
     require_sshd()
@@ -70,7 +54,8 @@ def test_budget_fallover_watchdog(tmp_path: Path, coordinator: Coordinator) -> N
             tmp_path, name="bargain", usd_per_hour=1800.0, workdir=str(tmp_path / "bargain"),
             pip_args=["--no-index", "--find-links", str(tmp_path / "nothing"), "no-such-pkg"],
         )  # fmt: skip
-        hosts = _hosts_file(tmp_path, [good, bad])
+        hosts = tmp_path / "hosts.toml"
+        hosts.write_text(hosts_toml([good, bad]))
         # one worker trains for long: the node runs until something stops it
         port = free_port()
         task = publish(

@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from cotrain.core.pids import alive
 from cotrain.market.local import LocalProvider
 from cotrain.market.offers import OfferQuery
 from cotrain.market.provider import LaunchSpec, ProviderError
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.timeout(120)
@@ -54,7 +47,7 @@ def test_local_offer_launch_status_terminate(tmp_path: Path) -> None:
         assert (await other.status(waiting.instance_id)).state == "running"
         pid = int((await other.status(waiting.instance_id)).detail.split()[1])
         await other.terminate(waiting.instance_id, grace_s=20)
-        assert not _alive(pid)
+        assert not alive(pid)
         states = {i.instance_id: i.state for i in await p.instances()}
         assert states == {"local-1": "terminated", "local-2": "exited"}
         with pytest.raises(ProviderError, match="no local instance"):

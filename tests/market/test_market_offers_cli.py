@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from market_harness import Replays, cli
-from sshd_harness import SshServer
+from sshd_harness import SshServer, hosts_toml
 
 from cotrain.market.offers import EU, TFLOPS
 
@@ -32,16 +32,7 @@ def hosts_file(tmp_path: Path) -> Iterator[Path | None]:
     s = SshServer.start(tmp_path, "rig")
     h = s.ssh_host(tmp_path, usd_per_hour=0.25, region="DE")
     f = tmp_path / "hosts.toml"
-    env = ", ".join(f"{k} = {json.dumps(v)}" for k, v in h.env.items())
-    f.write_text(
-        "[[host]]\n"
-        + "".join(
-            f"{k} = {json.dumps(v)}\n"
-            for k, v in h.model_dump().items()
-            if v is not None and k != "env"
-        )
-        + f"env = {{ {env} }}\n"
-    )
+    f.write_text(hosts_toml([h]))
     try:
         yield f
     finally:

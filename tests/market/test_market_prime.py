@@ -6,14 +6,11 @@ pods listed across pages, and Prime's error shapes as one-line errors without th
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
-from aiohttp import web
+from market_replays import serve
 from market_replays.prime import KEY, SOLD_OUT, Replay
 
 from cotrain.market.offers import OfferQuery
@@ -21,19 +18,6 @@ from cotrain.market.prime import PrimeProvider, offer_id_of, parse_offer_id
 from cotrain.market.provider import LaunchSpec, OutOfStock, ProviderError
 
 SPEC = LaunchSpec(coordinator="http://coord:8740", task="t3", invite="ab" * 16)
-
-
-def serve(replay: Replay, body: Callable[[str], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        runner = web.AppRunner(replay.app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        try:
-            return await asyncio.wait_for(body(f"http://127.0.0.1:{runner.addresses[0][1]}"), 60)
-        finally:
-            await runner.cleanup()
-
-    return asyncio.run(main())
 
 
 @pytest.mark.timeout(60)

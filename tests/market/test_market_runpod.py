@@ -6,14 +6,11 @@ message, repr and log line."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shlex
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
-from aiohttp import web
+from market_replays import serve
 from market_replays.runpod import KEY, SOLD_OUT, SOLD_OUT_MESSAGE, Replay
 
 from cotrain.market.offers import OfferQuery, canonical_gpu
@@ -22,19 +19,6 @@ from cotrain.market.runpod import RunPodProvider, parse_offer_id
 
 SPEC = LaunchSpec(coordinator="http://coord.example:8740", task="t3", invite="ab" * 16)
 ALL = OfferQuery(in_stock=False)
-
-
-def serve(replay: Replay, body: Callable[[str], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        runner = web.AppRunner(replay.app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        try:
-            return await asyncio.wait_for(body(f"http://127.0.0.1:{runner.addresses[0][1]}"), 60)
-        finally:
-            await runner.cleanup()
-
-    return asyncio.run(main())
 
 
 def fresh() -> Replay:

@@ -6,15 +6,13 @@ one-line messages; the key only in the Authorization header."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
+from market_replays import serve
 from market_replays.tensordock import AUSTIN, KEY, SOLD_OUT, SSH_KEY, WARSAW, Replay
 
 from cotrain.market.offers import OfferQuery
@@ -24,20 +22,6 @@ from cotrain.market.tensordock import TensorDockProvider, _message, parse_offer_
 SPEC = LaunchSpec(coordinator="http://coord.example:8740", task="t3", invite="ab" * 16)
 H100 = "h100-sxm5-80gb"
 RTX = "geforcertx4090-pcie-24gb"
-
-
-def serve(replay: Replay, body: Callable[[str], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        runner = web.AppRunner(replay.app())
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        try:
-            url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-            return await asyncio.wait_for(body(url), 60)
-        finally:
-            await runner.cleanup()
-
-    return asyncio.run(main())
 
 
 def fresh() -> Replay:

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from cotrain.cli.role import usage
+from cotrain.core.pids import alive
 
 app = typer.Typer(
     help="Compute offers from every configured provider, normalized, filtered and sorted.",
@@ -326,7 +327,7 @@ def _start_watchdog(state: Path, hosts: Path | None, task: str, every_s: float) 
     rec = ledger.get(task)
     if rec is None:
         return
-    if rec.watchdog_pid and _alive(rec.watchdog_pid):
+    if rec.watchdog_pid and alive(rec.watchdog_pid):
         return
     args = [sys.executable, "-m", "cotrain", "market", "watch", "--task", task]
     args += ["--every-s", str(every_s)]
@@ -340,14 +341,6 @@ def _start_watchdog(state: Path, hosts: Path | None, task: str, every_s: float) 
     with ledger.update(task) as fresh:
         fresh.watchdog_pid = p.pid
     _say(f"watchdog: pid {p.pid}, log {ledger.dir / f'{task}.watch.log'}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _member_units(coordinator: str, task: str) -> dict[str, dict[str, Any]]:
@@ -424,7 +417,7 @@ def status(
         rec = _record(state, t)
         members = _member_units(rec.coordinator, t)
         if json_out:
-            dog = bool(rec.watchdog_pid and _alive(rec.watchdog_pid))
+            dog = bool(rec.watchdog_pid and alive(rec.watchdog_pid))
             out.append(
                 {**rec.model_dump(), "spent_usd": rec.spent(), "members": members, "watchdog": dog}
             )

@@ -13,3 +13,12 @@ def start_ticks(pid: int) -> int | None:
         return None
     # The command name (field 2) may contain spaces; fields after the last ')' are fixed.
     return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cotrain.core.errors import CotrainError, UsageError
 from cotrain.core.files import write_atomic
+from cotrain.core.pids import alive
 from cotrain.market.offers import Offer
 from cotrain.market.provider import Instance, LaunchSpec, Provider, ProviderError
 
@@ -476,7 +477,7 @@ class Launcher:
             return False
         now = time.time()
         live = [n for n in rec.nodes if n.live]
-        launching = rec.launcher_pid is not None and _alive(rec.launcher_pid)
+        launching = rec.launcher_pid is not None and alive(rec.launcher_pid)
         if not live:
             return launching
         if rec.budget_usd is not None:
@@ -499,11 +500,3 @@ class Launcher:
             if over:
                 await self.terminate(task, over, why="terminated (max hours)")
         return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

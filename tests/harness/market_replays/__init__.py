@@ -22,12 +22,33 @@ pagination, its error shapes).
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+from aiohttp import web
 
 MODULES = sorted(p.stem for p in Path(__file__).parent.glob("*.py") if p.stem != "__init__")
 
 
 def load(name: str) -> ModuleType:
     return importlib.import_module(f"market_replays.{name}")
+
+
+def serve(replay: Any, body: Callable[[str], Awaitable[Any]], timeout_s: float = 60) -> Any:
+    """Run ``body(url)`` while ``replay`` answers on a loopback port; its result."""
+
+    async def main() -> Any:
+        runner = web.AppRunner(replay.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            return await asyncio.wait_for(body(url), timeout_s)
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(main())
