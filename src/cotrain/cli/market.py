@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import typer
 
 from cotrain.cli.role import usage
-from cotrain.core.pids import alive
 
 app = typer.Typer(
     help="Compute offers from every configured provider, normalized, filtered and sorted.",
@@ -148,6 +147,12 @@ def _table(chosen: list[Any], sources: list[dict[str, Any]], work: Any) -> None:
     for s in sources:
         line = f"{s['provider']}: {s['offers']} offers, {s['age_s']:.0f} s old"
         print(line + (f"; FAILED: {s['error']}" if s["error"] else ""), file=sys.stderr)
+
+
+def alive(pid: int) -> bool:
+    from cotrain.core.pids import alive as live  # here: `cotrain --help` imports no pydantic
+
+    return live(pid)
 
 
 def _say(line: str) -> None:
