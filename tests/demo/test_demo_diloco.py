@@ -124,7 +124,7 @@ def test_demo_quick_figures_are_the_logs(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COTRAIN_")}
     # a pipe, and a terminal width that would have cut the tables at 80 columns
     env.update(COTRAIN_CACHE=str(cache), COLUMNS="80", DEMO_TEST_TAG=tag, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "cotrain", "demo", "--quick", "--out-dir", str(out)]
+    cmd = [sys.executable, "-m", "cotrain", "demo-diloco", "--quick", "--out-dir", str(out)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
     text = run.stdout
     (tmp_path / "stdout.txt").write_text(text)
@@ -234,7 +234,7 @@ def check_figures(out: Path, text: str) -> None:
 
 def test_demo_options_are_in_help() -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "cotrain", "demo", "--help"],
+        [sys.executable, "-m", "cotrain", "demo-diloco", "--help"],
         capture_output=True,
         text=True,
         timeout=60,

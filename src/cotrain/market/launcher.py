@@ -289,9 +289,16 @@ class Launcher:
             provider = self.providers.get(offer.provider)
             if provider is None:
                 continue
+            # a cloud's offer is a machine type (and the local one this machine): the other
+            # slots may launch it too, at once; one that fails is taken off for all of them
+            reusable = not getattr(provider, "one_per_offer", False)
+            if reusable:
+                queue.insert(0, offer)
             over = self._affordable(spec.task, offer)
             if over is not None:
                 self.say(f"slot {slot}: skipping {offer.provider}:{offer.offer_id}: {over}")
+                if reusable and offer in queue:
+                    queue.remove(offer)
                 with self.ledger.update(spec.task) as rec:
                     rec.failures.append(
                         {"provider": offer.provider, "offer_id": offer.offer_id, "why": over}
@@ -316,6 +323,8 @@ class Launcher:
                 if invite and invite != spec.invite:
                     self.invites.insert(0, invite)
                 self.say(f"slot {slot}: {offer.provider}:{offer.offer_id} failed: {e}")
+                if reusable and offer in queue:
+                    queue.remove(offer)
                 self._pending -= offer.usd_per_hour
                 with self.ledger.update(spec.task) as rec:
                     rec.failures.append(
@@ -323,8 +332,6 @@ class Launcher:
                     )
                 continue
             self._pending -= offer.usd_per_hour  # in the ledger now, as a live node
-            if not getattr(provider, "one_per_offer", False):
-                queue.insert(0, offer)  # a cloud's offer is a machine type: launch it again
             self.say(f"slot {slot}: {name} joined the task ({node.node_key})")
             return node
         raise ProviderError(f"slot {slot}: no offer left")

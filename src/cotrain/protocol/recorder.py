@@ -106,6 +106,13 @@ class Recorder:
         body = {"work_key": work_key, "verdict": verdict, "reason": reason[:300]}
         self._put(f"/v1/tasks/{self.task}/verdicts", body)
 
+    def report(self, step: int, metrics: dict[str, float], note: str = "") -> None:
+        """The task's progress at ``step`` (a validator's or the initiator's word)."""
+        body: dict[str, Any] = {"step": step, "metrics": metrics}
+        if note:
+            body["note"] = note[:200]
+        self._put(f"/v1/tasks/{self.task}/reports", body)
+
     def _put(self, path: str, body: dict[str, Any]) -> None:
         if len(self._queue) >= self.max_queue:
             self.lost += 1

@@ -457,6 +457,14 @@ class State:
         self.dirty.update({("member", task.id, m.node), ("task", task.id), ("account", req.key)})
         return {"work_key": unit.key, "state": unit.state, "member": m.status, "fee": fee}
 
+    def _task_report(self, seq: int, ts: int, req: SignedRequest, r: wire.Route) -> Any:
+        body: wire.SubmitReport = r.body
+        task = self._task(r.task)
+        if req.key != task.initiator and req.key not in task.validators:
+            raise Forbidden(f"only {task.id}'s initiator and validators report its progress")
+        self._need_state(task, ("open", "paused"), "report on")
+        return {"task": task.id, "step": body.step}
+
     def _account_claim(self, seq: int, ts: int, req: SignedRequest, r: wire.Route) -> Any:
         amount = r.body.amount
         claimable = self.account_view(req.key, ts)["claimable"]

@@ -141,6 +141,28 @@ class SubmitVerdict(Body):
     """sha256 of whatever shows the verdict right (a replay log, a failed check's inputs)."""
 
 
+MetricName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+
+
+class SubmitReport(Body):
+    """A task's progress as its validators or initiator measure it (an RL trainer's reward
+    and held-out accuracy at a step, the policy version it published): numbers for the
+    dashboard's curves, in the ledger so that each point links to a signed entry."""
+
+    step: Annotated[int, Field(ge=0, le=2**53 - 1)]
+    metrics: Annotated[dict[MetricName, float], Field(min_length=1, max_length=16)]
+    note: Annotated[str, Field(max_length=200)] = ""
+
+    @field_validator("metrics")
+    @classmethod
+    def _finite(cls, v: dict[str, float]) -> dict[str, float]:
+        import math
+
+        if not all(math.isfinite(x) for x in v.values()):
+            raise ValueError("metrics must be finite numbers")
+        return v
+
+
 class Claim(Body):
     amount: Annotated[int, Field(ge=1, le=2**53 - 1)]
 
@@ -167,6 +189,12 @@ ROUTES: list[tuple[str, re.Pattern[str], str, type[Body]]] = [
         re.compile(r"^/v1/tasks/(?P<t>t[0-9]{1,15})/verdicts$"),
         "work.verdict",
         SubmitVerdict,
+    ),
+    (
+        "POST",
+        re.compile(r"^/v1/tasks/(?P<t>t[0-9]{1,15})/reports$"),
+        "task.report",
+        SubmitReport,
     ),
     ("POST", re.compile(r"^/v1/claims$"), "account.claim", Claim),
     (

@@ -184,6 +184,12 @@ class TrainerConfig(ConfigModel):
     """Longest wait for one step's batch before giving up with an error."""
     eval_every: int = Field(default=1, ge=0)
     """Held-out greedy accuracy every this many steps (0: never)."""
+    coordinator: str = ""
+    """A protocol coordinator's URL: report each step's progress there (policy version and
+    its manifest hash, mean reward, held-out accuracy) as signed ``task.report`` entries the
+    dashboard plots; this trainer's key must be a validator of ``coordinator_task``."""
+    coordinator_task: str = ""
+    """The task of the coordinator this run is (its id, e.g. t7)."""
 
 
 class WorkerConfig(ConfigModel):

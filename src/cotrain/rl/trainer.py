@@ -416,6 +416,8 @@ class Trainer:
         self.started = 0.0
         self._waiting_since: float | None = None
         self._stop: asyncio.Future[None] | None = None
+        self.recorder: Any = None
+        """Reports each step to the coordinator (``trainer.coordinator``), when set."""
 
     # ---- metrics -----------------------------------------------------------------------------
 
@@ -426,6 +428,19 @@ class Trainer:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(line + "\n")
+        if self.recorder is not None and record.get("event") in ("step", "eval"):
+            self._report(record)
+
+    def _report(self, record: dict[str, Any]) -> None:
+        """The step's figures as a ``task.report`` for the coordinator's dashboard."""
+        metrics = {"version": float(record["version"])}
+        for name in ("mean_reward", "heldout_accuracy", "level", "samples", "idle_fraction"):
+            x = record.get(name)
+            if isinstance(x, int | float) and math.isfinite(x):
+                metrics[name] = float(x)
+        sha = self.file_sha256 if record["version"] == self.version else ""
+        note = f"policy v{record['version']}" + (f", manifest file sha256 {sha}" if sha else "")
+        self.recorder.report(int(record["step"]), metrics, note)
 
     def summary(self) -> str:
         return f"{self.step} steps, v{self.version} published, idle {self._idle():.1%}"
@@ -560,6 +575,13 @@ class Trainer:
                 resumed=got.action,
             )
             self._stop = asyncio.ensure_future(svc.stopped())
+            if t.coordinator:
+                from cotrain.protocol.recorder import Recorder
+
+                if not t.coordinator_task:
+                    raise UsageError("trainer.coordinator needs trainer.coordinator_task")
+                self.recorder = Recorder(t.coordinator, self.identity, t.coordinator_task)
+                self.recorder.start()
             async with aiohttp.ClientSession() as session:
                 link = OrchestratorLink(cfg.orchestrator_url, session, log=self.log)
                 try:
@@ -570,6 +592,10 @@ class Trainer:
             if self._stop is not None:
                 self._stop.cancel()
             await self.origin.close()
+            if self.recorder is not None:
+                if not await self.recorder.flush(10.0):
+                    self.log(f"trainer: {self.recorder.pending} report(s) not recorded")
+                await self.recorder.close()
 
     async def _loop(self, link: OrchestratorLink, resumed: int) -> None:
         cfg = self.cfg

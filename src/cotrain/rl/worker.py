@@ -223,10 +223,11 @@ class Worker:
             cheating = False  # the run is too young to be stale in: an honest rollout
         if self.cheat == "unfetched_version":
             # a version it did not use: the newest when that is two or more updates away (its
-            # outputs differ beyond the check's tolerance), else one that does not exist yet (a
-            # version one small update away can score within tolerance: a CI flake)
+            # outputs differ beyond the check's tolerance), else one past both the newest it
+            # was told of and the one it holds (which can be newer than that news: claiming
+            # ``latest + 1`` then named the very version used, an honest rollout)
             latest = int(got["latest_version"])
-            claimed_version = latest if latest - version >= 2 else latest + 1
+            claimed_version = latest if latest - version >= 2 else max(latest, version) + 1
         envelopes = []
         for i, g in enumerate(gens):
             reward = None

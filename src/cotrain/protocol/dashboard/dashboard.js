@@ -130,12 +130,43 @@ async function pageTasks() {
     table(["task", "name", "kind", "state", "budget#", "credited#", "spent", "accepted units#", "submitted units#"], rows)];
 }
 
+// A task's progress reports (task.report entries, signed by its trainer or validators):
+// one curve per metric, each point a ledger entry.
+function reportCurve(reports, name) {
+  return reports.filter((r) => typeof r.metrics[name] === "number").map((r) => [r.step, r.metrics[name]]);
+}
+
+function reportsPart(reports) {
+  if (!reports.length) return [];
+  const last = reports[reports.length - 1];
+  const reward = reportCurve(reports, "mean_reward"), acc = reportCurve(reports, "heldout_accuracy");
+  const rows = reports.slice(-12).reverse().map((r) => [
+    entryLink(r.seq), fmt(r.step),
+    Object.entries(r.metrics).map(([k, v]) => `${k} ${Number.isInteger(v) ? v : v.toFixed(3)}`).join(", "),
+    r.note, nodeLink(r.author),
+  ]);
+  return [
+    el("div", { class: "cards" },
+      card("policy version", last.metrics.version !== undefined ? `v${last.metrics.version}` : "-", last.note),
+      card("trainer step", fmt(last.step)),
+      card("held-out accuracy", acc.length ? acc[acc.length - 1][1].toFixed(2) : "-",
+        "greedy accuracy on held-out tasks, as the trainer reports it")),
+    el("div", { class: "charts" },
+      chart(reward, "mean reward of the step's accepted rollouts"),
+      chart(acc, "held-out accuracy (greedy)")),
+    el("h3", {}, "Progress reports (signed ledger entries)"),
+    table(["entry", "step#", "figures", "note", "by"], rows),
+  ];
+}
+
 async function pageTask(id) {
-  const [t, work, shares] = await Promise.all([
+  const [t, work, shares, rep] = await Promise.all([
     get(`/v1/tasks/${encodeURIComponent(id)}`),
     get(`/v1/tasks/${encodeURIComponent(id)}/work?limit=1000`),
     get(`/v1/tasks/${encodeURIComponent(id)}/shares`),
+    get(`/v1/tasks/${encodeURIComponent(id)}/reports`),
   ]);
+  const reports = rep.reports;
   const rows = work.work;
   const total = shares.total || 0;
   const named = await Promise.all(t.members.map((m) => nameOf(m.node)));
@@ -158,6 +189,7 @@ async function pageTask(id) {
       card("accepted units", fmt(t.accepted_units), "sum of accepted work units"),
       card("nodes", fmt(t.members.length)), card("quorum", `${t.quorum} of ${t.validators.length}`)),
     el("h2", {}, "Progress"),
+    ...reportsPart(reports),
     loss.length ? chart(loss, "consensus validation loss (from the validators' verdicts)")
       : chart(unitsCurve(rows), "accepted units, cumulative"),
     el("h2", {}, "Nodes"),
