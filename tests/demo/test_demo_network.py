@@ -187,6 +187,14 @@ def test_the_dashboard_follows_the_demo_in_a_browser(demo: Running, tmp_path: Pa
             page.locator("#checkpoint").wait_for(timeout=15_000)
             page.screenshot(path=str(shots / "ledger.png"), full_page=True)
 
+            page.goto(demo.url + "/#/market")
+            page.get_by_text("Launched nodes").wait_for(timeout=15_000)
+            main = page.inner_text("main")
+            assert pre in main and rl in main and "terminated" in main, main
+            assert "exited" in main and "\tjoined\t" not in main, main  # none left counting
+            assert main.count("local-") >= 6, main  # 4 + a replacement, the RL node(s)
+            page.screenshot(path=str(shots / "market.png"), full_page=True)
+
             phone = browser.new_page(viewport={"width": 390, "height": 844})
             phone.goto(f"{demo.url}/#/task/{rl}")
             phone.locator("svg.chart").first.wait_for(timeout=15_000)

@@ -314,6 +314,7 @@ class Demo:
             "coordinator",
             *("coordinator", "--port", str(self.port), "--db", db),
             *("--key", str(self.out / "keys" / "coordinator.pem"), "--checkpoint_every", "20"),
+            *("--market_state", str(self.out / "market")),
         )
         ready = p.wait_for("ready", 60)
         self.url, self.coord_key = ready["url"], ready["key"]
@@ -391,7 +392,7 @@ class Demo:
             ready_timeout_s=180.0,
             poll_s=0.5,
         )
-        offers = self.run(self.provider.offers(_query()))
+        offers = self.offers()
         spec = LaunchSpec(coordinator=self.url, task=tid)
         self.run(self.launcher.launch(spec, offers, count=s.nodes), timeout_s=240)
         self.say(f"{s.nodes} nodes joined {tid}; training")
@@ -418,6 +419,7 @@ class Demo:
             return self._nodes_done(tid)
 
         self.wait("the pretraining run to finish", progress, 600, watch=("master",))
+        self.run(self.launcher.refresh(tid))  # the market stops counting their cost
         self.say(f"{tid}: every node finished; waiting for the validator's last verdicts")
         rows = self.wait("every verdict", lambda: self._judged(tid), 120, watch=("validator",))
         finalized = self._finalize(tid)
@@ -429,6 +431,20 @@ class Demo:
             "losses": losses,
             "state": finalized,
         }
+
+    def offers(self) -> list[Any]:
+        """The market's offers (this machine, from the local provider), cached in the market
+        state directory the dashboard's market page reads."""
+        from cotrain.market.catalog import Catalog
+
+        cat = Catalog([self.provider], self.out / "market" / "offers.json")
+        offers = self.run(cat.listing(refresh=True)).offers
+        for o in offers:
+            self.say(
+                f"market: offer {o.provider}:{o.offer_id}: {o.gpu_count or ''}{o.gpu}, "
+                f"{o.vcpus} vCPUs, {o.ram_gb} GB, ${o.usd_per_hour:.2f}/h"
+            )
+        return list(offers)
 
     def _kill_one(self, tid: str) -> str:
         rec = self.launcher.ledger.get(tid)
@@ -541,7 +557,7 @@ class Demo:
             wait=False,
             extra={"worker.coordinator": self.url, "worker.coordinator_task": tid},
         )
-        offers = self.run(self.provider.offers(_query()))
+        offers = self.offers()
         spec = LaunchSpec(coordinator=self.url, task=tid)
         self.run(self.launcher.launch(spec, offers, count=s.rl_workers), timeout_s=300)
         self.say(
@@ -642,16 +658,10 @@ class Demo:
                         "locked": m["locked"],
                         "forfeited": m["forfeited"],
                         "share": weight / total if total else 0.0,
-                        "slashed": m["status"] == "ejected" or m["rejected_units"] > 0,
+                        "slashed": m["status"] == "ejected",
                     }
                 )
         return rows
-
-
-def _query() -> Any:
-    from cotrain.market.offers import OfferQuery
-
-    return OfferQuery()
 
 
 def _loss(rows: list[dict[str, Any]]) -> float | None:
@@ -742,7 +752,7 @@ def _closing(summary: dict[str, Any]) -> None:
             f"{r['rewards']:,}",
             f"{r['locked']:,}",
             f"{100 * r['share']:.1f}%",
-            ("ejected" if r["status"] == "ejected" else "rejected work") if r["slashed"] else "",
+            "ejected, credit forfeited" if r["slashed"] else "",
         )
     console.print(t)
     rl, pre = summary["rl"], summary["pretrain"]

@@ -18,6 +18,9 @@ class CoordinatorConfig(ConfigModel):
     """The coordinator's ed25519 key (created if missing): it signs checkpoints and tokens."""
     origin: str = "cotrain.coordinator"
     """The ledger's name in its checkpoints (C2SP origin)."""
+    market_state: str = ""
+    """A market state directory (``cotrain market --state-dir``, e.g. ~/.cotrain/market) whose
+    cached offers and launched nodes the dashboard shows, read-only ("": no market page)."""
     window_s: float = Field(60.0, gt=0, le=3600)
     """Clock window: a write signed further than this from our clock is refused."""
     rate_per_key: float = Field(200.0, gt=0)

@@ -435,6 +435,7 @@ class Coordinator:
             ("/v1/tasks/{t}/work", self._h_work),
             ("/v1/tasks/{t}/shares", self._h_shares),
             ("/v1/tasks/{t}/reports", self._h_reports),
+            ("/v1/market", self._h_market),
             ("/v1/tasks/{t}/shares/export", self._h_shares_export),
             ("/v1/accounts/{k}", self._h_account),
             ("/v1/identities/{k}", self._h_identity),
@@ -694,6 +695,13 @@ class Coordinator:
             )
         return web.json_response({"task": task, "reports": out})
 
+    async def _h_market(self, request: web.Request) -> web.Response:
+        """The market state this coordinator was pointed at (``market_state``): the offers
+        last fetched and the nodes launched for each task, with what they have cost so far."""
+        if not self.cfg.market_state:
+            raise NotFound("this coordinator shows no market (start it with --market_state DIR)")
+        return web.json_response(await asyncio.to_thread(_market_view, self.cfg.market_state))
+
     async def _h_inclusion(self, request: web.Request) -> web.Response:
         index, size = _int_arg(request, "index", 0), _int_arg(request, "size", 0)
         if size > self._committed_size():
@@ -716,6 +724,35 @@ class Coordinator:
 
     def _committed_size(self) -> int:
         return self.state.size - len(self._pending.entries)
+
+
+def _market_view(state_dir: str) -> dict[str, Any]:
+    """Offers and launches from a market state directory; a file being rewritten or broken
+    is left out rather than failing the page."""
+    root = Path(state_dir).expanduser()
+    now = time.time()
+    offers: list[dict[str, Any]] = []
+    with contextlib.suppress(OSError, ValueError):
+        for provider, got in json.loads((root / "offers.json").read_text()).items():
+            for o in got.get("offers", [])[:200]:
+                offers.append({**o, "provider": provider, "age_s": now - got["fetched_at"]})
+    offers.sort(key=lambda o: (o.get("usd_per_hour", 0), o.get("provider", "")))
+    launches = []
+    for path in sorted((root / "launches").glob("*.json"))[:100]:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            rec = json.loads(path.read_text())
+            nodes = []
+            for n in rec.get("nodes", []):
+                hours = max(0.0, ((n.get("ended_at") or now) - n["started_at"]) / 3600)
+                nodes.append({**n, "hours": hours, "spent_usd": n["usd_per_hour"] * hours})
+            launches.append({
+                "task": rec["task"], "budget_usd": rec.get("budget_usd"),
+                "max_hours": rec.get("max_hours"), "stopped": rec.get("stopped"),
+                "spent_usd": sum(n["spent_usd"] for n in nodes),
+                "rate_usd_per_hour": sum(n["usd_per_hour"] for n in nodes if not n.get("ended_at")),
+                "nodes": nodes, "failures": rec.get("failures", [])[-20:],
+            })  # fmt: skip
+    return {"offers": offers, "launches": launches, "at": now}
 
 
 # The dashboard (``protocol/dashboard``): plain files, read-only, same origin as the API.

@@ -190,8 +190,9 @@ async function pageTask(id) {
       card("nodes", fmt(t.members.length)), card("quorum", `${t.quorum} of ${t.validators.length}`)),
     el("h2", {}, "Progress"),
     ...reportsPart(reports),
-    loss.length ? chart(loss, "consensus validation loss (from the validators' verdicts)")
-      : chart(unitsCurve(rows), "accepted units, cumulative"),
+    el("div", { class: "charts" },
+      ...(loss.length ? [chart(loss, "consensus validation loss (from the validators' verdicts)")] : []),
+      chart(unitsCurve(rows), "accepted units, cumulative")),
     el("h2", {}, "Nodes"),
     el("p", { class: "formula" },
       "earned = accepted units x rate per unit, minus slashes; share = a node's weight / all weights; " +
@@ -337,6 +338,37 @@ async function pageEntry(n) {
   ];
 }
 
+// ---- the market ----------------------------------------------------------------------------
+
+const usd = (x) => (typeof x === "number" ? `$${x < 1 && x > 0 ? x.toFixed(4) : x.toFixed(2)}` : "");
+const ago = (s) => (s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`);
+
+async function pageMarket() {
+  let m;
+  try {
+    m = await get("/v1/market");
+  } catch (err) {
+    return [el("h1", {}, "Market"), el("p", {}, String(err.message))];
+  }
+  const out = [el("h1", {}, "Market")];
+  out.push(el("h2", {}, `Launched nodes (${m.launches.reduce((n, l) => n + l.nodes.length, 0)})`),
+    el("p", { class: "formula" },
+      "cost = $/h x hours from launch to end (or now); each node links to its key's page once it has joined."));
+  for (const l of m.launches) {
+    out.push(el("h3", {}, el("a", { href: `#/task/${l.task}` }, l.task),
+      ` · spent ${usd(l.spent_usd)}` + (l.budget_usd ? ` of ${usd(l.budget_usd)}` : "") +
+      ` · ${usd(l.rate_usd_per_hour)}/h running` + (l.stopped ? ` · stopped: ${l.stopped}` : "")));
+    out.push(table(["node", "provider", "offer", "state", "$/h#", "hours#", "cost#", "joined as"],
+      l.nodes.map((n) => [n.name, n.provider, n.offer_id, state(n.state), usd(n.usd_per_hour),
+        n.hours.toFixed(3), usd(n.spent_usd), n.node_key ? nodeLink(n.node_key) : n.detail || ""])));
+  }
+  out.push(el("h2", {}, `Offers (${m.offers.length}, cheapest first)`),
+    table(["provider", "gpu", "n#", "$/h#", "$/GPU-h#", "vCPUs#", "RAM GB#", "where", "tier", "age"],
+      m.offers.slice(0, 100).map((o) => [o.provider, o.gpu, fmt(o.gpu_count), usd(o.usd_per_hour),
+        usd(o.usd_per_gpu_hour), fmt(o.vcpus), fmt(o.ram_gb), o.region || "", o.tier || "", ago(o.age_s)])));
+  return out;
+}
+
 // ---- router and live updates ---------------------------------------------------------------
 
 const routes = [
@@ -344,6 +376,7 @@ const routes = [
   [/^#\/task\/([^/]+)$/, pageTask],
   [/^#\/node\/([0-9a-f]{64})$/, pageNode],
   [/^#\/ledger$/, pageLedger],
+  [/^#\/market$/, pageMarket],
   [/^#\/entry\/(\d+)$/, (n) => pageEntry(parseInt(n, 10))],
 ];
 let timer = null, rendering = false;
