@@ -8,8 +8,8 @@ that produce it; the in-browser inclusion check passes for the verdict entry and
 byte of it is changed. Screenshots of each page go to ``$COTRAIN_SCREENSHOTS`` (default: the
 test's temporary directory).
 
-Still to come (issue 15): the same against a real DiLoCo and RL run (the demo's), the market
-page, phone-sized screenshots.
+The same pages against a real DiLoCo and RL run, and the market page, are checked while
+``cotrain demo --quick`` runs (tests/demo/test_demo_network.py).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def test_dashboard_pages_in_a_browser(live: LiveTask, tmp_path: Path) -> None:
             page.screenshot(path=str(shots / "tasks.png"), full_page=True)
 
             page.get_by_role("link", name=live.task, exact=True).click()
-            chart = page.locator("svg.chart")
+            chart = page.locator("svg.chart").first
             chart.wait_for(timeout=15_000)
             page.wait_for_function(
                 "() => +(document.querySelector('svg.chart')?.dataset.points || 0) >= 3",
@@ -210,7 +210,7 @@ def test_dashboard_pages_in_a_browser(live: LiveTask, tmp_path: Path) -> None:
 
             phone = browser.new_page(viewport={"width": 390, "height": 844})
             phone.goto(live.url + f"/#/task/{live.task}")
-            phone.locator("svg.chart").wait_for(timeout=15_000)
+            phone.locator("svg.chart").first.wait_for(timeout=15_000)
             width = phone.evaluate("() => document.documentElement.scrollWidth")
             assert width <= 400, f"the task page is {width} px wide on a phone"
             phone.screenshot(path=str(shots / "task-phone.png"), full_page=True)

@@ -21,7 +21,8 @@ import logging
 import socket
 import sys
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -109,6 +110,9 @@ class Agent:
         self.submitted = 0
         self.unrecorded = 0
         self.pending: dict[int, tuple[str, int]] = {}  # outer step -> (work key, tokens)
+        self.sent_bytes: Callable[[], int] = lambda: 0
+        """Bytes this node's worker has sent to the ring so far (set once it runs)."""
+        self._since = (time.monotonic(), 0)  # the last report: when, and bytes sent by then
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cotrain-node")
         self._client = Client(cfg.coordinator, identity, timeout_s=cfg.timeout_s)
@@ -221,11 +225,19 @@ class Agent:
         """The worker's hook after each synchronisation: record the pending work, used by the
         run, or dropped by it (this worker's state was replaced by the run's: it fell behind,
         or the collective went on without it)."""
+        now, sent = time.monotonic(), self.sent_bytes()
+        (then, sent_then), self._since = self._since, (now, sent)
         for step in sorted(self.pending):
             key, tokens = self.pending.pop(step)
             meta: dict[str, Any]
             if not rep.fetched and step == rep.outer_step - 1:
-                meta = {"used": True, "world": rep.world}
+                # what the dashboard shows as the node's throughput and traffic
+                meta = {
+                    "used": True,
+                    "world": rep.world,
+                    "tokens_per_s": round(tokens / max(now - then, 1e-3), 1),
+                    "sent_mb": round((sent - sent_then) / 1e6, 3),
+                }
             else:
                 why = "this worker's state was replaced by the run's (it fell behind)"
                 meta = {"used": False, "why": why}
@@ -376,6 +388,8 @@ def run(cfg: NodeConfig) -> dict[str, Any]:
         left = False
         try:
             worker = Worker(train, on_contribution=agent.contribute, on_outer=agent.reported)
+            agent.sent_bytes = lambda: worker.comm.bytes_sent if worker.comm is not None else 0
+            agent._since = (time.monotonic(), 0)
             summary = worker.run()
             agent.leave()
             left = True

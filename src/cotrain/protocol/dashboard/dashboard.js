@@ -109,6 +109,24 @@ function lossCurve(work) {
   return [...byStep.entries()].sort((a, b) => a[0] - b[0]);
 }
 
+// A node's throughput and traffic, as it reports them with its work (the median of its last
+// ten records): DiLoCo nodes give tokens/s and the MB they sent per synchronisation.
+function nodeRates(work) {
+  const by = new Map();
+  for (const w of work) (by.get(w.node) || by.set(w.node, []).get(w.node)).push(w);
+  const median = (xs) => xs.sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+  const out = new Map();
+  for (const [node, ws] of by) {
+    const last = ws.slice(-10);
+    const tps = last.map((w) => w.meta && w.meta.tokens_per_s).filter((x) => typeof x === "number");
+    const mb = last.map((w) => w.meta && w.meta.sent_mb).filter((x) => typeof x === "number");
+    if (tps.length) {
+      out.set(node, `${fmt(Math.round(median(tps)))} tok/s` + (mb.length ? `, ${median(mb).toFixed(2)} MB/sync` : ""));
+    }
+  }
+  return out;
+}
+
 function unitsCurve(work) {
   const byStep = new Map();
   for (const w of work) if (w.state === "accepted") byStep.set(w.step, (byStep.get(w.step) || 0) + w.units);
@@ -170,8 +188,10 @@ async function pageTask(id) {
   const rows = work.work;
   const total = shares.total || 0;
   const named = await Promise.all(t.members.map((m) => nameOf(m.node)));
+  const rate = nodeRates(rows);
   const members = t.members.map((m, i) => [
-    nodeLink(m.node, named[i]), state(m.status), fmt(m.submitted_units), fmt(m.accepted_units),
+    nodeLink(m.node, named[i]), state(m.status), rate.get(m.node) || "",
+    fmt(m.submitted_units), fmt(m.accepted_units),
     fmt(m.rejected_units), fmt(m.earned), fmt(m.locked),
     total ? `${((100 * (shares.weights[m.node] || 0)) / total).toFixed(1)}%` : "",
     entryLink(m.since_seq, `#${m.since_seq}`),
@@ -197,7 +217,7 @@ async function pageTask(id) {
     el("p", { class: "formula" },
       "earned = accepted units x rate per unit, minus slashes; share = a node's weight / all weights; " +
       "'joined' links to the ledger entry of its admission."),
-    table(["node", "status", "submitted#", "accepted#", "rejected#", "earned#", "locked#", "share#", "joined"], members),
+    table(["node", "status", "throughput", "submitted#", "accepted#", "rejected#", "earned#", "locked#", "share#", "joined"], members),
     el("h2", {}, "Recent work and verdicts"),
     table(["entry", "node", "step#", "units#", "state", "verdict", "reason"], recent),
   ];
@@ -343,6 +363,10 @@ async function pageEntry(n) {
 const usd = (x) => (typeof x === "number" ? `$${x < 1 && x > 0 ? x.toFixed(4) : x.toFixed(2)}` : "");
 const ago = (s) => (s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`);
 
+// What cotrain measured on a launched machine (SSH hosts: GFLOP/s, link Mbit/s, round trips).
+const measured = (m) => Object.entries(m || {}).filter(([, v]) => typeof v === "number")
+  .map(([k, v]) => `${k} ${Number.isInteger(v) ? v : v.toFixed(1)}`).join(", ");
+
 async function pageMarket() {
   let m;
   try {
@@ -358,9 +382,10 @@ async function pageMarket() {
     out.push(el("h3", {}, el("a", { href: `#/task/${l.task}` }, l.task),
       ` · spent ${usd(l.spent_usd)}` + (l.budget_usd ? ` of ${usd(l.budget_usd)}` : "") +
       ` · ${usd(l.rate_usd_per_hour)}/h running` + (l.stopped ? ` · stopped: ${l.stopped}` : "")));
-    out.push(table(["node", "provider", "offer", "state", "$/h#", "hours#", "cost#", "joined as"],
+    out.push(table(["node", "provider", "offer", "state", "$/h#", "hours#", "cost#", "measured", "joined as"],
       l.nodes.map((n) => [n.name, n.provider, n.offer_id, state(n.state), usd(n.usd_per_hour),
-        n.hours.toFixed(3), usd(n.spent_usd), n.node_key ? nodeLink(n.node_key) : n.detail || ""])));
+        n.hours.toFixed(3), usd(n.spent_usd), measured(n.measured),
+        n.node_key ? nodeLink(n.node_key) : n.detail || ""])));
   }
   out.push(el("h2", {}, `Offers (${m.offers.length}, cheapest first)`),
     table(["provider", "gpu", "n#", "$/h#", "$/GPU-h#", "vCPUs#", "RAM GB#", "where", "tier", "age"],
