@@ -66,7 +66,7 @@ class Sizes:
     cheat: str = "forge_logprobs"
     lr: float = 5e-5
     temperature: float = 0.7
-    max_new_tokens: int = 10
+    max_new_tokens: int = 12
     nodes: int = 4
 
 
@@ -74,11 +74,11 @@ FULL = Sizes(
     diloco_steps=120,
     inner_steps=10,
     kill_outer=3,
-    rl_steps=12,
+    rl_steps=8,
     rl_groups=4,
     rl_group_size=8,
     heldout_items=100,
-    eval_every=3,
+    eval_every=2,
     rl_workers=2,
 )
 QUICK = Sizes(
@@ -403,7 +403,11 @@ class Demo:
         def progress() -> bool:
             nonlocal killed
             rows = self.run(self.get(f"/v1/tasks/{tid}/work", limit=1000))["work"]
-            for step in sorted({r["step"] for r in rows} - seen_steps):
+            done = self._nodes_done(tid)
+            steps = {r["step"] for r in rows}
+            # a step is told once the next one shows (its every contribution recorded by then)
+            ready = steps if done else {x for x in steps if x < max(steps, default=0)}
+            for step in sorted(ready - seen_steps):
                 at = [r for r in rows if r["step"] == step]
                 loss = _loss(at)
                 seen_steps.add(step)
@@ -416,7 +420,7 @@ class Demo:
                 killed = self._kill_one(tid)
                 self.run(self.launcher.launch(spec, offers, count=1), timeout_s=240)
                 self.say("market: a fresh node joined; it enters the run at the next outer step")
-            return self._nodes_done(tid)
+            return done
 
         self.wait("the pretraining run to finish", progress, 600, watch=("master",))
         self.run(self.launcher.refresh(tid))  # the market stops counting their cost

@@ -242,7 +242,14 @@ async function pageNode(key) {
     if (!w.work.length) continue;
     const acc = w.work.filter((u) => u.state === "accepted");
     const credit = acc.reduce((s, u) => s + (u.credit || 0), 0);
+    const sh = await get(`/v1/tasks/${t.id}/shares`);
+    const weight = (sh.weights || {})[key] || 0;
     out.push(el("h2", {}, `${t.id}: ${t.name}`),
+      el("div", { class: "cards" },
+        card("share", sh.total ? `${((100 * weight) / sh.total).toFixed(1)}%` : "-",
+          "this node's weight / all weights" + (sh.frozen ? " (frozen at finalize)" : "")),
+        card("weight", `${fmt(weight)} of ${fmt(sh.total || 0)}`, "accepted units x the task's weight per kind"),
+        card("accepted records", fmt(acc.length))),
       el("p", { class: "formula" },
         `rewards: ${fmt(credit)} = ${acc.length} accepted record(s) x units x ${t.rate_per_unit} per unit; ` +
         "each reward links to the submission and the verdict entries that produce it."),
