@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,6 +61,19 @@ class Running:
                 break
             time.sleep(0.2)
         raise AssertionError(f"the demo never said {needle!r}:\n{self.text()[-5000:]}")
+
+    def task_after(self, marker: str, timeout_s: float) -> str:
+        """The id of the first task published after the line holding ``marker``."""
+        pattern = re.compile(re.escape(marker) + r".*?task (t\d+) published and open", re.S)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            m = pattern.search(self.text())
+            if m:
+                return m.group(1)
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"no task published after {marker!r}:\n{self.text()[-5000:]}")
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=10) as r:
@@ -115,8 +129,7 @@ def test_the_dashboard_follows_the_demo_in_a_browser(demo: Running, tmp_path: Pa
             page.on("pageerror", lambda e: errors.append(str(e)))
 
             # while the pretraining runs: its loss curve grows without a reload
-            text = demo.wait_for("published and open", 120)
-            pre = text.split("published and open")[0].rsplit("task ", 1)[1].strip()
+            pre = demo.task_after("phase 1", 120)
             page.goto(f"{demo.url}/#/task/{pre}")
             points = "+(document.querySelector('svg.chart')?.dataset.points || 0)"
             page.wait_for_function(f"() => {points} >= 2", timeout=120_000)
@@ -125,9 +138,7 @@ def test_the_dashboard_follows_the_demo_in_a_browser(demo: Running, tmp_path: Pa
             page.screenshot(path=str(shots / "pretrain-live.png"), full_page=True)
 
             # the RL task: its trainer's signed reports become the curves
-            text = demo.wait_for("phase 2", 180)
-            rl = text.split("phase 2")[1].split("published and open")[0].rsplit("task ", 1)[1]
-            rl = rl.strip()
+            rl = demo.task_after("phase 2", 180)
             page.goto(f"{demo.url}/#/task/{rl}")
             page.get_by_text("held-out accuracy (greedy)").wait_for(timeout=180_000)
             acc = "document.querySelectorAll('svg.chart')[1]?.dataset.points || 0"
@@ -185,6 +196,7 @@ def test_the_dashboard_follows_the_demo_in_a_browser(demo: Running, tmp_path: Pa
 
             page.goto(demo.url + "/#/ledger")
             page.locator("#checkpoint").wait_for(timeout=15_000)
+            assert "witness-1" in page.inner_text("main")  # its co-signature on the checkpoint
             page.screenshot(path=str(shots / "ledger.png"), full_page=True)
 
             page.goto(demo.url + "/#/market")
@@ -239,6 +251,7 @@ def test_the_quick_demo_tells_the_whole_story(demo: Running) -> None:
     # both finalized, the audit agrees, memory within bounds, and the table says so
     assert pre["state"] == rl["state"] == "finalized"
     assert s["audit_ok"] is True
+    assert s["witness_cosignatures"] > 0  # the witness co-signed checkpoints as they came
     assert 0 < s["peak_memory_bytes"] <= 8e9, s["peak_memory_bytes"]
     assert "audit: agrees" in text and "peak memory" in text
     for r in nodes:

@@ -329,6 +329,37 @@ VALIDATOR = Role(
 )
 
 
+def _witness_model() -> Any:
+    from cotrain.protocol.witness import WitnessConfig
+
+    return WitnessConfig
+
+
+def _run_witness(cfg: Any) -> int:
+    from cotrain.core.service import Service
+    from cotrain.protocol import witness
+
+    with Service("witness") as svc:
+        svc.ready(coordinator=cfg.coordinator)
+        summary = witness.run(cfg)
+        print(json.dumps({"event": "witness_done", **summary}), flush=True)
+    return svc.exit_code
+
+
+WITNESS = Role(
+    name="witness",
+    help="""Co-sign a coordinator's checkpoints once each is shown to extend the last one signed.
+
+    Registers --key as a witness, then every --poll_s fetches the newest signed checkpoint,
+    verifies the coordinator's signature (--coordinator_key, pinned), checks the RFC 9162
+    consistency proof from the size it last co-signed (kept in --state), and posts its
+    signature line. A checkpoint that does not verify, a log that shrank or forked: exit 1
+    with the evidence, nothing signed after.""",
+    model=_witness_model,
+    run=_run_witness,
+)
+
+
 task_app = typer.Typer(
     help="An initiator's tasks: publish one from a JSON file, invite nodes, finalize, cancel.",
     no_args_is_help=True,
@@ -453,5 +484,6 @@ def register(app: typer.Typer) -> None:
     add_role(app, AUDIT)
     add_role(app, NODE)
     add_role(app, VALIDATOR)
+    add_role(app, WITNESS)
     app.add_typer(shares_app, name="shares")
     app.add_typer(task_app, name="task")

@@ -65,7 +65,7 @@ class Sizes:
     rl_workers: int
     cheat: str = "forge_logprobs"
     lr: float = 5e-5
-    temperature: float = 0.7
+    temperature: float = 0.5
     max_new_tokens: int = 12
     nodes: int = 4
 
@@ -74,7 +74,7 @@ FULL = Sizes(
     diloco_steps=120,
     inner_steps=10,
     kill_outer=3,
-    rl_steps=8,
+    rl_steps=6,
     rl_groups=4,
     rl_group_size=8,
     heldout_items=100,
@@ -208,6 +208,7 @@ class Demo:
     launcher: Any = None
     provider: Any = None
     rl_run: Any = None
+    cosignatures: int = 0
 
     def __post_init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -320,6 +321,13 @@ class Demo:
         self.url, self.coord_key = ready["url"], ready["key"]
         self.say(f"coordinator up; the dashboard: {self.url}/")
         self.run(self.register("init", "initiator"))
+        # a witness co-signs each checkpoint once it has checked that it extends the last
+        self.start(
+            "witness",
+            *("witness", "--coordinator", self.url, "--coordinator_key", self.coord_key),
+            *("--key", str(self.out / "keys" / "witness.pem"), "--name", "witness-1"),
+            *("--state", str(self.out / "witness-state.json"), "--poll_s", "1"),
+        ).wait_for("ready", 60)
 
     # ---- phase 1: pretraining ---------------------------------------------------------------
 
@@ -639,6 +647,7 @@ class Demo:
         )
         ok = "audit ok" in out
         self.say(f"cotrain audit: {out.strip().splitlines()[-1] if out.strip() else '?'}")
+        self.cosignatures = json.loads(report.read_text()).get("cosignatures", 0)
         return ok
 
     def nodes_table(self, tasks: list[str]) -> list[dict[str, Any]]:
@@ -709,7 +718,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     losses = summary["pretrain"]["losses"]
     a.plot([x for x, _ in losses], [y for _, y in losses], marker="o")
     a.set_title("pretraining: consensus validation loss (validator's verdicts)")
-    a.set_xlabel("inner step")
+    a.set_xlabel("outer step")
     curve = summary["rl"]["curve"]
     acc = [
         (c["step"], c["heldout_accuracy"]) for c in curve if c.get("heldout_accuracy") is not None
@@ -771,7 +780,8 @@ def _closing(summary: dict[str, Any]) -> None:
         else f"RL {rl['task']}: no held-out accuracy",
         f"cheater ({rl['cheater']['cheat']}): {rl['cheater']['status']}; rejected by check "
         f"{rl['rejected_by_check']}",
-        f"cotrain audit: {'agrees' if summary['audit_ok'] else 'DISAGREES'}; peak memory of "
+        f"cotrain audit: {'agrees' if summary['audit_ok'] else 'DISAGREES'} "
+        f"({summary['witness_cosignatures']} witness co-signatures); peak memory of "
         f"all processes together {summary['peak_memory_bytes'] / 1e9:.2f} GB; wall "
         f"{summary['wall_s']:.0f} s",
     ]
@@ -795,6 +805,7 @@ def run_demo(
         summary["pretrain"] = demo.pretrain()
         summary["rl"] = demo.rl()
         summary["audit_ok"] = demo.audit()
+        summary["witness_cosignatures"] = demo.cosignatures
         tasks = [summary["pretrain"]["task"], summary["rl"]["task"]]
         summary["nodes"] = demo.nodes_table(tasks)
         demo.memory.sample()
