@@ -204,7 +204,7 @@ class Demo:
     url: str = ""
     coord_key: str = ""
     keys: dict[str, Identity] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str = ""
     launcher: Any = None
     provider: Any = None
     rl_run: Any = None
@@ -558,12 +558,8 @@ class Demo:
         for section in (run.cfg.orchestrator, run.cfg.trainer):
             section.coordinator, section.coordinator_task = self.url, tid
         run.start_orchestrator()
-        trainer = run._start("trainer", "trainer", {})
-        run._start(
-            "validator0",
-            "validator",
-            {"validator.key": run.cfg.run.out_dir / "keys" / "validator0.pem"},
-        )
+        trainer = run.start_trainer(wait=False)  # it loads the model while the rest start
+        run.start_validator(0, wait=False)
         cheater = run.start_worker(
             s.cheat,
             wait=False,
@@ -854,7 +850,15 @@ def _stop_all(demo: Demo) -> None:
             (logs / f"{name}.out").write_text("\n".join(p.lines) + "\n")
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(out_dir: Path, *, quick: bool, port: int, stay: bool) -> int:
+    # Ctrl-C and SIGTERM stop the story (or the dashboard at its end) and every process it
+    # started, even where this process was started with SIGINT ignored (a background job)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         summary = run_demo(out_dir, quick=quick, port=port, stay=stay)
     except KeyboardInterrupt:

@@ -132,15 +132,17 @@ class LocalRun:
         p.wait_for("ready", timeout_s)
         return p
 
-    def start_trainer(self, timeout_s: float = 300.0) -> Proc:
+    def start_trainer(self, timeout_s: float = 300.0, *, wait: bool = True) -> Proc:
         p = self._start("trainer", "trainer", {})
-        p.wait_for("ready", timeout_s)
+        if wait:
+            p.wait_for("ready", timeout_s)
         return p
 
-    def start_validator(self, i: int = 0, timeout_s: float = 300.0) -> Proc:
+    def start_validator(self, i: int = 0, timeout_s: float = 300.0, *, wait: bool = True) -> Proc:
         keys = self.cfg.run.out_dir / "keys"
         p = self._start(f"validator{i}", "validator", {"validator.key": keys / f"validator{i}.pem"})
-        p.wait_for("ready", timeout_s)
+        if wait:
+            p.wait_for("ready", timeout_s)
         return p
 
     def start_worker(

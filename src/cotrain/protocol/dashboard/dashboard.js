@@ -411,24 +411,35 @@ const routes = [
   [/^#\/market$/, pageMarket],
   [/^#\/entry\/(\d+)$/, (n) => pageEntry(parseInt(n, 10))],
 ];
-let timer = null, rendering = false;
+let timer = null, rendering = false, queued = null, shown = null;
 
+// One render at a time; a render asked for meanwhile runs when the current one ends (a page
+// change is never lost behind a slow refresh of the page before it).
 async function render(again) {
-  if (rendering) return;
+  if (rendering) {
+    queued = queued === false || !again ? false : true;
+    return;
+  }
   rendering = true;
   const hash = location.hash || "#/";
   try {
     const [re, page] = routes.find(([re]) => re.test(hash)) || [null, null];
-    if (!page) { main().replaceChildren(el("p", {}, `no page ${hash}`)); return; }
-    if (again && hash.startsWith("#/entry/")) return; // keep what the user typed
+    if (!page) { main().replaceChildren(el("p", {}, `no page ${hash}`)); shown = hash; return; }
+    if (again && shown === hash && hash.startsWith("#/entry/")) return; // keep what the user typed
     const content = await page(...re.exec(hash).slice(1));
     if ((location.hash || "#/") !== hash) return; // the user moved on
     main().replaceChildren(...content);
+    shown = hash;
     document.getElementById("live").textContent = `live · ${new Date().toLocaleTimeString()}`;
   } catch (err) {
     document.getElementById("live").textContent = `offline: ${err.message}`;
   } finally {
     rendering = false;
+    if (queued !== null) {
+      const again2 = queued;
+      queued = null;
+      render(again2);
+    }
   }
 }
 
