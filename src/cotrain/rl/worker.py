@@ -222,12 +222,14 @@ class Worker:
         if self.cheat == "stale" and version >= a.min_version:
             cheating = False  # the run is too young to be stale in: an honest rollout
         if self.cheat == "unfetched_version":
-            # a version it did not use: the newest when that is two or more updates away (its
-            # outputs differ beyond the check's tolerance), else one past both the newest it
-            # was told of and the one it holds (which can be newer than that news: claiming
-            # ``latest + 1`` then named the very version used, an honest rollout)
+            # a version it did not use: the newest, when that one's weights differ from the
+            # ones used (its announced hash says so; two versions can be byte-identical when
+            # a step had nothing to learn from, and claiming one for the other is no lie),
+            # else one far past anything published (a claim no fetch could back)
             latest = int(got["latest_version"])
-            claimed_version = latest if latest - version >= 2 else max(latest, version) + 1
+            newest_sha = got.get("latest_sha256")
+            differs = isinstance(newest_sha, str) and newest_sha != sha
+            claimed_version = latest if latest != version and differs else version + 1000
         envelopes = []
         for i, g in enumerate(gens):
             reward = None
