@@ -82,10 +82,10 @@ FULL = Sizes(
     rl_workers=2,
 )
 QUICK = Sizes(
-    diloco_steps=80,
+    diloco_steps=60,
     inner_steps=10,
     kill_outer=2,
-    rl_steps=2,
+    rl_steps=1,
     rl_groups=2,
     rl_group_size=4,
     heldout_items=20,
