@@ -111,6 +111,9 @@ async def _until(check: Any, what: str, timeout_s: float = WAIT_S) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+# On PostgreSQL: the same lifecycle on SQLite (the default) runs with real processes in
+# tests/demo/test_demo_network.py (``cotrain demo --quick``), which keeps the suite's time.
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 @pytest.mark.timeout(600)
 def test_diloco_task_published_trained_judged_finalized_and_audited(
     tmp_path: Path, procs: Procs, db_url: str
