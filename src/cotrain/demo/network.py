@@ -91,6 +91,7 @@ QUICK = Sizes(
     heldout_items=20,
     eval_every=1,
     rl_workers=1,
+    nodes=3,
 )
 
 # The pretraining task's model and data (the DiLoCo demo's, shorter): 2 layers of 128.
