@@ -376,7 +376,8 @@ def cheat_cases(
 def validation_cost(args: argparse.Namespace, console: Console) -> list[dict[str, Any]]:
     """Generation against validation of the same groups, one process, one thread each: a
     worker's ``generate_group`` (prompt once, then decoding, proofs) and a validator's
-    ``check_rollouts`` (prompt once, the completions in one pass, every check). Cases: the
+    ``check_rollouts`` on what it claims at once (``validator.batch_size`` rollouts: packed
+    prefills of their prompts and completions, every check). Cases: the
     benchmark's own chain_sum rollouts (EOS allowed), and fixed lengths of 16 and 128 tokens
     (EOS ignored)."""
     import base64
@@ -398,6 +399,7 @@ def validation_cost(args: argparse.Namespace, console: Console) -> list[dict[str
     env, proof, sha = make_env("chain_sum"), ProofSpec(), "ab" * 32
     orch, worker = Identity.generate(), Identity.generate()
     g = args.group_size
+    batch = ValidatorConfig().batch_size
     out = []
     cases = [("chain_sum", args.max_new_tokens, True), ("fixed", 16, False), ("fixed", 128, False)]
     for name, max_new, eos in cases:
@@ -413,6 +415,7 @@ def validation_cost(args: argparse.Namespace, console: Console) -> list[dict[str
         )  # fmt: skip
         gen_s = check_s = 0.0
         tokens = ok = n = 0
+        pending: list[Any] = []
         for slot in range(args.validation_groups):
             task_seed = seeds.task_seed(1, 1, slot, 0)
             prompt = ctx.encode_prompt(env.task(task_seed, 0).prompt)
@@ -435,7 +438,6 @@ def validation_cost(args: argparse.Namespace, console: Console) -> list[dict[str
                 proof_chunk=proof.chunk_tokens, proof_topk=proof.topk,
             )  # fmt: skip
             gen_s += time.perf_counter() - t0
-            rollouts = []
             for i, gen in enumerate(gens):
                 body = wire.Rollout(
                     assignment=a.to_json(), sample=i, version=1, manifest_sha256=sha,
@@ -445,13 +447,17 @@ def validation_cost(args: argparse.Namespace, console: Console) -> list[dict[str
                     t_start_unix=1.0, t_end_unix=2.0, nonce=f"{slot:08x}{i:08x}",
                 ).to_body()  # fmt: skip
                 signed = Envelope.seal(worker, wire.ROLLOUT, body).to_json()
-                rollouts.append(wire.parse_rollout(signed, orchestrator=orch.public_hex))
+                pending.append(wire.parse_rollout(signed, orchestrator=orch.public_hex))
                 tokens += len(gen.tokens)
+            if len(pending) < batch and slot + 1 < args.validation_groups:
+                continue
+            # what a validator claims at once (validator.batch_size rollouts)
             t0 = time.perf_counter()
-            verdicts = check_rollouts(model, rollouts, ctx, expected_sha256=sha, latest_version=1)
+            verdicts = check_rollouts(model, pending, ctx, expected_sha256=sha, latest_version=1)
             check_s += time.perf_counter() - t0
             ok += sum(v.ok for v in verdicts)
             n += len(verdicts)
+            pending = []
         if not eos:
             name = f"{name} {max_new}"
         row = {

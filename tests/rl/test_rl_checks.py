@@ -241,7 +241,7 @@ def test_honest_rollouts_pass(world: World, batch_size: int, worker_threads: int
     [(owner, head)] = world.ctx._prefixes.items()
     assert owner == (id(world.model), SHA) and len(head.prompt_ids) >= 8
     # other weights never run on it
-    other = world.ctx._shared_prefix(world.model, "ff" * 32, [*head.prompt_ids, 1])
+    other = world.ctx.prefix_state(world.model, "ff" * 32, [[*head.prompt_ids, 1]])
     assert other is None
     for v in verdicts:
         assert v.reward in (0.0, 1.0)

@@ -128,6 +128,46 @@ def test_every_sample_replays_on_a_validators_prefill(
             assert torch.allclose(grouped.hidden, fill.hidden, atol=1e-4)
 
 
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_packed_prefill_is_each_completions_own_pass(model: Any, with_prefix: bool) -> None:
+    """Completions of three prompts packed one after the other (a block mask, position ids
+    restarting after each prompt), packs batched as rows and cut at a few positions: every
+    completion gets what its own forward pass gives, one-token ones included, and every
+    sample still replays and proves."""
+    prompts = [PROMPT, [*PROMPT[:6], 77, 78], [*PROMPT[:6], 300, 301, 302, 303]]
+    groups = []
+    for k, prompt in enumerate(prompts):
+        got = inference.generate_group(
+            model, prompt, SEEDS[:5], temperature=1.0, max_new_tokens=12 + k,
+            eos_token_id=EOS, batch_size=5, proof_chunk=CHUNK, proof_topk=TOPK,
+        )  # fmt: skip
+        groups.append((prompt, got))
+    completions = [[g.tokens for g in got] for _, got in groups]
+    completions[1][2] = completions[1][2][:1]  # a one-token completion: the prompt's logits
+    prefix = inference.prompt_state(model, PROMPT[:6]) if with_prefix else None
+    for max_rows, batch_rows in ((256, 512), (20, 40)):  # one pass; many packs and batches
+        packed = inference.prefill_packed(
+            model, [(p, cs) for (p, _), cs in zip(groups, completions, strict=True)],
+            prefix=prefix, max_rows=max_rows, batch_rows=batch_rows,
+        )  # fmt: skip
+        for (prompt, got), cs, fills in zip(groups, completions, packed, strict=True):
+            assert len(fills) == len(cs)
+            for seed, g, c, f in zip(SEEDS[:5], got, cs, fills, strict=True):
+                own = inference.prefill(model, prompt, c)
+                assert f.logits.shape == own.logits.shape and f.hidden.shape == own.hidden.shape
+                assert torch.allclose(f.logits, own.logits, atol=1e-4)
+                assert torch.allclose(f.hidden, own.hidden, atol=1e-4)
+                if c == g.tokens:
+                    assert sampling.replay(f.logits, c, temperature=1.0, seed=seed).ok
+                    cfg = ProofConfig(chunk_tokens=CHUNK, topk=TOPK)
+                    assert verify_proofs(g.proof, f.hidden, CHUNK, TOPK, cfg).passed
+    if prefix is not None:  # the prefix's own state is left as it was
+        assert prefix.cache.get_seq_length() == 6
+    with pytest.raises(ValueError, match="proper beginning"):
+        inference.prefill_packed(model, [([1, 2, 3], [[4, 5]])], prefix=prefix or
+                                 inference.prompt_state(model, PROMPT[:6]))  # fmt: skip
+
+
 def test_batches_agree_and_rows_end_on_their_own(model: Any) -> None:
     one, three, eight = group(model, 1), group(model, 3), group(model, 8)
     assert [g.tokens for g in three] == [g.tokens for g in one] == [g.tokens for g in eight]

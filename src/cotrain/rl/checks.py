@@ -45,13 +45,15 @@ from cotrain.rl import seeds as seeds_mod
 from cotrain.rl.config import ProofSpec, ValidatorConfig
 from cotrain.rl.env import Env, EnvError, Task
 from cotrain.rl.inference import (
+    PACK_MAX_FED,
     Prefill,
     PromptState,
     common_prefix,
     prefill_group,
+    prefill_packed,
     prompt_state,
 )
-from cotrain.rl.sampling import replay, scores
+from cotrain.rl.sampling import replay
 from cotrain.rl.wire import MAX_TOKENS, SignedRollout, Verdict
 from cotrain.toploc.config import ProofConfig, calibrated_median_rel_err
 from cotrain.toploc.errors import ProofFormatError
@@ -103,6 +105,10 @@ class CheckContext:
     _prompts: OrderedDict[tuple[int, str, tuple[int, ...]], PromptState] = field(
         default_factory=OrderedDict, init=False, repr=False, compare=False
     )
+    _seen: OrderedDict[tuple[int, str, tuple[int, ...]], None] = field(
+        default_factory=OrderedDict, init=False, repr=False, compare=False
+    )
+    """The prompts checked lately, by model and weights (what ``prefix_state`` compares)."""
     _prefixes: OrderedDict[tuple[int, str], PromptState] = field(
         default_factory=OrderedDict, init=False, repr=False, compare=False
     )
@@ -130,37 +136,50 @@ class CheckContext:
         if key in self._prompts:
             self._prompts.move_to_end(key)
         else:
-            prefix = self._shared_prefix(model, weights_sha256, prompt)
+            prefix = self.prefix_state(model, weights_sha256, [prompt])
             self._prompts[key] = prompt_state(model, prompt, prefix=prefix)
             while len(self._prompts) > _PROMPT_CACHE:
                 self._prompts.popitem(last=False)
         return self._prompts[key]
 
-    def _shared_prefix(
-        self, model: Any, weights_sha256: str, prompt: list[int]
+    def prefix_state(
+        self, model: Any, weights_sha256: str, prompts: Sequence[list[int]]
     ) -> PromptState | None:
-        """The state of the beginning ``prompt`` shares with the prompts before it (tasks of
-        one environment differ only at the end of their chat template), computed once per
-        version: the prompt's own pass then covers its task alone."""
+        """The kept state of the beginning every one of ``prompts`` shares with the prompts
+        seen before them and with each other under these weights (None while there is none),
+        and ``prompts`` counted as seen.
+
+        Tasks of one environment differ only at the end of their chat template: the state is
+        computed once per version, and a prompt's own pass then covers its task alone. It is
+        what all of at least three distinct prompts share, not a beginning two tasks happen
+        to share."""
         owner = (id(model), weights_sha256)
+        mine = {tuple(p) for p in prompts}
+        shortest = min(len(p) for p in prompts)
+
+        def fits(st: PromptState) -> bool:
+            n = len(st.prompt_ids)
+            return n < shortest and all(p[:n] == st.prompt_ids for p in mine)
+
         state = self._prefixes.get(owner)
-        if state is not None:
+        if state is not None and fits(state):
             self._prefixes.move_to_end(owner)
-            n = len(state.prompt_ids)
-            if n < len(prompt) and tuple(prompt[:n]) == state.prompt_ids:
-                return state
-        others = [k[2] for k in self._prompts if k[:2] == owner]
-        if len(others) < 2:
-            return None
-        # what it shares with all of them: not a beginning two tasks happen to share
-        n = common_prefix([prompt, *others])
-        n = min(n, len(prompt) - 1)  # the prompt's own pass keeps one token at least
-        if n < MIN_SHARED_PREFIX:
-            return None
-        state = prompt_state(model, prompt[:n])
-        self._prefixes[owner] = state
-        while len(self._prefixes) > _PREFIX_CACHE:
-            self._prefixes.popitem(last=False)
+        else:
+            state = None
+            known = mine | {k[2] for k in self._seen if k[:2] == owner}
+            if len(known) >= 3:
+                n = min(common_prefix(list(known)), shortest - 1)  # one own token at least
+                if n >= MIN_SHARED_PREFIX:
+                    state = prompt_state(model, list(prompts[0][:n]))
+                    self._prefixes[owner] = state
+                    self._prefixes.move_to_end(owner)
+                    while len(self._prefixes) > _PREFIX_CACHE:
+                        self._prefixes.popitem(last=False)
+        for p in mine:
+            self._seen[(*owner, p)] = None
+            self._seen.move_to_end((*owner, p))
+        while len(self._seen) > _PROMPT_CACHE:
+            self._seen.popitem(last=False)
         return state
 
 
@@ -206,18 +225,45 @@ def check_rollouts(
             verdicts[i] = _verdict(s, r.check, r.reason, None, {})
             continue
         groups.setdefault(tuple(s.rollout.prompt_ids), []).append((i, task))
-    for prompt, members in groups.items():
-        t0 = time.perf_counter()
-        completions = [rollouts[i].rollout.completion_ids for i, _ in members]
-        # every rollout here passed staleness, so expected_sha256 names the model's weights
-        state = ctx.prompt_state(model, expected_sha256 or "", list(prompt))
-        fills = prefill_group(
-            model, list(prompt), completions, batch_size=ctx.batch_size, state=state
+    # every rollout here passed staleness, so expected_sha256 names the model's weights
+    sha = expected_sha256 or ""
+    t0 = time.perf_counter()
+    fills: dict[int, Prefill] = {}  # by rollout index
+    # short completions of every prompt packed into a few passes with the prompts' own parts
+    short = [
+        (list(prompt), [i for i, _ in members if _fed(rollouts[i]) <= PACK_MAX_FED])
+        for prompt, members in groups.items()
+    ]
+    short = [(p, idx) for p, idx in short if idx]
+    if short:
+        prefix = ctx.prefix_state(model, sha, [p for p, _ in short])
+        got = prefill_packed(
+            model,
+            [(p, [rollouts[i].rollout.completion_ids for i in idx]) for p, idx in short],
+            prefix=prefix,
         )
-        share = (time.perf_counter() - t0) / len(members)
-        for (i, task), fill in zip(members, fills, strict=True):
-            verdicts[i] = _model_checks(rollouts[i], task, fill, ctx, share)
+        for (_, idx), fs in zip(short, got, strict=True):
+            fills.update(zip(idx, fs, strict=True))
+    # long ones in padded batches on their prompt's kept state
+    for prompt, members in groups.items():
+        long = [i for i, _ in members if _fed(rollouts[i]) > PACK_MAX_FED]
+        if long:
+            state = ctx.prompt_state(model, sha, list(prompt))
+            padded = prefill_group(
+                model, list(prompt), [rollouts[i].rollout.completion_ids for i in long],
+                batch_size=ctx.batch_size, state=state,
+            )  # fmt: skip
+            fills.update(zip(long, padded, strict=True))
+    share = (time.perf_counter() - t0) / max(len(fills), 1)
+    for members in groups.values():
+        for i, task in members:
+            verdicts[i] = _model_checks(rollouts[i], task, fills[i], ctx, share)
     return [v for v in verdicts if v is not None]
+
+
+def _fed(s: SignedRollout) -> int:
+    """Completion positions a prefill computes (all but the last token)."""
+    return len(s.rollout.completion_ids) - 1
 
 
 def _verdict(
@@ -362,8 +408,11 @@ def _model_checks(
     why = _termination(r.finish_reason, tokens, a.max_new_tokens, ctx, logp, metrics)
     if why is None and metrics.get("eos_prob", 1.0) < ctx.config.eos_min_prob:
         # An unlikely EOS is still honest when the seeded draw chose it (one position's replay)
-        last = scores(fill.logits[-1], temp, seed, len(tokens) - 1)  # (V,)
-        if float(last.max() - last[tokens[-1]]) > near_tie:
+        last = replay(
+            fill.logits[-1:], tokens[-1:], temperature=temp, seed=seed,
+            tolerance=near_tie, start=len(tokens) - 1,
+        )  # fmt: skip
+        if not last.ok:
             why = (
                 f"EOS where the model gave it p={metrics['eos_prob']:.3g} < "
                 f"{ctx.config.eos_min_prob} and the seed did not draw it"

@@ -226,7 +226,7 @@ class ValidatorConfig(ConfigModel):
 
     key: Path = Path("keys/validator.pem")
     """This validator's key (its public key must be in orchestrator.validator_keys)."""
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=32, ge=1)
     """Rollouts claimed per request."""
     logprob_tolerance: float = Field(default=0.10, gt=0)
     """Median of exp(|lp_claimed - lp_prefill|) - 1 over checked positions must stay below."""

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cotrain.rl.sampling import gumbel
+from cotrain.rl.sampling import draw
 from cotrain.toploc.capture import HiddenCapture
 from cotrain.toploc.proof import chunk_bytes, encode_chunks, rollout_chunks
 
@@ -111,7 +111,7 @@ def generate_group(
 ) -> list[Generated]:
     """Sample one completion of ``prompt_ids`` per seed (in seed order) and prove each.
 
-    Sample i draws token t as ``argmax(logits_t / T + gumbel(seeds[i], t))``, so its tokens do
+    Sample i draws token t as ``sampling.draw`` with ``seeds[i]`` at position t, so its tokens do
     not depend on the batch it was generated in beyond rounding (a validator's replay tolerates
     near-ties)."""
     return generate_group_as(
@@ -207,11 +207,7 @@ def _decode_batch(
     steps: list[list[torch.Tensor]] = [[] for _ in range(n)]
     for t in range(max_new_tokens):
         z = logits.detach().float()  # (A, V)
-        if temperature > 0:
-            noise = torch.stack([gumbel(seeds[r], t, z.size(1)) for r in active])  # (A, V)
-            choice = torch.argmax(z / temperature + noise, dim=1)  # (A,)
-        else:
-            choice = torch.argmax(z, dim=1)  # (A,)
+        choice = draw(z, temperature, [seeds[r] for r in active], t)  # (A,)
         zl = z / logprob_temperature if logprob_temperature > 0 else z
         lp = F.log_softmax(zl, dim=-1).gather(1, choice[:, None])[:, 0]  # (A,)
         keep = []
@@ -403,3 +399,154 @@ def prefill_group(
                     hidden=torch.cat([state.hidden, hidden[b, :m]]),  # (P + T - 1, H)
                 )
     return [result[i] for i in range(len(completions))]
+
+
+PACK_ROWS = 256
+"""A pack (one prompt's own part and completions of it, one after the other) holds at most
+this many positions: its positions attend to all of its positions (quadratic), so packs are
+kept short and several are batched as rows of one forward pass instead."""
+PACK_BATCH_ROWS = 512
+"""Positions of one forward pass of packs (padding included): enough rows for the matrix
+products to run near the machine's peak, and a bounded (rows, V) logits tensor."""
+PACK_MAX_FED = 64
+"""Completions longer than this are prefilled in padded batches (``prefill_group``), where
+each row attends to its own positions only."""
+
+
+def _takes_2d_logits_mask() -> bool:
+    """Whether this transformers takes a (batch, positions) boolean ``logits_to_keep``."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        return False
+    return "boolean" in (slice_logits_to_keep.__doc__ or "")
+
+
+@dataclass(frozen=True)
+class _Pack:
+    group: int
+    members: list[int]
+    """Completion indices of the group, in pack order."""
+    rows: int
+
+
+def _packs(tails: Sequence[int], fed: Sequence[Sequence[int]], max_rows: int) -> list[_Pack]:
+    """Each group's completions in packs of at most ``max_rows`` positions counting the
+    group's own prompt part (one completion at least per pack)."""
+    packs: list[_Pack] = []
+    for g, lengths in enumerate(fed):
+        members: list[int] = []
+        rows = tails[g]
+        for i, n in enumerate(lengths):
+            if members and rows + n > max_rows:
+                packs.append(_Pack(g, members, rows))
+                members, rows = [], tails[g]
+            members.append(i)
+            rows += n
+        if members:
+            packs.append(_Pack(g, members, rows))
+    return packs
+
+
+def _pack_batches(packs: list[_Pack], max_rows: int) -> list[list[_Pack]]:
+    """Packs, longest first, in batches whose padded size stays within ``max_rows``."""
+    batches: list[list[_Pack]] = []
+    for p in sorted(packs, key=lambda p: -p.rows):
+        if batches and (len(batches[-1]) + 1) * batches[-1][0].rows <= max_rows:
+            batches[-1].append(p)
+        else:
+            batches.append([p])
+    return batches
+
+
+@torch.no_grad()
+def prefill_packed(
+    model: Any,
+    groups: Sequence[tuple[list[int], Sequence[list[int]]]],
+    *,
+    prefix: PromptState | None = None,
+    max_rows: int = PACK_ROWS,
+    batch_rows: int = PACK_BATCH_ROWS,
+) -> list[list[Prefill]]:
+    """``prefill`` of the completions of several prompts, each ``(prompt, completions)``,
+    on the kept state of ``prefix`` (a beginning every prompt shares), without padding
+    inside a pack and without a separate pass over each prompt.
+
+    A pack is the part of one prompt after the prefix followed by completions of it, one
+    after the other. A block mask lets each position see the prefix, its prompt and the
+    earlier positions of its own completion only, and position ids restart after the prompt
+    for each completion, so every position computes what it computes in a pass of its own (to
+    float rounding). Packs are batched as the rows of one forward pass (padded to the longest
+    pack of the batch), and logits are computed for the positions that predict a completion
+    token only."""
+    n0 = 0 if prefix is None else len(prefix.prompt_ids)
+    for prompt, completions in groups:
+        if not prompt or not completions or not all(completions):
+            raise ValueError("prefill_packed needs prompts and non-empty completions")
+        if prefix is not None and (not n0 < len(prompt) or tuple(prompt[:n0]) != prefix.prompt_ids):
+            raise ValueError("the prefix state is not of a proper beginning of every prompt")
+    tails = [list(prompt[n0:]) for prompt, _ in groups]
+    fed = [[list(c[:-1]) for c in completions] for _, completions in groups]
+    packs = _packs([len(t) for t in tails], [[len(f) for f in fs] for fs in fed], max_rows)
+    kw, low, mask_2d = _cache_kw(model), torch.finfo(torch.float32).min, _takes_2d_logits_mask()
+    result: dict[tuple[int, int], Prefill] = {}
+    with HiddenCapture(final_norm(model)) as cap:
+        for batch in _pack_batches(packs, batch_rows):
+            width = batch[0].rows
+            ids = torch.zeros((len(batch), width), dtype=torch.long)  # (B, W)
+            pos = torch.zeros((len(batch), width), dtype=torch.long)
+            see = torch.zeros((len(batch), width, n0 + width), dtype=torch.bool)
+            see[:, :, :n0] = True
+            see[:, torch.arange(width), n0 + torch.arange(width)] = True  # padding sees itself
+            keep = torch.zeros((len(batch), width), dtype=torch.bool)
+            spans: list[list[tuple[int, int]]] = []  # per pack: (start, length) per member
+            for b, pk in enumerate(batch):
+                tail, n_prompt = tails[pk.group], n0 + len(tails[pk.group])
+                t = len(tail)
+                row = list(tail)
+                see[b, :t, n0 : n0 + t] = torch.ones(t, t).tril().bool()
+                keep[b, t - 1] = True
+                mine = []
+                for i in pk.members:
+                    f, start = fed[pk.group][i], len(row)
+                    m = len(f)
+                    row += f
+                    pos[b, start : start + m] = torch.arange(n_prompt, n_prompt + m)
+                    see[b, start : start + m, n0 : n0 + t] = True
+                    see[b, start : start + m, n0 + start : n0 + start + m] = (
+                        torch.ones(m, m).tril().bool()
+                    )
+                    keep[b, start : start + m] = True
+                    mine.append((start, m))
+                ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+                pos[b, :t] = torch.arange(n0, n_prompt)
+                spans.append(mine)
+            mask = torch.zeros(see.shape).masked_fill_(~see, low)[:, None]  # (B, 1, W, n0 + W)
+            extra: dict[str, Any] = {"logits_to_keep": keep} if mask_2d else {}
+            if prefix is not None:  # the prefix's cache stays its own
+                cache = copy.deepcopy(prefix.cache)
+                if len(batch) > 1:
+                    cache.batch_repeat_interleave(len(batch))
+                extra.update({kw: cache, "use_cache": True})
+            else:
+                extra["use_cache"] = False
+            out = model(input_ids=ids, position_ids=pos, attention_mask=mask, **extra)
+            hidden = cap.outputs.pop().float()  # (B, W, H)
+            logits = out.logits.float()  # (kept, V), row-major over (B, W)
+            if not mask_2d:
+                logits = logits[keep]
+            at = 0
+            for b, (pk, mine) in enumerate(zip(batch, spans, strict=True)):
+                t = len(tails[pk.group])
+                prompt_hidden = hidden[b, :t]
+                if prefix is not None:
+                    prompt_hidden = torch.cat([prefix.hidden, prompt_hidden])  # (P, H)
+                first = logits[at : at + 1]  # predicts completion token 0
+                at += 1
+                for i, (start, m) in zip(pk.members, mine, strict=True):
+                    result[pk.group, i] = Prefill(
+                        logits=torch.cat([first, logits[at : at + m]]),  # (T, V)
+                        hidden=torch.cat([prompt_hidden, hidden[b, start : start + m]]),
+                    )
+                    at += m
+    return [[result[g, i] for i in range(len(fed[g]))] for g in range(len(groups))]

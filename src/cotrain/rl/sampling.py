@@ -6,9 +6,9 @@ prefill). So the randomness of every rollout is fixed by a seed the worker does 
 (``derive_seed``: the task's seed, the worker's key and a counter), and tokens are drawn with
 the Gumbel-max trick::
 
-    token_t = argmax_v( logits_t[v] / T + g_t[v] ),   g_t = -log(-log(U_t)),   U_t ~ U(0, 1)^V
+    token_t = argmax_v( logits_t[v] / T + g_t[v] ),   g_t[v] ~ Gumbel(0) i.i.d.
 
-where ``U_t`` comes from a generator seeded by ``(seed, t)`` alone. This is an exact sample of
+where ``g_t`` is fixed by ``(seed, t)`` alone. This is an exact sample of
 ``softmax(logits_t / T)``. A validator recomputes ``logits_t`` with one prefill of the whole
 sequence, draws the same ``g_t`` and checks that each claimed token is the argmax. The logits of
 a prefill and of incremental decoding differ in the last bits (other kernels, thread counts,
@@ -16,16 +16,29 @@ batch shapes), so a token counts as replayed when its score is within ``toleranc
 score (a near-tie); a greedy, biased or best-of-N choice, another model's token or a swapped
 token differ by far more, almost surely at many positions.
 
-Shapes: V vocabulary, T output length, P prompt length.
+**The noise is drawn lazily, block by block.** Drawing V Gumbels per position costs as much as
+the vocabulary projection itself (49,152 double-precision logarithms for SmolLM2), on the worker
+and on the validator alike. The vocabulary is cut into blocks of ``BLOCK`` tokens, and the noise
+of a block is drawn top-down: first its largest value (the maximum of n Gumbel(0) is
+Gumbel(log n)), then, only for a block that could hold the winner, which token has it
+(uniform) and the others (Gumbel(0) conditioned to stay below it). The joint law is the same
+i.i.d. Gumbel(0) noise. A block whose best logit plus its largest noise cannot reach the best
+score found is never opened: per position the draw costs one pass for the blocks' best logits,
+``V / BLOCK`` values and usually one or two opened blocks, and the replay opens only the
+blocks that could beat the claimed token by more than the tolerance.
+
+Shapes: V vocabulary, T output length, P prompt length, B the blocks of the vocabulary.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,22 +53,173 @@ only where its token is within the tolerance of the draw, with a probability in 
 it: at 0.02 two of 456 greedy submissions passed (argmax within 0.002 and 0.016 of the draw),
 at 1e-3 one of 631 (0.0006)."""
 
+BLOCK = 256
+"""Tokens per block of lazily drawn noise."""
 
-def gumbel(seed: int, position: int, vocab: int) -> torch.Tensor:
-    """(V,) float32 Gumbel noise of output position ``position`` (the same on every machine:
-    drawn on the CPU from a generator seeded by ``(seed, position)`` alone)."""
-    h = hashlib.sha256(DOMAIN + f"|noise|{seed}|{position}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(h[:8], "big") >> 1)
-    u = torch.rand(vocab, generator=gen, dtype=torch.float64).clamp_(1e-300, 1.0 - 1e-16)
-    return (-torch.log(-torch.log(u))).float()
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_TOP, _WINNER = np.uint64(0x5851F42D4C957F2D), np.uint64(0x14057B7EF767814F)
 
 
-def scores(logits: torch.Tensor, temperature: float, seed: int, position: int) -> torch.Tensor:
-    """(V,) ``logits / T + g`` for one position (greedy ``logits`` when ``T == 0``)."""
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer on uint64 (wrapping arithmetic): counter -> random bits."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _uniform(x: np.ndarray) -> np.ndarray:
+    """uint64 counters -> float64 uniforms in (0, 1) (53 bits, never 0 or 1)."""
+    return ((_mix(x) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+
+
+def _position_keys(seed: int, positions: Sequence[int]) -> np.ndarray:
+    """(N,) uint64: the key of each output position's noise, fixed by ``(seed, position)``."""
+    return np.array(
+        [
+            int.from_bytes(
+                hashlib.sha256(DOMAIN + f"|noise2|{seed}|{p}".encode()).digest()[:8], "big"
+            )
+            for p in positions
+        ],
+        dtype=np.uint64,
+    )
+
+
+def n_blocks(vocab: int) -> int:
+    return -(-vocab // BLOCK)
+
+
+def _block_sizes(blocks: np.ndarray, vocab: int) -> np.ndarray:
+    return np.minimum(BLOCK, vocab - blocks * BLOCK)
+
+
+class _Noise:
+    """The noise of some output positions of one seed, drawn block by block on demand.
+
+    Block b of position p has the key ``mix(key_p + (b + 1) * gamma)``; from it come the
+    block's largest value (Gumbel(log n): the maximum of n Gumbel(0)), the index of the token
+    that has it (uniform) and the other tokens' values (Gumbel(0) below the largest). Pure
+    integer hashing (SplitMix64) and float64 logarithms: the same on every machine."""
+
+    def __init__(self, seed: int, positions: Sequence[int], vocab: int) -> None:
+        self.vocab = vocab
+        self.keys = _position_keys(seed, positions)  # (N,)
+        nb = n_blocks(vocab)
+        blocks = np.arange(nb, dtype=np.uint64)
+        self.block_keys = _mix(self.keys[:, None] + (blocks[None, :] + np.uint64(1)) * _GAMMA)
+        sizes = _block_sizes(np.arange(nb), vocab).astype(np.float64)
+        u = _uniform(self.block_keys ^ _TOP)  # (N, B)
+        self.tops = np.log(sizes)[None, :] - np.log(-np.log(u))  # (N, B)
+
+    def blocks(self, rows: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+        """(K, BLOCK) float64: the noise of block ``blocks[k]`` of position ``rows[k]`` (rows
+        index the positions given); past the vocabulary's end, -inf."""
+        key = self.block_keys[rows, blocks]  # (K,)
+        top = self.tops[rows, blocks]  # (K,)
+        n = _block_sizes(blocks, self.vocab)  # (K,)
+        idx = np.arange(BLOCK, dtype=np.uint64)
+        u = _uniform(key[:, None] + (idx[None, :] + np.uint64(1)) * _GAMMA)  # (K, BLOCK)
+        g = -np.log(np.exp(-top)[:, None] - np.log(u))
+        winner = (_mix(key ^ _WINNER) % n.astype(np.uint64)).astype(np.int64)
+        g[np.arange(len(key)), winner] = top
+        g[np.arange(BLOCK)[None, :] >= n[:, None]] = -np.inf
+        return g
+
+
+def noise(seed: int, position: int, vocab: int) -> torch.Tensor:
+    """(V,) float64: the whole noise vector of one position, every block opened (what the
+    lazy draw and replay read a part of; for tests and small vocabularies)."""
+    nz = _Noise(seed, [position], vocab)
+    nb = n_blocks(vocab)
+    g = nz.blocks(np.zeros(nb, dtype=np.int64), np.arange(nb))
+    return torch.from_numpy(g.reshape(-1)[:vocab].copy())
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 ``logits / T`` (``logits`` when ``T == 0``): what both sides add the noise to."""
     z = logits.detach().float().cpu()
+    return z / temperature if temperature > 0 else z
+
+
+def _padded_blocks(z: torch.Tensor) -> np.ndarray:
+    """(N, V) float32 -> (N, B, BLOCK) float64 view-like array, -inf past the vocabulary."""
+    pad = n_blocks(z.size(1)) * BLOCK - z.size(1)
+    if pad:
+        z = F.pad(z, (0, pad), value=float("-inf"))
+    return z.numpy().reshape(z.size(0), -1, BLOCK)
+
+
+def _open(zb: np.ndarray, nz: _Noise, rows: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """(K, BLOCK) float64 scores ``z + g`` of the given blocks."""
+    return zb[rows, blocks].astype(np.float64) + nz.blocks(rows, blocks)
+
+
+def draw(logits: torch.Tensor, temperature: float, seeds: list[int], position: int) -> torch.Tensor:
+    """(A,) the seeded Gumbel-max choice of each row of ``logits`` (A, V) at output position
+    ``position``, row i with seed ``seeds[i]`` (greedy when ``T == 0``).
+
+    Per row: open the block of largest bound (its best logit plus its largest noise), then
+    every block whose bound exceeds the best score found; no other block can hold the argmax.
+    """
+    z = _scaled(logits, temperature)  # (A, V)
     if temperature == 0:
-        return z
-    return z / temperature + gumbel(seed, position, z.numel())
+        return torch.argmax(z, dim=1)
+    zb = _padded_blocks(z)  # (A, B, BLOCK)
+    out = []
+    for i, seed in enumerate(seeds):
+        nz = _Noise(seed, [position], z.size(1))
+        ub = zb[i].max(axis=1).astype(np.float64) + nz.tops[0]  # (B,)
+        first = np.array([int(np.argmax(ub))])
+        s = _open(zb[i : i + 1], nz, np.zeros(1, dtype=np.int64), first)  # (1, BLOCK)
+        best = float(s.max())
+        more = np.nonzero(ub > best)[0]
+        tok = int(first[0]) * BLOCK + int(s.argmax())
+        if len(more):
+            sm = _open(zb[i : i + 1], nz, np.zeros(len(more), dtype=np.int64), more)
+            k = int(np.argmax(sm.max(axis=1)))
+            if float(sm[k].max()) > best:
+                tok = int(more[k]) * BLOCK + int(sm[k].argmax())
+        out.append(tok)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def gaps(
+    logits: torch.Tensor,
+    tokens: Sequence[int],
+    *,
+    temperature: float,
+    seed: int,
+    tolerance: float,
+    start: int = 0,
+) -> np.ndarray:
+    """(T,) ``best score - claimed token's score`` at each position: exact up to
+    ``tolerance``; above it, at least ``tolerance`` (only the blocks whose bound exceeds the
+    claimed score by more than the tolerance are opened, and one that holds a better score
+    settles the position). ``inf`` for a token outside the vocabulary."""
+    z = _scaled(logits, temperature)  # (T, V)
+    n, vocab = z.size(0), z.size(1)
+    toks = np.asarray(tokens, dtype=np.int64)
+    inside = (toks >= 0) & (toks < vocab)
+    safe = np.where(inside, toks, 0)
+    rows = np.arange(n)
+    if temperature == 0:
+        zn = z.numpy().astype(np.float64)
+        out = zn.max(axis=1) - zn[rows, safe]
+        return np.where(inside, out, np.inf)
+    zb = _padded_blocks(z)  # (T, B, BLOCK)
+    nz = _Noise(seed, range(start, start + n), vocab)
+    own = safe // BLOCK
+    s_own = _open(zb, nz, rows, own)  # (T, BLOCK)
+    mine = s_own[rows, safe - own * BLOCK]  # (T,)
+    best = s_own.max(axis=1)
+    ub = zb.max(axis=2).astype(np.float64) + nz.tops  # (T, B)
+    ub[rows, own] = -np.inf
+    r, b = np.nonzero((ub > (mine + tolerance)[:, None]) & (ub > best[:, None]))
+    if len(r):
+        np.maximum.at(best, r, _open(zb, nz, r, b).max(axis=1))
+    return np.where(inside, best - mine, np.inf)
 
 
 @dataclass(frozen=True)
@@ -93,7 +257,7 @@ def generate(
     logprobs: list[float] = []
     reason = "length"
     for t in range(max_new_tokens):
-        tok = int(torch.argmax(scores(logits, temperature, seed, t)))
+        tok = int(draw(logits[None], temperature, [seed], t)[0])
         logprobs.append(_logprob(logits, tok, temperature))
         tokens.append(tok)
         if eos_token_id is not None and tok == eos_token_id:
@@ -142,21 +306,15 @@ def replay(
     temperature: float,
     seed: int,
     tolerance: float = TOLERANCE,
+    start: int = 0,
 ) -> Replay:
     """Check that every token of ``tokens`` is the seeded Gumbel-max choice on ``logits``
-    (T, V) from a prefill, up to a near-tie of ``tolerance``."""
+    (T, V) from a prefill, up to a near-tie of ``tolerance``; row t is output position
+    ``start + t``."""
     if logits.dim() != 2 or logits.size(0) != len(tokens):
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(tokens)} tokens")
-    mismatches, first, worst = 0, None, 0.0
-    vocab = logits.size(1)
-    for t, tok in enumerate(tokens):
-        if not 0 <= tok < vocab:
-            gap = float("inf")
-        else:
-            s = scores(logits[t], temperature, seed, t)
-            gap = float(s.max() - s[tok])
-        worst = max(worst, gap)
-        if gap > tolerance:
-            mismatches += 1
-            first = t if first is None else first
-    return Replay(mismatches == 0, mismatches, first, worst)
+    g = gaps(logits, tokens, temperature=temperature, seed=seed, tolerance=tolerance, start=start)
+    bad = np.nonzero(g > tolerance)[0]
+    return Replay(
+        not len(bad), len(bad), int(bad[0]) if len(bad) else None, float(g.max(initial=0.0))
+    )
