@@ -374,11 +374,12 @@ def cheat_cases(
 
 
 def validation_cost(args: argparse.Namespace, console: Console) -> list[dict[str, Any]]:
-    """Generation against validation of the same groups, one process, one thread each: a
-    worker's ``generate_group`` (prompt once, then decoding, proofs) and a validator's
-    ``check_rollouts`` on what it claims at once (``validator.batch_size`` rollouts: packed
-    prefills of their prompts and completions, every check). Cases: the
-    benchmark's own chain_sum rollouts (EOS allowed), and fixed lengths of 16 and 128 tokens
+    """Generation against validation of the same groups, one process, the same number of
+    threads each (``--validation-threads``): a worker's ``generate_group`` (prompt once, then
+    decoding, proofs) and a validator's ``check_rollouts`` on what it claims at once
+    (``validator.batch_size`` rollouts: packed prefills of their prompts and completions,
+    every check). Cases: the benchmark's own chain_sum rollouts (EOS allowed), and fixed
+    lengths of 16 and 128 tokens
     (EOS ignored)."""
     import base64
 
@@ -393,8 +394,9 @@ def validation_cost(args: argparse.Namespace, console: Console) -> list[dict[str
     from cotrain.rl.inference import generate_group
     from cotrain.rl.policy import encode_prompt, load_policy
 
-    torch.set_num_threads(1)
-    policy = load_policy(ModelSpec(path=args.model, threads=1))
+    threads = args.validation_threads
+    torch.set_num_threads(threads)
+    policy = load_policy(ModelSpec(path=args.model, threads=threads))
     model, tok = policy.model, policy.tokenizer
     env, proof, sha = make_env("chain_sum"), ProofSpec(), "ab" * 32
     orch, worker = Identity.generate(), Identity.generate()
@@ -462,6 +464,7 @@ def validation_cost(args: argparse.Namespace, console: Console) -> list[dict[str
             name = f"{name} {max_new}"
         row = {
             "case": name,
+            "threads": threads,
             "rollouts": n,
             "mean_completion_tokens": round(tokens / max(n, 1), 1),
             "generate_s_per_rollout": round(gen_s / max(n, 1), 4),
@@ -508,6 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=8,
         help="groups timed for the validation cost (0 skips; quick 3)",
+    )
+    ap.add_argument(
+        "--validation-threads",
+        type=int,
+        default=1,
+        help="torch threads of the worker and of the validator when timing the validation cost",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=7200.0)
@@ -561,7 +570,9 @@ def main(argv: list[str] | None = None) -> int:
         results["sync_final_accuracy"] = sync_final
         results["async2_time_to_sync_final_ratio"] = t2 / t_sync if t2 is not None else None
     if args.validation_groups:
-        console.print("[bold]validation cost[/bold] (one thread, same groups)")
+        console.print(
+            f"[bold]validation cost[/bold] ({args.validation_threads} thread(s) each, same groups)"
+        )
         results["validation"] = validation_cost(args, console)
     results["bench_wall_s"] = round(time.monotonic() - t0, 1)
     table = Table(title="cotrain.rl: async vs sync (same seeds, same machine)")

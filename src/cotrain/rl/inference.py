@@ -13,7 +13,10 @@ position after a row's end reaches its proof.
 (the final norm's output at positions 0..P+T-2) and the logits that predicted each completion
 token (what the logprob, termination and sampling checks read). ``prefill_group`` does the same
 for several completions of one prompt: the prompt once, then the completions together on its
-KV cache, which is what makes validating a group cheap next to generating it.
+KV cache in padded batches (long completions). ``prefill_packed`` does it for the short
+completions of several prompts: each prompt's own part and its completions packed into one
+sequence behind a shared beginning, with a block mask, and the packs batched; this is what
+makes validating cheap next to generating.
 
 Shapes: P prompt length, T completion length, V vocabulary, H hidden size, B batch rows.
 """
