@@ -16,7 +16,7 @@ from hf_harness import small_hf_model, write_text
 
 from cotrain.core.identity import Identity
 from cotrain.core.signed import Envelope
-from cotrain.rl import cheats, seeds, wire
+from cotrain.rl import cheats, checks, seeds, wire
 from cotrain.rl.checks import CheckContext, check_rollout, check_rollouts
 from cotrain.rl.config import ProofSpec, ValidatorConfig
 from cotrain.rl.env import make_env
@@ -247,6 +247,32 @@ def test_honest_rollouts_pass(world: World, batch_size: int, worker_threads: int
         assert v.reward in (0.0, 1.0)
         assert v.metrics["replay_worst_gap"] < 1e-3 and v.metrics["logprob_max"] < 1e-3
         assert wire.Verdict.from_body(v.to_body()) == v  # a verdict is valid on the wire
+
+
+def test_several_groups_at_once_packed_padded_and_in_parts(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a validator claims at once: three groups in one call, judged a few positions at
+    a time, short completions packed and long ones padded, in the order given, with a cheat
+    among them still caught."""
+    monkeypatch.setattr(checks, "CHECK_ROWS", 20)
+    monkeypatch.setattr(checks, "PACK_MAX_FED", 5)
+    subs = []
+    for slot in range(3):
+        a_env = assign(world, 2, 40 + slot)
+        subs += [submit(world, a_env, i, g) for i, g in enumerate(generate(world, a_env))]
+    assert {len(s.rollout.completion_ids) > 6 for s in subs} == {True, False}
+    a_env = assign(world, 2, 43)
+    bad = generate(world, a_env)[0]
+    forged = [x + 0.5 for x in bad.logprobs]
+    subs.insert(5, submit(world, a_env, 0, bad, logprobs=forged))
+    verdicts = check_rollouts(
+        world.model, subs, world.ctx, expected_sha256=SHA, latest_version=LATEST
+    )
+    assert [v.rollout_id for v in verdicts] == [s.id for s in subs]
+    assert verdicts[5].check == "logprobs"
+    bad_ones = [(v.check, v.reason) for k, v in enumerate(verdicts) if k != 5 and not v.ok]
+    assert not bad_ones, bad_ones
 
 
 def test_a_retried_task_passes_with_its_new_seeds(world: World) -> None:

@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cotrain.rl import seeds as seeds_mod
 from cotrain.rl.config import ProofSpec, ValidatorConfig
@@ -77,6 +76,9 @@ already limits the update of a sample whose ratio is that far off."""
 _TASK_CACHE = 4096
 _PROMPT_CACHE = 16
 _PREFIX_CACHE = 4
+CHECK_ROWS = 1024
+"""``check_rollouts`` prefills and judges about this many completion positions at a time (their
+(T, V) logits: ~200 MB for SmolLM2), however many rollouts it is given."""
 MIN_SHARED_PREFIX = 8
 """Prompts that begin with this many tokens in common share the state of that beginning."""
 
@@ -217,7 +219,8 @@ def check_rollouts(
     latest_version: int,
 ) -> list[Verdict]:
     """``check_rollout`` of several rollouts that claim the same version (``model``), in their
-    order. Rollouts of one prompt (a group) share its prefill: the prompt is computed once."""
+    order. Their prompts and completions are prefilled together (the prompts' shared
+    beginning once, each prompt's own part once)."""
     verdicts: list[Verdict | None] = [None] * len(rollouts)
     groups: dict[tuple[int, ...], list[tuple[int, Task]]] = {}
     max_len = ctx.max_seq_len or int(getattr(model.config, "max_position_embeddings", MAX_TOKENS))
@@ -230,9 +233,15 @@ def check_rollouts(
         groups.setdefault(tuple(s.rollout.prompt_ids), []).append((i, task))
     # every rollout here passed staleness, so expected_sha256 names the model's weights
     sha = expected_sha256 or ""
-    t0 = time.perf_counter()
-    fills: dict[int, Prefill] = {}  # by rollout index
-    # short completions of every prompt packed into a few passes with the prompts' own parts
+    tasks = {i: task for members in groups.values() for i, task in members}
+
+    def judge(fills: dict[int, Prefill], took: float) -> None:
+        for i, fill in fills.items():
+            verdicts[i] = _model_checks(rollouts[i], tasks[i], fill, ctx, took / len(fills))
+
+    # Short completions of every prompt packed into a few passes with their prompts' own
+    # parts, long ones in padded batches on their prompt's kept state. Judged part by part:
+    # the (T, V) logits of about CHECK_ROWS positions at a time stay in memory.
     short = [
         (list(prompt), [i for i, _ in members if _fed(rollouts[i]) <= PACK_MAX_FED])
         for prompt, members in groups.items()
@@ -240,27 +249,36 @@ def check_rollouts(
     short = [(p, idx) for p, idx in short if idx]
     if short:
         prefix = ctx.prefix_state(model, sha, [p for p, _ in short])
-        got = prefill_packed(
-            model,
-            [(p, [rollouts[i].rollout.completion_ids for i in idx]) for p, idx in short],
-            prefix=prefix,
-        )
-        for (_, idx), fs in zip(short, got, strict=True):
-            fills.update(zip(idx, fs, strict=True))
-    # long ones in padded batches on their prompt's kept state
+        part: list[tuple[list[int], list[int]]] = []
+        rows = 0
+        for k, (p, idx) in enumerate(short):
+            part.append((p, idx))
+            rows += sum(_fed(rollouts[i]) + 1 for i in idx)
+            if rows < CHECK_ROWS and k + 1 < len(short):
+                continue
+            t0 = time.perf_counter()
+            got = prefill_packed(
+                model,
+                [(q, [rollouts[i].rollout.completion_ids for i in ix]) for q, ix in part],
+                prefix=prefix,
+            )
+            fills = {
+                i: f
+                for (_, ix), fs in zip(part, got, strict=True)
+                for i, f in zip(ix, fs, strict=True)
+            }
+            judge(fills, time.perf_counter() - t0)
+            part, rows = [], 0
     for prompt, members in groups.items():
         long = [i for i, _ in members if _fed(rollouts[i]) > PACK_MAX_FED]
         if long:
+            t0 = time.perf_counter()
             state = ctx.prompt_state(model, sha, list(prompt))
             padded = prefill_group(
                 model, list(prompt), [rollouts[i].rollout.completion_ids for i in long],
                 batch_size=ctx.batch_size, state=state,
             )  # fmt: skip
-            fills.update(zip(long, padded, strict=True))
-    share = (time.perf_counter() - t0) / max(len(fills), 1)
-    for members in groups.values():
-        for i, task in members:
-            verdicts[i] = _model_checks(rollouts[i], task, fills[i], ctx, share)
+            judge(dict(zip(long, padded, strict=True)), time.perf_counter() - t0)
     return [v for v in verdicts if v is not None]
 
 
@@ -383,9 +401,9 @@ def _model_checks(
     # logprobs
     temp = a.temperature
     z = fill.logits / temp if temp > 0 else fill.logits  # (T, V)
-    logp = F.log_softmax(z, dim=-1)  # (T, V), as the worker computes it
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (T, 1): log_softmax = z - lse
     ids = torch.tensor(tokens, dtype=torch.long)
-    chosen = logp.gather(1, ids[:, None])[:, 0].double()  # (T,)
+    chosen = (z.gather(1, ids[:, None]) - lse)[:, 0].double()  # (T,)
     gap = torch.expm1((torch.tensor(r.logprobs, dtype=torch.float64) - chosen).abs())  # (T,)
     lp_median, lp_max = float(np.median(gap.numpy())), float(gap.max())
     metrics["logprob_median"], metrics["logprob_max"] = lp_median, lp_max
@@ -408,7 +426,7 @@ def _model_checks(
         if temp > 0
         else ctx.config.sampling_tolerance
     )
-    why = _termination(r.finish_reason, tokens, a.max_new_tokens, ctx, logp, metrics)
+    why = _termination(r.finish_reason, tokens, a.max_new_tokens, ctx, z[-1] - lse[-1], metrics)
     if why is None and metrics.get("eos_prob", 1.0) < ctx.config.eos_min_prob:
         # An unlikely EOS is still honest when the seeded draw chose it (one position's replay)
         last = replay(
@@ -446,7 +464,7 @@ def _termination(
     tokens: list[int],
     max_new_tokens: int,
     ctx: CheckContext,
-    logp: torch.Tensor,
+    last_logp: torch.Tensor,
     metrics: dict[str, float],
 ) -> str | None:
     """Why the finish reason does not hold in the tokens, or None (the caller weighs
@@ -460,7 +478,7 @@ def _termination(
             return "finish 'eos' without EOS as the last token"
         if inside:
             return "EOS before the last token"
-        metrics["eos_prob"] = math.exp(float(logp[-1, eos]))  # vs eos_min_prob: the caller
+        metrics["eos_prob"] = math.exp(float(last_logp[eos]))  # vs eos_min_prob: the caller
         return None
     if len(tokens) != max_new_tokens:
         return f"finish 'length' after {len(tokens)} of {max_new_tokens} tokens"
