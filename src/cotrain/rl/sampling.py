@@ -205,9 +205,8 @@ def gaps(
     safe = np.where(inside, toks, 0)
     rows = np.arange(n)
     if temperature == 0:
-        zn = z.numpy().astype(np.float64)
-        out = zn.max(axis=1) - zn[rows, safe]
-        return np.where(inside, out, np.inf)
+        top = z.max(dim=1).values.double() - z[torch.from_numpy(rows), torch.from_numpy(safe)]
+        return np.where(inside, top.numpy(), np.inf)
     zb = _padded_blocks(z)  # (T, B, BLOCK)
     nz = _Noise(seed, range(start, start + n), vocab)
     own = safe // BLOCK
@@ -296,7 +295,8 @@ class Replay:
     """Positions whose claimed token is not (within the tolerance) the seeded argmax."""
     first_mismatch: int | None
     worst_gap: float
-    """The largest ``best score - claimed token's score`` over the positions."""
+    """The largest ``best score - claimed token's score`` over the positions (exact up to the
+    tolerance; past it, a bound above the tolerance: ``gaps``)."""
 
 
 def replay(
