@@ -145,3 +145,29 @@ def test_a_near_tie_is_tolerated_only_within_float_noise() -> None:
                 assert r.worst_gap <= behind + 2e-6, (behind, r)
             else:
                 assert r.worst_gap == pytest.approx(behind, abs=2e-6), (behind, r)
+
+
+def test_a_replay_works_in_bounded_parts_and_never_passes_what_is_not_finite(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long completion is replayed a few positions at a time with the same result, and a
+    position whose scores are not finite (NaN logits, inf - inf) fails rather than passes."""
+    vocab = 4 * sampling.BLOCK
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(50, vocab, generator=gen) * 3
+    honest = [int(sampling.draw(logits[t : t + 1], 0.8, [9], t)[0]) for t in range(50)]
+    cheat = [(t * 37) % vocab for t in range(50)]  # tokens spread over every block
+    whole = [sampling.replay(logits, x, temperature=0.8, seed=9) for x in (honest, cheat)]
+    monkeypatch.setattr(sampling, "GAP_ROWS", 7)
+    parts = [sampling.replay(logits, x, temperature=0.8, seed=9) for x in (honest, cheat)]
+    assert whole == parts and whole[0].ok and whole[1].mismatches >= 45
+    greedy = logits[:3].argmax(dim=1).tolist()
+    for temperature, tokens in ((0.8, honest[:3]), (0.0, greedy)):
+        bad = logits[:3].clone()
+        bad[1, 5] = float("nan")
+        assert sampling.replay(logits[:3], tokens, temperature=temperature, seed=9).ok
+        r = sampling.replay(bad, tokens, temperature=temperature, seed=9)
+        assert not r.ok and r.first_mismatch == 1, r
+    huge = logits[:1].clone()
+    huge[0, :] = float("inf")  # inf - inf everywhere
+    assert not sampling.replay(huge, [honest[0]], temperature=0.8, seed=9).ok

@@ -48,9 +48,11 @@ from cotrain.rl.config import ProofSpec, ValidatorConfig
 from cotrain.rl.env import Env, EnvError, Task
 from cotrain.rl.inference import (
     PACK_MAX_FED,
+    PACK_ROWS,
     Prefill,
     PromptState,
     common_prefix,
+    packs_ok,
     prefill_group,
     prefill_packed,
     prompt_state,
@@ -77,8 +79,9 @@ _TASK_CACHE = 4096
 _PROMPT_CACHE = 16
 _PREFIX_CACHE = 4
 CHECK_ROWS = 1024
-"""``check_rollouts`` prefills and judges about this many completion positions at a time (their
-(T, V) logits: ~200 MB for SmolLM2), however many rollouts it is given."""
+"""``check_rollouts`` prefills and judges at most this many completion positions at a time (or
+one rollout, when one is longer): their (T, V) logits are ~200 MB for SmolLM2, however many
+rollouts it is given."""
 MIN_SHARED_PREFIX = 8
 """Prompts that begin with this many tokens in common share the state of that beginning."""
 
@@ -241,45 +244,71 @@ def check_rollouts(
 
     # Short completions of every prompt packed into a few passes with their prompts' own
     # parts, long ones in padded batches on their prompt's kept state. Judged part by part:
-    # the (T, V) logits of about CHECK_ROWS positions at a time stay in memory.
-    short = [
-        (list(prompt), [i for i, _ in members if _fed(rollouts[i]) <= PACK_MAX_FED])
-        for prompt, members in groups.items()
-    ]
-    short = [(p, idx) for p, idx in short if idx]
-    if short:
-        prefix = ctx.prefix_state(model, sha, [p for p, _ in short])
-        part: list[tuple[list[int], list[int]]] = []
-        rows = 0
-        for k, (p, idx) in enumerate(short):
-            part.append((p, idx))
-            rows += sum(_fed(rollouts[i]) + 1 for i in idx)
-            if rows < CHECK_ROWS and k + 1 < len(short):
-                continue
-            t0 = time.perf_counter()
-            got = prefill_packed(
-                model,
-                [(q, [rollouts[i].rollout.completion_ids for i in ix]) for q, ix in part],
-                prefix=prefix,
-            )
-            fills = {
-                i: f
-                for (_, ix), fs in zip(part, got, strict=True)
-                for i, f in zip(ix, fs, strict=True)
-            }
-            judge(fills, time.perf_counter() - t0)
-            part, rows = [], 0
+    # the (T, V) logits of at most CHECK_ROWS positions (or one rollout) at a time.
+    packable = packs_ok(model)
+    short: list[tuple[list[int], list[int]]] = []
+    long: list[tuple[list[int], list[int]]] = []
     for prompt, members in groups.items():
-        long = [i for i, _ in members if _fed(rollouts[i]) > PACK_MAX_FED]
-        if long:
-            t0 = time.perf_counter()
-            state = ctx.prompt_state(model, sha, list(prompt))
-            padded = prefill_group(
-                model, list(prompt), [rollouts[i].rollout.completion_ids for i in long],
-                batch_size=ctx.batch_size, state=state,
-            )  # fmt: skip
-            judge(dict(zip(long, padded, strict=True)), time.perf_counter() - t0)
+        idx = [i for i, _ in members]
+        fits = [i for i in idx if packable and _fed(rollouts[i]) <= PACK_MAX_FED]
+        fits = [i for i in fits if len(prompt) + _fed(rollouts[i]) <= PACK_ROWS]
+        short += [(list(prompt), part) for part in _parts(fits, rollouts)]
+        packed = set(fits)
+        rest = [i for i in idx if i not in packed]
+        long += [(list(prompt), part) for part in _parts(rest, rollouts)]
+    prefix = ctx.prefix_state(model, sha, [p for p, _ in short]) if short else None
+    for unit in _units(short, rollouts):
+        t0 = time.perf_counter()
+        got = prefill_packed(
+            model,
+            [(p, [rollouts[i].rollout.completion_ids for i in ix]) for p, ix in unit],
+            prefix=prefix,
+        )
+        fills = {
+            i: f for (_, ix), fs in zip(unit, got, strict=True) for i, f in zip(ix, fs, strict=True)
+        }
+        judge(fills, time.perf_counter() - t0)
+    for head, ix in long:
+        t0 = time.perf_counter()
+        state = ctx.prompt_state(model, sha, head)
+        padded = prefill_group(
+            model, head, [rollouts[i].rollout.completion_ids for i in ix],
+            batch_size=ctx.batch_size, state=state,
+        )  # fmt: skip
+        judge(dict(zip(ix, padded, strict=True)), time.perf_counter() - t0)
     return [v for v in verdicts if v is not None]
+
+
+def _parts(idx: list[int], rollouts: Sequence[SignedRollout]) -> list[list[int]]:
+    """``idx`` in runs of at most ``CHECK_ROWS`` prefilled positions (one rollout at least)."""
+    parts: list[list[int]] = []
+    rows = CHECK_ROWS
+    for i in idx:
+        n = _fed(rollouts[i]) + 1
+        if parts and rows + n <= CHECK_ROWS:
+            parts[-1].append(i)
+            rows += n
+        else:
+            parts.append([i])
+            rows = n
+    return parts
+
+
+def _units(
+    parts: list[tuple[list[int], list[int]]], rollouts: Sequence[SignedRollout]
+) -> list[list[tuple[list[int], list[int]]]]:
+    """Parts of several prompts together, at most ``CHECK_ROWS`` positions a unit."""
+    units: list[list[tuple[list[int], list[int]]]] = []
+    rows = CHECK_ROWS
+    for prompt, ix in parts:
+        n = sum(_fed(rollouts[i]) + 1 for i in ix)
+        if units and rows + n <= CHECK_ROWS:
+            units[-1].append((prompt, ix))
+            rows += n
+        else:
+            units.append([(prompt, ix)])
+            rows = n
+    return units
 
 
 def _fed(s: SignedRollout) -> int:
@@ -408,10 +437,10 @@ def _model_checks(
     lp_median, lp_max = float(np.median(gap.numpy())), float(gap.max())
     metrics["logprob_median"], metrics["logprob_max"] = lp_median, lp_max
     tol = ctx.config.logprob_tolerance
-    if lp_median > tol:
+    if not lp_median <= tol:  # (NaN fails)
         return reject("logprobs", f"median exp|d|-1 of claimed logprobs {lp_median:.3g} > {tol}")
-    if lp_max > LOGPROB_MAX_FACTOR * tol:
-        worst = int(gap.argmax())
+    if not lp_max <= LOGPROB_MAX_FACTOR * tol:
+        worst = int(gap.nan_to_num(float("inf")).argmax())
         return reject(
             "logprobs",
             f"logprob at position {worst} off by exp|d|-1 = {lp_max:.3g} "
@@ -427,7 +456,7 @@ def _model_checks(
         else ctx.config.sampling_tolerance
     )
     why = _termination(r.finish_reason, tokens, a.max_new_tokens, ctx, z[-1] - lse[-1], metrics)
-    if why is None and metrics.get("eos_prob", 1.0) < ctx.config.eos_min_prob:
+    if why is None and not metrics.get("eos_prob", 1.0) >= ctx.config.eos_min_prob:
         # An unlikely EOS is still honest when the seeded draw chose it (one position's replay)
         last = replay(
             fill.logits[-1:], tokens[-1:], temperature=temp, seed=seed,

@@ -416,13 +416,22 @@ PACK_MAX_FED = 64
 each row attends to its own positions only."""
 
 
-def _takes_2d_logits_mask() -> bool:
-    """Whether this transformers takes a (batch, positions) boolean ``logits_to_keep``."""
+def _takes_2d_logits_mask(model: Any) -> bool:
+    """Whether ``model`` takes a (batch, positions) boolean ``logits_to_keep``."""
+    if not _takes_logits_to_keep(model):
+        return False
     try:
         from transformers.modeling_utils import slice_logits_to_keep
     except ImportError:
         return False
     return "boolean" in (slice_logits_to_keep.__doc__ or "")
+
+
+def packs_ok(model: Any) -> bool:
+    """Whether ``model``'s attention honours a custom 4-D mask (``prefill_packed``); others
+    (flash attention) would attend across packs."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return impl in ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -491,7 +500,11 @@ def prefill_packed(
     tails = [list(prompt[n0:]) for prompt, _ in groups]
     fed = [[list(c[:-1]) for c in completions] for _, completions in groups]
     packs = _packs([len(t) for t in tails], [[len(f) for f in fs] for fs in fed], max_rows)
-    kw, low, mask_2d = _cache_kw(model), torch.finfo(torch.float32).min, _takes_2d_logits_mask()
+    kw, low, mask_2d = (
+        _cache_kw(model),
+        torch.finfo(torch.float32).min,
+        _takes_2d_logits_mask(model),
+    )
     result: dict[tuple[int, int], Prefill] = {}
     with HiddenCapture(final_norm(model)) as cap:
         for batch in _pack_batches(packs, batch_rows):

@@ -55,6 +55,8 @@ at 1e-3 one of 631 (0.0006)."""
 
 BLOCK = 256
 """Tokens per block of lazily drawn noise."""
+GAP_ROWS = 64
+"""Positions a replay works on at a time (a cheat can make it open every block of each)."""
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _TOP, _WINNER = np.uint64(0x5851F42D4C957F2D), np.uint64(0x14057B7EF767814F)
@@ -70,8 +72,9 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def _uniform(x: np.ndarray) -> np.ndarray:
-    """uint64 counters -> float64 uniforms in (0, 1) (53 bits, never 0 or 1)."""
-    return ((_mix(x) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+    """uint64 counters -> float64 uniforms in (0, 1): the centres of 2^52 equal cells (never 0
+    or 1; every value is exact in float64)."""
+    return ((_mix(x) >> np.uint64(12)).astype(np.float64) + 0.5) * 2.0**-52
 
 
 def _position_keys(seed: int, positions: Sequence[int]) -> np.ndarray:
@@ -144,7 +147,7 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _padded_blocks(z: torch.Tensor) -> np.ndarray:
-    """(N, V) float32 -> (N, B, BLOCK) float64 view-like array, -inf past the vocabulary."""
+    """(N, V) float32 -> (N, B, BLOCK) float32 array, -inf past the vocabulary."""
     pad = n_blocks(z.size(1)) * BLOCK - z.size(1)
     if pad:
         z = F.pad(z, (0, pad), value=float("-inf"))
@@ -206,19 +209,32 @@ def gaps(
     rows = np.arange(n)
     if temperature == 0:
         top = z.max(dim=1).values.double() - z[torch.from_numpy(rows), torch.from_numpy(safe)]
-        return np.where(inside, top.numpy(), np.inf)
+        return np.where(inside & np.isfinite(top.numpy()), top.numpy(), np.inf)
+    out = np.empty(n, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, a failure below
+        for lo in range(0, n, GAP_ROWS):  # bounded memory however long the completion
+            hi = min(n, lo + GAP_ROWS)
+            out[lo:hi] = _gaps(z[lo:hi], safe[lo:hi], seed, start + lo, tolerance)
+    # a non-finite score (NaN logits, inf - inf) is no evidence of a draw
+    return np.where(inside & np.isfinite(out), out, np.inf)
+
+
+def _gaps(z: torch.Tensor, toks: np.ndarray, seed: int, start: int, tolerance: float) -> np.ndarray:
+    """``gaps`` of the positions ``start, start + 1, ...`` of ``z`` (scaled logits)."""
+    n, vocab = z.size(0), z.size(1)
+    rows = np.arange(n)
     zb = _padded_blocks(z)  # (T, B, BLOCK)
     nz = _Noise(seed, range(start, start + n), vocab)
-    own = safe // BLOCK
+    own = toks // BLOCK
     s_own = _open(zb, nz, rows, own)  # (T, BLOCK)
-    mine = s_own[rows, safe - own * BLOCK]  # (T,)
+    mine = s_own[rows, toks - own * BLOCK]  # (T,)
     best = s_own.max(axis=1)
     ub = zb.max(axis=2).astype(np.float64) + nz.tops  # (T, B)
     ub[rows, own] = -np.inf
     r, b = np.nonzero((ub > (mine + tolerance)[:, None]) & (ub > best[:, None]))
     if len(r):
         np.maximum.at(best, r, _open(zb, nz, r, b).max(axis=1))
-    return np.where(inside, best - mine, np.inf)
+    return best - mine
 
 
 @dataclass(frozen=True)
@@ -314,7 +330,7 @@ def replay(
     if logits.dim() != 2 or logits.size(0) != len(tokens):
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(tokens)} tokens")
     g = gaps(logits, tokens, temperature=temperature, seed=seed, tolerance=tolerance, start=start)
-    bad = np.nonzero(g > tolerance)[0]
+    bad = np.nonzero(~(g <= tolerance))[0]
     return Replay(
         not len(bad), len(bad), int(bad[0]) if len(bad) else None, float(g.max(initial=0.0))
     )
