@@ -279,36 +279,32 @@ def check_rollouts(
     return [v for v in verdicts if v is not None]
 
 
+def _bins(sizes: Sequence[int], limit: int) -> list[list[int]]:
+    """Indices of ``sizes`` in order, in runs whose sizes add up to at most ``limit`` (an item
+    larger than the limit alone)."""
+    bins: list[list[int]] = []
+    total = limit
+    for k, n in enumerate(sizes):
+        if bins and total + n <= limit:
+            bins[-1].append(k)
+            total += n
+        else:
+            bins.append([k])
+            total = n
+    return bins
+
+
 def _parts(idx: list[int], rollouts: Sequence[SignedRollout]) -> list[list[int]]:
     """``idx`` in runs of at most ``CHECK_ROWS`` prefilled positions (one rollout at least)."""
-    parts: list[list[int]] = []
-    rows = CHECK_ROWS
-    for i in idx:
-        n = _fed(rollouts[i]) + 1
-        if parts and rows + n <= CHECK_ROWS:
-            parts[-1].append(i)
-            rows += n
-        else:
-            parts.append([i])
-            rows = n
-    return parts
+    return [[idx[k] for k in b] for b in _bins([_fed(rollouts[i]) + 1 for i in idx], CHECK_ROWS)]
 
 
 def _units(
     parts: list[tuple[list[int], list[int]]], rollouts: Sequence[SignedRollout]
 ) -> list[list[tuple[list[int], list[int]]]]:
     """Parts of several prompts together, at most ``CHECK_ROWS`` positions a unit."""
-    units: list[list[tuple[list[int], list[int]]]] = []
-    rows = CHECK_ROWS
-    for prompt, ix in parts:
-        n = sum(_fed(rollouts[i]) + 1 for i in ix)
-        if units and rows + n <= CHECK_ROWS:
-            units[-1].append((prompt, ix))
-            rows += n
-        else:
-            units.append([(prompt, ix)])
-            rows = n
-    return units
+    sizes = [sum(_fed(rollouts[i]) + 1 for i in ix) for _, ix in parts]
+    return [[parts[k] for k in b] for b in _bins(sizes, CHECK_ROWS)]
 
 
 def _fed(s: SignedRollout) -> int:
