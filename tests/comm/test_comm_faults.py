@@ -261,3 +261,17 @@ def test_scripted_peers_reduce_each_input_kind(
         assert np.array_equal(a, b)
         expect = sum(make_input(SEED, i, rnd, NUMEL).astype(np.float64) for i in range(2))
         assert np.abs(a - expect).max() < tol
+
+
+def test_a_link_closed_under_a_transfer_is_a_dead_peer_not_a_crash() -> None:
+    """A fault handled on another thread can close a ring link just as a transfer sets its
+    timeouts (seen once in the chaos run as EBADF); the transfer must fail as a lost peer,
+    which the retry loop handles, not crash the process with an OSError."""
+    from cotrain.comm.errors import PeerFailedError
+    from cotrain.comm.ring import kernel_timeouts
+
+    a, b = socket.socketpair()
+    b.close()
+    a.close()
+    with pytest.raises(PeerFailedError, match="ring link closed"):
+        kernel_timeouts(a, 5.0)

@@ -144,12 +144,16 @@ def _run_threads(run: _Run, targets: list[Callable[[], None]], timeout_s: float)
 def kernel_timeouts(sock: socket.socket, seconds: float) -> None:
     """Blocking mode with SO_RCVTIMEO/SO_SNDTIMEO instead of Python's poll-based timeouts: a
     whole chunk then moves in one send/recv syscall (MSG_WAITALL), and a silent peer still
-    fails the call after ``seconds`` (EAGAIN)."""
-    sock.settimeout(None)
+    fails the call after ``seconds`` (EAGAIN). A link closed under us (a fault handled on
+    another thread) is a dead peer, not a crash."""
     whole = int(seconds)
     tv = struct.pack("ll", whole, int((seconds - whole) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    try:
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    except OSError as e:
+        raise PeerFailedError(f"ring link closed before the transfer: {e}") from e
 
 
 def _check_preamble(sock: socket.socket, epoch: int, seq: int, count: int) -> None:
