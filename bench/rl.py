@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import urllib.parse
@@ -155,7 +156,6 @@ def worker_key(run: LocalRun, name: str) -> str:
 def check_disk(args: argparse.Namespace, root: Path) -> None:
     """Refuse to start a run the disk cannot hold: the versions kept for the evaluation (one
     copy of the weights each), the trainer's checkpoints and the workers' weight caches."""
-    import shutil
 
     from cotrain.rl.config import ModelSpec
     from cotrain.rl.policy import parameter_count
@@ -173,9 +173,19 @@ def check_disk(args: argparse.Namespace, root: Path) -> None:
         )
 
 
+def fresh_dir(path: Path, console: Console) -> Path:
+    """A run directory with nothing in it: a run finds its checkpoint and journal there and
+    resumes, so a directory left by an earlier benchmark would resume (or end at once)
+    instead of measuring a new run."""
+    if path.exists():
+        console.print(f"  removing the previous run at {path}")
+        shutil.rmtree(path)
+    return path
+
+
 def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> dict[str, Any]:
     check_disk(args, root)
-    cfg = base_config(args, root / f"k{k}", k)
+    cfg = base_config(args, fresh_dir(root / f"k{k}", console), k)
     cheat = RUN_CHEATS[k]
     run = LocalRun(cfg)
     curve: list[dict[str, Any]] = []
@@ -283,7 +293,6 @@ def evaluate_curve(
     published version s + 1; step 0 is the base model, version 1), read from the trainer's
     shardcast origin after the run, with the machine to itself; the versions are deleted
     after."""
-    import shutil
 
     import torch
 
@@ -329,7 +338,7 @@ def cheat_cases(
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Every cheat against one short async run: each cheater makes a few submissions.
     Returns the cases and the honest workers' ``rejected`` and ``total`` meanwhile."""
-    cfg = base_config(args, root / "cheats", 2)
+    cfg = base_config(args, fresh_dir(root / "cheats", console), 2)
     cfg.run.total_steps = 10_000  # runs until stopped
     cfg.env.heldout_items = 0
     cfg.trainer.eval_every = 0

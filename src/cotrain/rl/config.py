@@ -40,6 +40,11 @@ class RunConfig(ConfigModel):
     is sampled again on the same task with new seeds; a group that all solved gets a new task.
     Replacing every hard task would bias the batches towards the tasks the policy already
     solves (SmolLM2 on chain_sum: it never learns the negative answers)."""
+    advantage_scale: Literal["none", "std"] = "none"
+    """none: a sample's advantage is its reward minus its group's mean (Dr. GRPO, PRIME-RL).
+    std: that, divided by the standard deviation of the group's rewards (GRPO, INTELLECT-2):
+    the one success of a group that solved a hard task once gets sqrt(G - 1) (2.6 at G = 8)
+    instead of (G - 1) / G (0.875), against 1 and 0.5 for an even split."""
     abort_after_zero_batches: int = Field(default=10, ge=1)
     """Stop the run with an error after this many batches in a row with no signal at all."""
 

@@ -25,6 +25,7 @@ depend on the order in which rollouts arrive.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -319,7 +320,11 @@ class Planner:
                 dropped += 1
                 continue
             groups += 1
-            mean = sum(slot.rewards[-1]) / self.G
+            rewards = slot.rewards[-1]
+            mean = sum(rewards) / self.G
+            scale = 1.0
+            if self.cfg.run.advantage_scale == "std":  # a done slot's rewards differ: std > 0
+                scale = math.sqrt(sum((r - mean) ** 2 for r in rewards) / self.G)
             for i in range(self.G):
                 acc = slot.accepted[i]
                 samples.append(
@@ -328,7 +333,7 @@ class Planner:
                         prompt_ids=acc.prompt_ids,
                         completion_ids=acc.completion_ids,
                         logprobs=acc.logprobs,
-                        advantage=acc.reward - mean,
+                        advantage=(acc.reward - mean) / scale,
                         reward=acc.reward,
                         version=acc.version,
                         temperature=self.cfg.sampling.temperature,
