@@ -179,3 +179,26 @@ def test_batches_do_not_depend_on_arrival_order() -> None:
         return [(s.rollout_id, s.advantage) for b in p.form_batches() for s in b.samples]
 
     assert run(0) == run(1) == run(2)
+
+
+@pytest.mark.parametrize("scale", ["none", "std"])
+def test_advantages_are_centred_and_optionally_scaled_by_the_groups_std(scale: str) -> None:
+    """G = 4: one success in four (a hard task solved once) and an even split. Centred only,
+    the success gets 0.75 and the even split +-0.5; divided by the group's std (0.433 and
+    0.5), sqrt(3) = 1.732 and +-1."""
+    p = _planner(async_level=0, group_size=4, advantage_scale=scale)
+    a, b = _issue(p), _issue(p)
+    _answer(p, a, [0.0, 1.0, 0.0, 0.0])
+    _answer(p, b, [1.0, 0.0, 1.0, 0.0])
+    [batch] = p.form_batches()
+    adv = {s.rollout_id: s.advantage for s in batch.samples}
+    one = [adv[f"{a.id}/{i}"] for i in range(4)]
+    even = [adv[f"{b.id}/{i}"] for i in range(4)]
+    if scale == "none":
+        assert one == pytest.approx([-0.25, 0.75, -0.25, -0.25])
+        assert even == pytest.approx([0.5, -0.5, 0.5, -0.5])
+    else:
+        s = 3**0.5
+        assert one == pytest.approx([-1 / s, s, -1 / s, -1 / s])
+        assert even == pytest.approx([1.0, -1.0, 1.0, -1.0])
+    assert sum(one) == pytest.approx(0.0) and sum(even) == pytest.approx(0.0)
