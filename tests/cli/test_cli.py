@@ -121,3 +121,26 @@ def test_peer_without_a_key_or_a_way_to_check_the_master_is_one_line(tmp_path: P
         )
         assert bad.returncode == 2, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.timeout(60)
+def test_demo_on_a_busy_port_is_one_line_and_keeps_the_last_demo(tmp_path: Path) -> None:
+    import socket
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")  # a previous demo's results
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "cotrain", "demo", "--port", str(port), "--out-dir", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert r.returncode == 2, r.stderr
+    assert f"port {port} is not free" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert (out / "summary.json").read_text() == "{}"

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -782,11 +783,26 @@ def _closing(summary: dict[str, Any]) -> None:
         console.print(line, highlight=False, soft_wrap=True)
 
 
+def _port_free(port: int) -> None:
+    if port == 0:
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise UsageError(
+                f"port {port} is not free ({e.strerror}): choose another with --port, or 0 "
+                "for any free one"
+            ) from None
+
+
 def run_demo(
     out_dir: Path, *, quick: bool = False, port: int = 0, stay: bool = True
 ) -> dict[str, Any]:
     """The whole story; returns the summary (also in ``out_dir/summary.json``)."""
     out = Path(out_dir).absolute()
+    _port_free(port)  # before anything of a previous demo is removed
     _clean(out)
     demo = Demo(out, QUICK if quick else FULL, port=port)
     demo.memory.start()
