@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def start_ticks(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22), or None
@@ -31,3 +33,19 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every live process below it (read from ``/proc``)."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            ppid = parent(int(d))
+            if ppid is not None:
+                kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out

@@ -32,7 +32,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -41,8 +40,8 @@ from typing import Any, TypeVar
 
 from cotrain.core.errors import CotrainError, UsageError
 from cotrain.core.identity import Identity
-from cotrain.core.pids import parent
 from cotrain.launch.procs import COTRAIN, Proc, popen
+from cotrain.rl.launch import MemorySampler
 
 T = TypeVar("T")
 MARKER = ".cotrain-demo"
@@ -134,60 +133,6 @@ class Say:
         return time.monotonic() - self.t0
 
 
-# ---- memory of the whole process tree ---------------------------------------------------------
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            ppid = parent(int(d))
-            if ppid is not None:
-                kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
-def tree(root: int) -> list[int]:
-    """``root`` and every process below it."""
-    kids, out, todo = _children(), [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(kids.get(pid, []))
-    return out
-
-
-class TreeMemory:
-    """Peak of the summed PSS of this process and all its descendants (sampled)."""
-
-    def __init__(self, every_s: float = 0.5) -> None:
-        from cotrain.rl.launch import memory_bytes
-
-        self.every_s = every_s
-        self.peak_bytes = 0
-        self.peak_processes = 0
-        self._memory = memory_bytes
-        self._stop = threading.Event()
-
-    def sample(self) -> int:
-        pids = tree(os.getpid())
-        total = sum(self._memory(p)[0] for p in pids)
-        if total > self.peak_bytes:
-            self.peak_bytes, self.peak_processes = total, len(pids)
-        return total
-
-    def start(self) -> None:
-        def loop() -> None:
-            while not self._stop.wait(self.every_s):
-                with contextlib.suppress(Exception):
-                    self.sample()
-
-        threading.Thread(target=loop, daemon=True, name="memory").start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
 # ---- the story --------------------------------------------------------------------------------
 
 
@@ -198,7 +143,7 @@ class Demo:
     port: int = 0
     say: Say = field(default_factory=Say)
     procs: dict[str, Proc] = field(default_factory=dict)
-    memory: TreeMemory = field(default_factory=TreeMemory)
+    memory: MemorySampler = field(default_factory=lambda: MemorySampler(root=os.getpid()))
     url: str = ""
     coord_key: str = ""
     keys: dict[str, Identity] = field(default_factory=dict)

@@ -107,12 +107,14 @@ class Checkpoint:
     extensions: list[str] = field(default_factory=list)
 
 
-def _valid_name(name: str) -> bool:
+def valid_name(name: str) -> bool:
+    """Whether ``name`` may name a key in a note's signature lines (``— name base64(...)``):
+    non-empty, with no spaces and no '+', as the signed-note format requires."""
     return bool(name) and "+" not in name and not any(c.isspace() for c in name)
 
 
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not _valid_name(name) or _CONTROL.search(name):
+    if not isinstance(name, str) or not valid_name(name) or _CONTROL.search(name):
         raise NoteError(f"key name {name!r} must be non-empty, without spaces or '+'")
 
 
@@ -230,7 +232,7 @@ def parse_note(raw: str | bytes) -> Note:
         if not line.startswith(_SIG_PREFIX):
             raise NoteError(f"signature line {n} does not start with an em dash and a space")
         name, _, b64 = line[len(_SIG_PREFIX) :].partition(" ")
-        if not _valid_name(name):
+        if not valid_name(name):
             raise NoteError(f"signature line {n} has an invalid key name {name!r}")
         raw_sig = _b64decode(b64, f"signature line {n}")
         if len(raw_sig) < 5:

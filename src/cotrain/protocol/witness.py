@@ -85,7 +85,7 @@ class Witness:
         self.cfg = cfg
         self.identity = identity
         self.name = cfg.name or f"witness-{identity.public_hex[:8]}"
-        if not note._valid_name(self.name):
+        if not note.valid_name(self.name):
             raise UsageError(f"--name {self.name!r}: no spaces or '+' in a witness's name")
         self.coordinator = cfg.coordinator_key
         self.state_path = Path(cfg.state)

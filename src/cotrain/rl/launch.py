@@ -22,6 +22,7 @@ from typing import Any
 from cotrain.core.config import to_overrides
 from cotrain.core.errors import TimeoutExpired
 from cotrain.core.identity import Identity
+from cotrain.core.pids import descendants
 from cotrain.launch.procs import COTRAIN, Proc, popen
 from cotrain.rl.config import RLConfig
 from cotrain.rl.errors import RLError
@@ -51,28 +52,36 @@ def memory_bytes(pid: int) -> tuple[int, int]:
 @dataclass
 class MemorySampler:
     """Peak of the memory of a set of processes together, sampled every ``every_s``:
-    ``peak_bytes`` (sum of PSS: the machine's memory they use) and ``peak_rss_bytes``."""
+    ``peak_bytes`` (sum of PSS: the machine's memory they use) and ``peak_rss_bytes``. The
+    processes are ``pids``, or with ``root`` that process and all its descendants."""
 
     every_s: float = 0.5
+    root: int | None = None
     peak_bytes: int = 0
     peak_rss_bytes: int = 0
+    peak_processes: int = 0
     pids: set[int] = field(default_factory=set)
     at_peak: dict[int, int] = field(default_factory=dict)
     """Each process's PSS when the sum peaked."""
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
-        threading.Thread(target=self._loop, daemon=True).start()
+        threading.Thread(target=self._loop, daemon=True, name="memory").start()
+
+    def sample(self) -> int:
+        """Sample once now; the processes' summed PSS."""
+        pids = descendants(self.root) if self.root is not None else list(self.pids)
+        both = [memory_bytes(p) for p in pids]
+        total = sum(p for p, _ in both)
+        if total > self.peak_bytes:
+            self.peak_bytes, self.peak_processes = total, len(pids)
+            self.at_peak = {pid: pss for pid, (pss, _) in zip(pids, both, strict=True)}
+        self.peak_rss_bytes = max(self.peak_rss_bytes, sum(r for _, r in both))
+        return total
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
-            pids = list(self.pids)
-            both = [memory_bytes(p) for p in pids]
-            total = sum(p for p, _ in both)
-            if total > self.peak_bytes:
-                self.peak_bytes = total
-                self.at_peak = {pid: pss for pid, (pss, _) in zip(pids, both, strict=True)}
-            self.peak_rss_bytes = max(self.peak_rss_bytes, sum(r for _, r in both))
+            self.sample()
 
     def stop(self) -> None:
         self._stop.set()
