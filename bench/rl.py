@@ -293,7 +293,6 @@ def evaluate_curve(
     published version s + 1; step 0 is the base model, version 1), read from the trainer's
     shardcast origin after the run, with the machine to itself; the versions are deleted
     after."""
-
     import torch
 
     from cotrain.rl.client import map_safetensors
