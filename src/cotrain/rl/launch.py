@@ -9,6 +9,7 @@ mid-run. The resident memory of all processes together is sampled and its peak r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -81,7 +82,8 @@ class MemorySampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
-            self.sample()
+            with contextlib.suppress(OSError, ValueError):  # a process gone mid-read
+                self.sample()
 
     def stop(self) -> None:
         self._stop.set()
