@@ -156,7 +156,6 @@ def worker_key(run: LocalRun, name: str) -> str:
 def check_disk(args: argparse.Namespace, root: Path) -> None:
     """Refuse to start a run the disk cannot hold: the versions kept for the evaluation (one
     copy of the weights each), the trainer's checkpoints and the workers' weight caches."""
-
     from cotrain.rl.config import ModelSpec
     from cotrain.rl.policy import parameter_count
 

@@ -25,7 +25,7 @@ depend on the order in which rollouts arrive.
 
 from __future__ import annotations
 
-import math
+import statistics
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +35,10 @@ from cotrain.rl import seeds
 from cotrain.rl.config import RLConfig
 from cotrain.rl.env import Curriculum
 from cotrain.rl.wire import Assignment, Batch, Sample
+
+STD_EPS = 1e-4
+"""Added to a group's reward std before dividing by it (``run.advantage_scale = "std"``), as
+TRL does: partial rewards that differ by a hair must not blow the advantages up."""
 
 
 @dataclass
@@ -323,8 +327,8 @@ class Planner:
             rewards = slot.rewards[-1]
             mean = sum(rewards) / self.G
             scale = 1.0
-            if self.cfg.run.advantage_scale == "std":  # a done slot's rewards differ: std > 0
-                scale = math.sqrt(sum((r - mean) ** 2 for r in rewards) / self.G)
+            if self.cfg.run.advantage_scale == "std":  # + eps: rewards may differ by a hair
+                scale = statistics.pstdev(rewards) + STD_EPS
             for i in range(self.G):
                 acc = slot.accepted[i]
                 samples.append(
