@@ -509,3 +509,29 @@ def test_an_unlikely_eos_passes_only_when_the_seed_drew_it(world: World) -> None
         latest_version=LATEST,
     )
     assert not v.ok and v.check == "termination" and "p=" in v.reason
+
+
+def test_a_revisit_passes_and_a_forged_one_does_not(world: World) -> None:
+    """A revisit samples an earlier step's task: the validator accepts the task of the slot
+    key it names, only from an earlier step."""
+    origin = seeds.task_seed(RUN_SEED, 2, 5, 1)
+    prompt = world.ctx.encode_prompt(world.ctx.env.task(origin, 0).prompt)
+
+    def revisit(step: int, task_from: str) -> Envelope:
+        return assign(
+            world, step, 0, task_from=task_from, task_seed=origin, prompt_ids=prompt,
+            seeds=seeds.sample_seeds(origin, RUN, f"s{step}.j0.a0", G),
+        )  # fmt: skip
+
+    a_env = revisit(4, "s2.j5.a1")
+    group = generate(world, a_env)
+    assert all(check(world, submit(world, a_env, i, g)).ok for i, g in enumerate(group[:2]))
+    for step, task_from, reason in [
+        (2, "s2.j5.a1", "not an earlier step"),
+        (4, "s2.j5.a0", "not the schedule's"),
+    ]:
+        a_env = revisit(step, task_from)
+        v = check(world, submit(world, a_env, 0, generate(world, a_env)[0]))
+        assert not v.ok and v.check == "assignment" and reason in v.reason, v
+    with pytest.raises(wire.WireError, match="task_from"):
+        wire.Assignment.from_body(dict(a_env.body, task_from="s2.j5"))

@@ -202,3 +202,55 @@ def test_advantages_are_centred_and_optionally_scaled_by_the_groups_std(scale: s
         assert one == pytest.approx([-1 / s, s, -1 / s, -1 / s], rel=1e-3)
         assert even == pytest.approx([1.0, -1.0, 1.0, -1.0], rel=1e-3)
     assert sum(one) == pytest.approx(0.0) and sum(even) == pytest.approx(0.0)
+
+
+def test_a_rarely_solved_task_is_revisited_k_plus_one_steps_later() -> None:
+    """G = 4, k = 1: step 1's slot 0 solves its task once in four (mean 0.25, at the
+    threshold), slot 1 twice. Step 3 (created once version 2, trained on batch 1, is out)
+    samples slot 0's task again in its first slot, with new seeds and the original's key; a
+    revisit that fails is retried on the same task, and one still solved rarely is revisited
+    again under the original's key."""
+    p = _planner(async_level=1, group_size=4)
+    issued = [_issue(p) for _ in range(4)]
+    assert [(a.step, a.slot) for a in issued] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all(a.task_from == "" for a in issued)  # batch 0 does not exist: no revisits
+    s10, s11, s20, s21 = issued
+    _answer(p, s10, [0.0, 1.0, 0.0, 0.0])
+    _answer(p, s11, [1.0, 0.0, 1.0, 0.0])
+    [b1] = p.form_batches()
+    assert b1.step == 1
+    p.apply_version(2, "1" * 64, 1, ["http://x"])
+    r, fresh = _issue(p), _issue(p)
+    assert (r.step, r.slot, fresh.step, fresh.slot) == (3, 0, 3, 1)
+    assert (r.task_seed, r.level, r.prompt_ids, r.task_from) == (
+        s10.task_seed,
+        s10.level,
+        s10.prompt_ids,
+        "s1.j0.a0",
+    )
+    assert set(r.seeds).isdisjoint(s10.seeds)
+    assert fresh.task_from == "" and fresh.task_seed not in (s10.task_seed, s11.task_seed)
+    _answer(p, r, [0.0, 0.0, 0.0, 0.0])  # none solved it: the same task again
+    r1 = _issue(p)
+    assert (r1.step, r1.slot, r1.attempt) == (3, 0, 1)
+    assert (r1.task_seed, r1.task_from) == (s10.task_seed, "s1.j0.a0")
+    _answer(p, r1, [0.0, 0.0, 1.0, 0.0])
+    _answer(p, fresh, [1.0, 1.0, 1.0, 0.0])
+    for a in (s20, s21):
+        _answer(p, a, [1.0, 1.0, 0.0, 0.0])
+    assert [b.step for b in p.form_batches()] == [2, 3]
+    assert [t.key for t in p.revisits[3]] == ["s1.j0.a0"]  # the chain keeps the original
+    assert p.revisits[2] == []
+
+
+def test_revisits_can_be_turned_off_and_never_take_more_than_half_the_slots() -> None:
+    def revisited(**run: object) -> list[str]:
+        p = _planner(async_level=0, group_size=4, groups_per_step=4, **run)
+        for _ in range(4):
+            _answer(p, _issue(p), [1.0, 0.0, 0.0, 0.0])  # every task solved once in four
+        p.form_batches()
+        p.apply_version(2, "1" * 64, 1, ["http://x"])
+        return [_issue(p).task_from for _ in range(4)]
+
+    assert revisited() == ["s1.j0.a0", "s1.j1.a0", "", ""]
+    assert revisited(revisit_below=0.0) == ["", "", "", ""]

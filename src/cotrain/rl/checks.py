@@ -58,7 +58,7 @@ from cotrain.rl.inference import (
     prompt_state,
 )
 from cotrain.rl.sampling import replay
-from cotrain.rl.wire import MAX_TOKENS, SignedRollout, Verdict
+from cotrain.rl.wire import MAX_TOKENS, SLOT_KEY, SignedRollout, Verdict
 from cotrain.toploc.config import ProofConfig, calibrated_median_rel_err
 from cotrain.toploc.errors import ProofFormatError
 from cotrain.toploc.proof import chunk_bytes, n_rollout_chunks, verify_proofs
@@ -360,8 +360,17 @@ def _cheap_checks(
     # assignment
     if a.env != ctx.env.id:
         raise _Reject("assignment", f"environment {a.env!r}, the run uses {ctx.env.id!r}")
-    # an attempt samples its own task or, retrying a task none solved, an earlier attempt's
-    scheduled = (seeds_mod.task_seed(ctx.run_seed, a.step, a.slot, t) for t in range(a.attempt + 1))
+    # an attempt samples its own task or, retrying a task none solved, an earlier attempt's;
+    # a revisit's first task is an earlier step's
+    scheduled = [seeds_mod.task_seed(ctx.run_seed, a.step, a.slot, t) for t in range(a.attempt + 1)]
+    if a.task_from:
+        m = SLOT_KEY.match(a.task_from)
+        if m is None:  # Assignment.from_body checks the form; a hand-made one may not be
+            raise _Reject("assignment", f"task_from {a.task_from!r} is not a slot key")
+        step, slot, attempt = (int(x) for x in m.groups())
+        if step >= a.step:
+            raise _Reject("assignment", f"revisits {a.task_from}, not an earlier step")
+        scheduled[0] = seeds_mod.task_seed(ctx.run_seed, step, slot, attempt)
     if a.task_seed not in scheduled:
         raise _Reject("assignment", "task seed is not the schedule's for this slot")
     if len(a.seeds) != ctx.group_size:

@@ -21,6 +21,11 @@ task again with new seeds when none did (``retry_failed_tasks``: hard tasks stay
 batches). Batches form strictly in step order once every slot of the step is complete or
 dropped; the curriculum and the zero-batch counter move only then, so their effect does not
 depend on the order in which rollouts arrive.
+
+Revisits (``revisit_below``): a task that batch n's group solved but rarely is sampled again
+in one of the first slots of step n + k + 1. That step is created only once version n + 1 is
+published, so batch n is always formed by then and the schedule stays a function of the
+events, whatever order they arrive in.
 """
 
 from __future__ import annotations
@@ -63,6 +68,16 @@ class Issue:
     """One of its rollouts was rejected: the slot is issued again."""
 
 
+@dataclass(frozen=True)
+class TaskRef:
+    """A task: the slot key it was scheduled for, its seed and its level (a revisit samples
+    an earlier group's task again)."""
+
+    key: str
+    task_seed: int
+    level: int
+
+
 @dataclass
 class Slot:
     step: int
@@ -75,10 +90,14 @@ class Slot:
     dropped: bool = False
     rewards: list[list[float]] = field(default_factory=list)
     """Rewards of each completed attempt, in order."""
+    levels: list[int] = field(default_factory=list)
+    """The level of each completed attempt's task."""
     task_attempt: int = 0
     """The attempt whose task the current attempt samples again (``retry_failed_tasks``)."""
     excluded: set[str] = field(default_factory=set)
     """Workers that had a rollout of this slot rejected: never given it again."""
+    revisit: TaskRef | None = None
+    """The earlier group whose task this slot's first task is (``revisit_below``)."""
 
     @property
     def key(self) -> str:
@@ -126,6 +145,8 @@ class Planner:
         self.issued = 0
         self.assignments: dict[str, Issue] = {}
         self.slot_of: dict[str, Slot] = {}
+        self.revisits: dict[int, list[TaskRef]] = {}
+        """Rarely solved tasks of each formed batch, by step: step n + k + 1 samples them."""
         self.strikes: Counter[str] = Counter()
         """Hard rejects per worker."""
         self.alive: Callable[[str, float], bool] = lambda worker, now: True
@@ -154,6 +175,9 @@ class Planner:
         if st is None:
             level = self.curriculum.level if self.curriculum_on else self.cfg.env.start_level
             st = StepState(n, level, [Slot(n, j) for j in range(self.B)])
+            # batch n - k - 1 is formed: version n - k, which step n waits for, was trained on it
+            for j, revisit in enumerate(self.revisits.get(n - self.k - 1, [])):
+                st.slots[j].revisit = revisit
             self.steps[n] = st
         return st
 
@@ -193,7 +217,8 @@ class Planner:
         self, st: StepState, slot: Slot, worker: str, now: float, prompt_of: Any
     ) -> Assignment:
         cfg = self.cfg
-        task = self._task_seed(slot)
+        t = self._task(st, slot)
+        task, level = t.task_seed, t.level
         return Assignment(
             run=self.run_id,
             id=f"{slot.key}.i{self.issued}",
@@ -203,14 +228,15 @@ class Planner:
             attempt=slot.attempt,
             env=self.env_id,
             task_seed=task,
-            level=st.level,
-            prompt_ids=prompt_of(task, st.level),
+            level=level,
+            prompt_ids=prompt_of(task, level),
             seeds=seeds.sample_seeds(task, self.run_id, slot.key, self.G),
             min_version=max(1, st.step - self.k),
             temperature=cfg.sampling.temperature,
             max_new_tokens=cfg.sampling.max_new_tokens,
             issued_unix=now,
             deadline_unix=now + cfg.orchestrator.assignment_timeout_s,
+            task_from=t.key if t is slot.revisit else "",
         )
 
     def apply_issue(self, a: Assignment) -> None:
@@ -238,8 +264,19 @@ class Planner:
             and sample not in slot.accepted
         )
 
+    def _task(self, st: StepState, slot: Slot) -> TaskRef:
+        """The slot's current task: its seed, its level and the slot key it was scheduled
+        for (a revisit's: the original group's)."""
+        if slot.revisit is not None and slot.task_attempt == 0:
+            return slot.revisit
+        return TaskRef(
+            f"s{slot.step}.j{slot.index}.a{slot.task_attempt}",
+            seeds.task_seed(self.cfg.run.seed, slot.step, slot.index, slot.task_attempt),
+            st.level,
+        )
+
     def _task_seed(self, slot: Slot) -> int:
-        return seeds.task_seed(self.cfg.run.seed, slot.step, slot.index, slot.task_attempt)
+        return self._task(self.steps[slot.step], slot).task_seed
 
     def apply_received(self, assignment_id: str, sample: int) -> None:
         issue = self.assignments.get(assignment_id)
@@ -276,6 +313,7 @@ class Planner:
             return
         rewards = [slot.accepted[i].reward for i in range(self.G)]
         slot.rewards.append(rewards)
+        slot.levels.append(self._task(self.steps[slot.step], slot).level)
         if max(rewards) > min(rewards):
             slot.done = True
         elif slot.attempt < self.cfg.run.max_resample:
@@ -316,16 +354,23 @@ class Planner:
     def _batch(self, st: StepState) -> Batch:
         samples: list[Sample] = []
         all_rewards: list[float] = []
+        level_rewards: list[float] = []  # the curriculum's: of tasks at the step's level
+        revisits: list[TaskRef] = []
         groups = dropped = 0
+        below = self.cfg.run.revisit_below
         for slot in st.slots:
-            for rewards in slot.rewards:
+            for level, rewards in zip(slot.levels, slot.rewards, strict=True):
                 all_rewards.extend(rewards)
+                if level == st.level:  # not a revisit of an earlier level's task
+                    level_rewards.extend(rewards)
             if slot.dropped:
                 dropped += 1
                 continue
             groups += 1
             rewards = slot.rewards[-1]
             mean = sum(rewards) / self.G
+            if below > 0 and mean <= below and len(revisits) < self.B // 2:
+                revisits.append(self._task(st, slot))
             scale = 1.0
             if self.cfg.run.advantage_scale == "std":  # + eps: rewards may differ by a hair
                 scale = statistics.pstdev(rewards) + STD_EPS
@@ -343,8 +388,9 @@ class Planner:
                         temperature=self.cfg.sampling.temperature,
                     )
                 )
+        self.revisits[st.step] = revisits
         if self.curriculum_on:
-            self.curriculum.record(st.level, all_rewards)
+            self.curriculum.record(st.level, level_rewards)
         mean_reward = sum(all_rewards) / len(all_rewards) if all_rewards else 0.0
         return Batch(st.step, samples, groups, dropped, mean_reward, self.curriculum.level)
 

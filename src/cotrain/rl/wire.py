@@ -162,6 +162,9 @@ class Assignment:
     max_new_tokens: int
     issued_unix: float
     deadline_unix: float
+    task_from: str = ""
+    """A revisit: the slot key (``s{step}.j{slot}.a{attempt}``) of the earlier group whose
+    task this samples again; empty for a task of this slot's own schedule."""
 
     @property
     def slot_key(self) -> str:
@@ -185,6 +188,7 @@ class Assignment:
             "max_new_tokens": self.max_new_tokens,
             "issued_unix": self.issued_unix,
             "deadline_unix": self.deadline_unix,
+            "task_from": self.task_from,
         }
 
     @classmethod
@@ -213,7 +217,19 @@ class Assignment:
             max_new_tokens=_int(body, "max_new_tokens", what, 1, MAX_TOKENS),
             issued_unix=_float(body, "issued_unix", what, 0.0, 1e11),
             deadline_unix=_float(body, "deadline_unix", what, 0.0, 1e11),
+            task_from=_task_from(body, what),
         )
+
+
+SLOT_KEY = re.compile(r"^s([0-9]{1,9})\.j([0-9]{1,7})\.a([0-9]{1,4})$")
+"""``s{step}.j{slot}.a{attempt}``: a slot's attempt."""
+
+
+def _task_from(body: dict[str, Any], what: str) -> str:
+    v = _get(body, "task_from", str, what)
+    if v and not SLOT_KEY.match(v):
+        raise WireError(f"{what}: 'task_from' must be empty or s<step>.j<slot>.a<attempt>")
+    return v
 
 
 # ---- rollout ---------------------------------------------------------------------------------
