@@ -205,12 +205,12 @@ def test_advantages_are_centred_and_optionally_scaled_by_the_groups_std(scale: s
 
 
 def test_a_rarely_solved_task_is_revisited_k_plus_one_steps_later() -> None:
-    """G = 4, k = 1: step 1's slot 0 solves its task once in four (mean 0.25, at the
-    threshold), slot 1 twice. Step 3 (created once version 2, trained on batch 1, is out)
+    """G = 4, k = 1, revisit_below = 0.25: step 1's slot 0 solves its task once in four (at
+    the threshold), slot 1 twice. Step 3 (created once version 2, trained on batch 1, is out)
     samples slot 0's task again in its first slot, with new seeds and the original's key; a
     revisit that fails is retried on the same task, and one still solved rarely is revisited
     again under the original's key."""
-    p = _planner(async_level=1, group_size=4)
+    p = _planner(async_level=1, group_size=4, revisit_below=0.25)
     issued = [_issue(p) for _ in range(4)]
     assert [(a.step, a.slot) for a in issued] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert all(a.task_from == "" for a in issued)  # batch 0 does not exist: no revisits
@@ -243,14 +243,24 @@ def test_a_rarely_solved_task_is_revisited_k_plus_one_steps_later() -> None:
     assert p.revisits[2] == []
 
 
-def test_revisits_can_be_turned_off_and_never_take_more_than_half_the_slots() -> None:
+def test_the_rarest_successes_are_revisited_in_at_most_half_the_slots() -> None:
+    """Default threshold 0.1, G = 4: a task solved once in its first four samples (0.25) is
+    not revisited; one solved once after two (1/12) or three (1/16) failed attempts is, rarest
+    first, in at most half of the next step's slots."""
+
     def revisited(**run: object) -> list[str]:
-        p = _planner(async_level=0, group_size=4, groups_per_step=4, **run)
-        for _ in range(4):
-            _answer(p, _issue(p), [1.0, 0.0, 0.0, 0.0])  # every task solved once in four
-        p.form_batches()
+        p = _planner(async_level=0, group_size=4, groups_per_step=4, max_resample=3, **run)
+        a = [_issue(p) for _ in range(4)]
+        _answer(p, a[0], [1.0, 0.0, 0.0, 0.0])
+        for k, fails in [(1, 2), (2, 3), (3, 2)]:
+            for _ in range(fails):
+                _answer(p, a[k], [0.0] * 4)
+                a[k] = _issue(p)
+            _answer(p, a[k], [1.0, 0.0, 0.0, 0.0])
+        [batch] = p.form_batches()
+        assert batch.groups == 4
         p.apply_version(2, "1" * 64, 1, ["http://x"])
         return [_issue(p).task_from for _ in range(4)]
 
-    assert revisited() == ["s1.j0.a0", "s1.j1.a0", "", ""]
+    assert revisited() == ["s1.j2.a0", "s1.j1.a0", "", ""]  # s1.j3 (1/12) is over the cap
     assert revisited(revisit_below=0.0) == ["", "", "", ""]

@@ -45,13 +45,14 @@ class RunConfig(ConfigModel):
     std: that, divided by the standard deviation of the group's rewards (GRPO, INTELLECT-2):
     the one success of a group that solved a hard task once gets sqrt(G - 1) (2.6 at G = 8)
     instead of (G - 1) / G (0.875), against 1 and 0.5 for an even split."""
-    revisit_below: float = Field(default=0.25, ge=0, le=1)
-    """A group that solved its task but rarely (its mean reward at most this) has the task
-    sampled again k + 1 steps later, by the policy that has learned from that rare success,
-    in one of the step's first slots (at most half of them); a revisit that is still hard is
-    revisited again. The difficulty pool of PRIME-RL in a deterministic schedule: a success
-    found once in hundreds of samples (SmolLM2's first negative answers on chain_sum) is
-    followed up instead of left to chance. 0 turns revisits off."""
+    revisit_below: float = Field(default=0.1, ge=0, le=1)
+    """A task that a group solved although the policy almost never does (mean reward over
+    every sample the slot drew of it, failed attempts included, at most this) is sampled again
+    k + 1 steps later, by the policy that has learned from that rare success, in one of the
+    step's first slots (at most half of them, rarest first); a revisit still that hard is
+    revisited again. PRIME-RL's difficulty pool in a deterministic schedule: a success found
+    once in hundreds of samples (SmolLM2's first negative answers on chain_sum) is followed
+    up instead of left to chance. 0 turns revisits off."""
     abort_after_zero_batches: int = Field(default=10, ge=1)
     """Stop the run with an error after this many batches in a row with no signal at all."""
 

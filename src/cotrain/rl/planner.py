@@ -355,7 +355,7 @@ class Planner:
         samples: list[Sample] = []
         all_rewards: list[float] = []
         level_rewards: list[float] = []  # the curriculum's: of tasks at the step's level
-        revisits: list[TaskRef] = []
+        hard: list[tuple[float, int, TaskRef]] = []  # (mean reward, slot, task): revisits
         groups = dropped = 0
         below = self.cfg.run.revisit_below
         for slot in st.slots:
@@ -369,8 +369,12 @@ class Planner:
             groups += 1
             rewards = slot.rewards[-1]
             mean = sum(rewards) / self.G
-            if below > 0 and mean <= below and len(revisits) < self.B // 2:
-                revisits.append(self._task(st, slot))
+            # every sample of this task in the slot: a success found after failed attempts
+            # counts as rarer than one found at once
+            tried = [r for rs in slot.rewards[slot.task_attempt :] for r in rs]
+            rate = sum(tried) / len(tried)
+            if below > 0 and rate <= below:
+                hard.append((rate, slot.index, self._task(st, slot)))
             scale = 1.0
             if self.cfg.run.advantage_scale == "std":  # + eps: rewards may differ by a hair
                 scale = statistics.pstdev(rewards) + STD_EPS
@@ -388,7 +392,7 @@ class Planner:
                         temperature=self.cfg.sampling.temperature,
                     )
                 )
-        self.revisits[st.step] = revisits
+        self.revisits[st.step] = [t for _, _, t in sorted(hard)[: self.B // 2]]
         if self.curriculum_on:
             self.curriculum.record(st.level, level_rewards)
         mean_reward = sum(all_rewards) / len(all_rewards) if all_rewards else 0.0
