@@ -6,6 +6,7 @@ run with no signal aborts."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -264,3 +265,46 @@ def test_the_rarest_successes_are_revisited_in_at_most_half_the_slots() -> None:
 
     assert revisited() == ["s1.j2.a0", "s1.j1.a0", "", ""]  # s1.j3 (1/12) is over the cap
     assert revisited(revisit_below=0.0) == ["", "", "", ""]
+
+
+def test_a_replayed_journal_schedules_the_same_revisits() -> None:
+    """A restarted orchestrator replays issues and verdicts: the revisits it schedules, and
+    so the next assignments, are the ones the first one would have made."""
+    log: list[tuple[str, Any]] = []
+
+    def issue(p: Planner) -> Any:
+        a = _issue(p)
+        log.append(("issue", a))
+        return a
+
+    def answer(p: Planner, a: Any, rewards: list[float]) -> None:
+        log.append(("answer", (a, rewards)))
+        _answer(p, a, rewards)
+
+    p = _planner(async_level=0, group_size=4, max_resample=3)
+    a, b = issue(p), issue(p)
+    for _ in range(2):
+        answer(p, a, [0.0] * 4)
+        a = issue(p)
+    answer(p, a, [0.0, 0.0, 1.0, 0.0])  # 1 in 12: revisited at step 2
+    answer(p, b, [1.0, 1.0, 0.0, 0.0])
+    p.form_batches()
+    p.apply_version(2, "1" * 64, 1, ["http://x"])
+    first = issue(p)
+    assert first.task_from == "s1.j0.a0"
+
+    q = _planner(async_level=0, group_size=4, max_resample=3)
+    for kind, ev in log[:-1]:
+        if kind == "issue":
+            q.apply_issue(ev)
+        else:
+            _answer(q, *ev)
+        q.form_batches()
+    q.apply_version(2, "1" * 64, 1, ["http://x"])
+    again = q.plan(W1, 0.0, prompt_of=_prompt)
+    assert again is not None
+    assert (again.task_seed, again.task_from, again.seeds) == (
+        first.task_seed,
+        first.task_from,
+        first.seeds,
+    )
