@@ -106,7 +106,9 @@ def test_rl_verdicts_credit_reject_and_eject_through_the_coordinator(tmp_path: P
                         rollouts = [rw.rollout(ids[w], a, i, task.answer) for i in range(2)]
                         res = await _post(s, orch, "/v1/rollouts", {"rollouts": rollouts})
                         step = a["body"]["step"]
-                        n = record_rollouts(recorders[w], rollouts, res["results"], step)
+                        n = record_rollouts(
+                            recorders[w], rollouts, res["results"], step, tokens_per_s=41.26
+                        )
                         assert n == 2
                         sent[w] = rollouts
                         aid = a["body"]["id"]
@@ -138,6 +140,7 @@ def test_rl_verdicts_credit_reject_and_eject_through_the_coordinator(tmp_path: P
             honest = [rows[key(e)] for e in sent["honest"]]
             cheat = [rows[key(e)] for e in sent["cheat"]]
             assert [u["state"] for u in honest] == ["accepted", "accepted"]
+            assert [u["meta"] for u in honest] == [{"tokens_per_s": 41.3}] * 2  # the dashboard's
             # the first failed check drops that rollout's credit, the second gets the worker
             # banned by the orchestrator and ejected by the coordinator (quorum 1)
             assert [u["state"] for u in cheat] == ["soft_rejected", "hard_rejected"]

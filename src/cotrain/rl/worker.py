@@ -215,7 +215,8 @@ class Worker:
         finally:
             beat.cancel()
         release_memory()
-        self.stats.gen_s += time.monotonic() - t0
+        gen_s = time.monotonic() - t0
+        self.stats.gen_s += gen_s
         self.stats.assignments += 1
         claimed_version, sha = version, self.weights.sha256(version)
         cheating = self.cheat != "none"
@@ -267,10 +268,12 @@ class Worker:
             envelopes = copied or envelopes
         # a cheat whose output is exactly the honest sample's is not a cheat on that sample
         flags = [cheating and not s for s in same]
+        # the group's generation speed: the node's throughput on the dashboard
+        rate = sum(len(g.tokens) for g in gens) / gen_s if gen_s > 0 else None
         if self.cheat == "replay_own":
-            await self._submit(client, envelopes, a, cheating=[False] * len(envelopes))
+            await self._submit(client, envelopes, a, [False] * len(envelopes), rate)
             flags = [True] * len(envelopes)
-        await self._submit(client, envelopes, a, cheating=flags)
+        await self._submit(client, envelopes, a, flags, rate)
 
     async def _heartbeats(self, client: OrchestratorClient) -> None:
         """Every ``heartbeat_s`` while a group is generated: a sign of life (a failed one is
@@ -342,8 +345,8 @@ class Worker:
         client: OrchestratorClient,
         envelopes: list[dict[str, Any]],
         a: Assignment,
-        *,
         cheating: list[bool],
+        tokens_per_s: float | None,
     ) -> None:
         try:
             got = await client.submit(envelopes)
@@ -354,7 +357,9 @@ class Worker:
             return
         self.stats.rollouts += len(envelopes)
         if self.recorder is not None:  # what the orchestrator took in is this key's work
-            record_rollouts(self.recorder, envelopes, got["results"], a.step)
+            record_rollouts(
+                self.recorder, envelopes, got["results"], a.step, tokens_per_s=tokens_per_s
+            )
         for r, cheat in zip(got["results"], cheating, strict=False):
             emit(
                 "submitted",
@@ -367,11 +372,18 @@ class Worker:
 
 
 def record_rollouts(
-    recorder: Any, envelopes: list[dict[str, Any]], results: list[dict[str, Any]], step: int
+    recorder: Any,
+    envelopes: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    step: int,
+    *,
+    tokens_per_s: float | None = None,
 ) -> int:
     """Record as work each rollout the orchestrator took in (status ``queued``): its key is
     the SHA-256 of the signed envelope (what the orchestrator's verdict names), its units the
-    completion's tokens. Returns how many were recorded."""
+    completion's tokens; ``tokens_per_s``, the group's generation speed, is what the dashboard
+    shows as the node's throughput. Returns how many were recorded."""
+    meta = {} if tokens_per_s is None else {"tokens_per_s": round(tokens_per_s, 1)}
     n = 0
     for env, r in zip(envelopes, results, strict=False):
         if r.get("status") == "queued":
@@ -381,6 +393,7 @@ def record_rollouts(
                 "rollout_tokens",
                 max(1, len(body.get("completion_ids", []))),
                 int(step),
+                **meta,
             )
             n += 1
     return n

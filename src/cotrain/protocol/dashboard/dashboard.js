@@ -110,7 +110,8 @@ function lossCurve(work) {
 }
 
 // A node's throughput and traffic, as it reports them with its work (the median of its last
-// ten records): DiLoCo nodes give tokens/s and the MB they sent per synchronisation.
+// ten records): DiLoCo nodes give tokens/s and the MB they sent per synchronisation, RL
+// workers the tokens/s at which they generated.
 function nodeRates(work) {
   const by = new Map();
   for (const w of work) (by.get(w.node) || by.set(w.node, []).get(w.node)).push(w);
