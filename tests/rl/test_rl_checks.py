@@ -535,3 +535,6 @@ def test_a_revisit_passes_and_a_forged_one_does_not(world: World) -> None:
         assert not v.ok and v.check == "assignment" and reason in v.reason, v
     with pytest.raises(wire.WireError, match="task_from"):
         wire.Assignment.from_body(dict(a_env.body, task_from="s2.j5"))
+    # an assignment journaled before revisits existed has no task_from: its own schedule's
+    old = {k: v for k, v in a_env.body.items() if k != "task_from"}
+    assert wire.Assignment.from_body(old).task_from == ""

@@ -194,7 +194,10 @@ class Assignment:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Assignment:
         what = "assignment"
-        _exact_keys(body, set(cls.__dataclass_fields__), what)
+        keys = set(cls.__dataclass_fields__)
+        if "task_from" not in body:  # an assignment journaled before revisits existed
+            keys.discard("task_from")
+        _exact_keys(body, keys, what)
         seeds = _get(body, "seeds", list, what)
         if not 1 <= len(seeds) <= MAX_GROUP or not all(
             isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**53 for s in seeds
@@ -226,6 +229,8 @@ SLOT_KEY = re.compile(r"^s([0-9]{1,9})\.j([0-9]{1,7})\.a([0-9]{1,4})$")
 
 
 def _task_from(body: dict[str, Any], what: str) -> str:
+    if "task_from" not in body:
+        return ""
     v = _get(body, "task_from", str, what)
     if v and not SLOT_KEY.match(v):
         raise WireError(f"{what}: 'task_from' must be empty or s<step>.j<slot>.a<attempt>")
