@@ -162,6 +162,7 @@ def test_the_dashboard_follows_the_demo_in_a_browser(demo: Running, tmp_path: Pa
             page.get_by_text("Progress reports").wait_for(timeout=15_000)
             main = page.inner_text("main")
             assert "ejected" in main and "policy version" in main, main  # the cheater
+            assert "tok/s" in main, main  # the workers' throughput, as they record it
             page.screenshot(path=str(shots / "task-rl.png"), full_page=True)
 
             # a node that trained: its reward links to the entries that produce it
