@@ -308,3 +308,22 @@ def test_a_replayed_journal_schedules_the_same_revisits() -> None:
         first.task_from,
         first.seeds,
     )
+
+
+def test_the_curriculum_counts_each_task_as_drawn_not_its_retries() -> None:
+    """One task solved 3 times in 4, one no sample solves until its third group: the level's
+    tasks as drawn pass 3 of 8 (over a 0.3 threshold: the level goes up). Counting the
+    retries, chosen for being hard, would give 4 of 16 and keep the level down."""
+    cfg = _cfg(async_level=0, group_size=4, max_resample=2)
+    cfg.env.curriculum, cfg.env.curriculum_threshold, cfg.env.curriculum_window = "on", 0.3, 8
+    p = Planner(cfg, run_id="t", env_id="e@1", levels=3)
+    p.apply_version(1, "0" * 64, 0, ["http://x"])
+    a, b = _issue(p), _issue(p)
+    _answer(p, a, [1.0, 1.0, 1.0, 0.0])
+    for rewards in ([0.0] * 4, [0.0] * 4):
+        _answer(p, b, rewards)
+        b = _issue(p)
+    _answer(p, b, [1.0, 0.0, 0.0, 0.0])
+    [batch] = p.form_batches()
+    assert batch.mean_reward == pytest.approx(4 / 16)  # what the batch reports: every group
+    assert batch.level == 1 and p.curriculum.level == 1

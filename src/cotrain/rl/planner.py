@@ -90,8 +90,9 @@ class Slot:
     dropped: bool = False
     rewards: list[list[float]] = field(default_factory=list)
     """Rewards of each completed attempt, in order."""
-    levels: list[int] = field(default_factory=list)
-    """The level of each completed attempt's task."""
+    fresh: list[bool] = field(default_factory=list)
+    """Per completed attempt: whether its task was drawn for it (at the step's level), not
+    sampled again after a group that failed it, nor a revisit: what the curriculum counts."""
     task_attempt: int = 0
     """The attempt whose task the current attempt samples again (``retry_failed_tasks``)."""
     excluded: set[str] = field(default_factory=set)
@@ -313,7 +314,8 @@ class Planner:
             return
         rewards = [slot.accepted[i].reward for i in range(self.G)]
         slot.rewards.append(rewards)
-        slot.levels.append(self._task(self.steps[slot.step], slot).level)
+        revisiting = slot.revisit is not None and slot.task_attempt == 0
+        slot.fresh.append(slot.task_attempt == slot.attempt and not revisiting)
         if max(rewards) > min(rewards):
             slot.done = True
         elif slot.attempt < self.cfg.run.max_resample:
@@ -354,14 +356,18 @@ class Planner:
     def _batch(self, st: StepState) -> Batch:
         samples: list[Sample] = []
         all_rewards: list[float] = []
-        level_rewards: list[float] = []  # the curriculum's: of tasks at the step's level
+        # The curriculum's: the level's tasks as drawn. The retries of a task no sample solved
+        # and the revisits of rare successes are chosen for being hard; counted, a level with a
+        # few tasks the policy cannot solve yet (SmolLM2's negative answers: 21% of chain_sum's
+        # first level) would never pass the threshold however well it solves the rest.
+        level_rewards: list[float] = []
         hard: list[tuple[float, int, TaskRef]] = []  # (mean reward, slot, task): revisits
         groups = dropped = 0
         below = self.cfg.run.revisit_below
         for slot in st.slots:
-            for level, rewards in zip(slot.levels, slot.rewards, strict=True):
+            for fresh, rewards in zip(slot.fresh, slot.rewards, strict=True):
                 all_rewards.extend(rewards)
-                if level == st.level:  # not a revisit of an earlier level's task
+                if fresh:
                     level_rewards.extend(rewards)
             if slot.dropped:
                 dropped += 1
