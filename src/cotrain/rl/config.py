@@ -75,8 +75,9 @@ class EnvSpec(ConfigModel):
     start_level: int = Field(default=0, ge=0)
     """The curriculum's first difficulty level."""
     curriculum: Literal["on", "off"] = "on"
-    """on: raise the level once the pass rate over ``curriculum_window`` rewards exceeds
-    ``curriculum_threshold``."""
+    """on: raise the level once the pass rate over ``curriculum_window`` rewards of the
+    level's tasks as drawn (each task's first group, not the retries of a task no sample
+    solved nor revisits: those are chosen for being hard) exceeds ``curriculum_threshold``."""
     curriculum_threshold: float = Field(default=0.8, gt=0, le=1)
     """Pass rate over the window above which the level goes up."""
     curriculum_window: int = Field(default=64, ge=1)
