@@ -143,3 +143,34 @@ def test_logprobs_are_taken_at_the_sampling_temperature() -> None:
     greedy = completion_logprobs(logits, targets, 0.0)  # T = 0: the raw logits
     ref0 = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
     torch.testing.assert_close(greedy, ref0)
+
+
+def test_the_proximal_clip_weights_every_token_by_its_capped_staleness_ratio() -> None:
+    """clip_against = proximal: the same ratios as the hand-computed example. No token's
+    gradient is stopped: d/dlogpi is -min(pi/mu, delta) * A (plus the KL term), where the
+    behaviour clip stopped three of them; the loss's value is -min(pi/mu, delta) * A."""
+    nan = float("nan")
+    cfg = TrainerConfig(clip_against="proximal")
+    new, old, adv, mask = _case([[1.5, 0.5, nan], [0.5, 6.0, 2.0]], [1.0, -1.0])
+    out = token_loss(new, old, adv, mask, cfg)
+    logs = [math.log(x) for x in (1.5, 0.5, 0.5, 6.0, 2.0)]
+    policy = -1.5 - 0.5 + 0.5 + 4.0 + 2.0
+    assert out.loss.item() == pytest.approx(policy + 1e-3 * sum(x * x for x in logs), abs=1e-12)
+    assert out.clipped == 1  # only the weight of 6, capped at delta
+    out.loss.backward()
+    assert new.grad is not None
+    expected = torch.tensor(
+        [
+            [-1.5 + 2e-3 * logs[0], -0.5 + 2e-3 * logs[1], 0.0],
+            [0.5 + 2e-3 * logs[2], 4.0 + 2e-3 * logs[3], 2.0 + 2e-3 * logs[4]],
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(new.grad, expected, rtol=0, atol=1e-12)
+    # on-policy (every ratio 1) both clips give the same loss and gradient
+    grads = []
+    for against in ("behaviour", "proximal"):
+        new, old, adv, mask = _case([[1.0, 1.0], [1.0, 1.0]], [0.5, -0.25])
+        token_loss(new, old, adv, mask, TrainerConfig(clip_against=against)).loss.backward()
+        grads.append(new.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)

@@ -184,6 +184,14 @@ class TrainerConfig(ConfigModel):
     """Cap on the ratio when the advantage is negative (two-sided clip)."""
     kl_tau: float = Field(default=1e-3, ge=0)
     """Weight of log^2(pi/mu)."""
+    clip_against: Literal["behaviour", "proximal"] = "behaviour"
+    """behaviour: the clip bounds pi / mu, mu the policy that sampled (INTELLECT-2).
+    proximal: the decoupled objective of AReaL (Hilton et al.): the clip bounds pi against the
+    trainer's own policy at the start of the step, and each token is weighted by that policy
+    over mu, capped at ``delta``. With rollouts k versions old, clipping against mu stops the
+    gradient of every token the last k steps already made 1.28x likelier, which slows an
+    async run's sharpening; the proximal clip does not (one optimizer step per batch: it
+    never binds, and the loss is a truncated importance-weighted policy gradient)."""
     host: str = "127.0.0.1"
     """Address of the shardcast origin."""
     port: int = Field(default=8490, ge=0, le=65535)

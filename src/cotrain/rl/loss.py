@@ -15,6 +15,16 @@ a negative-advantage token whose ratio is below ``1 - eps_low``. A negative-adva
 with a huge ratio is what destabilises stale off-policy data (PPO leaves ``rho * A``
 unbounded there); INTELLECT-2's second clip caps that ratio at ``delta`` (no gradient above).
 
+With ``clip_against = "proximal"`` (the decoupled objective of AReaL), the clip bounds the
+ratio against ``pi_prox``, the trainer's policy at the start of the step, and each token is
+weighted by ``min(pi_prox / mu, delta)``::
+
+    -min(pi_prox / mu, delta) * min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A),
+    r = pi / pi_prox
+
+One optimizer step per batch makes ``r`` 1 where the gradient is taken: the clip never stops a
+token the previous steps already moved (rollouts of an async run are up to k versions old).
+
 The sum over tokens is divided by the number of loss tokens of the *whole* batch (DAPO,
 PRIME-RL), not per sequence or per micro-batch, so long completions are not down-weighted and
 micro-batching gives the gradient of one batch. ``token_loss`` returns the plain sum; the
@@ -84,21 +94,32 @@ def token_loss(
     log_ratio = (new_logprobs - old_logprobs.to(new_logprobs.dtype)) * m  # (N, T); 0 on padding
     ratio = torch.exp(log_ratio)  # (N, T)
     adv = advantages.to(new_logprobs.dtype)[:, None].expand_as(ratio)  # (N, T)
-    clipped_ratio = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)  # (N, T)
     positive = adv >= 0  # (N, T)
-    # A < 0: the ratio is capped at delta before the usual pessimistic min
-    capped = torch.where(positive, ratio, ratio.clamp(max=cfg.delta))  # (N, T)
-    policy = -torch.minimum(capped * adv, clipped_ratio * adv)  # (N, T)
+    if cfg.clip_against == "proximal":
+        # pi_prox: this step's policy before the update (new_logprobs' values); rho = pi / pi_prox
+        # is 1 with the gradient of log pi, the weight pi_prox / mu a constant
+        weight = ratio.detach().clamp(max=cfg.delta)  # (N, T)
+        rho = torch.exp(new_logprobs - new_logprobs.detach()) * m  # (N, T)
+        clipped_rho = rho.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)  # (N, T)
+        policy = -weight * torch.minimum(rho * adv, clipped_rho * adv)  # (N, T)
+    else:
+        clipped_ratio = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)  # (N, T)
+        # A < 0: the ratio is capped at delta before the usual pessimistic min
+        capped = torch.where(positive, ratio, ratio.clamp(max=cfg.delta))  # (N, T)
+        policy = -torch.minimum(capped * adv, clipped_ratio * adv)  # (N, T)
     per_token = policy + cfg.kl_tau * log_ratio.square()  # (N, T)
     loss = (per_token * m).sum()
 
     with torch.no_grad():
         r = ratio.detach()
-        cut = torch.where(
-            positive,
-            (adv > 0) & (r > 1.0 + cfg.eps_high),
-            (r < 1.0 - cfg.eps_low) | (r > cfg.delta),
-        )  # (N, T)
+        if cfg.clip_against == "proximal":
+            cut = r > cfg.delta  # the weight's cap: the only bound that binds in one step
+        else:
+            cut = torch.where(
+                positive,
+                (adv > 0) & (r > 1.0 + cfg.eps_high),
+                (r < 1.0 - cfg.eps_low) | (r > cfg.delta),
+            )  # (N, T)
         k3 = (r - 1.0 - log_ratio.detach()) * m  # (N, T)
         tokens = int(real.sum())
         real_r = r[real]
