@@ -22,8 +22,10 @@ weighted by ``min(pi_prox / mu, delta)``::
     -min(pi_prox / mu, delta) * min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A),
     r = pi / pi_prox
 
-One optimizer step per batch makes ``r`` 1 where the gradient is taken: the clip never stops a
-token the previous steps already moved (rollouts of an async run are up to k versions old).
+The trainer takes one optimizer step per batch, so ``r`` is 1 where the gradient is taken and
+the clip never binds: the loss computed is ``-min(pi_prox / mu, delta) * r * A``, a truncated
+importance-weighted policy gradient that never stops a token the previous steps already moved
+(rollouts of an async run are up to k versions old).
 
 The sum over tokens is divided by the number of loss tokens of the *whole* batch (DAPO,
 PRIME-RL), not per sequence or per micro-batch, so long completions are not down-weighted and
@@ -97,11 +99,11 @@ def token_loss(
     positive = adv >= 0  # (N, T)
     if cfg.clip_against == "proximal":
         # pi_prox: this step's policy before the update (new_logprobs' values); rho = pi / pi_prox
-        # is 1 with the gradient of log pi, the weight pi_prox / mu a constant
+        # is 1 with the gradient of log pi, so clip(rho) never binds in the one optimizer step
+        # a batch gets and is left out; the weight pi_prox / mu is a constant
         weight = ratio.detach().clamp(max=cfg.delta)  # (N, T)
-        rho = torch.exp(new_logprobs - new_logprobs.detach()) * m  # (N, T)
-        clipped_rho = rho.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)  # (N, T)
-        policy = -weight * torch.minimum(rho * adv, clipped_rho * adv)  # (N, T)
+        rho = torch.exp(new_logprobs - new_logprobs.detach())  # (N, T)
+        policy = -weight * rho * adv  # (N, T)
     else:
         clipped_ratio = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)  # (N, T)
         # A < 0: the ratio is capped at delta before the usual pessimistic min
