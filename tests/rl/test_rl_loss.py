@@ -12,8 +12,8 @@ import torch
 from cotrain.rl.config import TrainerConfig
 from cotrain.rl.loss import completion_logprobs, token_loss
 
-CFG = TrainerConfig()  # eps_low 0.2, eps_high 0.28, delta 4, kl_tau 1e-3
-NO_KL = TrainerConfig(kl_tau=0.0)
+CFG = TrainerConfig(clip_against="behaviour")  # eps_low 0.2, eps_high 0.28, delta 4, kl_tau 1e-3
+NO_KL = TrainerConfig(clip_against="behaviour", kl_tau=0.0)
 
 
 def _case(

@@ -154,7 +154,8 @@ class OrchestratorConfig(ConfigModel):
 
 
 class TrainerConfig(ConfigModel):
-    """The trusted learner: two-sided-clip GRPO on accepted rollouts (research/rl.md 2.4)."""
+    """The trusted learner: GRPO on accepted rollouts (research/rl.md 2.4), with AReaL's
+    decoupled clip by default (``clip_against``)."""
 
     key: Path = Path("keys/trainer.pem")
     """Signs shardcast manifests and version notices."""
@@ -184,14 +185,16 @@ class TrainerConfig(ConfigModel):
     """Cap on the ratio when the advantage is negative (two-sided clip)."""
     kl_tau: float = Field(default=1e-3, ge=0)
     """Weight of log^2(pi/mu)."""
-    clip_against: Literal["behaviour", "proximal"] = "behaviour"
-    """behaviour: the clip bounds pi / mu, mu the policy that sampled (INTELLECT-2).
-    proximal: the decoupled objective of AReaL (Hilton et al.): the clip bounds pi against the
-    trainer's own policy at the start of the step, and each token is weighted by that policy
-    over mu, capped at ``delta``. With rollouts k versions old, clipping against mu stops the
-    gradient of every token the last k steps already made 1.28x likelier, which slows an
-    async run's sharpening; the proximal clip does not (one optimizer step per batch: it
-    never binds, and the loss is a truncated importance-weighted policy gradient)."""
+    clip_against: Literal["behaviour", "proximal"] = "proximal"
+    """proximal: the decoupled objective of AReaL (Hilton et al.): the clip bounds pi against
+    the trainer's own policy at the start of the step, and each token is weighted by that
+    policy over mu, capped at ``delta`` (one optimizer step per batch: the clip never binds,
+    and the loss is a truncated importance-weighted policy gradient). behaviour: the clip
+    bounds pi / mu, mu the policy that sampled (INTELLECT-2). With rollouts k versions old,
+    clipping against mu stops the gradient of every token the last k steps already made 1.28x
+    likelier (5-18% of the tokens in a k=2 run's first 12 steps): SmolLM2 on chain_sum, k=2,
+    seed 0, sampled its positive 2-term tasks right 78% of the time at versions 4-7 with
+    proximal against 40% with behaviour (81% in the sync run, where the two are the same)."""
     host: str = "127.0.0.1"
     """Address of the shardcast origin."""
     port: int = Field(default=8490, ge=0, le=65535)

@@ -1,5 +1,6 @@
 """The trainer's loss: GRPO with a two-sided clip against the behaviour policy
-(research/rl.md 2.4).
+(research/rl.md 2.4, ``clip_against = "behaviour"``) or AReaL's decoupled objective
+(``"proximal"``, the default: below).
 
 Per completion token, with ``rho = exp(log pi - log mu)``, ``mu`` the worker's validated
 log-probability of the token under ``softmax(logits / T)`` (so ``log pi`` must be taken at the
