@@ -182,7 +182,8 @@ class TrainerConfig(ConfigModel):
     eps_high: float = Field(default=0.28, gt=0)
     """Upper clip of the ratio: 1 + eps_high (clip-higher)."""
     delta: float = Field(default=4.0, gt=1)
-    """Cap on the ratio when the advantage is negative (two-sided clip)."""
+    """proximal: cap on each token's weight pi_prox / mu. behaviour: cap on the ratio when the
+    advantage is negative (the two-sided clip)."""
     kl_tau: float = Field(default=1e-3, ge=0)
     """Weight of log^2(pi/mu)."""
     clip_against: Literal["behaviour", "proximal"] = "proximal"
