@@ -5,6 +5,7 @@
                                               # sync (k=0), async k=1 and k=2, each with
                                               # honest workers and one cheater; then every
                                               # cheat on its own against a short run
+    python bench/rl.py --report runs/bench-rl/k2   # a run's samples right, by version
 
 Every run is real processes (``cotrain rl run``'s ``LocalRun``): the orchestrator, the trainer
 (a shardcast origin), a validator, honest workers and one cheating worker (a different cheat
@@ -12,15 +13,15 @@ per run). In the k=2 run one honest worker is killed (SIGKILL) a third of the wa
 one joins halfway. Greedy accuracy on held-out tasks is measured after each run for every
 version the trainer published (hard-linked as they appear), with the machine to itself: the
 runs' clocks hold no evaluation, and evaluation takes no core from them. Printed: a table;
-written (``--json``): ``runs`` (``mode``, ``async_level``, ``curve`` [{``step``, ``wall_s``,
-``heldout_accuracy``, ``mean_reward``}], ``trainer_idle_fraction``,
+written (``--json``): ``runs`` (``mode``, ``async_level``, ``curve`` [{``step``,
+``wall_s``, ``heldout_accuracy``, ``mean_reward``}], ``trainer_idle_fraction``,
 ``inference_idle_fraction``, ``rollouts`` {``submitted``, ``accepted``,
-``rejected_by_check``}, ``peak_memory_bytes``), ``cheats`` (``case``, ``submitted``,
-``detected``), ``honest_rejected``, ``honest_total`` (the runs' honest workers and those of
-the cheat phase, ``cheat_phase_honest``), ``settings`` (the ``--set`` items),
-``async2_time_to_sync_final_ratio``
-(wall time for k=2 to reach the sync run's final accuracy over the sync run's wall time;
-target <= 0.77), and ``validation`` (generation against validation time per rollout).
+``rejected_by_check``}, ``peak_memory_bytes``, ``samples``: ``samples_by_version``),
+``cheats`` (``case``, ``submitted``, ``detected``), ``honest_rejected``, ``honest_total``
+(the runs' honest workers and those of the cheat phase, ``cheat_phase_honest``),
+``settings`` (the ``--set`` items), ``async2_time_to_sync_final_ratio`` (wall time for k=2
+to reach the sync run's final accuracy over the sync run's wall time; target <= 0.77), and
+``validation`` (generation against validation time per rollout).
 """
 
 from __future__ import annotations
@@ -251,6 +252,7 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
     finally:
         run.stop()
     evaluate_curve(args, cfg.run.out_dir, curve, console, f"k={k}")
+    samples = samples_by_version(cfg.run.out_dir)  # the next run's start removes the directory
     return {
         "mode": "sync" if k == 0 else "async",
         "async_level": k,
@@ -265,6 +267,7 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
         "peak_memory_bytes": run.memory.peak_bytes,
         "cheat": {"case": cheat, "submitted": submitted, "detected": detected},
         "honest": {"rejected": honest_rej, "total": honest_tot},
+        "samples": samples,
     }
 
 
@@ -489,6 +492,66 @@ def validation_cost(args: argparse.Namespace, console: Console) -> list[dict[str
     return out
 
 
+def task_kind(task: Any) -> str:
+    """What a sample's task is, for ``samples_by_version``: its number of terms where the
+    dataset records it (chain_sum, basic_arithmetic) and the sign of a numeric answer."""
+    meta = task.entry.get("metadata")
+    parts = []
+    if isinstance(meta, dict) and isinstance(meta.get("num_terms"), int):
+        parts.append(f"{meta['num_terms']} terms")
+    try:
+        parts.append("negative" if int(task.answer) < 0 else "positive")
+    except ValueError:
+        pass
+    return ", ".join(parts)
+
+
+def samples_by_version(run_dir: Path, every: int = 4) -> list[dict[str, Any]]:
+    """The accepted samples of a run's rollout store (``run_dir/rollouts``), right (reward 1)
+    of all, by policy version (spans of ``every``), level and ``task_kind``: when a run
+    learned what (the README's analyses of the runs are these counts)."""
+    from cotrain.rl.env import make_env
+    from cotrain.rl.journal import RolloutStore
+
+    store = RolloutStore(str(run_dir / "rollouts"))
+    envs: dict[str, Any] = {}
+    kinds: dict[tuple[str, int, int], str] = {}
+    cells: dict[tuple[int, int, str], list[int]] = {}
+    for step in sorted(store.steps()):
+        for rec in store.read_step(step):
+            if rec.get("status") != "accepted":
+                continue
+            body = rec["rollout"]["body"]
+            a = body["assignment"]["body"]
+            key = (a["env"], a["task_seed"], a["level"])
+            if key not in kinds:
+                if a["env"] not in envs:
+                    envs[a["env"]] = make_env(a["env"].split("@")[0])
+                kinds[key] = task_kind(envs[a["env"]].task(a["task_seed"], a["level"]))
+            cell = cells.setdefault(
+                (body["version"] // every * every, a["level"], kinds[key]), [0, 0]
+            )
+            cell[0] += rec["reward"] >= 1.0
+            cell[1] += 1
+    return [
+        {"versions": [lo, lo + every - 1], "level": level, "kind": kind, "right": r, "samples": n}
+        for (lo, level, kind), (r, n) in sorted(cells.items())
+    ]
+
+
+def print_samples(rows: list[dict[str, Any]], console: Console) -> None:
+    table = Table(title="accepted samples right, by policy version, level and task")
+    for col in ("versions", "level", "task", "right", "samples", "share"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for r in rows:
+        lo, hi = r["versions"]
+        share = f"{r['right'] / r['samples']:.2f}" if r["samples"] else "-"
+        table.add_row(
+            f"{lo}-{hi}", str(r["level"]), r["kind"], str(r["right"]), str(r["samples"]), share
+        )
+    console.print(table)
+
+
 def time_to(curve: list[dict[str, Any]], accuracy: float) -> float | None:
     for p in curve:
         if p["heldout_accuracy"] is not None and p["heldout_accuracy"] >= accuracy:
@@ -534,7 +597,22 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECTION.KEY=VALUE",
         help="any run setting for every run, e.g. --set trainer.lr=2e-5 (repeatable)",
     )
+    ap.add_argument(
+        "--report",
+        type=Path,
+        metavar="RUN_DIR",
+        help="only print the accepted samples of a finished run (e.g. runs/bench-rl/k2) by "
+        "policy version, level and task, and exit",
+    )
+    ap.add_argument("--every", type=int, default=4, help="versions per row of --report")
     args = ap.parse_args(argv)
+    if args.report is not None:
+        if not (args.report / "rollouts").is_dir():
+            ap.error(f"--report: {args.report} holds no rollouts/ directory")
+        if args.every < 1:
+            ap.error("--every must be at least 1")
+        print_samples(samples_by_version(args.report, args.every), Console())
+        return 0
     args.steps = args.steps or (6 if args.quick else 40)
     args.groups = args.groups or (4 if args.quick else 8)
     if args.quick:

@@ -8,6 +8,7 @@ sizes are never rejected."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import time
 import urllib.parse
@@ -126,15 +127,29 @@ def test_level_zero_equals_the_synchronous_loop(model_dir: Path, tmp_path: Path)
     try:
         run.start_all()
         assert run.wait_trainer(240) == 0
-        published = run.status()["latest_sha256"]
+        status = run.status()
+        published = status["latest_sha256"]
     finally:
         run.stop()
+    # bench/rl.py's table of the run's samples by version counts every accepted one
+    rows = _bench_rl().samples_by_version(cfg.run.out_dir, every=1)
+    assert sum(r["samples"] for r in rows) == status["accepted"] > 0
+    assert {r["level"] for r in rows} == {0} and {r["kind"] for r in rows} == {""}
     torch.set_num_threads(1)
     policy = load_policy(cfg.model)
     batches: list[Any] = []
     run_sync(cfg, policy.model, policy.tokenizer, on_step=lambda b, s: batches.append(b))
     assert sum(len(b.samples) for b in batches) > 0  # it trained on something
     assert hashlib.sha256(weights_bytes(policy.model)).hexdigest() == published
+
+
+def _bench_rl() -> Any:
+    path = Path(__file__).resolve().parents[2] / "bench" / "rl.py"
+    spec = importlib.util.spec_from_file_location("cotrain_bench_rl", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _trained(run: LocalRun) -> int:

@@ -1,0 +1,49 @@
+"""bench/rl.py's own parts that need no run: what a task is for its per-version table, and
+the ``--report`` command's refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cotrain.rl.env import make_env
+
+
+def _bench_rl() -> Any:
+    path = Path(__file__).resolve().parents[2] / "bench" / "rl.py"
+    spec = importlib.util.spec_from_file_location("cotrain_bench_rl", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_task_kind_names_terms_and_sign() -> None:
+    pytest.importorskip("reasoning_gym")
+    bench, env = _bench_rl(), make_env("chain_sum")
+    kinds = {bench.task_kind(env.task(seed, 1)) for seed in range(40)}
+    # level 1 is 2-3 one-digit terms: both counts and both signs come up in 40 seeds
+    assert kinds == {f"{n} terms, {s}" for n in (2, 3) for s in ("positive", "negative")}
+    task = env.task(7, 0)
+    sign = "negative" if int(task.answer) < 0 else "positive"
+    assert bench.task_kind(task) == f"2 terms, {sign}"
+    # a text answer has no sign, and a dataset without num_terms gives none
+    assert bench.task_kind(make_env("reverse_text").task(3, 0)) == ""
+
+
+def test_report_refuses_a_directory_without_rollouts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = _bench_rl()
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--report", str(tmp_path)])
+    assert e.value.code == 2
+    assert "holds no rollouts/ directory" in capsys.readouterr().err
+    (tmp_path / "rollouts").mkdir()
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--report", str(tmp_path), "--every", "0"])
+    assert e.value.code == 2
+    assert bench.main(["--report", str(tmp_path)]) == 0  # an empty store: an empty table
