@@ -5,22 +5,12 @@ own. Nothing unauthenticated gets in, no handler dies, nothing leaks, the loop n
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-_BENCH = Path(__file__).resolve().parents[2] / "bench" / "fuzz.py"
+from bench_harness import load_bench
 
 
 def _fuzz():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("cotrain_bench_fuzz", _BENCH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("fuzz")
 
 
 @pytest.mark.timeout(90)

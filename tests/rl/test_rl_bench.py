@@ -3,27 +3,17 @@ the ``--report`` command's refusals."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from typing import Any
 
 import pytest
+from bench_harness import load_bench
 
 from cotrain.rl.env import make_env
 
 
-def _bench_rl() -> Any:
-    path = Path(__file__).resolve().parents[2] / "bench" / "rl.py"
-    spec = importlib.util.spec_from_file_location("cotrain_bench_rl", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_task_kind_names_terms_and_sign() -> None:
     pytest.importorskip("reasoning_gym")
-    bench, env = _bench_rl(), make_env("chain_sum")
+    bench, env = load_bench("rl"), make_env("chain_sum")
     kinds = {bench.task_kind(env.task(seed, 1)) for seed in range(40)}
     # level 1 is 2-3 one-digit terms: both counts and both signs come up in 40 seeds
     assert kinds == {f"{n} terms, {s}" for n in (2, 3) for s in ("positive", "negative")}
@@ -37,7 +27,7 @@ def test_task_kind_names_terms_and_sign() -> None:
 def test_report_refuses_a_directory_without_rollouts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    bench = _bench_rl()
+    bench = load_bench("rl")
     with pytest.raises(SystemExit) as e:
         bench.main(["--report", str(tmp_path)])
     assert e.value.code == 2

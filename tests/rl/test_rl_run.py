@@ -8,7 +8,6 @@ sizes are never rejected."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import time
 import urllib.parse
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bench_harness import load_bench
 from hf_harness import trained_like_hf_model, write_text
 
 from cotrain.core.errors import TimeoutExpired
@@ -132,7 +132,7 @@ def test_level_zero_equals_the_synchronous_loop(model_dir: Path, tmp_path: Path)
     finally:
         run.stop()
     # bench/rl.py's table of the run's samples by version counts every accepted one
-    rows = _bench_rl().samples_by_version(cfg.run.out_dir, every=1)
+    rows = load_bench("rl").samples_by_version(cfg.run.out_dir, every=1)
     assert sum(r["samples"] for r in rows) == status["accepted"] > 0
     assert {r["level"] for r in rows} == {0} and {r["kind"] for r in rows} == {""}
     torch.set_num_threads(1)
@@ -141,15 +141,6 @@ def test_level_zero_equals_the_synchronous_loop(model_dir: Path, tmp_path: Path)
     run_sync(cfg, policy.model, policy.tokenizer, on_step=lambda b, s: batches.append(b))
     assert sum(len(b.samples) for b in batches) > 0  # it trained on something
     assert hashlib.sha256(weights_bytes(policy.model)).hexdigest() == published
-
-
-def _bench_rl() -> Any:
-    path = Path(__file__).resolve().parents[2] / "bench" / "rl.py"
-    spec = importlib.util.spec_from_file_location("cotrain_bench_rl", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _trained(run: LocalRun) -> int:
