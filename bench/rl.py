@@ -611,7 +611,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--report: {args.report} holds no rollouts/ directory")
         if args.every < 1:
             ap.error("--every must be at least 1")
-        print_samples(samples_by_version(args.report, args.every), Console())
+        try:
+            rows = samples_by_version(args.report, args.every)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a store not of a run's records
+            ap.error(f"--report: {args.report}: {type(e).__name__}: {e}")
+        print_samples(rows, Console())
         return 0
     args.steps = args.steps or (6 if args.quick else 40)
     args.groups = args.groups or (4 if args.quick else 8)

@@ -37,3 +37,8 @@ def test_report_refuses_a_directory_without_rollouts(
         bench.main(["--report", str(tmp_path), "--every", "0"])
     assert e.value.code == 2
     assert bench.main(["--report", str(tmp_path)]) == 0  # an empty store: an empty table
+    (tmp_path / "rollouts" / "step_000001.jsonl").write_text('{"status": "accepted"}\n[1,\n')
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--report", str(tmp_path)])
+    assert e.value.code == 2
+    assert "--report" in capsys.readouterr().err
