@@ -28,6 +28,20 @@ def test_scoring_reads_the_last_integer() -> None:
     assert last_integer("x -12 y 7") == "7" and last_integer("none") is None
 
 
+def test_a_reply_is_right_or_wrong_no_partial_credit() -> None:
+    """reasoning-gym scores a reply containing the answer ``len(answer) / len(reply)``: ``-6``
+    for 6 would earn 0.5, a reward for the wrong sign. Ours is 0 or 1; the dataset's
+    tolerance of a ``+`` sign and leading zeros stays."""
+    env = make_env("chain_sum")
+    pos = next(t for t in (env.task(s, 0) for s in range(50)) if int(t.answer) > 0)
+    neg = next(t for t in (env.task(s, 0) for s in range(50)) if int(t.answer) < 0)
+    assert env.score(pos, f"-{pos.answer}") == 0.0
+    assert env.score(pos, f"1{pos.answer}") == 0.0 and env.score(pos, pos.answer * 2) == 0.0
+    assert env.score(pos, f"0{pos.answer}") == 1.0
+    assert env.score(neg, neg.answer) == 1.0 and env.score(neg, neg.answer[1:]) == 0.0
+    assert env.id == "chain_sum@2"  # validators must not mix it with the old scoring
+
+
 def test_levels_get_harder_and_bad_input_is_one_clear_error() -> None:
     env = make_env("chain_sum")
     easy, hard = env.task(1, 0), env.task(1, env.levels - 1)

@@ -78,10 +78,13 @@ LEVELS: dict[str, list[dict[str, Any]]] = {
 
 
 class ReasoningGymEnv:
-    """A ``reasoning-gym`` dataset behind ``Env``; numeric replies are scored on their last
-    integer."""
+    """A ``reasoning-gym`` dataset behind ``Env``. A reply is scored on its last integer, and
+    it is right (1) or wrong (0): the dataset's scorer decides which (it tolerates a sign,
+    leading zeros, commas), but its partial credit for a reply that contains the answer is
+    dropped, which would score ``-6`` for ``6`` (or ``16`` for ``6``) 0.5 and so reward the
+    wrong sign. Version 2: version 1 passed that partial credit through."""
 
-    version = 1
+    version = 2
 
     def __init__(self, name: str, levels: list[dict[str, Any]] | None = None) -> None:
         try:
@@ -117,7 +120,7 @@ class ReasoningGymEnv:
         if guess is None:
             return 0.0
         ds = self._dataset(task.seed, task.level)
-        return float(ds.score_answer(guess, task.entry))
+        return 1.0 if float(ds.score_answer(guess, task.entry)) == 1.0 else 0.0
 
 
 class ReverseTextEnv:
