@@ -15,6 +15,7 @@ version the trainer published (hard-linked as they appear), with the machine to 
 runs' clocks hold no evaluation, and evaluation takes no core from them. Printed: a table;
 written (``--json``): ``runs`` (``mode``, ``async_level``, ``curve`` [{``step``,
 ``wall_s``, ``heldout_accuracy``, ``mean_reward``}], ``trainer_idle_fraction``,
+``trainer_idle_after_first_batch`` (the same, counted from the first batch's arrival),
 ``inference_idle_fraction``, ``rollouts`` {``submitted``, ``accepted``,
 ``rejected_by_check``}, ``peak_memory_bytes``, ``samples``: ``samples_by_version``),
 ``cheats`` (``case``, ``submitted``, ``detected``), ``honest_rejected``, ``honest_total``
@@ -193,7 +194,7 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
     cheat = RUN_CHEATS[k]
     run = LocalRun(cfg)
     curve: list[dict[str, Any]] = []
-    idle = {"trainer": 0.0}
+    idle = {"trainer": 0.0, "first_wait_s": 0.0, "wait_s": 0.0, "wall_s": 0.0}
     kill_at, join_at = (args.steps // 3, args.steps // 2) if k == 2 else (-1, -1)
     try:
         run.start_orchestrator()
@@ -219,6 +220,10 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
                 }
             )
             idle["trainer"] = float(ev.get("idle_fraction", 0.0))
+            if ev["step"] == 1:
+                idle["first_wait_s"] = float(ev.get("wait_s", 0.0))
+            idle["wait_s"] += float(ev.get("wait_s", 0.0))
+            idle["wall_s"] = float(ev["wall_s"])
             console.print(
                 f"  k={k} step {ev['step']:>3} {ev['wall_s']:6.0f} s  reward "
                 f"{ev.get('mean_reward', 0):.2f}  level {ev.get('level')}  idle "
@@ -262,6 +267,8 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
         "async_level": k,
         "curve": curve,
         "trainer_idle_fraction": idle["trainer"],
+        # the same after the first batch (before it the trainer has nothing to train on)
+        "trainer_idle_after_first_batch": steady_idle(idle),
         "inference_idle_fraction": sum(idles) / len(idles) if idles else None,
         "rollouts": {
             "submitted": status["submitted"],
@@ -556,6 +563,13 @@ def print_samples(rows: list[dict[str, Any]], console: Console) -> None:
     console.print(table)
 
 
+def steady_idle(idle: dict[str, float]) -> float | None:
+    """The trainer's waiting over its wall time, both counted from the end of its first wait
+    (for the first batch)."""
+    span = idle["wall_s"] - idle["first_wait_s"]
+    return (idle["wait_s"] - idle["first_wait_s"]) / span if span > 0 else None
+
+
 def time_to(curve: list[dict[str, Any]], accuracy: float) -> float | None:
     for p in curve:
         if p["heldout_accuracy"] is not None and p["heldout_accuracy"] >= accuracy:
@@ -669,8 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         results["validation"] = validation_cost(args, console)
     results["bench_wall_s"] = round(time.monotonic() - t0, 1)
     table = Table(title="cotrain.rl: async vs sync (same seeds, same machine)")
-    for col in ("run", "steps", "final acc", "wall s", "trainer idle", "inference idle",
-                "accepted", "rejected", "peak GB"):  # fmt: skip
+    for col in ("run", "steps", "final acc", "wall s", "trainer idle", "after 1st batch",
+                "inference idle", "accepted", "rejected", "peak GB"):  # fmt: skip
         table.add_column(col)
     for r in results["runs"]:
         last = r["curve"][-1] if r["curve"] else {}
@@ -680,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{last.get('heldout_accuracy') or 0:.2f}",
             f"{last.get('wall_s') or 0:.0f}",
             f"{r['trainer_idle_fraction']:.3f}",
+            f"{r.get('trainer_idle_after_first_batch') or 0:.3f}",
             f"{r['inference_idle_fraction'] or 0:.3f}",
             str(r["rollouts"]["accepted"]),
             str(sum(r["rollouts"]["rejected_by_check"].values())),

@@ -24,6 +24,15 @@ def test_task_kind_names_terms_and_sign() -> None:
     assert bench.task_kind(make_env("reverse_text").task(3, 0)) == ""
 
 
+def test_idle_after_the_first_batch_leaves_out_its_wait() -> None:
+    bench = load_bench("rl")
+    # 90 s waiting for the first batch, 10 s more later, 1000 s in all: 10 of 910 s
+    assert bench.steady_idle(
+        {"first_wait_s": 90.0, "wait_s": 100.0, "wall_s": 1000.0}
+    ) == pytest.approx(10 / 910)
+    assert bench.steady_idle({"first_wait_s": 0.0, "wait_s": 0.0, "wall_s": 0.0}) is None
+
+
 def test_report_refuses_a_directory_without_rollouts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
