@@ -61,6 +61,20 @@ def test_async_bound_gates_dispatch() -> None:
     assert a is not None and a.step == 3 and a.min_version == 2
 
 
+def test_dispatch_lag_sends_tasks_later_within_the_same_bound() -> None:
+    p = _planner(async_level=2, dispatch_lag=1)
+    issued = [_issue(p) for _ in range(5)]
+    # version 1 opens steps 1 and 2 (1 + d), not 3 (1 + k); stale rollouts still count
+    assert [a.step for a in issued if a] == [1, 1, 2, 2] and issued[-1] is None
+    assert {a.min_version for a in issued if a} == {1}
+    p.apply_version(2, "1" * 64, 1, ["http://x"])
+    p.next_batch = 2
+    a = _issue(p)
+    assert a is not None and a.step == 3 and a.min_version == 1  # 3 - k: a slow worker's v1
+    with pytest.raises(ValueError, match="dispatch_lag"):
+        RLConfig.model_validate({"run": {"async_level": 1, "dispatch_lag": 2}})
+
+
 def test_synchronous_level_zero_waits_for_each_version() -> None:
     p = _planner(async_level=0)
     a1, a2 = _issue(p), _issue(p)

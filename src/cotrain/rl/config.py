@@ -28,6 +28,11 @@ class RunConfig(ConfigModel):
     async_level: int = Field(default=2, ge=0, le=16)
     """k: a rollout of policy version v is used at trainer step n only if v >= n - k.
     0 is the synchronous on-policy loop."""
+    dispatch_lag: int | None = Field(default=None, ge=0, le=16)
+    """Step n's tasks go out once version n - dispatch_lag is published, and workers sample
+    them with the newest version they can fetch (PRIME-RL's target lag). None: ``async_level``,
+    as early as the bound allows. A smaller lag gives fresher rollouts and overlaps less;
+    rollouts up to ``async_level`` versions old are still used (a slow worker's)."""
     group_size: int = Field(default=8, ge=2, le=64)
     """G: samples per task; advantages are rewards minus the group's mean."""
     groups_per_step: int = Field(default=8, ge=1, le=1024)
@@ -48,11 +53,11 @@ class RunConfig(ConfigModel):
     revisit_below: float = Field(default=0.1, ge=0, le=1)
     """A task that a group solved although the policy almost never does (mean reward over
     every sample the slot drew of it, failed attempts included, at most this) is sampled again
-    k + 1 steps later, by the policy that has learned from that rare success, in one of the
-    step's first slots (at most half of them, rarest first); a revisit still that hard is
-    revisited again. PRIME-RL's difficulty pool in a deterministic schedule: a success found
-    once in hundreds of samples (SmolLM2's first negative answers on chain_sum) is followed
-    up instead of left to chance. 0 turns revisits off."""
+    d + 1 steps later (d: ``dispatch_lag``), by the policy that has learned from that rare
+    success, in one of the step's first slots (at most half of them, rarest first); a revisit
+    still that hard is revisited again. PRIME-RL's difficulty pool in a deterministic
+    schedule: a success found once in hundreds of samples (SmolLM2's first negative answers on
+    chain_sum) is followed up instead of left to chance. 0 turns revisits off."""
     abort_after_zero_batches: int = Field(default=10, ge=1)
     """Stop the run with an error after this many batches in a row with no signal at all."""
 
@@ -306,6 +311,11 @@ class RLConfig(ConfigModel):
     def _check(self) -> RLConfig:
         if self.proof.chunk_tokens > self.proof.topk:
             raise ValueError("proof.chunk_tokens must be <= proof.topk")
+        r = self.run
+        if r.dispatch_lag is not None and r.dispatch_lag > r.async_level:
+            raise ValueError(
+                f"run.dispatch_lag ({r.dispatch_lag}) must be <= run.async_level ({r.async_level})"
+            )
         return self
 
     def path(self, p: Path) -> Path:

@@ -126,6 +126,8 @@ class Planner:
         self.env_id = env_id
         r = cfg.run
         self.k = r.async_level
+        self.d = r.async_level if r.dispatch_lag is None else r.dispatch_lag
+        """Step n is dispatched once version n - d is published (d <= k)."""
         self.G, self.B = r.group_size, r.groups_per_step
         self.curriculum = Curriculum(
             levels,
@@ -176,16 +178,17 @@ class Planner:
         if st is None:
             level = self.curriculum.level if self.curriculum_on else self.cfg.env.start_level
             st = StepState(n, level, [Slot(n, j) for j in range(self.B)])
-            # batch n - k - 1 is formed: version n - k, which step n waits for, was trained on it
-            for j, revisit in enumerate(self.revisits.get(n - self.k - 1, [])):
+            # batch n - d - 1 is formed: version n - d, which step n waits for, was trained on it
+            for j, revisit in enumerate(self.revisits.get(n - self.d - 1, [])):
                 st.slots[j].revisit = revisit
             self.steps[n] = st
         return st
 
     def open_steps(self) -> range:
-        """Steps whose slots may be issued now: not yet batched, within the async bound of the
-        latest version, and within the run."""
-        last = min(self.latest_version + self.k, self.cfg.run.total_steps)
+        """Steps whose slots may be issued now: not yet batched, within the dispatch lag of the
+        latest version (the async bound unless ``run.dispatch_lag`` is smaller), and within the
+        run."""
+        last = min(self.latest_version + self.d, self.cfg.run.total_steps)
         return range(self.next_batch, last + 1)
 
     def plan(self, worker: str, now: float, *, prompt_of: Any) -> Assignment | None:
