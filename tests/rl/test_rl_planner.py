@@ -75,6 +75,16 @@ def test_dispatch_lag_sends_tasks_later_within_the_same_bound() -> None:
         RLConfig.model_validate({"run": {"async_level": 1, "dispatch_lag": 2}})
 
 
+def test_the_default_dispatch_lag_is_one_step_whatever_the_bound() -> None:
+    for k, opened in ((1, [1, 1, 2, 2]), (2, [1, 1, 2, 2]), (4, [1, 1, 2, 2]), (0, [1, 1])):
+        p = _planner(async_level=k)
+        issued = [_issue(p) for _ in range(5)]
+        assert [a.step for a in issued if a] == opened, k
+        assert {a.min_version for a in issued if a} == {1}
+    p = _planner(async_level=2, dispatch_lag=2)  # as early as the bound allows, if asked
+    assert [a.step for a in (_issue(p) for _ in range(7)) if a] == [1, 1, 2, 2, 3, 3]
+
+
 def test_synchronous_level_zero_waits_for_each_version() -> None:
     p = _planner(async_level=0)
     a1, a2 = _issue(p), _issue(p)
@@ -185,7 +195,7 @@ def test_abort_after_batches_without_signal() -> None:
 
 def test_batches_do_not_depend_on_arrival_order() -> None:
     def run(order_seed: int) -> list[tuple[str, float]]:
-        p = _planner(async_level=2, total_steps=3)
+        p = _planner(async_level=2, dispatch_lag=2, total_steps=3)
         issued = [_issue(p) for _ in range(6)]
         rewards = {a.id: [float(a.slot), float(a.step % 2)] for a in issued}
         random.Random(order_seed).shuffle(issued)

@@ -29,10 +29,13 @@ class RunConfig(ConfigModel):
     """k: a rollout of policy version v is used at trainer step n only if v >= n - k.
     0 is the synchronous on-policy loop."""
     dispatch_lag: int | None = Field(default=None, ge=0, le=16)
-    """Step n's tasks go out once version n - dispatch_lag is published, and workers sample
-    them with the newest version they can fetch (PRIME-RL's target lag). None: ``async_level``,
-    as early as the bound allows. A smaller lag gives fresher rollouts and overlaps less;
-    rollouts up to ``async_level`` versions old are still used (a slow worker's)."""
+    """d <= k: step n's tasks go out once version n - d is published, and workers sample them
+    with the newest version they can fetch (PRIME-RL's target lag); rollouts up to
+    ``async_level`` versions old are still used (a slow worker's). None: 1, or 0 when
+    ``async_level`` is 0. d = k dispatches as early as the bound allows: more overlap, staler
+    rollouts. On the benchmark (SmolLM2 on chain_sum, seeds 0 and 1) d = 1 ended at 0.92 and
+    0.92 held-out against 0.84 and 0.86 with d = 2: a success sampled by one version reaches
+    the policy that samples the next step one version sooner."""
     group_size: int = Field(default=8, ge=2, le=64)
     """G: samples per task; advantages are rewards minus the group's mean."""
     groups_per_step: int = Field(default=8, ge=1, le=1024)

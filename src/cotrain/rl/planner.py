@@ -126,7 +126,7 @@ class Planner:
         self.env_id = env_id
         r = cfg.run
         self.k = r.async_level
-        self.d = r.async_level if r.dispatch_lag is None else r.dispatch_lag
+        self.d = min(r.async_level, 1) if r.dispatch_lag is None else r.dispatch_lag
         """Step n is dispatched once version n - d is published (d <= k)."""
         self.G, self.B = r.group_size, r.groups_per_step
         self.curriculum = Curriculum(
@@ -186,7 +186,7 @@ class Planner:
 
     def open_steps(self) -> range:
         """Steps whose slots may be issued now: not yet batched, within the dispatch lag of the
-        latest version (the async bound unless ``run.dispatch_lag`` is smaller), and within the
+        latest version (``run.dispatch_lag``, at most the async bound), and within the
         run."""
         last = min(self.latest_version + self.d, self.cfg.run.total_steps)
         return range(self.next_batch, last + 1)
