@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -196,9 +197,10 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
     curve: list[dict[str, Any]] = []
     idle = {"trainer": 0.0, "first_wait_s": 0.0, "wait_s": 0.0, "wall_s": 0.0}
     kill_at, join_at = (args.steps // 3, args.steps // 2) if k == 2 else (-1, -1)
+    cpu0, t0 = children_cpu_s(), time.monotonic()
     try:
         run.start_orchestrator()
-        run.start_trainer()
+        run.start_trainer(extra={"model.threads": args.trainer_threads})
         run.start_validator(0)
         names = [run.start_worker(wait=False).name for _ in range(args.workers)]
         cheater = run.start_worker(cheat, wait=False).name
@@ -260,6 +262,8 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
         ]
     finally:
         run.stop()
+    # every role's CPU time (stop() has reaped them all) over what the machine's cores offered
+    cpu_used = (children_cpu_s() - cpu0) / ((time.monotonic() - t0) * usable_cores())
     evaluate_curve(args, cfg.run.out_dir, curve, console, f"k={k}")
     samples = samples_by_version(cfg.run.out_dir)  # the next run's start removes the directory
     return {
@@ -270,6 +274,7 @@ def one_run(args: argparse.Namespace, root: Path, k: int, console: Console) -> d
         # the same after the first batch (before it the trainer has nothing to train on)
         "trainer_idle_after_first_batch": steady_idle(idle),
         "inference_idle_fraction": sum(idles) / len(idles) if idles else None,
+        "cpu_utilization": round(cpu_used, 3),
         "rollouts": {
             "submitted": status["submitted"],
             "accepted": status["accepted"],
@@ -570,6 +575,16 @@ def steady_idle(idle: dict[str, float]) -> float | None:
     return (idle["wait_s"] - idle["first_wait_s"]) / span if span > 0 else None
 
 
+def children_cpu_s() -> float:
+    """User and system CPU seconds of this process's children that have been reaped."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
 def time_to(curve: list[dict[str, Any]], accuracy: float) -> float | None:
     for p in curve:
         if p["heldout_accuracy"] is not None and p["heldout_accuracy"] >= accuracy:
@@ -606,6 +621,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads of the worker and of the validator when timing the validation cost",
     )
+    ap.add_argument(
+        "--trainer-threads",
+        type=int,
+        default=1,
+        help="torch threads of the trainer in the runs (it is niced; every other role has one)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=7200.0)
     ap.add_argument(
@@ -641,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
         args.heldout = min(args.heldout, 50)
         args.validation_groups = min(args.validation_groups, 3)
     args.cheats = [c for c in args.cheats.split(",") if c]
+    if args.trainer_threads < 1:
+        ap.error("--trainer-threads must be at least 1")
     try:
         base_config(args, Path("x"), 2)
     except (ConfigError, ValueError) as e:
@@ -676,6 +699,10 @@ def main(argv: list[str] | None = None) -> int:
         t2 = time_to(runs[2]["curve"], sync_final)
         results["sync_final_accuracy"] = sync_final
         results["async2_time_to_sync_final_ratio"] = t2 / t_sync if t2 is not None else None
+    if 0 in runs and runs[0]["cpu_utilization"] > 0:
+        # Overlap can at most keep busy the cores the synchronous loop leaves idle: with the
+        # same work, async is at most this much faster on this machine
+        results["async_speedup_ceiling"] = round(1 / runs[0]["cpu_utilization"], 2)
     if args.validation_groups:
         console.print(
             f"[bold]validation cost[/bold] ({args.validation_threads} thread(s) each, same groups)"
@@ -684,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     results["bench_wall_s"] = round(time.monotonic() - t0, 1)
     table = Table(title="cotrain.rl: async vs sync (same seeds, same machine)")
     for col in ("run", "steps", "final acc", "wall s", "trainer idle", "after 1st batch",
-                "inference idle", "accepted", "rejected", "peak GB"):  # fmt: skip
+                "inference idle", "CPU used", "accepted", "rejected", "peak GB"):  # fmt: skip
         table.add_column(col)
     for r in results["runs"]:
         last = r["curve"][-1] if r["curve"] else {}
@@ -696,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['trainer_idle_fraction']:.3f}",
             f"{r.get('trainer_idle_after_first_batch') or 0:.3f}",
             f"{r['inference_idle_fraction'] or 0:.3f}",
+            f"{r.get('cpu_utilization') or 0:.2f}",
             str(r["rollouts"]["accepted"]),
             str(sum(r["rollouts"]["rejected_by_check"].values())),
             f"{r['peak_memory_bytes'] / 2**30:.2f}",
@@ -712,6 +740,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(
             f"k=2 reaches the sync final accuracy {results['sync_final_accuracy']} in "
             f"{results['async2_time_to_sync_final_ratio']} x the sync wall time (target <= 0.77)"
+        )
+    if "async_speedup_ceiling" in results:
+        console.print(
+            f"the sync run kept {runs[0]['cpu_utilization']:.0%} of the {usable_cores()} cores "
+            f"busy: overlap can make the same work at most {results['async_speedup_ceiling']}x "
+            "faster here"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

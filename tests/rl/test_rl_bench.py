@@ -33,6 +33,19 @@ def test_idle_after_the_first_batch_leaves_out_its_wait() -> None:
     assert bench.steady_idle({"first_wait_s": 0.0, "wait_s": 0.0, "wall_s": 0.0}) is None
 
 
+def test_cpu_used_counts_the_reaped_children() -> None:
+    import subprocess
+    import sys
+
+    bench = load_bench("rl")
+    before = bench.children_cpu_s()
+    # a child that burns 0.3 s of CPU (its own clock, not the wall) and is then reaped
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True, timeout=60)
+    assert bench.children_cpu_s() - before >= 0.3
+    assert bench.usable_cores() >= 1
+
+
 def test_report_refuses_a_directory_without_rollouts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -143,8 +143,11 @@ class LocalRun:
         p.wait_for("ready", timeout_s)
         return p
 
-    def start_trainer(self, timeout_s: float = 300.0, *, wait: bool = True) -> Proc:
-        p = self._start("trainer", "trainer", {})
+    def start_trainer(
+        self, timeout_s: float = 300.0, *, wait: bool = True, extra: dict[str, Any] | None = None
+    ) -> Proc:
+        """The trainer; ``extra``: its own settings, e.g. ``{"model.threads": 2}``."""
+        p = self._start("trainer", "trainer", dict(extra or {}))
         if wait:
             p.wait_for("ready", timeout_s)
         return p
