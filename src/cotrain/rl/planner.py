@@ -10,9 +10,10 @@ Steps, slots, attempts::
     attempt a        -> issued to one worker at a time; re-issued (same task, same seeds) when
                         its deadline passes or one of its rollouts is rejected
 
-Pacing (the async bound k): slots of step n are issued only once version n - k is published,
-and their rollouts must use a version >= n - k, so nothing generated is ever discarded as too
-stale. With k = 0 step n's rollouts all come from version n: the synchronous loop.
+Pacing (the async bound k, the dispatch lag d <= k): slots of step n are issued once version
+n - d is published (d = 1 unless set, 0 when k = 0), and their rollouts must use a version
+>= n - k, so nothing generated is ever discarded as too stale. With k = 0 step n's rollouts
+all come from version n: the synchronous loop.
 
 A slot is complete when all G samples of one attempt are accepted; if their rewards are all
 equal (zero advantage) the slot moves to its next attempt, up to ``max_resample``, then is
