@@ -81,6 +81,7 @@ def test_the_default_dispatch_lag_is_one_step_whatever_the_bound() -> None:
         issued = [_issue(p) for _ in range(5)]
         assert [a.step for a in issued if a] == opened, k
         assert {a.min_version for a in issued if a} == {1}
+        assert p.cfg.run.lag == min(k, 1)
     p = _planner(async_level=2, dispatch_lag=2)  # as early as the bound allows, if asked
     assert [a.step for a in (_issue(p) for _ in range(7)) if a] == [1, 1, 2, 2, 3, 3]
 

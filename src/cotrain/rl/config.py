@@ -36,6 +36,12 @@ class RunConfig(ConfigModel):
     rollouts. On the benchmark (SmolLM2 on chain_sum, seeds 0 and 1) d = 1 ended at 0.92 and
     0.92 held-out against 0.84 and 0.86 with d = 2: a success sampled by one version reaches
     the policy that samples the next step one version sooner."""
+
+    @property
+    def lag(self) -> int:
+        """The dispatch lag in effect: ``dispatch_lag``, or its default."""
+        return min(self.async_level, 1) if self.dispatch_lag is None else self.dispatch_lag
+
     group_size: int = Field(default=8, ge=2, le=64)
     """G: samples per task; advantages are rewards minus the group's mean."""
     groups_per_step: int = Field(default=8, ge=1, le=1024)

@@ -127,7 +127,7 @@ class Planner:
         self.env_id = env_id
         r = cfg.run
         self.k = r.async_level
-        self.d = min(r.async_level, 1) if r.dispatch_lag is None else r.dispatch_lag
+        self.d = r.lag
         """Step n is dispatched once version n - d is published (d <= k)."""
         self.G, self.B = r.group_size, r.groups_per_step
         self.curriculum = Curriculum(
