@@ -3,14 +3,20 @@ another voted is told to vote, and sequence numbers stay in step afterwards."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
 import pytest
-from comm_harness import cluster, parallel, peer_config
+from comm_harness import MasterThread, cluster, parallel, peer_config
 
 from cotrain.comm import Communicator, TopologyChangedError
+from cotrain.comm import messages as m
+from cotrain.comm.communicator import REVOTE_S
+from cotrain.comm.errors import RETRYABLE
 from cotrain.core.clock import Deadline
 
 
@@ -66,3 +72,135 @@ def test_a_member_that_skipped_the_vote_is_told_to_vote_and_stays_in_step() -> N
             [lambda c=c, t=t: c.all_reduce(t, op="sum") for c, t in zip(comms, x, strict=True)]
         )
         assert all(np.all(t == 3.0) for t in x)
+
+
+class _FlakyFront:
+    """A TCP front for one peer's data server: it resets the first connection it gets, as a
+    link that drops one attempt, and forwards every later one to ``target`` (set once known)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.target: int | None = None
+        self.accepted = 0
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            self.accepted += 1
+            if self.accepted == 1 or self.target is None:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()  # a reset
+                continue
+            up = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            self._open += [conn, up]
+            for src, dst in ((conn, up), (up, conn)):
+                threading.Thread(target=_pipe, args=(src, dst), daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+        for s in self._open:
+            s.close()
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_a_ring_that_fails_to_connect_is_formed_again_without_waiting_out_the_timeout() -> None:
+    # One ring connection to peer 2 is reset. Its dialer fails at once and tells the master,
+    # which aborts the epoch: the peer waiting for that neighbour stops waiting (instead of
+    # for connect_timeout_s), and wait_for_world votes again rather than giving up.
+    master = MasterThread()
+    front = _FlakyFront()
+    connect_timeout_s = 20.0
+    comms = [
+        Communicator(
+            peer_config(
+                master.port,
+                connect_timeout_s=connect_timeout_s,
+                **({"advertise_port": front.port} if i == 2 else {}),
+            ),
+            name=f"p{i}",
+        )
+        for i in range(3)
+    ]
+    try:
+        for c in comms:
+            c.connect()
+        front.target = comms[2].data_port
+        x = [np.full(64, i + 1, np.float32) for i in range(3)]
+
+        def join_and_reduce(c: Communicator, t: np.ndarray) -> None:
+            c.wait_for_world(3, timeout_s=40)
+            for _ in range(5):  # as a training loop does: a peer may have formed its part of
+                try:  # the ring before the abort reached it, and learns of it here
+                    c.all_reduce(t, op="sum")
+                    return
+                except RETRYABLE:
+                    c.update_topology(timeout_s=30)
+
+        t0 = time.monotonic()
+        parallel([lambda c=c, t=t: join_and_reduce(c, t) for c, t in zip(comms, x, strict=True)])
+        took = time.monotonic() - t0
+        assert front.accepted > 1  # the reset happened, and the ring still formed
+        assert took < connect_timeout_s / 2, took
+        assert len({c.epoch for c in comms}) == 1 and all(c.world_size == 3 for c in comms)
+        assert all(np.all(t == 6) for t in x)
+    finally:
+        for c in comms:
+            c.close()
+        front.close()
+        master.stop()
+
+
+@pytest.mark.timeout(60)
+def test_waiting_for_the_world_votes_again_when_a_joiner_comes_not_in_a_loop() -> None:
+    master = MasterThread()
+    comms = [Communicator(peer_config(master.port), name=f"p{i}") for i in range(3)]
+    votes: list[float] = []
+    try:
+        for c in comms[:2]:
+            c.connect()
+            link = c._ms.link
+            send = link.send
+
+            def counting(msg: object, send: Callable[[object], int] = send) -> int:
+                if isinstance(msg, m.Vote):
+                    votes.append(time.monotonic())
+                return send(msg)
+
+            link.send = counting  # type: ignore[method-assign]
+        waiting = [
+            threading.Thread(target=c.wait_for_world, args=(3, 40), daemon=True) for c in comms[:2]
+        ]
+        for t in waiting:
+            t.start()
+        _until(lambda: all(c.world_size == 2 for c in comms[:2]), "a ring of two")
+        idle_from = time.monotonic()
+        threading.Event().wait(3.0)  # the window whose votes are counted, not a synchronisation
+        idle = [v for v in votes if v >= idle_from]
+        assert len(idle) <= 2 * (3.0 / REVOTE_S + 1), f"{len(idle)} votes in 3 s of waiting"
+        comms[2].connect()
+        joined = time.monotonic()
+        comms[2].wait_for_world(3, timeout_s=30)
+        for t in waiting:
+            t.join(30)
+            assert not t.is_alive()
+        assert time.monotonic() - joined < 10
+        assert all(c.world_size == 3 for c in comms)
+    finally:
+        for c in comms:
+            c.close()
+        master.stop()

@@ -111,6 +111,10 @@ def _run_ring(net: WanNetwork, *, numel: int, rounds: int, out_dir: Path | None 
             assert [ev["round"] for ev in events] == list(range(rounds))
             result[i] = events
         return RingRun(result)
+    except BaseException:
+        for proc in [*procs, master]:  # what every process said, to tell a stall from a fault
+            print(f"--- {proc.name}\n" + "\n".join(proc.lines[-40:]))
+        raise
     finally:
         for proc in procs:
             proc.stop()

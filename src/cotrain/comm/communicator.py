@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +43,11 @@ from cotrain.core.clock import Deadline
 from cotrain.core.identity import Identity
 
 log = logging.getLogger("cotrain.comm")
+
+REVOTE_S = 2.0
+"""``wait_for_world``: the longest wait before voting again (for a joiner, or after a failure)."""
+REVOTE_BACKOFF_S = 0.1
+"""``wait_for_world``: the wait before voting again after the first failure, doubling after each."""
 
 __all__ = ["CollectiveResult", "Communicator", "Handle", "SyncResult", "all_reduce_with_retry"]
 
@@ -228,12 +234,28 @@ class Communicator:
             ms.apply_topology(topo)
 
     def wait_for_world(self, n: int, timeout_s: float = 120.0) -> None:
-        """Call ``update_topology`` until at least ``n`` peers are in the ring."""
+        """Call ``update_topology`` until at least ``n`` peers are in the ring, connected.
+
+        A ring that could not connect (a neighbour that left, or whose connection did not get
+        through in time on a lossy link) is voted on again, after a short backoff; a ring that
+        is whole but short votes again once the master announces a joiner (or after
+        ``REVOTE_S``), not in a tight loop. ``TimeoutExpired`` names the last failure."""
         deadline = Deadline.after(timeout_s)
-        while self.world_size < n:
-            self.update_topology(
-                timeout_s=deadline.check(f"{n} peers ({self.world_size} in the ring so far)")
-            )
+        if self.world_size >= n:
+            return
+        last, failures = "", 0
+        while True:
+            left = deadline.check(f"{n} peers ({self.world_size} in the ring so far{last})")
+            try:
+                self.update_topology(timeout_s=left)
+            except RETRYABLE as e:
+                last, failures = f"; last: {e}", failures + 1
+                log.info("the ring did not form (%s); voting again", e)
+                time.sleep(min(REVOTE_BACKOFF_S * 2 ** (failures - 1), REVOTE_S, left))
+                continue
+            if self.world_size >= n:
+                return
+            self._ms.link.wait_joining(self.epoch, min(REVOTE_S, deadline.remaining()))
 
     # ---- the jobs ----------------------------------------------------------------------------
 

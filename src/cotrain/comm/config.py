@@ -57,8 +57,11 @@ class MasterConfig(ConfigModel):
     """How often to read the task's members from ``coordinator``."""
     vote_timeout_s: float = Field(default=600.0, gt=0)
     """How long update_topology waits for every accepted peer to vote before dropping the absent."""
-    handshake_timeout_s: float = Field(default=5.0, gt=0)
-    """A connection that has not authenticated within this time is closed."""
+    handshake_timeout_s: float = Field(default=15.0, gt=0)
+    """A connection that has not authenticated within this time is closed. A handshake over a
+    lossy link can lose a segment twice (after a lost SYN, Linux retransmits data after 3 s,
+    then 6 s), and strangers holding connections open are cut first anyway when the server is
+    full: no need to cut honest peers sooner."""
     max_frame_kb: int = Field(default=4096, gt=0)
     """Largest control frame accepted."""
     tls: TLSConfig | None = None
@@ -88,9 +91,9 @@ class CommConfig(ConfigModel):
     master_key: str | None = None
     """The master's public key (printed by `cotrain master`): the master must prove it holds
     it. Required unless the run secret authenticates the master."""
-    handshake_timeout_s: float = Field(default=5.0, gt=0)
+    handshake_timeout_s: float = Field(default=15.0, gt=0)
     """A connection to this peer's data server that has not authenticated within this time is
-    closed (the whole handshake, however the bytes trickle in)."""
+    closed (the whole handshake, however the bytes trickle in). See the master's."""
     listen_host: str = "127.0.0.1"
     """Address this peer's data server binds (ring, state and probe connections)."""
     listen_port: int = Field(default=0, ge=0, le=65535)

@@ -140,6 +140,7 @@ class MasterLink:
             elif isinstance(msg, m.Joining):
                 with self.cond:
                     self.joining_epoch = max(self.joining_epoch, msg.epoch)
+                    self.cond.notify_all()
             elif isinstance(msg, m.Kicked):
                 with self.cond:
                     self.kicked = msg.reason
@@ -248,6 +249,23 @@ class MasterLink:
                 left = deadline.remaining()
                 if left <= 0:
                     raise TimeoutExpired(f"timed out waiting for {what}")
+                self.cond.wait(min(left, 0.5))
+
+    def wait_joining(self, epoch: int, timeout_s: float) -> None:
+        """Return once the master has announced a joiner in ``epoch`` or later, the connection
+        changed (lost, kicked, gone for good), or ``timeout_s`` passed, whichever is first."""
+        deadline = Deadline.after(timeout_s)
+        with self.cond:
+            generation = self.generation
+            while (
+                self.joining_epoch < epoch
+                and self.generation == generation
+                and self.kicked is None
+                and self.dead is None
+            ):
+                left = deadline.remaining()
+                if left <= 0:
+                    return
                 self.cond.wait(min(left, 0.5))
 
     def purge(self, keep: Callable[[Any], bool]) -> None:

@@ -54,6 +54,9 @@ class Membership:
         self.rank = -1
         self.seq = 0
         self.broken: str | None = None
+        self.early_abort: tuple[int, str] | None = None
+        """An abort for an epoch whose topology is still in our inbox (the master sends both,
+        in order, but the reader thread sees the abort first): the epoch is broken on arrival."""
         self.links: ring.Links | None = None
         self.outcome: tuple[int, int, bool] | None = None
         """(epoch, seq, committed) of the last collective reported done: a restarted master
@@ -77,10 +80,14 @@ class Membership:
 
     def on_abort(self, msg: m.Abort) -> None:
         with self.lock:
+            if msg.epoch > self.epoch:
+                self.early_abort = (msg.epoch, f"collective aborted: {msg.reason}")
+                return
             if msg.epoch != self.epoch:
                 return
             self.broken = f"collective aborted: {msg.reason}"
             links = self.links
+            self.lock.notify_all()  # a ring still forming stops waiting for its neighbour
         if links is not None:
             links.close()
 
@@ -88,6 +95,7 @@ class Membership:
         with self.lock:
             self.broken = f"removed by the master: {reason}"
             links = self.links
+            self.lock.notify_all()
         if links is not None:
             links.close()
 
@@ -161,7 +169,8 @@ class Membership:
             self.epoch, self.ring, self.rank = topo.epoch, list(topo.ring), ids.index(self.peer_id)
             self.seq = 0
             self.outcome = None
-            self.broken = None
+            early, self.early_abort = self.early_abort, None
+            self.broken = early[1] if early is not None and early[0] == topo.epoch else None
             stale = [k for k in self._incoming if k[0] < topo.epoch]
             stale_socks = [self._incoming.pop(k)[1] for k in stale]
             self.lock.notify_all()
@@ -181,18 +190,24 @@ class Membership:
         try:
             to_next = self._dial_streams(nxt)
             with self.lock:
-                ok = self.lock.wait_for(
-                    lambda: all((topo.epoch, j) in self._incoming for j in range(streams)),
+                # ... or until the master aborts this epoch (a member failed to connect its
+                # part of the ring): the next vote makes a new one, no need to wait it out
+                self.lock.wait_for(
+                    lambda: (
+                        self.broken is not None
+                        or all((topo.epoch, j) in self._incoming for j in range(streams))
+                    ),
                     timeout=deadline.remaining(),
                 )
                 got = [self._incoming.pop((topo.epoch, j), None) for j in range(streams)]
-            if not ok:
+                broken = self.broken
+            if broken is not None or any(item is None for item in got):
                 for s in to_next:
                     close_quietly(s)
                 for item in got:
                     close_quietly(item[1] if item else None)
                 raise PeerFailedError(
-                    f"ring neighbour {fingerprint(prev.peer_id)} did not connect in time"
+                    broken or f"ring neighbour {fingerprint(prev.peer_id)} did not connect in time"
                 )
             from_prev = []
             for item in got:

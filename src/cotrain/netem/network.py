@@ -5,15 +5,16 @@ Topology (one instance; every name below lives inside namespaces of this instanc
       host ns  <tag>-h0              switch ns  <tag>-sw               host ns  <tag>-h1
     lo, eth0 10.213.0.2 ══veth══ p0 ─┐                  ┌─ p1 ══veth══ eth0 10.213.0.3, lo
       tbf on eth0 (upload)           │   br0 (bridge)   │   tbf on p1 (host 1's download)
-      nft loss on eth0 in+out     p0: tbf (download)  ... ...
+                                  p0: tbf (download), nft loss on what p0 forwards in and out
       delay agent on 127.0.0.1 (only once a delay is set; TCP out of eth0 goes through it)
 
 Each host's upload is shaped by ``tbf`` on its ``eth0`` and its download by ``tbf`` on the
-switch end of its veth, so both are ``rate_mbit``. Loss is an nftables rule on the host side,
-applied to packets leaving and to packets arriving through ``eth0``; a packet between two lossy
-hosts crosses two such rules. Latency (``delay_ms``, ``set_delay``) is added to TCP in
-userspace by a transparent delay agent per host (this kernel has no netem; see latency.py); an
-explicit ``DelayProxy`` in front of one server (``Host.start_delay_proxy``) works too.
+switch end of its veth, so both are ``rate_mbit``. Loss is an nftables rule on the bridge, on
+the wire as it were: it drops IPv4 frames forwarded from and to a host's port, and neither end
+is told (see shaping.py); a packet between two lossy hosts crosses two such rules. Latency
+(``delay_ms``, ``set_delay``) is added to TCP in userspace by a transparent delay agent per
+host (this kernel has no netem; see latency.py); an explicit ``DelayProxy`` in front of one
+server (``Host.start_delay_proxy``) works too.
 
 Addresses are 10.213.0.(index + 2)/24. They may repeat across instances: each instance has its
 own switch, so instances (parallel tests, parallel engineers) never see each other.
@@ -157,7 +158,7 @@ class WanNetwork:
         host = self.hosts[index]
         shaping.set_rate(host.name, HOST_DEV, link.rate_mbit)  # upload
         shaping.set_rate(self.switch, f"p{index}", link.rate_mbit)  # download
-        shaping.set_loss(host.name, HOST_DEV, link.loss_pct)
+        shaping.set_loss(self.switch, f"p{index}", link.loss_pct)
         self._links[index] = link
 
     def _host(self, host_index: int) -> Host:
@@ -181,10 +182,10 @@ class WanNetwork:
 
     def set_loss(self, host_index: int, loss_pct: float) -> None:
         """Change host ``host_index``'s random loss (each direction) now; 100 cuts the link."""
-        host = self._host(host_index)
+        self._host(host_index)
         if loss_pct > 0 and self.config.segmentation == "gso":
             raise ValueError("set_loss needs a network built with segmentation='mtu'")
-        shaping.set_loss(host.name, HOST_DEV, loss_pct)
+        shaping.set_loss(self.switch, f"p{host_index}", loss_pct)
         self._links[host_index] = dataclasses.replace(self._links[host_index], loss_pct=loss_pct)
 
     def set_delay(self, host_index: int, delay_ms: float) -> None:
@@ -200,7 +201,8 @@ class WanNetwork:
 
     def drop_counts(self, host_index: int) -> DropCounts:
         """Packets the loss rule of host ``host_index`` dropped so far, per direction."""
-        return shaping.drop_counts(self._host(host_index).name)
+        self._host(host_index)
+        return shaping.drop_counts(self.switch, f"p{host_index}")
 
     def close(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Stop every process we started here, then delete all namespaces. Idempotent."""

@@ -1,8 +1,11 @@
 """Link shaping without netem: rate with ``tc tbf``, random loss with an nftables rule.
 
-Both act on one interface inside one namespace and both shape *egress* for rate; loss is
-applied on the host side to packets leaving (output hook) and arriving (input hook) through the
-host's WAN interface, so ``lo`` inside the host never loses anything.
+Rate shapes the *egress* of one interface inside one namespace. Loss is applied on the wire:
+by the switch's bridge, to the IPv4 frames it forwards from and to one host's port, so neither
+end sees it happen, as with a real lossy link. (A drop in a host's own output hook is not
+loss: the sending stack is told, and a listener whose SYN-ACK retransmission is refused so
+drops the half-open connection, while the client, whose ACK was lost, waits on it as
+established: a stall no wire produces.) ``lo`` inside a host never loses anything.
 """
 
 from __future__ import annotations
@@ -63,40 +66,47 @@ def set_rate(ns: str, dev: str, rate_mbit: float | None) -> None:
     )  # fmt: skip
 
 
-def set_loss(ns: str, dev: str, loss_pct: float) -> None:
-    """Drop ``loss_pct`` % of packets leaving and of packets arriving on ``dev`` in ``ns``.
+def set_loss(ns: str, port: str, loss_pct: float) -> None:
+    """Drop ``loss_pct`` % of the IPv4 frames that the bridge in ``ns`` forwards in from
+    ``port`` (its host's upload) and out to it (its host's download).
 
-    The table and its drop counters are created once; the rules are replaced atomically (one
-    ``nft -f`` transaction), so changing the loss at run time never opens a window without it.
+    Each port has a table and drop counters of its own, created once; the rules are replaced
+    atomically (one ``nft -f`` transaction), so changing the loss at run time never opens a
+    window without it.
     """
     check_loss(loss_pct)
     threshold = round(loss_pct * _LOSS_SCALE / 100)
+    table = _loss_table(port)
     lines = [
-        f"table inet {_TABLE} {{",
+        f"table bridge {table} {{",
         "  counter egress_drops { }",
         "  counter ingress_drops { }",
-        "  chain egress { type filter hook output priority 0; policy accept; }",
-        "  chain ingress { type filter hook input priority 0; policy accept; }",
+        "  chain forward { type filter hook forward priority 0; policy accept; }",
         "}",
-        f"flush chain inet {_TABLE} egress",
-        f"flush chain inet {_TABLE} ingress",
+        f"flush chain bridge {table} forward",
     ]
     if threshold > 0:
         # numgen yields 0..SCALE-1, so "< SCALE" would not parse: 100 % is a plain drop.
         chance = (
             f"numgen random mod {_LOSS_SCALE} < {threshold} " if threshold < _LOSS_SCALE else ""
         )
-        for chain, match in (("egress", "oifname"), ("ingress", "iifname")):
+        # egress: leaving the host, so entering the bridge through its port; ingress: the reverse
+        for counter, match in (("egress_drops", "iifname"), ("ingress_drops", "oifname")):
             lines.append(
-                f'add rule inet {_TABLE} {chain} {match} "{dev}" '
-                f'{chance}counter name "{chain}_drops" drop'
+                f'add rule bridge {table} forward {match} "{port}" ether type ip '
+                f'{chance}counter name "{counter}" drop'
             )
     run_cmd(in_ns(ns, ["nft", "-f", "-"]), input_text="\n".join(lines) + "\n")
 
 
+def _loss_table(port: str) -> str:
+    return f"{_TABLE}_{port}"
+
+
 @dataclass(frozen=True)
 class DropCounts:
-    """Packets dropped by the loss rule of one host since the network was built."""
+    """Packets dropped by the loss rule of one host's link since the network was built:
+    ``egress`` on their way out of the host, ``ingress`` on their way in."""
 
     egress_packets: int
     ingress_packets: int
@@ -106,8 +116,10 @@ class DropCounts:
         return self.egress_packets + self.ingress_packets
 
 
-def drop_counts(ns: str) -> DropCounts:
-    out = run_cmd(in_ns(ns, ["nft", "-j", "list", "counters", "table", "inet", _TABLE]))
+def drop_counts(ns: str, port: str) -> DropCounts:
+    """What ``set_loss(ns, port, ...)``'s rules have dropped so far."""
+    table = _loss_table(port)
+    out = run_cmd(in_ns(ns, ["nft", "-j", "list", "counters", "table", "bridge", table]))
     counts = {"egress_drops": 0, "ingress_drops": 0}
     for item in json.loads(out)["nftables"]:
         counter = item.get("counter")
