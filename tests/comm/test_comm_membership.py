@@ -16,7 +16,7 @@ from comm_harness import MasterThread, cluster, parallel, peer_config
 from cotrain.comm import Communicator, TopologyChangedError
 from cotrain.comm import messages as m
 from cotrain.comm.communicator import REVOTE_S
-from cotrain.comm.errors import RETRYABLE
+from cotrain.comm.errors import RETRYABLE, CommError
 from cotrain.core.clock import Deadline
 
 
@@ -203,4 +203,32 @@ def test_waiting_for_the_world_votes_again_when_a_joiner_comes_not_in_a_loop() -
     finally:
         for c in comms:
             c.close()
+        master.stop()
+
+
+@pytest.mark.timeout(60)
+def test_closing_a_peer_ends_its_wait_for_the_world_at_once() -> None:
+    master = MasterThread()
+    comm = Communicator(peer_config(master.port), name="p0")
+    outcome: list[BaseException | None] = []
+
+    def wait() -> None:
+        try:
+            comm.wait_for_world(2, timeout_s=30)
+            outcome.append(None)
+        except BaseException as e:  # what the waiting thread saw
+            outcome.append(e)
+
+    try:
+        comm.connect()
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        _until(lambda: comm.world_size == 1, "a ring of one")
+        closed = time.monotonic()
+        comm.close()
+        waiter.join(10)
+        assert not waiter.is_alive() and time.monotonic() - closed < 5
+        assert isinstance(outcome[0], CommError), outcome  # not a TimeoutExpired 30 s later
+    finally:
+        comm.close()
         master.stop()

@@ -34,7 +34,7 @@ from cotrain.comm.auth import (
 from cotrain.comm.collectives import CollectiveResult, Collectives, Handle
 from cotrain.comm.config import CommConfig, Quantization, ReduceOp
 from cotrain.comm.control import MasterLink
-from cotrain.comm.errors import RETRYABLE, CommError
+from cotrain.comm.errors import RETRYABLE, CommError, PeerFailedError, TopologyChangedError
 from cotrain.comm.faults import FaultInjector, FaultPlan
 from cotrain.comm.membership import Membership
 from cotrain.comm.state import SharedState, SyncResult
@@ -239,7 +239,8 @@ class Communicator:
         A ring that could not connect (a neighbour that left, or whose connection did not get
         through in time on a lossy link) is voted on again, after a short backoff; a ring that
         is whole but short votes again once the master announces a joiner (or after
-        ``REVOTE_S``), not in a tight loop. ``TimeoutExpired`` names the last failure."""
+        ``REVOTE_S``), not in a tight loop. ``TimeoutExpired`` names the last failure; being
+        removed by the master (``KickedError``) and ``close()`` end the wait at once."""
         deadline = Deadline.after(timeout_s)
         if self.world_size >= n:
             return
@@ -248,13 +249,17 @@ class Communicator:
             left = deadline.check(f"{n} peers ({self.world_size} in the ring so far{last})")
             try:
                 self.update_topology(timeout_s=left)
-            except RETRYABLE as e:
+            except (PeerFailedError, TopologyChangedError) as e:
+                if self._ms.closing:
+                    raise
                 last, failures = f"; last: {e}", failures + 1
                 log.info("the ring did not form (%s); voting again", e)
-                time.sleep(min(REVOTE_BACKOFF_S * 2 ** (failures - 1), REVOTE_S, left))
+                pause = REVOTE_BACKOFF_S * 2 ** (failures - 1)
+                time.sleep(min(pause, REVOTE_S, deadline.remaining()))
                 continue
             if self.world_size >= n:
                 return
+            last, failures = "", 0
             self._ms.link.wait_joining(self.epoch, min(REVOTE_S, deadline.remaining()))
 
     # ---- the jobs ----------------------------------------------------------------------------

@@ -253,7 +253,8 @@ class MasterLink:
 
     def wait_joining(self, epoch: int, timeout_s: float) -> None:
         """Return once the master has announced a joiner in ``epoch`` or later, the connection
-        changed (lost, kicked, gone for good), or ``timeout_s`` passed, whichever is first."""
+        changed (lost, kicked, gone for good, closed), or ``timeout_s`` passed, whichever is
+        first."""
         deadline = Deadline.after(timeout_s)
         with self.cond:
             generation = self.generation
@@ -262,6 +263,7 @@ class MasterLink:
                 and self.generation == generation
                 and self.kicked is None
                 and self.dead is None
+                and not self._closing.is_set()
             ):
                 left = deadline.remaining()
                 if left <= 0:

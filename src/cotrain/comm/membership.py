@@ -188,6 +188,8 @@ class Membership:
         deadline = Deadline.after(self.config.connect_timeout_s)
         streams = self.config.streams
         try:
+            if self.broken is not None:  # aborted before it arrived (early_abort): no dialing
+                raise PeerFailedError(self.broken)
             to_next = self._dial_streams(nxt)
             with self.lock:
                 # ... or until the master aborts this epoch (a member failed to connect its

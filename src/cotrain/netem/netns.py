@@ -63,6 +63,7 @@ def _probe_once() -> str | None:
         in_ns(ns, ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1mbit",
                    "burst", "16384", "limit", "65536"]),
         in_ns(ns, ["nft", "add", "table", "inet", "cotrain_probe"]),
+        in_ns(ns, ["nft", "add", "table", "bridge", "cotrain_probe"]),  # the links' loss rules
     ]  # fmt: skip
     try:
         for argv in steps:
