@@ -3,6 +3,7 @@ another voted is told to vote, and sequence numbers stay in step afterwards."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import threading
@@ -11,13 +12,16 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from comm_harness import MasterThread, cluster, parallel, peer_config
+from comm_harness import SECRET, MasterThread, cluster, parallel, peer_config
 
 from cotrain.comm import Communicator, TopologyChangedError
+from cotrain.comm import communicator as communicator_mod
 from cotrain.comm import messages as m
 from cotrain.comm.communicator import REVOTE_S
 from cotrain.comm.errors import RETRYABLE, CommError
 from cotrain.core.clock import Deadline
+from cotrain.demo.peer import PeerProgramConfig
+from cotrain.launch.procs import start_peer
 
 
 def _until(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
@@ -231,4 +235,47 @@ def test_closing_a_peer_ends_its_wait_for_the_world_at_once() -> None:
         assert isinstance(outcome[0], CommError), outcome  # not a TimeoutExpired 30 s later
     finally:
         comm.close()
+        master.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_short_ring_that_loses_a_member_votes_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # While waiting for a fourth peer, one of three is killed: the master aborts the epoch and
+    # the two left vote for the next one at once, not after REVOTE_S (made long here to tell).
+    monkeypatch.setattr(communicator_mod, "REVOTE_S", 20.0)
+    master = MasterThread()
+    comms = [Communicator(peer_config(master.port), name=f"p{i}") for i in range(2)]
+    ended: dict[str, BaseException | None] = {}
+
+    def wait(c: Communicator) -> None:
+        try:
+            c.wait_for_world(4, timeout_s=40)  # never: a fourth does not come
+            ended[c.name] = None
+        except BaseException as e:  # when the test ends
+            ended[c.name] = e
+
+    victim = None
+    try:
+        for c in comms:
+            c.connect()
+            threading.Thread(target=wait, args=(c,), daemon=True).start()
+        comm = peer_config(master.port, heartbeat_interval_s=0.25)
+        victim = start_peer(PeerProgramConfig(comm=comm, index=2, world=4, rounds=1), SECRET)
+        _until(lambda: all(c.world_size == 3 for c in comms), "a ring of three", 30)
+        epoch = comms[0].epoch
+        killed = time.monotonic()
+        victim.popen.send_signal(signal.SIGKILL)
+        _until(
+            lambda: all(c.epoch > epoch and c.world_size == 2 for c in comms),
+            "the two left to form a ring of two",
+        )
+        assert time.monotonic() - killed < 10
+        assert not ended  # both still wait for a fourth
+    finally:
+        if victim is not None:
+            victim.stop()
+        for c in comms:
+            c.close()
         master.stop()

@@ -260,7 +260,12 @@ class Communicator:
             if self.world_size >= n:
                 return
             last, failures = "", 0
-            self._ms.link.wait_joining(self.epoch, min(REVOTE_S, deadline.remaining()))
+            # ... or once the master aborts this epoch (a member left): vote for the next one
+            self._ms.link.wait_joining(
+                self.epoch,
+                min(REVOTE_S, deadline.remaining()),
+                stop=lambda: self._ms.broken is not None,
+            )
 
     # ---- the jobs ----------------------------------------------------------------------------
 

@@ -251,10 +251,12 @@ class MasterLink:
                     raise TimeoutExpired(f"timed out waiting for {what}")
                 self.cond.wait(min(left, 0.5))
 
-    def wait_joining(self, epoch: int, timeout_s: float) -> None:
+    def wait_joining(
+        self, epoch: int, timeout_s: float, *, stop: Callable[[], bool] = lambda: False
+    ) -> None:
         """Return once the master has announced a joiner in ``epoch`` or later, the connection
-        changed (lost, kicked, gone for good, closed), or ``timeout_s`` passed, whichever is
-        first."""
+        changed (lost, kicked, gone for good, closed), ``stop()`` (checked whenever the master
+        sends an abort, and every 0.5 s) or ``timeout_s`` passed, whichever is first."""
         deadline = Deadline.after(timeout_s)
         with self.cond:
             generation = self.generation
@@ -264,6 +266,7 @@ class MasterLink:
                 and self.kicked is None
                 and self.dead is None
                 and not self._closing.is_set()
+                and not stop()
             ):
                 left = deadline.remaining()
                 if left <= 0:
