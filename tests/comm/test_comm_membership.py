@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from comm_harness import SECRET, MasterThread, cluster, parallel, peer_config
+from comm_harness import SECRET, cluster, parallel, peer_config, peers
 
 from cotrain.comm import Communicator, TopologyChangedError
 from cotrain.comm import communicator as communicator_mod
@@ -121,60 +121,63 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
         pass
 
 
+def _waiting(c: Communicator, n: int, timeout_s: float) -> dict[str, BaseException | None]:
+    """Run ``c.wait_for_world(n)`` in a thread; the dict gets ``"ended"`` (None or the error
+    it raised) once the wait is over."""
+    out: dict[str, BaseException | None] = {}
+
+    def wait() -> None:
+        try:
+            c.wait_for_world(n, timeout_s=timeout_s)
+            out["ended"] = None
+        except BaseException as e:  # what the waiting thread saw
+            out["ended"] = e
+
+    threading.Thread(target=wait, daemon=True).start()
+    return out
+
+
 @pytest.mark.timeout(60)
 def test_a_ring_that_fails_to_connect_is_formed_again_without_waiting_out_the_timeout() -> None:
     # One ring connection to peer 2 is reset. Its dialer fails at once and tells the master,
     # which aborts the epoch: the peer waiting for that neighbour stops waiting (instead of
     # for connect_timeout_s), and wait_for_world votes again rather than giving up.
-    master = MasterThread()
     front = _FlakyFront()
     connect_timeout_s = 20.0
-    comms = [
-        Communicator(
-            peer_config(
-                master.port,
-                connect_timeout_s=connect_timeout_s,
-                **({"advertise_port": front.port} if i == 2 else {}),
-            ),
-            name=f"p{i}",
-        )
-        for i in range(3)
-    ]
+    fronted = lambda i: {"advertise_port": front.port} if i == 2 else {}  # noqa: E731
     try:
-        for c in comms:
-            c.connect()
-        front.target = comms[2].data_port
-        x = [np.full(64, i + 1, np.float32) for i in range(3)]
+        with peers(3, per_peer=fronted, connect_timeout_s=connect_timeout_s) as (_, comms):
+            for c in comms:
+                c.connect()
+            front.target = comms[2].data_port
+            x = [np.full(64, i + 1, np.float32) for i in range(3)]
 
-        def join_and_reduce(c: Communicator, t: np.ndarray) -> None:
-            c.wait_for_world(3, timeout_s=40)
-            for _ in range(5):  # as a training loop does: a peer may have formed its part of
-                try:  # the ring before the abort reached it, and learns of it here
-                    c.all_reduce(t, op="sum")
-                    return
-                except RETRYABLE:
-                    c.update_topology(timeout_s=30)
+            def join_and_reduce(c: Communicator, t: np.ndarray) -> None:
+                c.wait_for_world(3, timeout_s=40)
+                for _ in range(5):  # as a training loop does: a peer may have formed its part
+                    try:  # of the ring before the abort reached it, and learns of it here
+                        c.all_reduce(t, op="sum")
+                        return
+                    except RETRYABLE:
+                        c.update_topology(timeout_s=30)
 
-        t0 = time.monotonic()
-        parallel([lambda c=c, t=t: join_and_reduce(c, t) for c, t in zip(comms, x, strict=True)])
-        took = time.monotonic() - t0
-        assert front.accepted > 1  # the reset happened, and the ring still formed
-        assert took < connect_timeout_s / 2, took
-        assert len({c.epoch for c in comms}) == 1 and all(c.world_size == 3 for c in comms)
-        assert all(np.all(t == 6) for t in x)
+            t0 = time.monotonic()
+            parallel(
+                [lambda c=c, t=t: join_and_reduce(c, t) for c, t in zip(comms, x, strict=True)]
+            )
+            took = time.monotonic() - t0
+            assert front.accepted > 1  # the reset happened, and the ring still formed
+            assert took < connect_timeout_s / 2, took
+            assert len({c.epoch for c in comms}) == 1 and all(c.world_size == 3 for c in comms)
+            assert all(np.all(t == 6) for t in x)
     finally:
-        for c in comms:
-            c.close()
         front.close()
-        master.stop()
 
 
 @pytest.mark.timeout(60)
 def test_waiting_for_the_world_votes_again_when_a_joiner_comes_not_in_a_loop() -> None:
-    master = MasterThread()
-    comms = [Communicator(peer_config(master.port), name=f"p{i}") for i in range(3)]
     votes: list[float] = []
-    try:
+    with peers(3) as (_, comms):
         for c in comms[:2]:
             c.connect()
             link = c._ms.link
@@ -186,11 +189,7 @@ def test_waiting_for_the_world_votes_again_when_a_joiner_comes_not_in_a_loop() -
                 return send(msg)
 
             link.send = counting  # type: ignore[method-assign]
-        waiting = [
-            threading.Thread(target=c.wait_for_world, args=(3, 40), daemon=True) for c in comms[:2]
-        ]
-        for t in waiting:
-            t.start()
+        waits = [_waiting(c, 3, 40) for c in comms[:2]]
         _until(lambda: all(c.world_size == 2 for c in comms[:2]), "a ring of two")
         idle_from = time.monotonic()
         threading.Event().wait(3.0)  # the window whose votes are counted, not a synchronisation
@@ -199,43 +198,23 @@ def test_waiting_for_the_world_votes_again_when_a_joiner_comes_not_in_a_loop() -
         comms[2].connect()
         joined = time.monotonic()
         comms[2].wait_for_world(3, timeout_s=30)
-        for t in waiting:
-            t.join(30)
-            assert not t.is_alive()
+        _until(lambda: all("ended" in w for w in waits), "the two to see the third", 30)
+        assert all(w["ended"] is None for w in waits), waits
         assert time.monotonic() - joined < 10
         assert all(c.world_size == 3 for c in comms)
-    finally:
-        for c in comms:
-            c.close()
-        master.stop()
 
 
 @pytest.mark.timeout(60)
 def test_closing_a_peer_ends_its_wait_for_the_world_at_once() -> None:
-    master = MasterThread()
-    comm = Communicator(peer_config(master.port), name="p0")
-    outcome: list[BaseException | None] = []
-
-    def wait() -> None:
-        try:
-            comm.wait_for_world(2, timeout_s=30)
-            outcome.append(None)
-        except BaseException as e:  # what the waiting thread saw
-            outcome.append(e)
-
-    try:
+    with peers(1) as (_, (comm,)):
         comm.connect()
-        waiter = threading.Thread(target=wait, daemon=True)
-        waiter.start()
+        wait = _waiting(comm, 2, 30)
         _until(lambda: comm.world_size == 1, "a ring of one")
         closed = time.monotonic()
         comm.close()
-        waiter.join(10)
-        assert not waiter.is_alive() and time.monotonic() - closed < 5
-        assert isinstance(outcome[0], CommError), outcome  # not a TimeoutExpired 30 s later
-    finally:
-        comm.close()
-        master.stop()
+        _until(lambda: "ended" in wait, "the wait to end", 10)
+        assert time.monotonic() - closed < 5
+        assert isinstance(wait["ended"], CommError), wait  # not a TimeoutExpired 30 s later
 
 
 @pytest.mark.timeout(60)
@@ -245,37 +224,22 @@ def test_a_short_ring_that_loses_a_member_votes_again_at_once(
     # While waiting for a fourth peer, one of three is killed: the master aborts the epoch and
     # the two left vote for the next one at once, not after REVOTE_S (made long here to tell).
     monkeypatch.setattr(communicator_mod, "REVOTE_S", 20.0)
-    master = MasterThread()
-    comms = [Communicator(peer_config(master.port), name=f"p{i}") for i in range(2)]
-    ended: dict[str, BaseException | None] = {}
-
-    def wait(c: Communicator) -> None:
-        try:
-            c.wait_for_world(4, timeout_s=40)  # never: a fourth does not come
-            ended[c.name] = None
-        except BaseException as e:  # when the test ends
-            ended[c.name] = e
-
-    victim = None
-    try:
+    with peers(2) as (master, comms):
         for c in comms:
             c.connect()
-            threading.Thread(target=wait, args=(c,), daemon=True).start()
+        waits = [_waiting(c, 4, 40) for c in comms]  # never: a fourth does not come
         comm = peer_config(master.port, heartbeat_interval_s=0.25)
         victim = start_peer(PeerProgramConfig(comm=comm, index=2, world=4, rounds=1), SECRET)
-        _until(lambda: all(c.world_size == 3 for c in comms), "a ring of three", 30)
-        epoch = comms[0].epoch
-        killed = time.monotonic()
-        victim.popen.send_signal(signal.SIGKILL)
-        _until(
-            lambda: all(c.epoch > epoch and c.world_size == 2 for c in comms),
-            "the two left to form a ring of two",
-        )
-        assert time.monotonic() - killed < 10
-        assert not ended  # both still wait for a fourth
-    finally:
-        if victim is not None:
+        try:
+            _until(lambda: all(c.world_size == 3 for c in comms), "a ring of three", 30)
+            epoch = comms[0].epoch
+            killed = time.monotonic()
+            victim.popen.send_signal(signal.SIGKILL)
+            _until(
+                lambda: all(c.epoch > epoch and c.world_size == 2 for c in comms),
+                "the two left to form a ring of two",
+            )
+            assert time.monotonic() - killed < 10
+            assert not any(waits)  # both still wait for a fourth
+        finally:
             victim.stop()
-        for c in comms:
-            c.close()
-        master.stop()

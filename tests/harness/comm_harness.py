@@ -90,23 +90,42 @@ def parallel_outcomes(fns: list[Callable[[], Any]], timeout_s: float = 60.0) -> 
 
 
 @contextmanager
-def cluster(
-    n: int, *, faults: dict[int, FaultPlan] | None = None, **cfg: Any
+def peers(
+    n: int,
+    *,
+    faults: dict[int, FaultPlan] | None = None,
+    per_peer: Callable[[int], dict[str, Any]] | None = None,
+    heartbeat_timeout_s: float = 2.0,
+    **cfg: Any,
 ) -> Iterator[tuple[MasterThread, list[Communicator]]]:
-    """A master and ``n`` connected peers in one ring; ``faults`` maps a peer's index to the
-    faults it injects; ``heartbeat_timeout_s`` goes to the master, the rest to every peer."""
-    master = MasterThread(heartbeat_timeout_s=cfg.pop("heartbeat_timeout_s", 2.0))
+    """A master and ``n`` peers ``p0``.. that have not connected yet; all closed afterwards.
+    ``faults`` maps a peer's index to the faults it injects, ``per_peer(i)`` gives settings
+    for peer ``i`` only; ``heartbeat_timeout_s`` goes to the master, the rest to every peer."""
+    master = MasterThread(heartbeat_timeout_s=heartbeat_timeout_s)
     faults = faults or {}
     comms = [
-        Communicator(peer_config(master.port, **cfg), name=f"p{i}", faults=faults.get(i))
+        Communicator(
+            peer_config(master.port, **cfg, **(per_peer(i) if per_peer else {})),
+            name=f"p{i}",
+            faults=faults.get(i),
+        )
         for i in range(n)
     ]
     try:
-        for c in comms:
-            c.connect()
-        parallel([lambda c=c: c.wait_for_world(n, timeout_s=30) for c in comms])
         yield master, comms
     finally:
         for c in comms:
             c.close()
         master.stop()
+
+
+@contextmanager
+def cluster(
+    n: int, *, faults: dict[int, FaultPlan] | None = None, **cfg: Any
+) -> Iterator[tuple[MasterThread, list[Communicator]]]:
+    """``peers``, connected and in one ring."""
+    with peers(n, faults=faults, **cfg) as (master, comms):
+        for c in comms:
+            c.connect()
+        parallel([lambda c=c: c.wait_for_world(n, timeout_s=30) for c in comms])
+        yield master, comms
