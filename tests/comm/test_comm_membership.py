@@ -243,3 +243,27 @@ def test_a_short_ring_that_loses_a_member_votes_again_at_once(
             assert not any(waits)  # both still wait for a fourth
         finally:
             victim.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_short_ring_that_a_member_leaves_cleanly_votes_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As above, but the member says bye: the master, which does not abort the epoch for a
+    # clean leave, tells the two left that a vote is wanted.
+    monkeypatch.setattr(communicator_mod, "REVOTE_S", 20.0)
+    with peers(3) as (_, comms):
+        for c in comms:
+            c.connect()
+        waits = [_waiting(c, 4, 40) for c in comms]
+        _until(lambda: all(c.world_size == 3 for c in comms), "a ring of three", 30)
+        epoch = comms[0].epoch
+        left = time.monotonic()
+        comms[2].close()
+        _until(
+            lambda: all(c.epoch > epoch and c.world_size == 2 for c in comms[:2]),
+            "the two left to form a ring of two",
+            30,
+        )
+        assert time.monotonic() - left < 10
+        assert not any(waits[:2])  # both still wait for a fourth

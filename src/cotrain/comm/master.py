@@ -446,11 +446,15 @@ class Master:
 
     def _break_epoch(self, reason: str, *, abort: bool = True) -> None:
         """A member is gone: collectives of this epoch fail on every survivor; with ``abort``,
-        those already moving bytes are interrupted too (a dead or stalled peer never finishes)."""
+        those already moving bytes are interrupted too (a dead or stalled peer never finishes).
+        Without it (a clean leave) the survivors are told that a vote is wanted, so a short
+        ring waiting for more peers votes for the next epoch at once."""
         self.broken = True
         for pid in self._members():
             if abort:
                 self._send(pid, m.Abort(epoch=self.epoch, reason=reason))
+            else:
+                self._send(pid, m.Joining(epoch=self.epoch))
         self._fail_transfers(reason)
         for seq, got in list(self._colls.items()) + list(self._syncs.items()):
             for pid in got:
