@@ -112,6 +112,29 @@ class _FlakyFront:
             s.close()
 
 
+class _Silent:
+    """A port that accepts connections and never answers: a host that took the SYN but whose
+    peer process is gone or stuck, so a dial to it waits for its timeout."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                self.accepted.append(self.sock.accept()[0])
+            except OSError:
+                return  # closed
+
+    def close(self) -> None:
+        self.sock.close()
+        for s in self.accepted:
+            s.close()
+
+
 def _pipe(src: socket.socket, dst: socket.socket) -> None:
     try:
         while data := src.recv(1 << 16):
@@ -267,3 +290,42 @@ def test_a_short_ring_that_a_member_leaves_cleanly_votes_again_at_once(
         )
         assert time.monotonic() - left < 10
         assert not any(waits[:2])  # both still wait for a fourth
+
+
+@pytest.mark.timeout(60)
+def test_a_dial_to_a_member_that_dies_ends_when_the_master_aborts() -> None:
+    # The third member advertises a port that accepts and never answers, so the member before
+    # it in the ring dials for up to connect_timeout_s. It is killed meanwhile: the master
+    # aborts the epoch and the dial is given up at once, so the two left form a ring of two
+    # long before the dial would have timed out.
+    connect_timeout_s = 20.0
+    hole = _Silent()
+    try:
+        with peers(2, connect_timeout_s=connect_timeout_s) as (master, comms):
+            for c in comms:
+                c.connect()
+            waits = [_waiting(c, 4, 50) for c in comms]  # never: a fourth does not come
+            comm = peer_config(
+                master.port,
+                heartbeat_interval_s=0.25,
+                connect_timeout_s=connect_timeout_s,
+                advertise_port=hole.port,
+            )
+            victim = start_peer(PeerProgramConfig(comm=comm, index=2, world=4, rounds=1), SECRET)
+            try:
+                _until(lambda: len(hole.accepted) > 0, "a dial to the silent port", 30)
+                _until(lambda: all(c.world_size == 3 for c in comms), "a ring of three")
+                epoch = max(c.epoch for c in comms)
+                killed = time.monotonic()
+                victim.popen.send_signal(signal.SIGKILL)
+                _until(
+                    lambda: all(c.epoch > epoch and c.world_size == 2 for c in comms),
+                    "the two left to form a ring of two",
+                    30,
+                )
+                assert time.monotonic() - killed < connect_timeout_s / 2
+                assert not any(waits)  # both still wait for a fourth
+            finally:
+                victim.stop()
+    finally:
+        hole.close()

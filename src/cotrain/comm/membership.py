@@ -221,28 +221,47 @@ class Membership:
             raise PeerFailedError(f"could not connect the ring: {e}") from e
 
     def _dial_streams(self, nxt: m.PeerAddr) -> list[socket.socket]:
-        socks: list[socket.socket | None] = [None] * self.config.streams
+        """One connection per stream to ``nxt``, dialled in parallel. Ends early, closing
+        whatever it got, if the master aborts the epoch meanwhile (the neighbour died while we
+        dialled it, and the connect would otherwise run to ``connect_timeout_s``); dials still
+        in flight then close their sockets when they end."""
+        n = self.config.streams
+        socks: list[socket.socket | None] = [None] * n
         errors: list[BaseException] = []
+        ended, given_up, epoch = [0], [False], self.epoch
 
         def one(j: int) -> None:
+            sock: socket.socket | None = None
             try:
-                hello = m.RingHello(epoch=self.epoch, stream=j)
-                socks[j] = dial_peer(nxt, self.creds, self.config, hello)
+                sock = dial_peer(nxt, self.creds, self.config, m.RingHello(epoch=epoch, stream=j))
             except BaseException as e:
                 errors.append(e)
+            with self.lock:
+                late, socks[j] = given_up[0], sock
+                ended[0] += 1
+                self.lock.notify_all()
+            if late:
+                close_quietly(sock)
 
-        threads = [threading.Thread(target=one, args=(j,)) for j in range(self.config.streams)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            for s in socks:
-                close_quietly(s)
-            raise PeerFailedError(
-                f"cannot reach ring neighbour {fingerprint(nxt.peer_id)}: {errors[0]}"
+        for j in range(n):
+            threading.Thread(target=one, args=(j,), daemon=True, name=f"dial-{j}").start()
+        with self.lock:
+            self.lock.wait_for(
+                lambda: ended[0] == n or self.broken is not None or self.closing,
+                timeout=self.config.connect_timeout_s + 5.0,  # each dial's own bound, and some
             )
-        return [s for s in socks if s is not None]
+            done, broken = ended[0] == n, self.broken or ("closing" if self.closing else None)
+            if not done:
+                given_up[0] = True
+            got = list(socks)
+        if not done or errors:
+            for s in got:
+                close_quietly(s)
+            reason = str(errors[0]) if errors else broken or "the dials did not end in time"
+            raise PeerFailedError(
+                f"cannot reach ring neighbour {fingerprint(nxt.peer_id)}: {reason}"
+            )
+        return [s for s in got if s is not None]
 
     def on_ring(self, sock: socket.socket, hello: m.RingHello, key: str) -> None:
         """Data-server handler: keep a ring stream only from our previous neighbour (by its
