@@ -3,6 +3,7 @@ another voted is told to vote, and sequence numbers stay in step afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import struct
@@ -107,6 +108,8 @@ class _FlakyFront:
                 threading.Thread(target=_pipe, args=(src, dst), daemon=True).start()
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
         self.sock.close()
         for s in self._open:
             s.close()
@@ -130,6 +133,8 @@ class _Silent:
                 return  # closed
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
         self.sock.close()
         for s in self.accepted:
             s.close()
@@ -142,6 +147,12 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
         dst.shutdown(socket.SHUT_WR)
     except OSError:
         pass
+
+
+def _connected(c: Communicator, n: int) -> bool:
+    """``c`` is in a ring of ``n`` whose connections are made (``world_size`` counts a ring
+    from the moment its topology arrives)."""
+    return c.world_size == n and c._ms.links is not None
 
 
 def _waiting(c: Communicator, n: int, timeout_s: float) -> dict[str, BaseException | None]:
@@ -279,7 +290,7 @@ def test_a_short_ring_that_a_member_leaves_cleanly_votes_again_at_once(
         for c in comms:
             c.connect()
         waits = [_waiting(c, 4, 40) for c in comms]
-        _until(lambda: all(c.world_size == 3 for c in comms), "a ring of three", 30)
+        _until(lambda: all(_connected(c, 3) for c in comms), "a ring of three", 30)
         epoch = comms[0].epoch
         left = time.monotonic()
         comms[2].close()

@@ -116,9 +116,9 @@ class Communicator:
 
     @property
     def vote_wanted(self) -> bool:
-        """True when ``update_topology()`` has work to do: peers wait to join, the ring is
-        broken (a peer failed, the master restarted) or this peer is not in it. Otherwise a
-        caller may skip its vote; a change it misses (a clean leave) fails its next collective
+        """True when ``update_topology()`` has work to do: peers wait to join, a member left
+        (cleanly or not), the master restarted, or this peer is not in the ring. Otherwise a
+        caller may skip its vote; a change it has not heard of yet fails its next collective
         with a retryable error, after which it votes."""
         return self._ms.vote_wanted()
 
@@ -238,8 +238,8 @@ class Communicator:
 
         A ring that could not connect (a neighbour that left, or whose connection did not get
         through in time on a lossy link) is voted on again, after a short backoff; a ring that
-        is whole but short votes again once the master announces a joiner (or after
-        ``REVOTE_S``), not in a tight loop. ``TimeoutExpired`` names the last failure; being
+        is whole but short votes again once the master announces a joiner or a member goes (or
+        after ``REVOTE_S``), not in a tight loop. ``TimeoutExpired`` names the last failure; being
         removed by the master (``KickedError``) and ``close()`` end the wait at once."""
         deadline = Deadline.after(timeout_s)
         if self.world_size >= n:
@@ -260,7 +260,8 @@ class Communicator:
             if self.world_size >= n:
                 return
             last, failures = "", 0
-            # ... or once the master aborts this epoch (a member left): vote for the next one
+            # ... or once a member goes (the master aborts the epoch, or announces a clean
+            # leave as it announces a joiner): vote for the next one
             self._ms.link.wait_joining(
                 self.epoch,
                 min(REVOTE_S, deadline.remaining()),

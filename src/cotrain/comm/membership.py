@@ -104,6 +104,7 @@ class Membership:
             self.broken = (
                 "reconnected to the master" if resumed else "the master did not know our ring"
             )
+            self.lock.notify_all()
 
     def abort_reason(self) -> str | None:
         return self.broken
@@ -135,7 +136,7 @@ class Membership:
         return (
             self.rank < 0
             or self.broken is not None
-            # joiners announced in an earlier epoch were admitted by the vote that ended it
+            # joiners (or a clean leave) announced in an earlier epoch: that vote saw them
             or (link is not None and link.joining_epoch >= self.epoch)
         )
 
@@ -222,9 +223,9 @@ class Membership:
 
     def _dial_streams(self, nxt: m.PeerAddr) -> list[socket.socket]:
         """One connection per stream to ``nxt``, dialled in parallel. Ends early, closing
-        whatever it got, if the master aborts the epoch meanwhile (the neighbour died while we
-        dialled it, and the connect would otherwise run to ``connect_timeout_s``); dials still
-        in flight then close their sockets when they end."""
+        whatever it got, when a dial fails or the master aborts the epoch meanwhile (the
+        neighbour died while we dialled it, and the connect would otherwise run to
+        ``connect_timeout_s``); dials still in flight then close their sockets when they end."""
         n = self.config.streams
         socks: list[socket.socket | None] = [None] * n
         errors: list[BaseException] = []
@@ -232,12 +233,15 @@ class Membership:
 
         def one(j: int) -> None:
             sock: socket.socket | None = None
+            error: BaseException | None = None
             try:
                 sock = dial_peer(nxt, self.creds, self.config, m.RingHello(epoch=epoch, stream=j))
             except BaseException as e:
-                errors.append(e)
+                error = e
             with self.lock:
                 late, socks[j] = given_up[0], sock
+                if error is not None:
+                    errors.append(error)
                 ended[0] += 1
                 self.lock.notify_all()
             if late:
@@ -247,19 +251,22 @@ class Membership:
             threading.Thread(target=one, args=(j,), daemon=True, name=f"dial-{j}").start()
         with self.lock:
             self.lock.wait_for(
-                lambda: ended[0] == n or self.broken is not None or self.closing,
+                lambda: ended[0] == n or errors or self.broken is not None or self.closing,
                 timeout=self.config.connect_timeout_s + 5.0,  # each dial's own bound, and some
             )
-            done, broken = ended[0] == n, self.broken or ("closing" if self.closing else None)
+            done, failed = ended[0] == n, list(errors)
+            broken = self.broken or ("closing" if self.closing else None)
             if not done:
                 given_up[0] = True
             got = list(socks)
-        if not done or errors:
+        if not done or failed:
             for s in got:
                 close_quietly(s)
-            reason = str(errors[0]) if errors else broken or "the dials did not end in time"
+            who = fingerprint(nxt.peer_id)
+            if failed:
+                raise PeerFailedError(f"cannot reach ring neighbour {who}: {failed[0]}")
             raise PeerFailedError(
-                f"cannot reach ring neighbour {fingerprint(nxt.peer_id)}: {reason}"
+                f"gave up dialling ring neighbour {who}: {broken or 'the dials did not end'}"
             )
         return [s for s in got if s is not None]
 
@@ -374,6 +381,7 @@ class Membership:
             if self.broken is None:
                 self.broken = reason
             links = self.links
+            self.lock.notify_all()
         if links is not None:
             links.close()
         try:
