@@ -280,18 +280,23 @@ def test_a_short_ring_that_loses_a_member_votes_again_at_once(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("moving", [False, True], ids=["idle", "bytes-in-flight"])
 def test_a_short_ring_that_a_member_leaves_cleanly_votes_again_at_once(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, moving: bool
 ) -> None:
-    # As above, but the member says bye: the master, which does not abort the epoch for a
-    # clean leave, tells the two left that a vote is wanted.
+    # As above, but the member says bye. With nothing in flight the master aborts the epoch;
+    # while a collective still moves bytes (made to look so here) it must not interrupt them,
+    # and tells the two left that a vote is wanted instead. Either way they vote at once.
     monkeypatch.setattr(communicator_mod, "REVOTE_S", 20.0)
-    with peers(3) as (_, comms):
+    with peers(3) as (master, comms):
         for c in comms:
             c.connect()
         waits = [_waiting(c, 4, 40) for c in comms]
         _until(lambda: all(_connected(c, 3) for c in comms), "a ring of three", 30)
         epoch = comms[0].epoch
+        if moving:
+            ids = {c.peer_id for c in comms[:2]}
+            master.call(lambda: master.master._transfers.setdefault(1_000, ids))
         left = time.monotonic()
         comms[2].close()
         _until(
@@ -301,6 +306,34 @@ def test_a_short_ring_that_a_member_leaves_cleanly_votes_again_at_once(
         )
         assert time.monotonic() - left < 10
         assert not any(waits[:2])  # both still wait for a fourth
+
+
+@pytest.mark.timeout(60)
+def test_a_member_that_leaves_while_the_ring_forms_is_not_dialled_until_the_timeout() -> None:
+    # p2 advertises a port that accepts and never answers, so whoever dials it waits; p2 then
+    # leaves cleanly. Nothing is in flight, so the master aborts the epoch and the dial ends.
+    connect_timeout_s = 20.0
+    hole = _Silent()
+    silent = lambda i: {"advertise_port": hole.port} if i == 2 else {}  # noqa: E731
+    try:
+        with peers(3, per_peer=silent, connect_timeout_s=connect_timeout_s) as (_, comms):
+            for c in comms:
+                c.connect()
+            waits = [_waiting(c, 4, 50) for c in comms]
+            _until(lambda: len(hole.accepted) > 0, "a dial to the silent port", 30)
+            _until(lambda: all(c.world_size == 3 for c in comms), "a ring of three")
+            epoch = max(c.epoch for c in comms)
+            left = time.monotonic()
+            comms[2].close()
+            _until(
+                lambda: all(c.epoch > epoch and c.world_size == 2 for c in comms[:2]),
+                "the two left to form a ring of two",
+                30,
+            )
+            assert time.monotonic() - left < connect_timeout_s / 2
+            assert not any(waits[:2])
+    finally:
+        hole.close()
 
 
 @pytest.mark.timeout(60)

@@ -441,14 +441,17 @@ class Master:
         if peer_id in self.ring:
             # A clean leave (bye) never interrupts transfers in flight: a peer only says bye
             # after its last collective finished, and its sockets then close after the data.
-            self._break_epoch(f"peer {peer_id} failed ({reason})", abort=reason != "left")
+            # With none in flight it aborts the epoch all the same, so that members still
+            # forming the ring stop waiting for (and dialling) the one that left.
+            clean = reason == "left" and bool(self._transfers)
+            self._break_epoch(f"peer {peer_id} failed ({reason})", abort=not clean)
         self._check_votes()
 
     def _break_epoch(self, reason: str, *, abort: bool = True) -> None:
         """A member is gone: collectives of this epoch fail on every survivor; with ``abort``,
         those already moving bytes are interrupted too (a dead or stalled peer never finishes).
-        Without it (a clean leave) the survivors are told that a vote is wanted, so a short
-        ring waiting for more peers votes for the next epoch at once."""
+        Without it (a clean leave while bytes move) the survivors are told that a vote is
+        wanted, so a short ring waiting for more peers votes for the next epoch at once."""
         self.broken = True
         for pid in self._members():
             if abort:
