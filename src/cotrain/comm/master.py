@@ -440,11 +440,14 @@ class Master:
             self._resolve_outcomes()
         if peer_id in self.ring:
             # A clean leave (bye) never interrupts transfers in flight: a peer only says bye
-            # after its last collective finished, and its sockets then close after the data.
-            # With none in flight it aborts the epoch all the same, so that members still
-            # forming the ring stop waiting for (and dialling) the one that left.
-            clean = reason == "left" and bool(self._transfers)
-            self._break_epoch(f"peer {peer_id} failed ({reason})", abort=not clean)
+            # after its last collective finished (or gave up on it), and its sockets then close
+            # after the data. With none in flight (the usual case) it aborts the epoch all the
+            # same, so that members still forming the ring stop waiting for (and dialling) the
+            # one that left; otherwise the others are told that a vote is wanted.
+            gone = (
+                f"peer {peer_id} left" if reason == "left" else f"peer {peer_id} failed ({reason})"
+            )
+            self._break_epoch(gone, abort=reason != "left" or not self._transfers)
         self._check_votes()
 
     def _break_epoch(self, reason: str, *, abort: bool = True) -> None:

@@ -136,7 +136,8 @@ class Membership:
         return (
             self.rank < 0
             or self.broken is not None
-            # joiners (or a clean leave) announced in an earlier epoch: that vote saw them
+            # joiners (or a clean leave during a transfer) announced in an earlier epoch: the
+            # vote that ended it saw them
             or (link is not None and link.joining_epoch >= self.epoch)
         )
 
