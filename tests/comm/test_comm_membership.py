@@ -79,14 +79,13 @@ def test_a_member_that_skipped_the_vote_is_told_to_vote_and_stays_in_step() -> N
         assert all(np.all(t == 3.0) for t in x)
 
 
-class _FlakyFront:
-    """A TCP front for one peer's data server: it resets the first connection it gets, as a
-    link that drops one attempt, and forwards every later one to ``target`` (set once known)."""
+class _Front:
+    """A TCP port in front of (or instead of) a peer's data server; ``_take`` handles each
+    connection it accepts. ``close`` ends the accept loop and every connection kept."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.target: int | None = None
         self.accepted = 0
         self._open: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
@@ -98,14 +97,10 @@ class _FlakyFront:
             except OSError:
                 return  # closed
             self.accepted += 1
-            if self.accepted == 1 or self.target is None:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.close()  # a reset
-                continue
-            up = socket.create_connection(("127.0.0.1", self.target), timeout=5)
-            self._open += [conn, up]
-            for src, dst in ((conn, up), (up, conn)):
-                threading.Thread(target=_pipe, args=(src, dst), daemon=True).start()
+            self._take(conn)
+
+    def _take(self, conn: socket.socket) -> None:
+        self._open.append(conn)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -115,29 +110,26 @@ class _FlakyFront:
             s.close()
 
 
-class _Silent:
-    """A port that accepts connections and never answers: a host that took the SYN but whose
-    peer process is gone or stuck, so a dial to it waits for its timeout."""
+class _FlakyFront(_Front):
+    """It resets the first connection it gets, as a link that drops one attempt, and forwards
+    every later one to ``target`` (set once known)."""
 
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.accepted: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+    target: int | None = None
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                self.accepted.append(self.sock.accept()[0])
-            except OSError:
-                return  # closed
+    def _take(self, conn: socket.socket) -> None:
+        if self.accepted == 1 or self.target is None:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # a reset
+            return
+        up = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+        self._open += [conn, up]
+        for src, dst in ((conn, up), (up, conn)):
+            threading.Thread(target=_pipe, args=(src, dst), daemon=True).start()
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
-        self.sock.close()
-        for s in self.accepted:
-            s.close()
+
+class _Silent(_Front):
+    """It accepts connections and never answers: a host that took the SYN but whose peer
+    process is gone or stuck, so a dial to it waits for its timeout (the base behaviour)."""
 
 
 def _pipe(src: socket.socket, dst: socket.socket) -> None:
@@ -153,6 +145,24 @@ def _connected(c: Communicator, n: int) -> bool:
     """``c`` is in a ring of ``n`` whose connections are made (``world_size`` counts a ring
     from the moment its topology arrives)."""
     return c.world_size == n and c._ms.links is not None
+
+
+def _ring_of_two_again(
+    comms: list[Communicator],
+    epoch: int,
+    since: float,
+    within_s: float,
+    waits: list[dict[str, BaseException | None]],
+) -> None:
+    """The first two of ``comms`` (those left) form a ring of two in an epoch after ``epoch``,
+    within ``within_s`` of ``since``, and still wait for more peers."""
+    _until(
+        lambda: all(c.epoch > epoch and c.world_size == 2 for c in comms[:2]),
+        "the two left to form a ring of two",
+        30,
+    )
+    assert time.monotonic() - since < within_s
+    assert not any(waits[:2])  # both still wait for a fourth
 
 
 def _waiting(c: Communicator, n: int, timeout_s: float) -> dict[str, BaseException | None]:
@@ -269,12 +279,7 @@ def test_a_short_ring_that_loses_a_member_votes_again_at_once(
             epoch = comms[0].epoch
             killed = time.monotonic()
             victim.popen.send_signal(signal.SIGKILL)
-            _until(
-                lambda: all(c.epoch > epoch and c.world_size == 2 for c in comms),
-                "the two left to form a ring of two",
-            )
-            assert time.monotonic() - killed < 10
-            assert not any(waits)  # both still wait for a fourth
+            _ring_of_two_again(comms, epoch, killed, 10, waits)
         finally:
             victim.stop()
 
@@ -299,13 +304,7 @@ def test_a_short_ring_that_a_member_leaves_cleanly_votes_again_at_once(
             master.call(lambda: master.master._transfers.setdefault(1_000, ids))
         left = time.monotonic()
         comms[2].close()
-        _until(
-            lambda: all(c.epoch > epoch and c.world_size == 2 for c in comms[:2]),
-            "the two left to form a ring of two",
-            30,
-        )
-        assert time.monotonic() - left < 10
-        assert not any(waits[:2])  # both still wait for a fourth
+        _ring_of_two_again(comms, epoch, left, 10, waits)
 
 
 @pytest.mark.timeout(60)
@@ -317,21 +316,20 @@ def test_a_member_that_leaves_while_the_ring_forms_is_not_dialled_until_the_time
     silent = lambda i: {"advertise_port": hole.port} if i == 2 else {}  # noqa: E731
     try:
         with peers(3, per_peer=silent, connect_timeout_s=connect_timeout_s) as (_, comms):
-            for c in comms:
+            # p0 and p1 first, so that the ring that dials p2 is the ring of three
+            waits = []
+            for c in comms[:2]:
                 c.connect()
-            waits = [_waiting(c, 4, 50) for c in comms]
-            _until(lambda: len(hole.accepted) > 0, "a dial to the silent port", 30)
+                waits.append(_waiting(c, 4, 50))
+            _until(lambda: all(_connected(c, 2) for c in comms[:2]), "a ring of two", 30)
+            comms[2].connect()
+            waits.append(_waiting(comms[2], 4, 50))
+            _until(lambda: hole.accepted > 0, "a dial to the silent port", 30)
             _until(lambda: all(c.world_size == 3 for c in comms), "a ring of three")
             epoch = max(c.epoch for c in comms)
             left = time.monotonic()
             comms[2].close()
-            _until(
-                lambda: all(c.epoch > epoch and c.world_size == 2 for c in comms[:2]),
-                "the two left to form a ring of two",
-                30,
-            )
-            assert time.monotonic() - left < connect_timeout_s / 2
-            assert not any(waits[:2])
+            _ring_of_two_again(comms, epoch, left, connect_timeout_s / 2, waits)
     finally:
         hole.close()
 
@@ -349,6 +347,7 @@ def test_a_dial_to_a_member_that_dies_ends_when_the_master_aborts() -> None:
             for c in comms:
                 c.connect()
             waits = [_waiting(c, 4, 50) for c in comms]  # never: a fourth does not come
+            _until(lambda: all(_connected(c, 2) for c in comms), "a ring of two", 30)
             comm = peer_config(
                 master.port,
                 heartbeat_interval_s=0.25,
@@ -357,18 +356,12 @@ def test_a_dial_to_a_member_that_dies_ends_when_the_master_aborts() -> None:
             )
             victim = start_peer(PeerProgramConfig(comm=comm, index=2, world=4, rounds=1), SECRET)
             try:
-                _until(lambda: len(hole.accepted) > 0, "a dial to the silent port", 30)
+                _until(lambda: hole.accepted > 0, "a dial to the silent port", 30)
                 _until(lambda: all(c.world_size == 3 for c in comms), "a ring of three")
                 epoch = max(c.epoch for c in comms)
                 killed = time.monotonic()
                 victim.popen.send_signal(signal.SIGKILL)
-                _until(
-                    lambda: all(c.epoch > epoch and c.world_size == 2 for c in comms),
-                    "the two left to form a ring of two",
-                    30,
-                )
-                assert time.monotonic() - killed < connect_timeout_s / 2
-                assert not any(waits)  # both still wait for a fourth
+                _ring_of_two_again(comms, epoch, killed, connect_timeout_s / 2, waits)
             finally:
                 victim.stop()
     finally:
