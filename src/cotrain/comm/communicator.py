@@ -260,8 +260,7 @@ class Communicator:
             if self.world_size >= n:
                 return
             last, failures = "", 0
-            # ... or once a member goes (the master aborts the epoch; a clean leave while bytes
-            # move is announced as a joiner is): vote for the next one
+            # ... or once a member goes (the master aborts the epoch): vote for the next one
             self._ms.link.wait_joining(
                 self.epoch,
                 min(REVOTE_S, deadline.remaining()),

@@ -254,8 +254,8 @@ class MasterLink:
     def wait_joining(
         self, epoch: int, timeout_s: float, *, stop: Callable[[], bool] = lambda: False
     ) -> None:
-        """Return once the master has announced a joiner (or a leave) in ``epoch`` or
-        later, the connection changed (lost, kicked, gone for good, closed), ``stop()``
+        """Return once the master has announced a joiner in ``epoch`` or later, the
+        connection changed (lost, kicked, gone for good, closed), ``stop()``
         (checked whenever the master sends an abort, and every 0.5 s) or ``timeout_s``
         passed, whichever is first."""
         deadline = Deadline.after(timeout_s)

@@ -439,28 +439,20 @@ class Master:
             self._recovery.unreported.discard(peer_id)
             self._resolve_outcomes()
         if peer_id in self.ring:
-            # A clean leave (bye) never interrupts transfers in flight: a peer only says bye
-            # after its last collective finished (or gave up on it), and its sockets then close
-            # after the data. With none in flight (the usual case) it aborts the epoch all the
-            # same, so that members still forming the ring stop waiting for (and dialling) the
-            # one that left; otherwise the others are told that a vote is wanted.
-            gone = (
-                f"peer {peer_id} left" if reason == "left" else f"peer {peer_id} failed ({reason})"
-            )
-            self._break_epoch(gone, abort=reason != "left" or not self._transfers)
+            # A clean leave aborts the epoch too, so that members still forming the ring stop
+            # waiting for (and dialling) the one that left, and a short ring votes at once. It
+            # cuts no transfer short: a peer says bye once its last collective committed (every
+            # member done), or after giving up on it, when that collective fails anyway.
+            gone = f"peer {peer_id} " + ("left" if reason == "left" else f"failed ({reason})")
+            self._break_epoch(gone)
         self._check_votes()
 
-    def _break_epoch(self, reason: str, *, abort: bool = True) -> None:
-        """A member is gone: collectives of this epoch fail on every survivor; with ``abort``,
-        those already moving bytes are interrupted too (a dead or stalled peer never finishes).
-        Without it (a clean leave while bytes move) the survivors are told that a vote is
-        wanted, so a short ring waiting for more peers votes for the next epoch at once."""
+    def _break_epoch(self, reason: str) -> None:
+        """A member is gone: collectives of this epoch fail on every survivor, and those
+        already moving bytes are interrupted (a dead or stalled peer never finishes)."""
         self.broken = True
         for pid in self._members():
-            if abort:
-                self._send(pid, m.Abort(epoch=self.epoch, reason=reason))
-            else:
-                self._send(pid, m.Joining(epoch=self.epoch))
+            self._send(pid, m.Abort(epoch=self.epoch, reason=reason))
         self._fail_transfers(reason)
         for seq, got in list(self._colls.items()) + list(self._syncs.items()):
             for pid in got:

@@ -136,8 +136,7 @@ class Membership:
         return (
             self.rank < 0
             or self.broken is not None
-            # joiners (or a clean leave during a transfer) announced in an earlier epoch: the
-            # vote that ended it saw them
+            # joiners announced in an earlier epoch were admitted by the vote that ended it
             or (link is not None and link.joining_epoch >= self.epoch)
         )
 
@@ -230,9 +229,10 @@ class Membership:
         n = self.config.streams
         socks: list[socket.socket | None] = [None] * n
         errors: list[BaseException] = []
-        ended, given_up, epoch = [0], [False], self.epoch
+        ended, given_up, epoch = 0, False, self.epoch
 
         def one(j: int) -> None:
+            nonlocal ended
             sock: socket.socket | None = None
             error: BaseException | None = None
             try:
@@ -240,10 +240,10 @@ class Membership:
             except BaseException as e:
                 error = e
             with self.lock:
-                late, socks[j] = given_up[0], sock
+                late, socks[j] = given_up, sock
                 if error is not None:
                     errors.append(error)
-                ended[0] += 1
+                ended += 1
                 self.lock.notify_all()
             if late:
                 close_quietly(sock)
@@ -252,13 +252,12 @@ class Membership:
             threading.Thread(target=one, args=(j,), daemon=True, name=f"dial-{j}").start()
         with self.lock:
             self.lock.wait_for(
-                lambda: ended[0] == n or errors or self.broken is not None or self.closing,
+                lambda: ended == n or errors or self.broken is not None or self.closing,
                 timeout=self.config.connect_timeout_s + 5.0,  # each dial's own bound, and some
             )
-            done, failed = ended[0] == n, list(errors)
+            done, failed = ended == n, list(errors)
             broken = self.broken or ("closing" if self.closing else None)
-            if not done:
-                given_up[0] = True
+            given_up = not done
             got = list(socks)
         if not done or failed:
             for s in got:

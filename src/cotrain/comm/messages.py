@@ -191,9 +191,8 @@ class SyncDone(_Msg):
 
 
 class Joining(_Msg):
-    """Peers wait to be admitted, or a member left cleanly: members should call
-    ``update_topology()`` at their next synchronisation (peers that vote only when needed
-    learn it here)."""
+    """Peers wait to be admitted: members should call ``update_topology()`` at their next
+    synchronisation (peers that vote only when needed learn it here)."""
 
     type: Literal["joining"] = "joining"
     epoch: Count
